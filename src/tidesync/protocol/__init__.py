@@ -1,0 +1,1 @@
+"""The sync wire protocol, sans-I/O: messages, codec and state machines."""
