@@ -30,7 +30,7 @@ misbehaved) are both ``ProtocolError``; the difference is who is to blame.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
 class TidesyncError(Exception):
@@ -122,7 +122,7 @@ class MalformedMessageError(RemoteProtocolError):
     """A frame could not be decoded into a valid message."""
 
 
-class SyncAction(str, Enum):
+class SyncAction(StrEnum):
     """What the client does about a sync error."""
 
     RETRY = "retry"

@@ -1,8 +1,8 @@
 """Compact binary encoding (msgpack) of values, instructions and changesets.
 
 Used by the wire codec, the local change log and server storage, so a changeset has one
-byte form everywhere. Scalar types msgpack lacks travel as extension types (HLCs, being tuples, travel as
-``[wall, counter, origin]`` arrays):
+byte form everywhere. Scalar types msgpack lacks travel as extension types (HLCs,
+being tuples, travel as ``[wall, counter, origin]`` arrays):
 
 ====  =========  ======================================
 code  type       payload

@@ -7,13 +7,13 @@ Both sides use this: the client builds it from ``Model`` classes, the server rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from ..errors import SchemaMismatchError
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """The scalar type of a field (or of a collection's elements)."""
 
     BOOL = "bool"
@@ -29,7 +29,7 @@ class Kind(str, Enum):
     COUNTER = "counter"
 
 
-class Collection(str, Enum):
+class Collection(StrEnum):
     """Whether a field holds one value or a collection of them."""
 
     NONE = "none"
@@ -100,7 +100,7 @@ class FieldSchema:
             raise ValueError(f"invalid link target for field {name!r}")
         return cls(
             name=name,
-            kind=Kind(data.get("kind")),
+            kind=Kind(str(data.get("kind"))),
             collection=Collection(data.get("collection", "none")),
             optional=bool(data.get("optional", False)),
             target=target,

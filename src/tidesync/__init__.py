@@ -1,0 +1,5 @@
+"""tidesync: an offline-first database for Python with device sync."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The local database on SQLite: models, transactions, queries, notifications, change log."""

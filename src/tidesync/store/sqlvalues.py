@@ -1,0 +1,182 @@
+"""How model values are laid out in the local SQLite file.
+
+One table per model, ``"t_<Model>"``, one column per field (named as the field), plus
+``"_state"`` (the object's merge state, see ``core/merge.py``). Columns are what queries run
+on; they use encodings that sort and compare like the Python values:
+
+==========  ===============  ================================================
+kind        column (SQL)     in JSON (collections)
+==========  ===============  ================================================
+bool        INTEGER 0/1      true/false
+int         INTEGER          number
+float       REAL             number ("NaN"/"Infinity"/"-Infinity" strings)
+str         TEXT             string
+bytes       BLOB             hex string
+datetime    INTEGER µs UTC   number (µs since the epoch)
+decimal     TEXT str(d)      string
+uuid        TEXT canonical   string
+objectid    TEXT 24 hex      string
+counter     INTEGER          (not in collections)
+link        the target's pk, encoded as the target's pk kind
+==========  ===============  ================================================
+
+Lists are JSON arrays in order, sets JSON arrays (sorted by their JSON text), dicts JSON
+objects. ``None`` is SQL NULL / JSON null.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import uuid
+from decimal import Decimal
+from typing import Any
+
+from ..core.packing import datetime_to_micros, micros_to_datetime
+from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
+from ..objectid import ObjectId
+
+_SQL_TYPES = {
+    Kind.BOOL: "INTEGER",
+    Kind.INT: "INTEGER",
+    Kind.FLOAT: "REAL",
+    Kind.STR: "TEXT",
+    Kind.BYTES: "BLOB",
+    Kind.DATETIME: "INTEGER",
+    Kind.DECIMAL: "TEXT",
+    Kind.UUID: "TEXT",
+    Kind.OBJECTID: "TEXT",
+    Kind.COUNTER: "INTEGER",
+}
+
+
+def table_name(model: str) -> str:
+    """The quoted SQL table name of a model."""
+    return f'"t_{model}"'
+
+
+def quote(name: str) -> str:
+    """Quote an identifier (field names are Python identifiers, so this is safe)."""
+    return f'"{name}"'
+
+
+def scalar_kind(f: FieldSchema, schemas: dict[str, ModelSchema]) -> Kind:
+    """The kind whose encoding a field's values use: a link uses its target's pk kind."""
+    if f.kind is Kind.LINK:
+        assert f.target is not None
+        return schemas[f.target].pk_field.kind
+    return f.kind
+
+
+def column_type(f: FieldSchema, schemas: dict[str, ModelSchema]) -> str:
+    """The SQL column type of a field."""
+    if f.collection is not Collection.NONE:
+        return "TEXT"
+    return _SQL_TYPES[scalar_kind(f, schemas)]
+
+
+def scalar_to_sql(kind: Kind, value: Any) -> Any:
+    """Encode one scalar for a column or a query argument."""
+    if value is None:
+        return None
+    if kind is Kind.BOOL:
+        return 1 if value else 0
+    if kind is Kind.DATETIME:
+        return datetime_to_micros(value)
+    if kind in (Kind.DECIMAL, Kind.UUID, Kind.OBJECTID):
+        return str(value)
+    return value
+
+
+def scalar_from_sql(kind: Kind, raw: Any) -> Any:
+    """Decode one column value."""
+    if raw is None:
+        return None
+    if kind is Kind.BOOL:
+        return bool(raw)
+    if kind is Kind.DATETIME:
+        return micros_to_datetime(raw)
+    if kind is Kind.DECIMAL:
+        return Decimal(raw)
+    if kind is Kind.UUID:
+        return uuid.UUID(raw)
+    if kind is Kind.OBJECTID:
+        return ObjectId(raw)
+    if kind is Kind.FLOAT:
+        return float(raw)
+    return raw
+
+
+def scalar_to_json(kind: Kind, value: Any) -> Any:
+    """Encode one collection element for the JSON column (and for query arguments on it)."""
+    if value is None:
+        return None
+    if kind is Kind.BOOL:
+        return bool(value)
+    if kind is Kind.FLOAT:
+        value = float(value)
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if kind is Kind.BYTES:
+        return bytes(value).hex()
+    if kind is Kind.DATETIME:
+        return datetime_to_micros(value)
+    if kind in (Kind.DECIMAL, Kind.UUID, Kind.OBJECTID):
+        return str(value)
+    return value
+
+
+def scalar_from_json(kind: Kind, raw: Any) -> Any:
+    """Decode one collection element from the JSON column."""
+    if raw is None:
+        return None
+    if kind is Kind.FLOAT:
+        return float(raw)
+    if kind is Kind.BYTES:
+        return bytes.fromhex(raw)
+    return scalar_from_sql(kind, raw)
+
+
+def _json_sort_key(item: Any) -> str:
+    return json.dumps(item, sort_keys=True)
+
+
+def to_column(f: FieldSchema, value: Any, schemas: dict[str, ModelSchema]) -> Any:
+    """Encode a field's (rendered) value for its column."""
+    kind = scalar_kind(f, schemas)
+    coll = f.collection
+    if coll is Collection.NONE:
+        return scalar_to_sql(kind, value)
+    if value is None:
+        return None
+    if coll is Collection.LIST:
+        return json.dumps([scalar_to_json(kind, v) for v in value], separators=(",", ":"))
+    if coll is Collection.SET:
+        items = sorted((scalar_to_json(kind, v) for v in value), key=_json_sort_key)
+        return json.dumps(items, separators=(",", ":"))
+    return json.dumps(
+        {str(k): scalar_to_json(kind, v) for k, v in value.items()}, separators=(",", ":")
+    )
+
+
+def from_column(f: FieldSchema, raw: Any, schemas: dict[str, ModelSchema]) -> Any:
+    """Decode a field's column (links decode to the target's pk value)."""
+    kind = scalar_kind(f, schemas)
+    coll = f.collection
+    if coll is Collection.NONE:
+        return scalar_from_sql(kind, raw)
+    if raw is None:
+        return [] if coll is Collection.LIST else set() if coll is Collection.SET else {}
+    data = json.loads(raw)
+    if coll is Collection.LIST:
+        return [scalar_from_json(kind, v) for v in data]
+    if coll is Collection.SET:
+        return {scalar_from_json(kind, v) for v in data}
+    return {k: scalar_from_json(kind, v) for k, v in data.items()}
+
+
+def is_utc_datetime(value: Any) -> bool:
+    """True for an aware datetime (any offset is converted to UTC) or a naive one (taken as UTC)."""
+    return isinstance(value, _dt.datetime)
