@@ -1,5 +1,72 @@
-"""tidesync: an offline-first database for Python with device sync."""
+"""tidesync: an offline-first database for Python with device sync.
+
+Every device keeps a full local database (SQLite) and writes without waiting for the network;
+a background sync session exchanges changes with a tidesync server. See README.md.
+"""
 
 from __future__ import annotations
 
+from .client.config import Configuration
+from .client.database import Database
+from .errors import (
+    AuthError,
+    ClientResetError,
+    CompensatingWriteError,
+    DatabaseClosedError,
+    DuplicatePrimaryKeyError,
+    NestedWriteError,
+    NotSyncedError,
+    ObjectDeletedError,
+    OperationCancelledError,
+    ProtocolError,
+    QueryError,
+    SchemaError,
+    SchemaMismatchError,
+    SessionInactiveError,
+    SyncAction,
+    SyncError,
+    TidesyncError,
+    ValueTypeError,
+    WriteError,
+    WriteOutsideTransactionError,
+)
+from .objectid import ObjectId
+from .store.model import Counter, Model, field, primary_key
+from .store.notify import NotificationToken, ObjectChange, ResultsChange
+from .store.results import Results
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AuthError",
+    "ClientResetError",
+    "CompensatingWriteError",
+    "Configuration",
+    "Counter",
+    "Database",
+    "DatabaseClosedError",
+    "DuplicatePrimaryKeyError",
+    "Model",
+    "NestedWriteError",
+    "NotSyncedError",
+    "NotificationToken",
+    "ObjectChange",
+    "ObjectDeletedError",
+    "ObjectId",
+    "OperationCancelledError",
+    "ProtocolError",
+    "QueryError",
+    "Results",
+    "ResultsChange",
+    "SchemaError",
+    "SchemaMismatchError",
+    "SessionInactiveError",
+    "SyncAction",
+    "SyncError",
+    "TidesyncError",
+    "ValueTypeError",
+    "WriteError",
+    "WriteOutsideTransactionError",
+    "field",
+    "primary_key",
+]

@@ -166,6 +166,8 @@ def from_column(f: FieldSchema, raw: Any, schemas: dict[str, ModelSchema]) -> An
     kind = scalar_kind(f, schemas)
     coll = f.collection
     if coll is Collection.NONE:
+        if raw is None and kind is Kind.COUNTER:
+            return 0  # a counter added to the schema after the object was written
         return scalar_from_sql(kind, raw)
     if raw is None:
         return [] if coll is Collection.LIST else set() if coll is Collection.SET else {}

@@ -1,0 +1,1 @@
+"""The client: App, users, configurations, the public Database, and the sync client."""

@@ -1,0 +1,59 @@
+"""``Configuration``: which models a database holds, where its file is, and how it syncs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..store.model import Model, iter_models
+
+if TYPE_CHECKING:
+    from .app import User
+
+#: The file a local database uses when no path is given.
+DEFAULT_PATH = "default.tidesync"
+
+
+@dataclass(frozen=True)
+class SyncConfiguration:
+    """How a synced database syncs: the user, and the optional callbacks."""
+
+    user: User
+    error_handler: Callable[[Any, Exception], Any] | None = None
+    initial_subscriptions: Callable[[Any], Any] | None = None
+    rerun_on_open: bool = False
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """Open a :class:`~tidesync.Database` with one of the constructors:
+    :meth:`local` or :meth:`flexible_sync`."""
+
+    models: tuple[type[Model], ...]
+    path: str
+    sync: SyncConfiguration | None = field(default=None)
+
+    @classmethod
+    def local(cls, models: Sequence[type[Model]], path: str | Path | None = None) -> Configuration:
+        """A database that lives on this device only."""
+        return cls(tuple(iter_models(models)), str(Path(path or DEFAULT_PATH)))
+
+    @classmethod
+    def flexible_sync(
+        cls,
+        user: User,
+        models: Sequence[type[Model]],
+        path: str | Path | None = None,
+        *,
+        sync_error_handler: Callable[[Any, Exception], Any] | None = None,
+        initial_subscriptions: Callable[[Any], Any] | None = None,
+        rerun_on_open: bool = False,
+    ) -> Configuration:
+        """A database synced through ``user``'s app. The default path is per user, under the
+        app's ``base_path``."""
+        if path is None:
+            path = user.default_path()
+        sync = SyncConfiguration(user, sync_error_handler, initial_subscriptions, rerun_on_open)
+        return cls(tuple(iter_models(models)), str(Path(path)), sync)

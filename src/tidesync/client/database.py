@@ -1,0 +1,76 @@
+"""``Database``: the public database object; a local database plus, when synced, its session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import NotSyncedError, OperationCancelledError
+from ..store.database import LocalDatabase
+from .config import Configuration
+
+if TYPE_CHECKING:
+    from .cancellation import CancellationToken
+    from .session import Session
+
+
+class Database(LocalDatabase):
+    """A database opened from a :class:`Configuration`.
+
+    ``Database(config)`` opens synchronously; ``await Database.open(config)`` opens without
+    blocking the event loop and, for a synced database, waits for the initial download.
+    Use ``with Database(config) as db:`` or call :meth:`close`.
+    """
+
+    def __init__(self, config: Configuration) -> None:
+        if not isinstance(config, Configuration):
+            raise TypeError("Database() takes a tidesync.Configuration")
+        super().__init__(config.path, config.models)
+        self.config = config
+        self._session: Session | None = None
+        if config.sync is not None:
+            try:
+                self._session = config.sync.user.app._open_session(self, config.sync)
+            except BaseException:
+                super().close()
+                raise
+
+    @classmethod
+    async def open(
+        cls,
+        config: Configuration,
+        on_progress: Callable[[Any], Any] | None = None,
+        cancellation_token: CancellationToken | None = None,
+    ) -> Database:
+        """Open without blocking the event loop; a synced database first downloads what the
+        server holds (``on_progress`` is called with each :class:`SyncProgress`)."""
+        if cancellation_token is not None and cancellation_token.is_cancelled:
+            raise OperationCancelledError("the open was cancelled")
+        db = await asyncio.to_thread(cls, config)
+        session = db._session
+        if session is None:
+            return db
+        try:
+            await session._wait_initial_download(on_progress, cancellation_token)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    @property
+    def sync_session(self) -> Session:
+        """The sync session of a synced database (the same object each time)."""
+        if self._session is None:
+            raise NotSyncedError(f"the database {self.path} is local; it has no sync session")
+        return self._session
+
+    def close(self) -> None:
+        """Close the database and end its sync session. Idempotent."""
+        session = self._session
+        if session is not None and not self.is_closed:
+            session._close()
+        super().close()
+
+    def __enter__(self) -> Database:
+        return self

@@ -1,0 +1,460 @@
+"""``LocalDatabase``: the local, offline database of one file: writes, reads, queries.
+
+Everything here works without a network. Writes happen in ``with db.write():`` blocks, each
+one SQLite transaction that also records its changeset in the change log; reads always see
+the latest committed state (and, inside a write, the write's own changes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..core import query as q
+from ..core.changeset import Instruction, Op
+from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
+from ..core.validate import validate_value
+from ..errors import (
+    DatabaseClosedError,
+    NestedWriteError,
+    ObjectDeletedError,
+    QueryError,
+    SchemaError,
+    ValueTypeError,
+    WriteOutsideTransactionError,
+)
+from . import sqlvalues as sv
+from .collections import ManagedDict, ManagedList, ManagedSet
+from .engine import StoreEngine
+from .model import Counter, Model, iter_models
+from .notify import Notifier
+from .results import Results
+
+M = TypeVar("M", bound=Model)
+
+
+class LocalDatabase:
+    """A local database file holding objects of the given models."""
+
+    def __init__(self, path: str | Path, models: Sequence[type[Model]]) -> None:
+        classes = list(iter_models(models))
+        if not classes:
+            raise SchemaError("a database needs at least one model")
+        self._classes: dict[str, type[Model]] = {m.__name__: m for m in classes}
+        self._schemas: dict[str, ModelSchema] = {n: m.schema() for n, m in self._classes.items()}
+        self._engine = StoreEngine(path, self._schemas)
+        self.path = self._engine.path
+        self._lock = threading.RLock()
+        self._writer: int | None = None
+        self._pending: list[Instruction] = []
+        self._local_version = 0
+        self._closed = False
+        self._notifier: Notifier | None = None
+        self._notifier_lock = threading.Lock()
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def is_closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close the database; stops its notifier thread. Idempotent."""
+        if self._closed:
+            return
+        notifier = self._notifier
+        self._notifier = None
+        if notifier is not None:
+            notifier.stop()
+        with self._lock:
+            self._closed = True
+            self._engine.close()
+
+    def __enter__(self) -> LocalDatabase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DatabaseClosedError(f"the database {self.path} is closed")
+
+    @property
+    def schemas(self) -> dict[str, ModelSchema]:
+        """The schemas of this database's models, by name."""
+        return dict(self._schemas)
+
+    def _model_schema(self, model: type[Model] | str) -> ModelSchema:
+        name = model if isinstance(model, str) else model.__name__
+        schema = self._schemas.get(name)
+        if schema is None:
+            raise SchemaError(f"model {name} is not part of this database's configuration")
+        return schema
+
+    # --- versions (for live reads) -------------------------------------------------------
+
+    def _version(self) -> tuple[int, int]:
+        data_version = self._engine.conn.execute("PRAGMA data_version").fetchone()[0]
+        return (self._local_version, int(data_version))
+
+    # --- writes --------------------------------------------------------------------------
+
+    @property
+    def in_write(self) -> bool:
+        """True inside ``with db.write():`` on the calling thread."""
+        return self._writer == threading.get_ident()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[LocalDatabase]:
+        """A write transaction: committed at the end of the block, rolled back on error."""
+        self._check_open()
+        if self.in_write:
+            raise NestedWriteError("a write is already open on this database")
+        with self._lock:
+            self._check_open()
+            self._engine.begin()
+            self._writer = threading.get_ident()
+            self._pending = []
+            try:
+                yield self
+            except BaseException:
+                self._engine.rollback()
+                self._local_version += 1
+                raise
+            else:
+                self._engine.commit(self._pending)
+                self._local_version += 1
+            finally:
+                self._writer = None
+                self._pending = []
+        notifier = self._notifier
+        if notifier is not None:
+            notifier.poke()
+
+    def _require_write(self) -> None:
+        self._check_open()
+        if not self.in_write:
+            raise WriteOutsideTransactionError("changes must be made inside `with db.write():`")
+
+    def _record(self, ins: Instruction) -> None:
+        self._pending.append(ins)
+        self._local_version += 1
+
+    def _check_value(self, fs: FieldSchema, value: Any, model: str) -> None:
+        try:
+            validate_value(fs, value, self._schemas)
+        except ValueError as exc:
+            raise ValueTypeError(f"{model}.{fs.name}: {exc}") from None
+
+    def _to_stored(self, fs: FieldSchema, value: Any, update: bool) -> Any:
+        """Turn a Python value (Counter, linked objects, managed collections) into a stored one."""
+        if fs.kind is Kind.COUNTER:
+            return int(value.value if isinstance(value, Counter) else value)
+        snap = getattr(value, "_snapshot", None)
+        if snap is not None:
+            value = snap()
+        if fs.kind is Kind.LINK:
+            if fs.collection is Collection.NONE:
+                return None if value is None else self._link_pk(fs, value, update)
+            if fs.collection is Collection.DICT:
+                return {
+                    k: None if v is None else self._link_pk(fs, v, update) for k, v in value.items()
+                }
+            items = [self._link_pk(fs, v, update) for v in value]
+            return items if fs.collection is Collection.LIST else set(items)
+        if fs.collection is Collection.LIST:
+            return list(value)
+        if fs.collection is Collection.SET:
+            return set(value)
+        if fs.collection is Collection.DICT:
+            return dict(value)
+        return value
+
+    def _link_pk(self, fs: FieldSchema, target: Any, update: bool) -> Any:
+        if not isinstance(target, Model) or type(target).__name__ != fs.target:
+            raise ValueTypeError(
+                f"field {fs.name!r} links to {fs.target}, got {type(target).__name__}"
+            )
+        if target._db is None:
+            self.add(target, update=update)
+        elif target._db is not self:
+            raise ValueTypeError(
+                f"field {fs.name!r}: the linked object belongs to another database"
+            )
+        return target._pk
+
+    def add(self, obj: M, update: bool = False) -> M:
+        """Add an unmanaged object (and the unmanaged objects it links to); returns it managed.
+
+        If an object with the same primary key exists: ``update=False`` raises
+        :class:`DuplicatePrimaryKeyError`, ``update=True`` sets the fields that differ.
+        """
+        self._require_write()
+        if not isinstance(obj, Model):
+            raise TypeError(f"db.add takes a Model instance, got {type(obj).__name__}")
+        if obj._db is not None:
+            if obj._db is self:
+                return obj
+            raise ValueTypeError("the object belongs to another database")
+        schema = self._model_schema(type(obj))
+        model = schema.name
+        assert obj._values is not None
+        values: dict[str, Any] = {}
+        for fs in schema.fields:
+            stored = self._to_stored(fs, obj._values[fs.name], update)
+            self._check_value(fs, stored, model)
+            values[fs.name] = stored
+        pk = values[schema.primary_key]
+        engine = self._engine
+        _, where = engine.load_state(model, pk)
+        if where == "live" and update:
+            for fs in schema.fields:
+                if fs.primary_key:
+                    continue
+                ins = Instruction(Op.SET, model, pk, engine.tick(), fs.name, values[fs.name])
+                engine.apply((ins,))
+                self._record(ins)
+        else:
+            ins = Instruction(Op.CREATE, model, pk, engine.tick(), None, values)
+            engine.create(ins)
+            self._record(ins)
+        obj._db = self
+        obj._pk = pk
+        obj._values = None
+        obj._cache = None
+        return obj
+
+    def add_all(self, objs: Sequence[Model], update: bool = False) -> None:
+        """Add several objects."""
+        for o in objs:
+            self.add(o, update=update)
+
+    def delete(self, obj: Model) -> None:
+        """Delete a managed object."""
+        self._require_write()
+        if obj._db is not self:
+            raise ValueTypeError("db.delete takes an object managed by this database")
+        model = type(obj).__name__
+        _, where = self._engine.load_state(model, obj._pk)
+        if where != "live":
+            raise ObjectDeletedError(f"the {model} {obj._pk!r} was already deleted")
+        ins = Instruction(Op.ERASE, model, obj._pk, self._engine.tick())
+        self._engine.apply((ins,))
+        self._record(ins)
+
+    def delete_all(self, model: type[Model]) -> int:
+        """Delete every object of a model; returns how many."""
+        self._require_write()
+        schema = self._model_schema(model)
+        kind = schema.pk_field.kind
+        rows = self._engine.conn.execute(
+            f"SELECT {sv.quote(schema.primary_key)} FROM {sv.table_name(schema.name)}"
+        ).fetchall()
+        for (raw,) in rows:
+            ins = Instruction(
+                Op.ERASE, schema.name, sv.scalar_from_sql(kind, raw), self._engine.tick()
+            )
+            self._engine.apply((ins,))
+            self._record(ins)
+        return len(rows)
+
+    def _live_obj(self, obj: Model) -> tuple[str, ModelSchema]:
+        self._require_write()
+        model = type(obj).__name__
+        if not self._object_exists(obj):
+            raise ObjectDeletedError(f"the {model} {obj._pk!r} was deleted")
+        return model, self._schemas[model]
+
+    def _set_field(self, obj: Model, name: str, value: Any) -> None:
+        model, schema = self._live_obj(obj)
+        fs = schema.by_name.get(name)
+        if fs is None:
+            raise AttributeError(name)
+        if fs.primary_key:
+            raise ValueTypeError(f"{model}.{name} is the primary key and cannot change")
+        stored = self._to_stored(fs, value, False)
+        self._check_value(fs, stored, model)
+        ins = Instruction(Op.SET, model, obj._pk, self._engine.tick(), name, stored)
+        self._engine.apply((ins,))
+        self._record(ins)
+
+    def _counter_add(self, obj: Model, name: str, amount: int) -> None:
+        model, _ = self._live_obj(obj)
+        ins = Instruction(Op.ADD, model, obj._pk, self._engine.tick(), name, amount)
+        self._engine.apply((ins,))
+        self._record(ins)
+
+    def _element_value(self, obj: Model, name: str, value: Any) -> Any:
+        model, schema = self._live_obj(obj)
+        fs = schema.by_name[name]
+        if fs.kind is Kind.LINK:
+            value = None if value is None else self._link_pk(fs, value, False)
+        elem = FieldSchema(name, fs.kind, Collection.NONE, fs.optional, fs.target)
+        self._check_value(elem, value, model)
+        return value
+
+    def _element_op(
+        self, obj: Model, name: str, op: Op, value: Any = None, key: Any = None
+    ) -> None:
+        if op in (Op.SET_ADD, Op.SET_REMOVE, Op.DICT_SET):
+            value = self._element_value(obj, name, value)
+        model, _ = self._live_obj(obj)
+        ins = Instruction(op, model, obj._pk, self._engine.tick(), name, value, key)
+        self._engine.apply((ins,))
+        self._record(ins)
+
+    def _list_ids(self, obj: Model, name: str) -> list[Any]:
+        state, _ = self._engine.load_state(type(obj).__name__, obj._pk)
+        assert state is not None
+        return state.list_ids(name)
+
+    def _list_insert(self, obj: Model, name: str, index: int, value: Any) -> None:
+        value = self._element_value(obj, name, value)
+        ids = self._list_ids(obj, name)
+        after = ids[index - 1] if index > 0 else None
+        self._element_op_raw(obj, name, Op.LIST_INSERT, value, after)
+
+    def _list_set(self, obj: Model, name: str, index: int, value: Any) -> None:
+        value = self._element_value(obj, name, value)
+        ids = self._list_ids(obj, name)
+        self._element_op_raw(obj, name, Op.LIST_SET, value, ids[index])
+
+    def _list_erase(self, obj: Model, name: str, index: int) -> None:
+        self._live_obj(obj)
+        ids = self._list_ids(obj, name)
+        self._element_op_raw(obj, name, Op.LIST_ERASE, None, ids[index])
+
+    def _element_op_raw(self, obj: Model, name: str, op: Op, value: Any, key: Any) -> None:
+        model = type(obj).__name__
+        ins = Instruction(op, model, obj._pk, self._engine.tick(), name, value, key)
+        self._engine.apply((ins,))
+        self._record(ins)
+
+    # --- reads ---------------------------------------------------------------------------
+
+    def _decode_row(self, schema: ModelSchema, row: Sequence[Any]) -> dict[str, Any]:
+        schemas = self._schemas
+        return {f.name: sv.from_column(f, raw, schemas) for f, raw in zip(schema.fields, row)}
+
+    def _managed(self, cls: type[M], pk: Any, cache: dict[str, Any] | None, version: Any) -> M:
+        obj = cls.__new__(cls)
+        obj._db = self
+        obj._pk = pk
+        obj._values = None
+        obj._cache = cache
+        obj._cache_version = version
+        return obj
+
+    def find(self, model: type[M], pk: Any) -> M | None:
+        """The object of ``model`` with primary key ``pk``, or ``None``."""
+        self._check_open()
+        schema = self._model_schema(model)
+        with self._lock:
+            version = self._version()
+            row = self._engine.conn.execute(
+                self._engine.sql(schema.name, "row"),
+                (sv.scalar_to_sql(schema.pk_field.kind, pk),),
+            ).fetchone()
+        if row is None:
+            return None
+        values = self._decode_row(schema, row)
+        return self._managed(model, values[schema.primary_key], values, version)
+
+    def _fetch_cache(self, obj: Model) -> dict[str, Any]:
+        self._check_open()
+        version = self._version()
+        if obj._cache is not None and obj._cache_version == version:
+            return obj._cache
+        schema = self._schemas[type(obj).__name__]
+        with self._lock:
+            row = self._engine.conn.execute(
+                self._engine.sql(schema.name, "row"),
+                (sv.scalar_to_sql(schema.pk_field.kind, obj._pk),),
+            ).fetchone()
+        if row is None:
+            obj._cache = None
+            raise ObjectDeletedError(
+                f"the {schema.name} {obj._pk!r} was deleted; this object is no longer valid"
+            )
+        obj._cache = self._decode_row(schema, row)
+        obj._cache_version = version
+        return obj._cache
+
+    def _object_exists(self, obj: Model) -> bool:
+        if self._closed:
+            return False
+        try:
+            self._fetch_cache(obj)
+        except ObjectDeletedError:
+            return False
+        return True
+
+    def _read_raw(self, obj: Model, name: str) -> Any:
+        return self._fetch_cache(obj)[name]
+
+    def _read_field(self, obj: Model, name: str) -> Any:
+        cache = self._fetch_cache(obj)
+        schema = self._schemas[type(obj).__name__]
+        fs = schema.by_name.get(name)
+        if fs is None:
+            raise AttributeError(name)
+        if fs.kind is Kind.COUNTER:
+            return Counter._bound(obj, name)
+        if fs.collection is Collection.LIST:
+            return ManagedList(obj, name)
+        if fs.collection is Collection.SET:
+            return ManagedSet(obj, name)
+        if fs.collection is Collection.DICT:
+            return ManagedDict(obj, name)
+        value = cache[name]
+        if fs.kind is Kind.LINK and value is not None:
+            assert fs.target is not None
+            return self.find(self._classes[fs.target], value)
+        return value
+
+    def _resolve_collection(self, obj: Model, name: str, raw: Any) -> Any:
+        fs = self._schemas[type(obj).__name__].by_name[name]
+        if fs.kind is not Kind.LINK:
+            return raw
+        assert fs.target is not None
+        cls = self._classes[fs.target]
+        if fs.collection is Collection.LIST:
+            found = [self.find(cls, pk) for pk in raw]
+            return [o for o in found if o is not None]
+        if fs.collection is Collection.DICT:
+            return {k: None if pk is None else self.find(cls, pk) for k, pk in raw.items()}
+        found = [self.find(cls, pk) for pk in raw]
+        return [o for o in found if o is not None]
+
+    def all(self, model: type[M]) -> Results[M]:
+        """Every object of ``model``, live, in insertion order."""
+        return self.query(model, "TRUEPREDICATE")
+
+    def query(self, model: type[M], query: str, *args: Any) -> Results[M]:
+        """Objects of ``model`` matching ``query`` (tidesync's query language), live."""
+        self._check_open()
+        schema = self._model_schema(model)
+        parsed = q.parse(query)
+        bound = q.bind(parsed, schema, self._schemas, args)
+        return Results(self, model, parsed, args, bound)
+
+    def _bind(self, model: type[Model], parsed: q.Query, args: Sequence[Any]) -> q.BoundQuery:
+        try:
+            return q.bind(parsed, self._schemas[model.__name__], self._schemas, args)
+        except QueryError:
+            raise
+
+    # --- notifications -------------------------------------------------------------------
+
+    def _get_notifier(self) -> Notifier:
+        self._check_open()
+        with self._notifier_lock:
+            if self._notifier is None:
+                self._notifier = Notifier(self)
+                self._notifier.start()
+            return self._notifier

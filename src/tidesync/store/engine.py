@@ -1,0 +1,424 @@
+"""``StoreEngine``: one SQLite connection to a local database file, and the operations on it.
+
+Both the application's :class:`~tidesync.store.database.LocalDatabase` and the sync client
+(on its own thread) drive a file through an engine of their own; SQLite's locking makes
+their transactions serial. The engine applies instructions to objects' merge states
+(``core/merge.py``), keeps each model's table (the query projection) in step with them,
+and keeps the change log (the outbox that sync uploads) in the same transaction.
+
+File layout: ``t_<Model>`` tables (see ``sqlvalues``), ``_dead`` (merge states of erased
+objects, so late instructions still merge correctly), ``_changelog`` (one row per local
+transaction: client version, packed instructions, size), ``_meta`` (origin id, clock,
+cursors), ``_schema`` (the models' schemas as stored).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..core.changeset import Instruction, Op
+from ..core.hlc import HLC, HybridClock
+from ..core.merge import ObjectState
+from ..core.packing import pack, pack_instructions
+from ..core.schema import ModelSchema, check_compatible
+from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError
+from . import sqlvalues as sv
+from .sqlquery import register_functions
+
+#: Process-wide wake-ups: every commit through any engine on a path sets these events,
+#: so notifiers and sync sessions in this process react at once (other processes poll).
+_WAKERS: dict[str, weakref.WeakSet[threading.Event]] = {}
+_WAKERS_LOCK = threading.Lock()
+
+
+def add_waker(path: str, event: threading.Event) -> None:
+    """Have ``event`` set after every commit to ``path`` made in this process."""
+    with _WAKERS_LOCK:
+        _WAKERS.setdefault(path, weakref.WeakSet()).add(event)
+
+
+def remove_waker(path: str, event: threading.Event) -> None:
+    """Undo :func:`add_waker`."""
+    with _WAKERS_LOCK:
+        events = _WAKERS.get(path)
+        if events is not None:
+            events.discard(event)
+
+
+def wake(path: str) -> None:
+    """Set every event registered for ``path``."""
+    with _WAKERS_LOCK:
+        events = list(_WAKERS.get(path, ()))
+    for event in events:
+        event.set()
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds, the clock input of HLCs."""
+    return time.time_ns() // 1_000_000
+
+
+class StoreEngine:
+    """A connection to one local database file and the operations sync and the API need."""
+
+    def __init__(self, path: str | Path, schemas: dict[str, ModelSchema]) -> None:
+        self.path = str(Path(path).resolve())
+        self.schemas = dict(schemas)
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=30.0
+        )
+        self.conn.execute("PRAGMA busy_timeout = 30000")
+        register_functions(self.conn)
+        self._tx_states: dict[tuple[str, Any], tuple[ObjectState, str | None]] = {}
+        self.clock: HybridClock | None = None
+        self.origin = ""
+        self._sql: dict[str, dict[str, str]] = {}
+        try:
+            self._setup()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    # --- set-up and schema ---------------------------------------------------------------
+
+    def _setup(self) -> None:
+        conn = self.conn
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+        stored = self._stored_schemas()
+        plan = self._plan_schema(stored)  # raises before anything is written
+        if mode != "wal":
+            conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        if plan or not stored:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have set the file up meanwhile: plan again under the lock.
+                plan = self._plan_schema(self._stored_schemas())
+                self._create_base_tables()
+                for statement in plan:
+                    conn.execute(statement)
+                for name, schema in self.schemas.items():
+                    conn.execute(
+                        "INSERT INTO _schema(model, definition) VALUES (?, ?) "
+                        "ON CONFLICT(model) DO UPDATE SET definition = excluded.definition",
+                        (name, json.dumps(schema.to_dict())),
+                    )
+                if conn.execute("SELECT value FROM _meta WHERE key='origin'").fetchone() is None:
+                    conn.execute(
+                        "INSERT INTO _meta(key, value) VALUES ('origin', ?)", (os.urandom(8).hex(),)
+                    )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        self.origin = str(self.get_meta("origin"))
+        for name in self.schemas:
+            self._prepare_sql(name)
+
+    def _stored_schemas(self) -> dict[str, ModelSchema]:
+        exists = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='_schema'"
+        ).fetchone()
+        if not exists:
+            return {}
+        out: dict[str, ModelSchema] = {}
+        for model, definition in self.conn.execute("SELECT model, definition FROM _schema"):
+            out[model] = ModelSchema.from_dict(json.loads(definition))
+        return out
+
+    def _plan_schema(self, stored: dict[str, ModelSchema]) -> list[str]:
+        """The DDL that brings the file to the declared schemas; raises on incompatibility."""
+        statements: list[str] = []
+        all_schemas = {**stored, **self.schemas}
+        for name, schema in self.schemas.items():
+            for f in schema.fields:
+                if f.target is not None and f.target not in all_schemas:
+                    raise SchemaMismatchError(
+                        f"model {name}, field {f.name!r}: links to {f.target}, which is not "
+                        "among the configured models"
+                    )
+        for name, schema in self.schemas.items():
+            old = stored.get(name)
+            table = sv.table_name(name)
+            if old is None:
+                cols = []
+                for f in schema.fields:
+                    col = f"{sv.quote(f.name)} {sv.column_type(f, all_schemas)}"
+                    if f.primary_key:
+                        col += " PRIMARY KEY NOT NULL"
+                    cols.append(col)
+                cols.append('"_state" BLOB NOT NULL')
+                statements.append(f"CREATE TABLE {table} ({', '.join(cols)})")
+                added = [f for f in schema.fields if f.indexed and not f.primary_key]
+            else:
+                new_fields = check_compatible(old, schema)
+                for f in new_fields:
+                    statements.append(
+                        f"ALTER TABLE {table} ADD COLUMN {sv.quote(f.name)} "
+                        f"{sv.column_type(f, all_schemas)}"
+                    )
+                added = [
+                    f
+                    for f in schema.fields
+                    if f.indexed and not f.primary_key and not old.by_name.get(f.name, f).indexed
+                ]
+                added += [f for f in new_fields if f.indexed and f not in added]
+                if schema != old:
+                    statements.append("SELECT 1")  # record the new definition
+            for f in added:
+                statements.append(
+                    f'CREATE INDEX IF NOT EXISTS "i_{name}_{f.name}" ON {table}({sv.quote(f.name)})'
+                )
+        return statements
+
+    def _create_base_tables(self) -> None:
+        c = self.conn
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS _schema (model TEXT PRIMARY KEY, definition TEXT NOT NULL)"
+        )
+        c.execute("CREATE TABLE IF NOT EXISTS _meta (key TEXT PRIMARY KEY, value)")
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS _changelog (version INTEGER PRIMARY KEY, "
+            "data BLOB NOT NULL, size INTEGER NOT NULL)"
+        )
+        c.execute(
+            "CREATE TABLE IF NOT EXISTS _dead (model TEXT NOT NULL, pk BLOB NOT NULL, "
+            "state BLOB NOT NULL, PRIMARY KEY (model, pk)) WITHOUT ROWID"
+        )
+
+    def _prepare_sql(self, model: str) -> None:
+        schema = self.schemas[model]
+        table = sv.table_name(model)
+        cols = [sv.quote(f.name) for f in schema.fields] + ['"_state"']
+        pk = sv.quote(schema.primary_key)
+        sets = ", ".join(f"{c} = ?" for c in cols)
+        self._sql[model] = {
+            "insert": f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
+            f"({', '.join('?' for _ in cols)})",
+            "update": f"UPDATE {table} SET {sets} WHERE {pk} = ?",
+            "delete": f"DELETE FROM {table} WHERE {pk} = ?",
+            "state": f"SELECT _state FROM {table} WHERE {pk} = ?",
+            "exists": f"SELECT 1 FROM {table} WHERE {pk} = ?",
+            "row": f"SELECT {', '.join(cols[:-1])} FROM {table} WHERE {pk} = ?",
+        }
+
+    def sql(self, model: str, name: str) -> str:
+        """A prepared statement text for a model."""
+        return self._sql[model][name]
+
+    # --- meta ----------------------------------------------------------------------------
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """Read a value from ``_meta``."""
+        row = self.conn.execute("SELECT value FROM _meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        """Write a value to ``_meta`` (inside the caller's transaction, or on its own)."""
+        self.conn.execute(
+            "INSERT INTO _meta(key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    # --- transactions --------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start a write transaction (takes SQLite's write lock) and load the clock."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._tx_states.clear()
+            raw = self.get_meta("hlc")
+            last = None
+            if raw:
+                wall, counter = json.loads(raw)
+                last = HLC(int(wall), int(counter), self.origin)
+            self.clock = HybridClock(self.origin, last)
+        except BaseException:
+            self.rollback()
+            raise
+
+    def commit(self, instructions: Sequence[Instruction]) -> int | None:
+        """Record the change log entry (if anything changed) and commit.
+
+        Returns the new client version, or ``None`` when the transaction changed nothing.
+        """
+        version: int | None = None
+        try:
+            if instructions:
+                version = int(self.get_meta("last_version", 0)) + 1
+                data = pack_instructions(list(instructions))
+                self.conn.execute(
+                    "INSERT INTO _changelog(version, data, size) VALUES (?, ?, ?)",
+                    (version, data, len(data)),
+                )
+                self.set_meta("last_version", version)
+            if self.clock is not None:
+                last = self.clock.last
+                self.set_meta("hlc", json.dumps([last.wall, last.counter]))
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+        finally:
+            self._tx_states.clear()
+        wake(self.path)
+        return version
+
+    def rollback(self) -> None:
+        """Abandon the current write transaction."""
+        self._tx_states.clear()
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def tick(self) -> HLC:
+        """A new HLC for an instruction of the current transaction."""
+        assert self.clock is not None, "no write transaction"
+        return self.clock.tick(now_ms())
+
+    # --- object states -------------------------------------------------------------------
+
+    def load_state(self, model: str, pk: Any) -> tuple[ObjectState | None, str | None]:
+        """The merge state of an object and where it lives: ``"live"``, ``"dead"`` or None."""
+        key = (model, pk)
+        cached = self._tx_states.get(key)
+        if cached is not None:
+            return cached
+        schema = self.schemas[model]
+        raw = self.conn.execute(
+            self._sql[model]["state"], (sv.scalar_to_sql(schema.pk_field.kind, pk),)
+        ).fetchone()
+        if raw is not None:
+            result: tuple[ObjectState | None, str | None] = (
+                ObjectState.from_bytes(raw[0]),
+                "live",
+            )
+        else:
+            row = self.conn.execute(
+                "SELECT state FROM _dead WHERE model = ? AND pk = ?", (model, pack(pk))
+            ).fetchone()
+            result = (ObjectState.from_bytes(row[0]), "dead") if row else (None, None)
+        return result
+
+    def _row_params(self, schema: ModelSchema, values: dict[str, Any]) -> list[Any]:
+        schemas = self.schemas
+        return [sv.to_column(f, values.get(f.name), schemas) for f in schema.fields]
+
+    def save_state(self, model: str, pk: Any, state: ObjectState, where: str | None) -> str | None:
+        """Write an object's state back: its table row if alive, ``_dead`` if erased."""
+        schema = self.schemas[model]
+        key_sql = sv.scalar_to_sql(schema.pk_field.kind, pk)
+        values = state.render(schema)
+        blob = state.to_bytes()
+        new_where: str | None
+        if values is not None:
+            values[schema.primary_key] = pk
+            params = self._row_params(schema, values)
+            params.append(blob)
+            if where == "live":
+                params.append(key_sql)
+                self.conn.execute(self._sql[model]["update"], params)
+            else:
+                if where == "dead":
+                    self.conn.execute(
+                        "DELETE FROM _dead WHERE model = ? AND pk = ?", (model, pack(pk))
+                    )
+                self.conn.execute(self._sql[model]["insert"], params)
+            new_where = "live"
+        else:
+            if where == "live":
+                self.conn.execute(self._sql[model]["delete"], (key_sql,))
+            self.conn.execute(
+                "INSERT INTO _dead(model, pk, state) VALUES (?, ?, ?) "
+                "ON CONFLICT(model, pk) DO UPDATE SET state = excluded.state",
+                (model, pack(pk), blob),
+            )
+            new_where = "dead"
+        self._tx_states[(model, pk)] = (state, new_where)
+        return new_where
+
+    def create(self, ins: Instruction) -> None:
+        """Apply a local CREATE of an object that must not exist yet (fast path)."""
+        model, pk = ins.model, ins.pk
+        schema = self.schemas[model]
+        state, where = self.load_state(model, pk)
+        if where == "live":
+            raise DuplicatePrimaryKeyError(
+                f"a {model} with primary key {pk!r} exists (use add(obj, update=True))"
+            )
+        if state is None:
+            state = ObjectState.empty()
+        state.apply(ins, schema)
+        self.save_state(model, pk, state, where)
+
+    def apply(self, instructions: Iterable[Instruction]) -> None:
+        """Apply instructions (local or downloaded) to their objects' states and rows."""
+        schemas = self.schemas
+        for ins in instructions:
+            schema = schemas.get(ins.model)
+            if schema is None:
+                continue  # a model this device does not declare
+            state, where = self.load_state(ins.model, ins.pk)
+            if state is None:
+                state = ObjectState.empty()
+            state.apply(ins, schema)
+            self.save_state(ins.model, ins.pk, state, where)
+
+    def observe(self, hlc: HLC) -> None:
+        """Move the clock past a downloaded timestamp."""
+        if self.clock is not None:
+            self.clock.observe(hlc, now_ms())
+
+    # --- change log ----------------------------------------------------------------------
+
+    def read_changelog(self, after: int, max_bytes: int) -> list[tuple[int, bytes]]:
+        """Local changesets with version > ``after``, in order, about ``max_bytes`` at most
+        (always at least one if any)."""
+        out: list[tuple[int, bytes]] = []
+        total = 0
+        for version, data, size in self.conn.execute(
+            "SELECT version, data, size FROM _changelog WHERE version > ? ORDER BY version",
+            (after,),
+        ):
+            if out and total + size > max_bytes:
+                break
+            out.append((version, data))
+            total += size
+        return out
+
+    def pending_bytes(self, after: int) -> tuple[int, int]:
+        """``(count, bytes)`` of local changesets with version > ``after``."""
+        row = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM _changelog WHERE version > ?", (after,)
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def close(self) -> None:
+        """Close the connection (rolling back anything open)."""
+        try:
+            self.rollback()
+        finally:
+            self.conn.close()
+
+
+def op_is_element(op: Op) -> bool:
+    """True for instructions that address one element of a collection."""
+    return op in (
+        Op.LIST_INSERT,
+        Op.LIST_SET,
+        Op.LIST_ERASE,
+        Op.SET_ADD,
+        Op.SET_REMOVE,
+        Op.DICT_SET,
+        Op.DICT_ERASE,
+    )

@@ -1,0 +1,58 @@
+"""Shared fixtures: models covering every field type, and databases on real files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+import tidesync as ts
+
+
+class Person(ts.Model):
+    id: str = ts.primary_key()
+    name: str
+    age: int = ts.field(default=0, indexed=True)
+
+
+class Task(ts.Model):
+    id: ts.ObjectId = ts.primary_key(default_factory=ts.ObjectId)
+    summary: str
+    done: bool = False
+    priority: int = ts.field(default=0, indexed=True)
+    score: float = 0.0
+    blob: bytes = b""
+    due: dt.datetime | None = None
+    price: Decimal | None = None
+    ref: uuid.UUID | None = None
+    other: ts.ObjectId | None = None
+    note: str | None = None
+    tags: list[str]
+    labels: set[str]
+    attrs: dict[str, int]
+    owner: Person | None = None
+    watchers: list[Person]
+    votes: ts.Counter
+
+
+MODELS = [Person, Task]
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "test.tidesync"
+
+
+@pytest.fixture
+def db(db_path: Path) -> Iterator[ts.Database]:
+    with ts.Database(ts.Configuration.local(MODELS, path=db_path)) as database:
+        yield database
+
+
+@pytest.fixture
+def utc_now() -> dt.datetime:
+    return dt.datetime(2026, 11, 26, 12, 30, 15, 123456, tzinfo=dt.UTC)
