@@ -360,3 +360,13 @@ async def test_open_from_running_loop_does_not_block(db_path: Path) -> None:
     dbs = await asyncio.gather(*(ts.Database.open(config) for _ in range(3)))
     for d in dbs:
         d.close()
+
+
+def test_int_outside_64_bits_is_refused(db: ts.Database) -> None:
+    with pytest.raises(ts.ValueTypeError, match="64-bit"), db.write():
+        db.add(Task(summary="x", priority=2**70))
+    with db.write():
+        t = db.add(Task(summary="y"))
+    with pytest.raises(ts.ValueTypeError), db.write():
+        t.priority = -(2**64)
+    assert len(db.all(Task)) == 1

@@ -6,7 +6,11 @@ a background sync session exchanges changes with a tidesync server. See README.m
 
 from __future__ import annotations
 
+from .client.app import App, AppConfiguration, Credentials, SyncTimeoutOptions, User
+from .client.cancellation import CancellationToken, TimeoutCancellationToken
 from .client.config import Configuration
+from .client.session import ConnectionStateChange, Session, SessionState
+from .client.syncclient import ConnectionState
 from .client.database import Database
 from .errors import (
     AuthError,
@@ -38,6 +42,17 @@ from .store.results import Results
 __version__ = "0.1.0"
 
 __all__ = [
+    "App",
+    "AppConfiguration",
+    "CancellationToken",
+    "ConnectionState",
+    "ConnectionStateChange",
+    "Credentials",
+    "Session",
+    "SessionState",
+    "SyncTimeoutOptions",
+    "TimeoutCancellationToken",
+    "User",
     "AuthError",
     "ClientResetError",
     "CompensatingWriteError",

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from .hlc import HLC
 
@@ -61,9 +61,11 @@ class Op(IntEnum):
 FIELD_OPS = frozenset(Op) - {Op.CREATE, Op.ERASE}
 
 
-@dataclass(frozen=True, slots=True)
-class Instruction:
-    """One change to one object (see the module docstring for ``value`` and ``key``)."""
+class Instruction(NamedTuple):
+    """One change to one object (see the module docstring for ``value`` and ``key``).
+
+    A named tuple rather than a dataclass: local writes make one per change, and tuples are
+    the cheapest immutable records Python has."""
 
     op: Op
     model: str

@@ -35,6 +35,15 @@ from .results import Results
 
 M = TypeVar("M", bound=Model)
 
+#: Python types whose values ``add`` stores as they are, per scalar kind (no conversion).
+_FAST_TYPES: dict[Kind, set[type]] = {
+    Kind.STR: {str},
+    Kind.INT: {int},
+    Kind.FLOAT: {float},
+    Kind.BOOL: {bool},
+    Kind.BYTES: {bytes},
+}
+
 
 class LocalDatabase:
     """A local database file holding objects of the given models."""
@@ -54,6 +63,7 @@ class LocalDatabase:
         self._closed = False
         self._notifier: Notifier | None = None
         self._notifier_lock = threading.Lock()
+        self._add_plans: dict[str, list[tuple[str, FieldSchema, frozenset[type]]]] = {}
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -201,18 +211,23 @@ class LocalDatabase:
             if obj._db is self:
                 return obj
             raise ValueTypeError("the object belongs to another database")
-        schema = self._model_schema(type(obj))
-        model = schema.name
-        assert obj._values is not None
+        model = type(obj).__name__
+        plan = self._add_plans.get(model)
+        if plan is None:
+            plan = self._add_plan(self._model_schema(type(obj)))
+        schema = self._schemas[model]
+        own = obj._values
+        assert own is not None
         values: dict[str, Any] = {}
-        for fs in schema.fields:
-            stored = self._to_stored(fs, obj._values[fs.name], update)
-            self._check_value(fs, stored, model)
-            values[fs.name] = stored
+        for name, fs, fast in plan:
+            value = own[name]
+            if type(value) not in fast:  # anything but a plain value of the right type
+                value = self._to_stored(fs, value, update)
+                self._check_value(fs, value, model)
+            values[name] = value
         pk = values[schema.primary_key]
         engine = self._engine
-        _, where = engine.load_state(model, pk)
-        if where == "live" and update:
+        if update and engine.load_state(model, pk)[1] == "live":
             for fs in schema.fields:
                 if fs.primary_key:
                     continue
@@ -228,6 +243,19 @@ class LocalDatabase:
         obj._values = None
         obj._cache = None
         return obj
+
+    def _add_plan(self, schema: ModelSchema) -> list[tuple[str, FieldSchema, frozenset[type]]]:
+        """Per field: the Python types that need no conversion or check on ``add``."""
+        plan = []
+        for fs in schema.fields:
+            fast: set[type] = set()
+            if fs.collection is Collection.NONE:
+                fast |= _FAST_TYPES.get(fs.kind, set())
+                if fs.optional or fs.kind is Kind.LINK:
+                    fast.add(type(None))
+            plan.append((fs.name, fs, frozenset(fast)))
+        self._add_plans[schema.name] = plan
+        return plan
 
     def add_all(self, objs: Sequence[Model], update: bool = False) -> None:
         """Add several objects."""

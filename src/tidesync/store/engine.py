@@ -27,9 +27,9 @@ from typing import Any
 from ..core.changeset import Instruction, Op
 from ..core.hlc import HLC, HybridClock
 from ..core.merge import ObjectState
-from ..core.packing import pack, pack_instructions
+from ..core.packing import pack, pack_instructions, unpack
 from ..core.schema import ModelSchema, check_compatible
-from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError
+from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
 from . import sqlvalues as sv
 from .sqlquery import register_functions
 
@@ -82,6 +82,8 @@ class StoreEngine:
         self.clock: HybridClock | None = None
         self.origin = ""
         self._sql: dict[str, dict[str, str]] = {}
+        self._encoders: dict[str, list[tuple[str, Any]]] = {}
+        self._dead_models: dict[str, bool] = {}  # per transaction: has the model erased objects
         try:
             self._setup()
         except BaseException:
@@ -157,7 +159,8 @@ class StoreEngine:
                     if f.primary_key:
                         col += " PRIMARY KEY NOT NULL"
                     cols.append(col)
-                cols.append('"_state" BLOB NOT NULL')
+                cols.append('"_state" BLOB')  # NULL: state = the create in "_hlc" + columns
+                cols.append('"_hlc" BLOB')
                 statements.append(f"CREATE TABLE {table} ({', '.join(cols)})")
                 added = [f for f in schema.fields if f.indexed and not f.primary_key]
             else:
@@ -199,18 +202,24 @@ class StoreEngine:
     def _prepare_sql(self, model: str) -> None:
         schema = self.schemas[model]
         table = sv.table_name(model)
-        cols = [sv.quote(f.name) for f in schema.fields] + ['"_state"']
+        fields = [sv.quote(f.name) for f in schema.fields]
+        cols = [*fields, '"_state"']
         pk = sv.quote(schema.primary_key)
         sets = ", ".join(f"{c} = ?" for c in cols)
         self._sql[model] = {
             "insert": f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
             f"({', '.join('?' for _ in cols)})",
-            "update": f"UPDATE {table} SET {sets} WHERE {pk} = ?",
+            "insert_new": f"INSERT INTO {table} ({', '.join(fields)}, \"_hlc\") VALUES "
+            f"({', '.join('?' for _ in fields)}, ?)",
+            "update": f"UPDATE {table} SET {sets}, \"_hlc\" = NULL WHERE {pk} = ?",
             "delete": f"DELETE FROM {table} WHERE {pk} = ?",
-            "state": f"SELECT _state FROM {table} WHERE {pk} = ?",
+            "state": f"SELECT \"_state\", \"_hlc\", {', '.join(fields)} FROM {table} WHERE {pk} = ?",
             "exists": f"SELECT 1 FROM {table} WHERE {pk} = ?",
-            "row": f"SELECT {', '.join(cols[:-1])} FROM {table} WHERE {pk} = ?",
+            "row": f"SELECT {', '.join(fields)} FROM {table} WHERE {pk} = ?",
         }
+        self._encoders[model] = [
+            (f.name, sv.column_encoder(f, self.schemas)) for f in schema.fields
+        ]
 
     def sql(self, model: str, name: str) -> str:
         """A prepared statement text for a model."""
@@ -238,6 +247,7 @@ class StoreEngine:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             self._tx_states.clear()
+            self._dead_models.clear()
             raw = self.get_meta("hlc")
             last = None
             if raw:
@@ -295,20 +305,43 @@ class StoreEngine:
         if cached is not None:
             return cached
         schema = self.schemas[model]
-        raw = self.conn.execute(
+        row = self.conn.execute(
             self._sql[model]["state"], (sv.scalar_to_sql(schema.pk_field.kind, pk),)
         ).fetchone()
-        if raw is not None:
-            result: tuple[ObjectState | None, str | None] = (
-                ObjectState.from_bytes(raw[0]),
-                "live",
-            )
-        else:
-            row = self.conn.execute(
+        if row is not None:
+            if row[0] is not None:
+                state = ObjectState.from_bytes(row[0])
+            else:  # created by a local CREATE and not changed since: rebuild it
+                state = ObjectState.empty()
+                values = {
+                    f.name: sv.from_column(f, raw, self.schemas)
+                    for f, raw in zip(schema.fields, row[2:])
+                }
+                wall, counter, origin = unpack(row[1])
+                state.apply(
+                    Instruction(Op.CREATE, model, pk, HLC(wall, counter, origin), None, values),
+                    schema,
+                )
+            result: tuple[ObjectState | None, str | None] = (state, "live")
+        elif self._has_dead(model):
+            dead = self.conn.execute(
                 "SELECT state FROM _dead WHERE model = ? AND pk = ?", (model, pack(pk))
             ).fetchone()
-            result = (ObjectState.from_bytes(row[0]), "dead") if row else (None, None)
+            result = (ObjectState.from_bytes(dead[0]), "dead") if dead else (None, None)
+        else:
+            result = (None, None)
         return result
+
+    def _has_dead(self, model: str) -> bool:
+        known = self._dead_models.get(model)
+        if known is None:
+            known = (
+                self.conn.execute("SELECT 1 FROM _dead WHERE model = ? LIMIT 1", (model,)).fetchone()
+                is not None
+            )
+            if self.conn.in_transaction:
+                self._dead_models[model] = known
+        return known
 
     def _row_params(self, schema: ModelSchema, values: dict[str, Any]) -> list[Any]:
         schemas = self.schemas
@@ -343,23 +376,43 @@ class StoreEngine:
                 "ON CONFLICT(model, pk) DO UPDATE SET state = excluded.state",
                 (model, pack(pk), blob),
             )
+            self._dead_models[model] = True
             new_where = "dead"
         self._tx_states[(model, pk)] = (state, new_where)
         return new_where
 
     def create(self, ins: Instruction) -> None:
-        """Apply a local CREATE of an object that must not exist yet (fast path)."""
+        """Apply a local CREATE of an object that must not exist yet.
+
+        The fast path (no erased object with that key) writes the row alone: its merge state
+        is implied by the columns and the create's HLC until something else changes it."""
         model, pk = ins.model, ins.pk
-        schema = self.schemas[model]
-        state, where = self.load_state(model, pk)
-        if where == "live":
-            raise DuplicatePrimaryKeyError(
-                f"a {model} with primary key {pk!r} exists (use add(obj, update=True))"
-            )
-        if state is None:
-            state = ObjectState.empty()
-        state.apply(ins, schema)
-        self.save_state(model, pk, state, where)
+        if (model, pk) in self._tx_states or self._has_dead(model):
+            state, where = self.load_state(model, pk)
+            if where == "live":
+                raise self._duplicate(model, pk)
+            state = state or ObjectState.empty()
+            state.apply(ins, self.schemas[model])
+            self.save_state(model, pk, state, where)
+            return
+        values = ins.value
+        params = [enc(values.get(name)) for name, enc in self._encoders[model]]
+        hlc = ins.hlc
+        params.append(pack((hlc.wall, hlc.counter, hlc.origin)))
+        try:
+            self.conn.execute(self._sql[model]["insert_new"], params)
+        except sqlite3.IntegrityError:
+            raise self._duplicate(model, pk) from None
+        except OverflowError:
+            raise ValueTypeError(
+                f"{model}: an int value is outside the 64-bit range tidesync stores"
+            ) from None
+
+    @staticmethod
+    def _duplicate(model: str, pk: Any) -> DuplicatePrimaryKeyError:
+        return DuplicatePrimaryKeyError(
+            f"a {model} with primary key {pk!r} exists (use add(obj, update=True))"
+        )
 
     def apply(self, instructions: Iterable[Instruction]) -> None:
         """Apply instructions (local or downloaded) to their objects' states and rows."""

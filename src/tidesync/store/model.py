@@ -268,6 +268,7 @@ class Model:
     __field_info__: ClassVar[dict[str, FieldInfo]]
     __field_types__: ClassVar[dict[str, Any]]
     __pending__: ClassVar[bool] = False
+    _init_plan_: ClassVar[list[tuple[str, FieldSchema, FieldInfo, bool]]]
 
     __slots__ = ("__weakref__", "_cache", "_cache_version", "_db", "_pk", "_values")
 
@@ -342,6 +343,8 @@ class Model:
         cls.__field_types__ = {f.name: hints[f.name] for f in fields}
         cls.__schema__ = ModelSchema(name=cls.__name__, fields=tuple(fields), primary_key=pk)
         cls.__pending__ = False
+        if "_init_plan_" in cls.__dict__:
+            del cls._init_plan_
         return cls.__schema__
 
     @classmethod
@@ -355,30 +358,50 @@ class Model:
         return cls.__schema__
 
     def __init__(self, **values: Any) -> None:
-        schema = type(self).schema()
+        cls = type(self)
+        plan = cls.__dict__.get("_init_plan_")
+        if plan is None:
+            plan = cls._build_init_plan()
         self._db: LocalDatabase | None = None
         self._pk: Any = None
         self._cache: dict[str, Any] | None = None
         self._cache_version: Any = None
         own: dict[str, Any] = {}
-        unknown = set(values) - set(schema.by_name)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}() got unknown fields: {sorted(unknown)}")
         missing: list[str] = []
-        for fs in schema.fields:
-            if fs.name in values:
-                value = values[fs.name]
+        found = 0
+        for name, fs, info, plain in plan:
+            if name in values:
+                value = values[name]
+                found += 1
             else:
-                value = self.__field_info__[fs.name].make_default()
+                value = info.make_default()
                 if value is _MISSING:
                     value = _implicit_default(fs)
                     if value is _MISSING:
-                        missing.append(fs.name)
+                        missing.append(name)
                         continue
-            own[fs.name] = _normalize_unmanaged(fs, value)
+            own[name] = value if plain else _normalize_unmanaged(fs, value)
+        if found != len(values):
+            unknown = sorted(set(values) - {p[0] for p in plan})
+            raise TypeError(f"{cls.__name__}() got unknown fields: {unknown}")
         if missing:
-            raise TypeError(f"{type(self).__name__}() missing required fields: {missing}")
+            raise TypeError(f"{cls.__name__}() missing required fields: {missing}")
         self._values: dict[str, Any] | None = own
+
+    @classmethod
+    def _build_init_plan(cls) -> list[tuple[str, FieldSchema, FieldInfo, bool]]:
+        schema = cls.schema()
+        plan = [
+            (
+                fs.name,
+                fs,
+                cls.__field_info__[fs.name],
+                fs.collection is Collection.NONE and fs.kind is not Kind.COUNTER,
+            )
+            for fs in schema.fields
+        ]
+        cls._init_plan_ = plan
+        return plan
 
     # --- value access -------------------------------------------------------------------
 

@@ -213,10 +213,11 @@ class _Compiler:
             if kind is Kind.DECIMAL:
                 parts = []
                 for p in ps:
-                    self.params.append(p)
-                    parts.append(
-                        f"{e} IS NULL" if p is None else f"COALESCE(ts_dec_cmp({e}, ?) = 0, 0)"
-                    )
+                    if p is None:
+                        parts.append(f"{e} IS NULL")
+                    else:
+                        self.params.append(p)
+                        parts.append(f"COALESCE(ts_dec_cmp({e}, ?) = 0, 0)")
                 return "(" + " OR ".join(parts) + ")" if parts else "0"
             present = [p for p in ps if p is not None]
             parts = []

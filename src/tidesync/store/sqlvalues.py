@@ -31,6 +31,7 @@ import json
 import math
 import uuid
 from decimal import Decimal
+from collections.abc import Callable
 from typing import Any
 
 from ..core.packing import datetime_to_micros, micros_to_datetime
@@ -159,6 +160,26 @@ def to_column(f: FieldSchema, value: Any, schemas: dict[str, ModelSchema]) -> An
     return json.dumps(
         {str(k): scalar_to_json(kind, v) for k, v in value.items()}, separators=(",", ":")
     )
+
+
+def column_encoder(f: FieldSchema, schemas: dict[str, ModelSchema]) -> Callable[[Any], Any]:
+    """A fast function encoding a field's values for its column (same as :func:`to_column`)."""
+    if f.collection is Collection.NONE:
+        kind = scalar_kind(f, schemas)
+        if kind in (Kind.INT, Kind.FLOAT, Kind.STR, Kind.BYTES, Kind.COUNTER):
+            return _identity
+        if kind is Kind.BOOL:
+            return _bool_to_sql
+        return lambda v: scalar_to_sql(kind, v)
+    return lambda v: to_column(f, v, schemas)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _bool_to_sql(value: Any) -> Any:
+    return None if value is None else (1 if value else 0)
 
 
 def from_column(f: FieldSchema, raw: Any, schemas: dict[str, ModelSchema]) -> Any:

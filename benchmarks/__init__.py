@@ -1,0 +1,1 @@
+"""tidesync benchmarks: ``python -m benchmarks run [--quick] [--only GROUP ...]``."""

@@ -1,0 +1,80 @@
+"""The ``tidesync`` command line: ``tidesync serve`` runs the sync server.
+
+This is the console-script entry point declared in ``pyproject.toml``. Commands are thin:
+they parse options into the library's own configuration objects and call the library, so
+everything a command does is also available from Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="tidesync",
+    help="tidesync: an offline-first database for Python with device sync.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """tidesync: an offline-first database for Python with device sync."""
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).", min=0)] = 8765,
+    data: Annotated[Path, typer.Option(help="Data folder (SQLite storage, token secret).")] = Path(
+        "./tidesync-data"
+    ),
+    access_token_ttl: Annotated[
+        float | None, typer.Option(help="Access token lifetime in seconds (default 1800).")
+    ] = None,
+    max_frame_size: Annotated[
+        int | None, typer.Option(help="Largest sync frame in bytes (default 16 MiB).")
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(help="Log level: critical, error, warning, info, debug.")
+    ] = "warning",
+) -> None:
+    """Run the sync server (development mode) until SIGINT or SIGTERM."""
+    from .server.config import ServerConfig
+    from .server.runner import ServerStartError, print_url, serve_forever
+
+    options: dict[str, object] = {"log_level": log_level.lower()}
+    if access_token_ttl is not None:
+        options["access_token_ttl"] = access_token_ttl
+    if max_frame_size is not None:
+        options["max_frame_size"] = max_frame_size
+    try:
+        config = ServerConfig(**options)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve_forever(data, host, port, config, announce=print_url))
+    except ServerStartError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+# The lead adds ``tidesync demo`` here: define it with ``@app.command()`` like ``serve``.
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

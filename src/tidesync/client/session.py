@@ -1,0 +1,237 @@
+"""``Session``: the sync session of one synced database, as the application sees it.
+
+The work happens on the sync thread (``syncclient.SessionWorker``); this facade reads its
+state and hands requests over. Every coroutine here works from any asyncio event loop, and
+the streams have callback forms for code without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..errors import DatabaseClosedError, OperationCancelledError, SessionInactiveError
+from .cancellation import CancellationToken, await_with_token
+from .syncclient import ConnectionState, SessionWorker, SyncClient
+
+if TYPE_CHECKING:
+    from .app import User
+    from .config import SyncConfiguration
+    from .database import Database
+
+log = logging.getLogger("tidesync.session")
+
+
+class SessionState(enum.Enum):
+    """Whether a session is syncing (ACTIVE) or paused/ended (INACTIVE)."""
+
+    ACTIVE = "active"
+    INACTIVE = "inactive"
+
+
+@dataclass(frozen=True)
+class ConnectionStateChange:
+    """One change of a session's connection state."""
+
+    previous: ConnectionState
+    current: ConnectionState
+
+
+class _Token:
+    """Returned by the ``add_*_listener`` methods; :meth:`cancel` removes the listener."""
+
+    def __init__(self, remove: Callable[[], None]) -> None:
+        self._remove = remove
+        self.is_cancelled = False
+
+    def cancel(self) -> None:
+        """Stop the notifications (idempotent)."""
+        if not self.is_cancelled:
+            self.is_cancelled = True
+            self._remove()
+
+
+class Session:
+    """The sync session of a synced :class:`~tidesync.Database` (``db.sync_session``)."""
+
+    def __init__(
+        self, client: SyncClient, worker: SessionWorker, db: Database, sync: SyncConfiguration
+    ) -> None:
+        self._client = client
+        self._worker = worker
+        self._db_path = db.path
+        self.user: User = sync.user
+        self._closed = False
+        self._lock = threading.Lock()
+        self._conn_listeners: list[Callable[[ConnectionStateChange], Any]] = []
+        self._last_version_sql = "SELECT value FROM _meta WHERE key = 'last_version'"
+        self._db = db
+
+    @property
+    def path(self) -> str:
+        """The path of the database file this session syncs."""
+        return self._db_path
+
+    def _check(self) -> SessionWorker:
+        if self._closed:
+            raise DatabaseClosedError("the session ended: its database was closed")
+        return self._worker
+
+    @property
+    def state(self) -> SessionState:
+        """ACTIVE while syncing, INACTIVE while paused (or stopped by a fatal error)."""
+        worker = self._check()
+        return SessionState.ACTIVE if worker.active else SessionState.INACTIVE
+
+    @property
+    def connection_state(self) -> ConnectionState:
+        """DISCONNECTED, CONNECTING or CONNECTED, read synchronously."""
+        return self._check().conn_state
+
+    def pause(self) -> None:
+        """Stop syncing this database (others are untouched); local writes go on. When this
+        returns, ``state`` is INACTIVE and ``connection_state`` DISCONNECTED."""
+        worker = self._check()
+        self._client.call(lambda: worker.deactivate("the session was paused"))
+
+    def resume(self) -> None:
+        """Sync again: reconnect at once and upload what was written meanwhile."""
+        worker = self._check()
+        self._client.call(worker.activate)
+
+    def _local_version(self) -> int:
+        db = self._db
+        with db._lock:
+            row = db._engine.conn.execute(self._last_version_sql).fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    async def wait_for_upload(self, cancellation_token: CancellationToken | None = None) -> None:
+        """Return once the server has acknowledged every local change committed before the
+        call. Fails at once with :class:`SessionInactiveError` while paused; while offline it
+        waits (give it a ``TimeoutCancellationToken`` for a deadline)."""
+        worker = self._check()
+        if cancellation_token is not None and cancellation_token.is_cancelled:
+            raise OperationCancelledError("wait_for_upload was cancelled")
+        target = self._local_version()
+        inner = self._client.call(lambda: worker.wait_upload(target))
+        await self._await_inner(inner, cancellation_token, "wait_for_upload")
+
+    async def wait_for_download(
+        self, cancellation_token: CancellationToken | None = None
+    ) -> None:
+        """Return once everything the server held when asked is applied locally."""
+        worker = self._check()
+        if cancellation_token is not None and cancellation_token.is_cancelled:
+            raise OperationCancelledError("wait_for_download was cancelled")
+        inner = self._client.call(worker.wait_download)
+        await self._await_inner(inner, cancellation_token, "wait_for_download")
+
+    async def _await_inner(
+        self, inner: asyncio.Future[None], token: CancellationToken | None, what: str
+    ) -> None:
+        loop = self._client.loop
+        cf = asyncio.run_coroutine_threadsafe(_wait_future(inner), loop)
+        wrapped = asyncio.wrap_future(cf)
+        try:
+            await await_with_token(wrapped, token, what)
+        except OperationCancelledError:
+            loop.call_soon_threadsafe(_cancel_if_pending, inner)
+            raise
+        except asyncio.CancelledError:
+            loop.call_soon_threadsafe(_cancel_if_pending, inner)
+            raise
+
+    async def _wait_initial_download(
+        self, on_progress: Callable[[Any], Any] | None, token: CancellationToken | None
+    ) -> None:
+        await self.wait_for_download(token)
+
+    # --- connection state changes --------------------------------------------------------
+
+    def _connection_changed(self, previous: ConnectionState, current: ConnectionState) -> None:
+        change = ConnectionStateChange(previous, current)
+        for cb in list(self._conn_listeners):
+            try:
+                cb(change)
+            except Exception:
+                log.exception("a connection state listener failed")
+
+    def add_connection_state_listener(
+        self, callback: Callable[[ConnectionStateChange], Any]
+    ) -> _Token:
+        """Call ``callback(change)`` (on the sync thread) at every connection state change."""
+        self._check()
+        self._conn_listeners.append(callback)
+
+        def remove() -> None:
+            if callback in self._conn_listeners:
+                self._conn_listeners.remove(callback)
+
+        return _Token(remove)
+
+    @property
+    def connection_state_changes(self) -> AsyncIterator[ConnectionStateChange]:
+        """An async iterator of :class:`ConnectionStateChange`, one per change (no initial
+        value); stop it with ``break`` or ``aclose()``."""
+        return _Stream(self.add_connection_state_listener)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        worker = self._worker
+        try:
+            self._client.call(worker.close)
+        finally:
+            self._closed = True
+            self._conn_listeners.clear()
+
+
+async def _wait_future(fut: asyncio.Future[None]) -> None:
+    await asyncio.shield(fut)
+
+
+def _cancel_if_pending(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.cancel()
+
+
+class _Stream(AsyncIterator[Any]):
+    """An async iterator fed from the sync thread through a callback registration."""
+
+    def __init__(self, register: Callable[[Callable[[Any], Any]], _Token]) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._token = register(self._deliver)
+
+    def _deliver(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            self._token.cancel()
+
+    def __aiter__(self) -> _Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._token.is_cancelled and self._queue.empty():
+            raise StopAsyncIteration
+        return await self._queue.get()
+
+    async def aclose(self) -> None:
+        """Stop the stream."""
+        self._token.cancel()
+
+
+__all__ = [
+    "ConnectionState",
+    "ConnectionStateChange",
+    "Session",
+    "SessionInactiveError",
+    "SessionState",
+]
+

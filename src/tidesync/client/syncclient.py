@@ -1,0 +1,793 @@
+"""The sync client: a background thread with its own event loop, one WebSocket per user.
+
+``SyncClient`` owns the thread. A :class:`Connection` per user connects, reconnects with
+backoff, keeps the connection alive with pings, and multiplexes every session of that user;
+a :class:`SessionWorker` per synced database uploads its change log and applies downloads,
+through a :class:`~tidesync.store.engine.StoreEngine` of its own on the database file.
+Everything in this module runs on the sync thread except the ``SyncClient`` entry points
+(which hand work to it) and the ``Session`` facade in ``session.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+from ..core.backoff import Backoff
+from ..core.packing import unpack_instructions
+from ..errors import (
+    AuthError,
+    DatabaseClosedError,
+    ProtocolError,
+    SessionInactiveError,
+    SyncAction,
+    SyncError,
+    TidesyncError,
+)
+from ..protocol import client as pc
+from ..protocol.messages import UploadChangeset, error_code_of
+from ..store.engine import StoreEngine, add_waker, remove_waker
+
+if TYPE_CHECKING:
+    from .app import App, User
+    from .config import SyncConfiguration
+    from .database import Database
+    from .session import Session
+
+log = logging.getLogger("tidesync.sync")
+T = TypeVar("T")
+
+#: Upload at most this many bytes of changesets per UPLOAD message.
+UPLOAD_BATCH_BYTES = 256 * 1024
+#: Keep at most this many bytes uploaded but not yet acknowledged.
+UPLOAD_WINDOW_BYTES = 4 * 1024 * 1024
+
+
+class ConnectionState(enum.Enum):
+    """A session's view of its connection to the server."""
+
+    DISCONNECTED = "disconnected"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+
+
+class _Waker:
+    """Bridges a commit on any thread to a callback on the sync loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+
+    def set(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._callback)
+        except RuntimeError:
+            pass  # loop closed
+
+
+class SyncClient:
+    """One per App: the sync thread, its event loop, and a connection per user."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.timeouts = app.config.sync_timeouts
+        self.loop = asyncio.new_event_loop()
+        self._connections: dict[str, Connection] = {}
+        self._closed = False
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tidesync-sync", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+
+    @property
+    def is_closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.call_soon(self._ready.set)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.close()
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the sync loop and return its result (blocking the caller)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(run)
+        return fut.result()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Schedule a coroutine on the sync loop."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def connection_for(self, user: User) -> Connection:
+        """The (sync-loop) connection of a user, created on first use."""
+        conn = self._connections.get(user.id)
+        if conn is None or conn.closed:
+            conn = Connection(self, user)
+            self._connections[user.id] = conn
+        return conn
+
+    def open_session(self, db: Database, sync: SyncConfiguration) -> Session:
+        """Start syncing a database; returns its :class:`Session`."""
+        from .session import Session
+
+        if self._closed:
+            raise DatabaseClosedError("the app's sync client is closed")
+        worker = self.call(lambda: SessionWorker(self, db, sync))
+        session = Session(self, worker, db, sync)
+        worker.session = session
+        self.call(worker.activate)
+        return session
+
+    def reconnect(self) -> None:
+        """Every connection tries at once (see ``App.reconnect``)."""
+        if self._closed:
+            return
+        self.loop.call_soon_threadsafe(
+            lambda: [c.reconnect_now() for c in list(self._connections.values())]
+        )
+
+    def close(self) -> None:
+        """Stop every connection and the thread; returns when the thread has ended."""
+        if self._closed:
+            return
+        self._closed = True
+
+        async def shutdown() -> None:
+            for conn in list(self._connections.values()):
+                await conn.close()
+            self._connections.clear()
+
+        if self._thread.is_alive():
+            try:
+                self.submit(shutdown()).result(timeout=30)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                log.warning("sync client shutdown timed out")
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            if threading.current_thread() is not self._thread:
+                self._thread.join()
+
+
+class SessionWorker:
+    """The sync-thread side of one synced database."""
+
+    def __init__(self, client: SyncClient, db: Database, sync: SyncConfiguration) -> None:
+        self.client = client
+        self.loop = client.loop
+        self.user = sync.user
+        self.sync = sync
+        self.path = db.path
+        self.session: Session | None = None
+        self.engine = StoreEngine(db.path, db.schemas)
+        self.schema = [s.to_dict() for s in db.schemas.values()]
+        self.file_ident = self.engine.origin
+        self.upload_acked = int(self.engine.get_meta("upload_acked", 0) or 0)
+        self.download_cursor = int(self.engine.get_meta("download_cursor", 0) or 0)
+        self.upload_sent = self.upload_acked
+        self.in_flight: list[tuple[int, int]] = []  # (version, size) uploaded, not acked
+        self.active = False
+        self.closed = False
+        self.bound = False
+        self.session_no: int | None = None
+        self.connection: Connection | None = None
+        self.conn_state = ConnectionState.DISCONNECTED
+        self.server_latest = 0
+        self.downloadable_bytes = 0
+        self.upload_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self.download_waiters: list[asyncio.Future[None]] = []
+        self.marks: dict[int, list[asyncio.Future[None]]] = {}
+        self.listeners: list[Callable[[str], None]] = []  # notified of "state", "progress"
+        self._waker = _Waker(self.loop, self.pump_upload)
+        add_waker(self.path, self._waker)  # type: ignore[arg-type]
+
+    # --- lifecycle (sync loop) -----------------------------------------------------------
+
+    def activate(self) -> None:
+        """Start (or resume) syncing: attach to the user's connection."""
+        if self.active or self.closed:
+            return
+        self.active = True
+        self.connection = self.client.connection_for(self.user)
+        self.connection.attach(self)
+
+    def deactivate(self, reason: str) -> None:
+        """Stop syncing (pause or close): detach and fail pending waits."""
+        if not self.active:
+            return
+        self.active = False
+        if self.connection is not None:
+            self.connection.detach(self)
+        self.bound = False
+        self.in_flight.clear()
+        self.upload_sent = self.upload_acked
+        self.set_conn_state(ConnectionState.DISCONNECTED)
+        err = SessionInactiveError(reason)
+        for _, fut in self.upload_waiters:
+            if not fut.done():
+                fut.set_exception(err)
+        for fut in self.download_waiters:
+            if not fut.done():
+                fut.set_exception(err)
+        for futs in self.marks.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(err)
+        self.upload_waiters.clear()
+        self.download_waiters.clear()
+        self.marks.clear()
+
+    def close(self) -> None:
+        """End the session for good and close its engine."""
+        if self.closed:
+            return
+        self.deactivate("the database was closed")
+        self.closed = True
+        remove_waker(self.path, self._waker)  # type: ignore[arg-type]
+        self.engine.close()
+
+    # --- state ---------------------------------------------------------------------------
+
+    def set_conn_state(self, state: ConnectionState) -> None:
+        """Change the session's connection state and tell listeners."""
+        if state is self.conn_state:
+            return
+        previous, self.conn_state = self.conn_state, state
+        if self.session is not None:
+            self.session._connection_changed(previous, state)
+
+    def _emit(self, what: str) -> None:
+        for cb in list(self.listeners):
+            try:
+                cb(what)
+            except Exception:
+                log.exception("a sync listener failed")
+
+    def report_error(self, error: SyncError) -> None:
+        """Hand an error to the configuration's error handler (never lost in a task)."""
+        log.warning("sync error on %s: %s", self.path, error)
+        handler = self.sync.error_handler
+        if handler is not None and self.session is not None:
+            try:
+                handler(self.session, error)
+            except Exception:
+                log.exception("the sync error handler failed")
+
+    # --- connection events ---------------------------------------------------------------
+
+    def on_connecting(self) -> None:
+        """The connection is being (re)established."""
+        self.bound = False
+        self.set_conn_state(ConnectionState.CONNECTING)
+
+    def on_disconnected(self) -> None:
+        """The connection dropped; uploads not acknowledged will be sent again."""
+        self.bound = False
+        self.in_flight.clear()
+        self.upload_sent = self.upload_acked
+        self.marks.clear()  # MARK replies are lost; waiters re-ask on rebind
+        if self.active:
+            self.set_conn_state(ConnectionState.CONNECTING)
+
+    def bind(self, proto: pc.ClientProtocol, session_no: int) -> None:
+        """Send BIND for this file on a fresh connection."""
+        self.session_no = session_no
+        last_version = int(self.engine.get_meta("last_version", 0) or 0)
+        proto.bind(
+            session_no,
+            self.file_ident,
+            self.schema,
+            self.download_cursor,
+            self.upload_acked,
+            local_version=last_version,
+        )
+        self.set_conn_state(ConnectionState.CONNECTING)
+
+    def on_bound(self, ev: pc.SessionBound) -> None:
+        """BOUND: the server's view of our uploads; start uploading and re-ask marks."""
+        self.bound = True
+        self.server_latest = ev.server_version
+        if ev.upload_acked > self.upload_acked:
+            self._set_acked(ev.upload_acked)
+        self.upload_sent = self.upload_acked
+        self.set_conn_state(ConnectionState.CONNECTED)
+        self.pump_upload()
+        if self.download_waiters:
+            self._send_mark()
+        self._emit("progress")
+
+    def _persist(self, **values: int) -> None:
+        engine = self.engine
+        engine.conn.execute("BEGIN IMMEDIATE")
+        try:
+            for k, v in values.items():
+                engine.set_meta(k, v)
+            engine.conn.execute("COMMIT")
+        except BaseException:
+            engine.conn.execute("ROLLBACK")
+            raise
+
+    def _set_acked(self, acked: int) -> None:
+        if acked <= self.upload_acked:
+            return
+        self._persist(upload_acked=acked)
+        self.upload_acked = acked
+        self.in_flight = [(v, s) for v, s in self.in_flight if v > acked]
+        for target, fut in list(self.upload_waiters):
+            if target <= acked and not fut.done():
+                fut.set_result(None)
+        self.upload_waiters = [(t, f) for t, f in self.upload_waiters if not f.done()]
+
+    def on_download(self, ev: pc.DownloadReceived) -> None:
+        """Apply a DOWNLOAD's changesets and cursors in one local transaction."""
+        engine = self.engine
+        engine.begin()
+        try:
+            for cs in ev.changesets:
+                instructions = unpack_instructions(cs.instructions, cs.origin)
+                engine.apply(instructions)
+                if instructions:
+                    engine.observe(max(i.hlc for i in instructions))
+            engine.set_meta("download_cursor", ev.cursor)
+            if ev.upload_acked > self.upload_acked:
+                engine.set_meta("upload_acked", ev.upload_acked)
+            engine.commit(())
+        except BaseException:
+            engine.rollback()
+            raise
+        self.download_cursor = ev.cursor
+        self.server_latest = ev.latest_server_version
+        self.downloadable_bytes = ev.downloadable_bytes
+        if ev.upload_acked > self.upload_acked:
+            self.upload_acked = ev.upload_acked - 1  # _set_acked persists & resolves
+            self.upload_acked = int(engine.get_meta("upload_acked", 0) or 0) - 1
+            self._set_acked(ev.upload_acked)
+        self.pump_upload()
+        self._emit("progress")
+
+    def on_mark(self, ev: pc.MarkReplied) -> None:
+        """A MARK reply: everything up to its version has been downloaded and applied."""
+        for fut in self.marks.pop(ev.request_id, []):
+            if not fut.done():
+                fut.set_result(None)
+
+    def on_session_error(self, ev: pc.ErrorReceived) -> None:
+        """A session-level ERROR: report it; retry after a delay unless told to stop."""
+        error = SyncError(ev.code, ev.message, ev.action)
+        self.report_error(error)
+        self.bound = False
+        if ev.action in (SyncAction.STOP, SyncAction.CLIENT_RESET):
+            self.deactivate(f"the server stopped this session: {ev.message}")
+            return
+        delay = (ev.retry_delay_ms or 1000) / 1000.0
+        conn = self.connection
+        if conn is not None:
+            conn.rebind_later(self, delay)
+
+    # --- upload --------------------------------------------------------------------------
+
+    def pump_upload(self) -> None:
+        """Upload what the change log holds beyond what was sent, within the window."""
+        conn = self.connection
+        if not (self.active and self.bound and conn is not None and conn.proto is not None):
+            return
+        proto = conn.proto
+        assert self.session_no is not None
+        sent_any = False
+        while sum(s for _, s in self.in_flight) < UPLOAD_WINDOW_BYTES:
+            entries = self.engine.read_changelog(self.upload_sent, UPLOAD_BATCH_BYTES)
+            if not entries:
+                break
+            batch = [UploadChangeset(v, data) for v, data in entries]
+            proto.upload(self.session_no, batch, self.download_cursor)
+            self.upload_sent = entries[-1][0]
+            self.in_flight.extend((v, len(d)) for v, d in entries)
+            sent_any = True
+        if sent_any:
+            conn.flush_soon()
+
+    # --- waits (sync loop side) ----------------------------------------------------------
+
+    def wait_upload(self, target: int) -> asyncio.Future[None]:
+        """A future done when every local version up to ``target`` is acknowledged."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if not self.active:
+            fut.set_exception(SessionInactiveError("the session is paused"))
+        elif target <= self.upload_acked:
+            fut.set_result(None)
+        else:
+            self.upload_waiters.append((target, fut))
+            self.pump_upload()
+        return fut
+
+    def wait_download(self) -> asyncio.Future[None]:
+        """A future done when everything the server holds now is applied locally."""
+        fut: asyncio.Future[None] = self.loop.create_future()
+        if not self.active:
+            fut.set_exception(SessionInactiveError("the session is paused"))
+            return fut
+        self.download_waiters.append(fut)
+        fut.add_done_callback(lambda f: self._drop_waiter(f))
+        if self.bound:
+            self._send_mark()
+        return fut
+
+    def _drop_waiter(self, fut: asyncio.Future[None]) -> None:
+        if fut in self.download_waiters:
+            self.download_waiters.remove(fut)
+
+    def _send_mark(self) -> None:
+        conn = self.connection
+        if conn is None or conn.proto is None or self.session_no is None:
+            return
+        waiting = [f for f in self.download_waiters if not f.done() and not _in_marks(self, f)]
+        if not waiting:
+            return
+        request_id = conn.proto.mark(self.session_no)
+        self.marks[request_id] = waiting
+        conn.flush_soon()
+
+
+def _in_marks(worker: SessionWorker, fut: asyncio.Future[None]) -> bool:
+    return any(fut in futs for futs in worker.marks.values())
+
+
+class Connection:
+    """One WebSocket to the server for one user, shared by all of that user's sessions."""
+
+    def __init__(self, client: SyncClient, user: User) -> None:
+        self.client = client
+        self.user = user
+        self.timeouts = client.timeouts
+        self.workers: dict[int, SessionWorker] = {}
+        self.proto: pc.ClientProtocol | None = None
+        self.ws: ClientConnection | None = None
+        self.state = ConnectionState.DISCONNECTED
+        self.closed = False
+        self._next_session = 1
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._flush_pending = False
+        self._send_lock = asyncio.Lock()
+        self._backoff = Backoff(
+            self.timeouts.reconnect_initial_delay, self.timeouts.reconnect_max_delay
+        )
+        self._rng = random.Random()
+        self._linger: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._last_pong = 0.0
+        self._urgent_ping_at: float | None = None
+        self.connected_at: float | None = None
+
+    # --- sessions ------------------------------------------------------------------------
+
+    def attach(self, worker: SessionWorker) -> None:
+        """Add a session; binds it now if connected, else (re)connects."""
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        no = self._next_session
+        self._next_session += 1
+        self.workers[no] = worker
+        worker.session_no = no
+        if self.state is ConnectionState.CONNECTED and self.proto is not None:
+            worker.bind(self.proto, no)
+            self.flush_soon()
+        else:
+            worker.on_connecting()
+            self._ensure_running(immediate=True)
+
+    def detach(self, worker: SessionWorker) -> None:
+        """Remove a session (unbinding it if bound); the socket lingers, then closes."""
+        no = worker.session_no
+        if no is None or self.workers.get(no) is not worker:
+            return
+        del self.workers[no]
+        proto = self.proto
+        if proto is not None and proto.has_session(no):
+            try:
+                proto.unbind(no)
+                self.flush_soon()
+            except ProtocolError:
+                pass
+        if not self.workers:
+            self._linger = self.client.loop.call_later(
+                self.timeouts.connection_linger_time, self._linger_expired
+            )
+
+    def _linger_expired(self) -> None:
+        self._linger = None
+        if not self.workers:
+            self._spawn(self._drop("no sessions left"))
+
+    def rebind_later(self, worker: SessionWorker, delay: float) -> None:
+        """Re-bind a session after a session-level error (a new session number)."""
+
+        def again() -> None:
+            if worker.active and worker.connection is self:
+                no = worker.session_no
+                if no is not None and self.workers.get(no) is worker:
+                    del self.workers[no]
+                self.attach(worker)
+
+        self.client.loop.call_later(delay, again)
+
+    # --- running -------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _ensure_running(self, immediate: bool = False) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._run())
+        elif immediate:
+            self._wake.set()
+
+    def reconnect_now(self) -> None:
+        """Reset the backoff and try at once; probe an open connection with a ping."""
+        self._backoff.reset()
+        if not self.workers:
+            return
+        if self.state is ConnectionState.CONNECTED and self.proto is not None:
+            self._urgent_ping()
+        else:
+            self._ensure_running(immediate=True)
+            self._wake.set()
+
+    def _urgent_ping(self) -> None:
+        proto = self.proto
+        if proto is None:
+            return
+        sent_at = time.monotonic()
+        self._urgent_ping_at = sent_at
+        proto.ping(int(time.time() * 1000))
+        self.flush_soon()
+
+        def check() -> None:
+            if self._urgent_ping_at == sent_at and self.ws is not None:
+                self._spawn(self._drop("no answer to an urgent ping"))
+
+        self.client.loop.call_later(self.timeouts.reconnect_urgent_ping_timeout, check)
+
+    def set_state(self, state: ConnectionState) -> None:
+        """Record the connection's state."""
+        self.state = state
+
+    async def _run(self) -> None:
+        while self.workers and not self.closed:
+            self.set_state(ConnectionState.CONNECTING)
+            for w in list(self.workers.values()):
+                w.on_connecting()
+            worked = False
+            try:
+                worked = await self._connect_and_serve()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure ends this attempt; we retry
+                log.info("sync connection to %s ended: %r", self.client.app.base_url, exc)
+            finally:
+                self.ws = None
+                self.proto = None
+                self.set_state(ConnectionState.DISCONNECTED)
+                for w in list(self.workers.values()):
+                    w.on_disconnected()
+            if not self.workers or self.closed:
+                break
+            if worked:
+                self._backoff.reset()
+            delay = self._backoff.next_delay(self._rng.random())
+            if self._wake.is_set():
+                delay = 0.0
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), delay)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+        for w in list(self.workers.values()):
+            w.set_conn_state(ConnectionState.DISCONNECTED)
+
+    async def _connect_and_serve(self) -> bool:
+        """One connection attempt and, if it opens, its whole life. Returns True if the
+        connection was established and stayed up (so the backoff restarts)."""
+        timeouts = self.timeouts
+        token = await self.user.valid_access_token()
+        ws = await asyncio.wait_for(
+            connect(
+                self.client.app.sync_url(),
+                max_size=None,
+                ping_interval=None,
+                compression=None,
+                open_timeout=timeouts.connect_timeout,
+                close_timeout=2,
+            ),
+            timeouts.connect_timeout,
+        )
+        self.ws = ws
+        proto = pc.ClientProtocol()
+        self.proto = proto
+        proto.start(token)
+        await self._flush()
+        try:
+            first = await asyncio.wait_for(ws.recv(decode=False), timeouts.connect_timeout)
+            events = proto.receive_data(first)
+            for ev in events:
+                if isinstance(ev, pc.ErrorReceived):
+                    await self._on_connection_error(ev)
+                    return False
+            self.set_state(ConnectionState.CONNECTED)
+            self.connected_at = time.monotonic()
+            self._last_pong = time.monotonic()
+            for no, w in list(self.workers.items()):
+                w.bind(proto, no)
+            await self._flush()
+            keepalive = asyncio.ensure_future(self._keepalive())
+            refresher = asyncio.ensure_future(self._token_refresher())
+            try:
+                async for frame in ws:
+                    if isinstance(frame, str):
+                        raise ProtocolError("the server sent a text frame")
+                    for ev in proto.receive_data(frame):
+                        await self._dispatch(ev)
+                    await self._flush()
+            finally:
+                keepalive.cancel()
+                refresher.cancel()
+                await asyncio.gather(keepalive, refresher, return_exceptions=True)
+            return self._stayed_up()
+        except ProtocolError as exc:
+            code = error_code_of(exc) if hasattr(exc, "code") else None  # type: ignore[arg-type]
+            log.warning("the server broke the protocol (%s): %s", code, exc)
+            for w in self.workers.values():
+                w.report_error(SyncError(int(code or 101), str(exc), SyncAction.RETRY))
+            return False
+        finally:
+            await ws.close()
+
+    def _stayed_up(self) -> bool:
+        if self.connected_at is None:
+            return False
+        return time.monotonic() - self.connected_at >= 1.0
+
+    async def _on_connection_error(self, ev: pc.ErrorReceived) -> None:
+        if ev.action is SyncAction.REFRESH_TOKEN or ev.code in (113, 114):
+            try:
+                await self.user.refresh_access_token()
+                self._wake.set()  # reconnect at once with the new token
+                return
+            except AuthError as exc:
+                error = SyncError(ev.code, f"{ev.message} (refreshing failed: {exc})", SyncAction.STOP)
+                for w in list(self.workers.values()):
+                    w.report_error(error)
+                    w.deactivate(str(error))
+                return
+        error = SyncError(ev.code, ev.message, ev.action)
+        for w in list(self.workers.values()):
+            w.report_error(error)
+        if ev.retry_delay_ms:
+            await asyncio.sleep(ev.retry_delay_ms / 1000.0)
+
+    async def _dispatch(self, ev: pc.ClientEvent) -> None:
+        if isinstance(ev, pc.DownloadReceived):
+            w = self.workers.get(ev.session)
+            if w is not None:
+                w.on_download(ev)
+        elif isinstance(ev, pc.SessionBound):
+            w = self.workers.get(ev.session)
+            if w is not None:
+                w.on_bound(ev)
+        elif isinstance(ev, pc.MarkReplied):
+            w = self.workers.get(ev.session)
+            if w is not None:
+                w.on_mark(ev)
+        elif isinstance(ev, pc.ErrorReceived):
+            if ev.session is None:
+                await self._on_connection_error(ev)
+                if self.ws is not None:
+                    await self.ws.close()
+            else:
+                w = self.workers.get(ev.session)
+                if w is not None:
+                    w.on_session_error(ev)
+        elif isinstance(ev, pc.PongReceived):
+            self._last_pong = time.monotonic()
+            self._urgent_ping_at = None
+
+    async def _keepalive(self) -> None:
+        timeouts = self.timeouts
+        while True:
+            await asyncio.sleep(min(timeouts.ping_keep_alive_period, timeouts.pong_keep_alive_timeout / 2))
+            if self.proto is None:
+                return
+            if time.monotonic() - self._last_pong > timeouts.pong_keep_alive_timeout:
+                log.info("no pong for %.1f s: the connection is dead", timeouts.pong_keep_alive_timeout)
+                if self.ws is not None:
+                    self.ws.transport.abort()  # type: ignore[union-attr]
+                return
+            self.proto.ping(int(time.time() * 1000))
+            await self._flush()
+
+    async def _token_refresher(self) -> None:
+        while True:
+            exp = self.user.access_token_expires_at()
+            if not exp:
+                return
+            await asyncio.sleep(max(0.5, (exp - time.time()) * 0.8))
+            try:
+                token = await self.user.refresh_access_token()
+            except AuthError as exc:
+                log.warning("refreshing the access token failed: %s", exc)
+                return
+            if self.proto is None:
+                return
+            self.proto.refresh(token)
+            await self._flush()
+
+    def flush_soon(self) -> None:
+        """Write out queued frames soon (coalescing several calls)."""
+        if self._flush_pending:
+            return
+        self._flush_pending = True
+        self._spawn(self._flush())
+
+    async def _flush(self) -> None:
+        self._flush_pending = False
+        proto, ws = self.proto, self.ws
+        if proto is None or ws is None:
+            return
+        async with self._send_lock:
+            for frame in proto.data_to_send():
+                try:
+                    await ws.send(frame)
+                except websockets.ConnectionClosed:
+                    return
+
+    async def _drop(self, reason: str) -> None:
+        log.info("dropping the sync connection: %s", reason)
+        ws = self.ws
+        if ws is not None:
+            ws.transport.abort()  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        """Close the socket and stop every task of this connection."""
+        self.closed = True
+        for w in list(self.workers.values()):
+            w.deactivate("the sync client was closed")
+        self.workers.clear()
+        if self._linger is not None:
+            self._linger.cancel()
+        if self.ws is not None:
+            await self.ws.close()
+        task = self._task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+__all__ = ["ConnectionState", "SessionWorker", "SyncClient", "TidesyncError"]

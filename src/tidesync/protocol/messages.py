@@ -1,0 +1,542 @@
+"""The sync protocol's vocabulary: message types, messages, error codes and protocol errors.
+
+Every frame on the sync WebSocket carries one of the frozen dataclasses below (the codec in
+:mod:`tidesync.protocol.codec` turns them into bytes and back, validating every field). The
+state machines in :mod:`~tidesync.protocol.client` and :mod:`~tidesync.protocol.server` decide
+which of them may be sent or received when. Keeping the vocabulary in one module gives both
+sides, the documentation (``docs/protocol.md``) and the tests a single source of truth.
+
+Errors a peer can cause are :class:`~tidesync.errors.RemoteProtocolError` subclasses that
+carry the :class:`ErrorCode` to report; :func:`error_code_of` reads it from any of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, ClassVar
+
+from ..errors import (
+    FrameTooLargeError,
+    MalformedMessageError,
+    RemoteProtocolError,
+    SyncAction,
+)
+
+#: Protocol versions this implementation speaks (see the version log in docs/protocol.md).
+SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+#: Largest integer any numeric field may hold (msgpack int64).
+MAX_INT = 2**63 - 1
+#: Default hard limit on a frame, raw and decompressed.
+DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: Smallest ``max_frame_size`` a server may announce.
+MIN_MAX_FRAME_SIZE = 4096
+#: Bodies larger than this are compressed when the peer negotiated compression.
+DEFAULT_COMPRESSION_THRESHOLD = 16 * 1024
+
+
+class MessageType(IntEnum):
+    """The first element of every frame's array."""
+
+    # client -> server
+    HELLO = 1
+    REFRESH = 2
+    BIND = 3
+    UNBIND = 4
+    UPLOAD = 5
+    MARK = 6
+    QUERY = 7
+    # both directions
+    PING = 8
+    PONG = 9
+    # server -> client
+    WELCOME = 20
+    BOUND = 21
+    UNBOUND = 22
+    DOWNLOAD = 23
+    MARK_REPLY = 24
+    QUERY_ERROR = 25
+    ERROR = 26
+
+
+class ErrorCode(IntEnum):
+    """Error codes sent in ERROR: 100-199 concern the connection, 200-299 one session."""
+
+    CONNECTION_CLOSED = 100
+    OTHER_ERROR = 101
+    UNKNOWN_MESSAGE = 102
+    BAD_SYNTAX = 103
+    LIMITS_EXCEEDED = 104
+    WRONG_PROTOCOL_VERSION = 105
+    BAD_SESSION_IDENT = 106
+    REUSE_OF_SESSION_IDENT = 107
+    BOUND_IN_OTHER_SESSION = 108
+    BAD_MESSAGE_ORDER = 109
+    FRAME_TOO_LARGE = 112
+    BAD_TOKEN = 113
+    TOKEN_EXPIRED = 114
+    GOING_AWAY = 115
+    OTHER_APP = 116
+
+    SESSION_CLOSED = 201
+    OTHER_SESSION_ERROR = 202
+    SESSION_TOKEN_EXPIRED = 203
+    SESSION_BAD_AUTHENTICATION = 204
+    ILLEGAL_PATH = 205
+    NO_SUCH_FILE = 206
+    PERMISSION_DENIED = 207
+    BAD_CLIENT_FILE_IDENT = 209
+    BAD_SERVER_VERSION = 210
+    CLIENT_RESET_NEEDED = 211
+    BAD_CHANGESET = 212
+    DISABLED_SESSION = 213
+    BAD_CHANGESET_MERGE = 217
+    BAD_ORIGIN_FILE = 222
+    BAD_SCHEMA = 225
+    COMPENSATING_WRITE = 231
+
+    @property
+    def is_connection_level(self) -> bool:
+        """True for 100-199: the error ends the whole connection."""
+        return is_connection_level_code(self.value)
+
+    @property
+    def default_action(self) -> SyncAction:
+        """What a client should do when the server does not say otherwise."""
+        return _DEFAULT_ACTIONS[self]
+
+
+_R, _T, _C, _S = (
+    SyncAction.RETRY,
+    SyncAction.REFRESH_TOKEN,
+    SyncAction.CLIENT_RESET,
+    SyncAction.STOP,
+)
+_DEFAULT_ACTIONS: dict[ErrorCode, SyncAction] = {
+    ErrorCode.CONNECTION_CLOSED: _R,
+    ErrorCode.OTHER_ERROR: _R,
+    ErrorCode.UNKNOWN_MESSAGE: _S,
+    ErrorCode.BAD_SYNTAX: _S,
+    ErrorCode.LIMITS_EXCEEDED: _S,
+    ErrorCode.WRONG_PROTOCOL_VERSION: _S,
+    ErrorCode.BAD_SESSION_IDENT: _S,
+    ErrorCode.REUSE_OF_SESSION_IDENT: _S,
+    ErrorCode.BOUND_IN_OTHER_SESSION: _R,
+    ErrorCode.BAD_MESSAGE_ORDER: _S,
+    ErrorCode.FRAME_TOO_LARGE: _S,
+    ErrorCode.BAD_TOKEN: _T,
+    ErrorCode.TOKEN_EXPIRED: _T,
+    ErrorCode.GOING_AWAY: _R,
+    ErrorCode.OTHER_APP: _S,
+    ErrorCode.SESSION_CLOSED: _R,
+    ErrorCode.OTHER_SESSION_ERROR: _R,
+    ErrorCode.SESSION_TOKEN_EXPIRED: _T,
+    ErrorCode.SESSION_BAD_AUTHENTICATION: _T,
+    ErrorCode.ILLEGAL_PATH: _S,
+    ErrorCode.NO_SUCH_FILE: _S,
+    ErrorCode.PERMISSION_DENIED: _S,
+    ErrorCode.BAD_CLIENT_FILE_IDENT: _C,
+    ErrorCode.BAD_SERVER_VERSION: _C,
+    ErrorCode.CLIENT_RESET_NEEDED: _C,
+    ErrorCode.BAD_CHANGESET: _S,
+    ErrorCode.DISABLED_SESSION: _S,
+    ErrorCode.BAD_CHANGESET_MERGE: _C,
+    ErrorCode.BAD_ORIGIN_FILE: _C,
+    ErrorCode.BAD_SCHEMA: _S,
+    ErrorCode.COMPENSATING_WRITE: _R,
+}
+
+
+def is_connection_level_code(code: int) -> bool:
+    """True if ``code`` (known or not) is a connection-level code (100-199)."""
+    return 100 <= code <= 199
+
+
+def is_session_level_code(code: int) -> bool:
+    """True if ``code`` (known or not) is a session-level code (200-299)."""
+    return 200 <= code <= 299
+
+
+# -- protocol errors carrying a code ------------------------------------------------------
+
+
+class ProtocolViolationError(RemoteProtocolError):
+    """The peer sent a well-formed message the protocol forbids here.
+
+    ``code`` is what to report; ``session`` is set when only that session is affected.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, session: int | None = None) -> None:
+        super().__init__(f"[{int(code)}] {message}")
+        self.code = code
+        self.reason = message
+        self.session = session
+
+
+class InvalidMessageError(MalformedMessageError):
+    """A frame did not decode into a valid message; names the message and field at fault."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        message_name: str | None = None,
+        field_name: str | None = None,
+        code: ErrorCode = ErrorCode.BAD_SYNTAX,
+    ) -> None:
+        where = ".".join(p for p in (message_name, field_name) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+        self.reason = message
+        self.message_name = message_name
+        self.field_name = field_name
+        self.code = code
+
+
+class OversizedFrameError(FrameTooLargeError):
+    """A frame, raw or decompressed, exceeded the size limit."""
+
+    def __init__(self, size: int, limit: int, *, decompressed: bool = False) -> None:
+        what = "decompressed frame" if decompressed else "frame"
+        shown = f"more than {limit}" if decompressed else str(size)
+        super().__init__(f"{what} of {shown} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+        self.code = ErrorCode.FRAME_TOO_LARGE
+
+
+def error_code_of(exc: RemoteProtocolError) -> ErrorCode:
+    """The code to report for a remote protocol error (any subclass, ours or not)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, ErrorCode):
+        return code
+    if isinstance(exc, FrameTooLargeError):
+        return ErrorCode.FRAME_TOO_LARGE
+    if isinstance(exc, MalformedMessageError):
+        return ErrorCode.BAD_SYNTAX
+    return ErrorCode.OTHER_ERROR
+
+
+def session_of(exc: RemoteProtocolError) -> int | None:
+    """The session a remote protocol error concerns, or None for the whole connection."""
+    session = getattr(exc, "session", None)
+    return session if isinstance(session, int) else None
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UploadChangeset:
+    """One local changeset in an UPLOAD: its client version and packed instructions."""
+
+    version: int
+    instructions: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadChangeset:
+    """One server changeset in a DOWNLOAD, with where it came from."""
+
+    server_version: int
+    origin: str
+    client_version: int
+    instructions: bytes
+
+
+def changeset_size(cs: UploadChangeset | DownloadChangeset) -> int:
+    """The bytes a changeset counts for in progress accounting (its instructions' length)."""
+    return len(cs.instructions)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """Client's first frame: the versions it speaks, its access token, compression support."""
+
+    TYPE: ClassVar[MessageType] = MessageType.HELLO
+    protocol_versions: list[int]
+    token: str
+    compression: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """Replaces the access token of a live connection."""
+
+    TYPE: ClassVar[MessageType] = MessageType.REFRESH
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """Opens a session for one local database file."""
+
+    TYPE: ClassVar[MessageType] = MessageType.BIND
+    session: int
+    file_ident: str
+    schema: list[dict[str, Any]]
+    download_cursor: int
+    upload_acked: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unbind:
+    """Closes a session; the server answers UNBOUND."""
+
+    TYPE: ClassVar[MessageType] = MessageType.UNBIND
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """Local changesets (increasing versions) and the client's integrated server version."""
+
+    TYPE: ClassVar[MessageType] = MessageType.UPLOAD
+    session: int
+    changesets: list[UploadChangeset]
+    download_cursor: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Asks the server to reply once it has sent everything it held when the MARK arrived."""
+
+    TYPE: ClassVar[MessageType] = MessageType.MARK
+    session: int
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The session's subscription set (flexible sync): model name -> query strings."""
+
+    TYPE: ClassVar[MessageType] = MessageType.QUERY
+    session: int
+    query_version: int
+    queries: dict[str, list[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Keep-alive; the peer answers PONG with the same timestamp."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PING
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Answer to PING, echoing its timestamp."""
+
+    TYPE: ClassVar[MessageType] = MessageType.PONG
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    """Server's answer to HELLO: the chosen version and the connection's limits."""
+
+    TYPE: ClassVar[MessageType] = MessageType.WELCOME
+    protocol_version: int
+    max_frame_size: int
+    server_time_ms: int
+    connection_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """Server's answer to BIND: its latest version and the last upload it integrated."""
+
+    TYPE: ClassVar[MessageType] = MessageType.BOUND
+    session: int
+    server_version: int
+    upload_acked: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unbound:
+    """Server's answer to UNBIND; the session number may then be reused."""
+
+    TYPE: ClassVar[MessageType] = MessageType.UNBOUND
+    session: int
+
+
+@dataclass(frozen=True, slots=True)
+class Download:
+    """Server changesets plus cursors and progress; an empty one acknowledges uploads."""
+
+    TYPE: ClassVar[MessageType] = MessageType.DOWNLOAD
+    session: int
+    changesets: list[DownloadChangeset]
+    cursor: int
+    latest_server_version: int
+    downloadable_bytes: int
+    upload_acked: int
+    query_version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MarkReply:
+    """Answer to MARK: everything up to ``server_version`` has been sent."""
+
+    TYPE: ClassVar[MessageType] = MessageType.MARK_REPLY
+    session: int
+    request_id: int
+    server_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryError:
+    """The server refused a subscription set."""
+
+    TYPE: ClassVar[MessageType] = MessageType.QUERY_ERROR
+    session: int
+    query_version: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    """An error on the connection (``session`` None) or on one session."""
+
+    TYPE: ClassVar[MessageType] = MessageType.ERROR
+    code: int
+    message: str
+    action: SyncAction
+    retry_delay_ms: int | None = None
+    session: int | None = field(default=None)
+
+
+#: Any message.
+Message = (
+    Hello
+    | Refresh
+    | Bind
+    | Unbind
+    | Upload
+    | Mark
+    | Query
+    | Ping
+    | Pong
+    | Welcome
+    | Bound
+    | Unbound
+    | Download
+    | MarkReply
+    | QueryError
+    | Error
+)
+
+#: Types a client may send (and a server receive).
+CLIENT_MESSAGE_TYPES = frozenset(
+    {
+        MessageType.HELLO,
+        MessageType.REFRESH,
+        MessageType.BIND,
+        MessageType.UNBIND,
+        MessageType.UPLOAD,
+        MessageType.MARK,
+        MessageType.QUERY,
+        MessageType.PING,
+        MessageType.PONG,
+    }
+)
+#: Types a server may send (and a client receive).
+SERVER_MESSAGE_TYPES = frozenset(
+    {
+        MessageType.WELCOME,
+        MessageType.BOUND,
+        MessageType.UNBOUND,
+        MessageType.DOWNLOAD,
+        MessageType.MARK_REPLY,
+        MessageType.QUERY_ERROR,
+        MessageType.ERROR,
+        MessageType.PING,
+        MessageType.PONG,
+    }
+)
+
+
+# -- events both state machines emit -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived:
+    """The peer sent PING; the PONG answer is already queued."""
+
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """The peer answered one of our PINGs (``timestamp_ms`` is the one we sent)."""
+
+    timestamp_ms: int
+
+
+# -- invariants both sides check -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadProgress:
+    """What a session's peers agree on before a DOWNLOAD: the state it must move forward."""
+
+    cursor: int
+    latest_server_version: int
+    upload_acked: int
+    #: Highest ``upload_acked`` a DOWNLOAD may carry (None: not checked).
+    upload_limit: int | None
+    #: The receiving client's file ident: its own changesets are never sent back to it.
+    own_origin: str | None
+    #: Highest query version the client has sent.
+    query_version: int
+
+
+def download_violation(msg: Download, before: DownloadProgress) -> tuple[ErrorCode, str] | None:
+    """Check a DOWNLOAD against the session's progress; None if valid, else (code, reason).
+
+    Cursors only move forward, never past the latest server version; changesets come in
+    strictly increasing server versions, above the old cursor and up to the new one, never
+    from the receiving file itself; acknowledgements only move forward and only cover what
+    was uploaded.
+    """
+    bad_version = ErrorCode.BAD_SERVER_VERSION
+    if msg.cursor < before.cursor:
+        return bad_version, f"cursor moved backwards ({before.cursor} -> {msg.cursor})"
+    if msg.latest_server_version < before.latest_server_version:
+        return bad_version, (
+            "latest_server_version moved backwards "
+            f"({before.latest_server_version} -> {msg.latest_server_version})"
+        )
+    if msg.cursor > msg.latest_server_version:
+        return bad_version, (
+            f"cursor {msg.cursor} is beyond latest_server_version {msg.latest_server_version}"
+        )
+    previous = before.cursor
+    for cs in msg.changesets:
+        if cs.server_version <= previous:
+            return ErrorCode.BAD_CHANGESET, (
+                f"changeset server_version {cs.server_version} is not above {previous}"
+            )
+        if cs.server_version > msg.cursor:
+            return ErrorCode.BAD_CHANGESET, (
+                f"changeset server_version {cs.server_version} is beyond the cursor {msg.cursor}"
+            )
+        if before.own_origin is not None and cs.origin == before.own_origin:
+            return ErrorCode.BAD_ORIGIN_FILE, (
+                f"changeset {cs.server_version} comes from the receiving file itself"
+            )
+        previous = cs.server_version
+    if msg.upload_acked < before.upload_acked:
+        return bad_version, (
+            f"upload_acked moved backwards ({before.upload_acked} -> {msg.upload_acked})"
+        )
+    if before.upload_limit is not None and msg.upload_acked > before.upload_limit:
+        return bad_version, (
+            f"upload_acked {msg.upload_acked} is beyond the last version uploaded "
+            f"({before.upload_limit})"
+        )
+    if msg.query_version > before.query_version:
+        return ErrorCode.BAD_MESSAGE_ORDER, (
+            f"query_version {msg.query_version} was never sent (last {before.query_version})"
+        )
+    return None

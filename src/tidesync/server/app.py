@@ -1,0 +1,91 @@
+"""The sync server's ASGI application: HTTP auth API, health check and sync WebSocket.
+
+:func:`create_app` wires the pieces into one Starlette app whose lifespan opens the storage
+(SQLite in the data folder by default), loads the token secret and starts the
+:class:`~tidesync.server.hub.SyncHub`; on shutdown it says goodbye to every connection,
+finishes the queued commits and closes the storage. Any ASGI server can run it; the
+:mod:`~tidesync.server.runner` runs it on uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from .auth import Authenticator, auth_routes
+from .config import ServerConfig
+from .hub import SyncHub
+from .storage.base import ServerStorage
+from .storage.sqlite import SQLiteStorage
+
+log = logging.getLogger("tidesync.server")
+
+#: Builds the storage for a data folder.
+StorageFactory = Callable[[Path], ServerStorage]
+
+SYNC_PATH = "/api/v1/apps/{app_id}/sync"
+
+
+def default_storage(data_dir: Path) -> ServerStorage:
+    """SQLite storage in ``data_dir/server.sqlite3``."""
+    return SQLiteStorage.in_folder(data_dir)
+
+
+async def _health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def _sync(websocket: WebSocket) -> None:
+    hub = getattr(websocket.app.state, "hub", None)
+    if not isinstance(hub, SyncHub):
+        await websocket.close(1011)
+        return
+    await hub.handle(websocket, websocket.path_params["app_id"])
+
+
+def create_app(
+    data_dir: str | Path,
+    config: ServerConfig | None = None,
+    *,
+    storage_factory: StorageFactory | None = None,
+) -> Starlette:
+    """The server app for ``data_dir``; ``app.state`` holds auth, storage and hub once started."""
+    folder = Path(data_dir)
+    settings = config or ServerConfig()
+    factory = storage_factory or default_storage
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        auth = await asyncio.to_thread(Authenticator, folder, settings)  # creates the folder
+        storage = factory(folder)
+        await storage.open()
+        hub = SyncHub(storage, auth, settings)
+        hub.start()
+        app.state.auth = auth
+        app.state.storage = storage
+        app.state.hub = hub
+        log.info("sync server started with data in %s", folder)
+        try:
+            yield
+        finally:
+            try:
+                await hub.close()
+            finally:
+                await storage.close()
+                log.info("sync server stopped")
+
+    routes: list[BaseRoute] = [
+        Route("/health", _health, methods=["GET"]),
+        *auth_routes(),
+        WebSocketRoute(SYNC_PATH, _sync),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,61 @@
+"""The sync server's settings, in one immutable value.
+
+Every tunable the server has (token lifetimes, frame limit, download page size, shutdown
+grace) lives here so the CLI, the in-process runner and the tests configure the server the
+same way, and so the defaults are written down once (``docs/server.md`` lists them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..protocol.messages import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
+
+#: Default access token lifetime: 30 minutes.
+DEFAULT_ACCESS_TOKEN_TTL = 1800.0
+#: Default refresh token lifetime: 60 days.
+DEFAULT_REFRESH_TOKEN_TTL = 60 * 24 * 3600.0
+#: Default soft size of one DOWNLOAD page (instruction bytes).
+DEFAULT_DOWNLOAD_PAGE_BYTES = 256 * 1024
+#: How much larger than the protocol's frame limit the WebSocket layer's limit is, so the
+#: protocol's own check (which answers with a clear ERROR) fires first.
+WS_MAX_SIZE_SLACK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Settings of one sync server (all times in seconds, sizes in bytes).
+
+    ``development_mode`` (the default) accepts any app id, anonymous login and whatever
+    schema clients declare (merged additively).
+    """
+
+    access_token_ttl: float = DEFAULT_ACCESS_TOKEN_TTL
+    refresh_token_ttl: float = DEFAULT_REFRESH_TOKEN_TTL
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    download_page_bytes: int = DEFAULT_DOWNLOAD_PAGE_BYTES
+    development_mode: bool = True
+    #: How long shutdown waits for connections to say goodbye before cutting them.
+    shutdown_grace: float = 5.0
+    #: uvicorn's log level ("critical", "error", "warning", "info", "debug").
+    log_level: str = "warning"
+
+    def __post_init__(self) -> None:
+        if self.access_token_ttl <= 0 or self.refresh_token_ttl <= 0:
+            raise ValueError("token lifetimes must be positive")
+        if self.max_frame_size < MIN_MAX_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes")
+        if self.download_page_bytes < 1:
+            raise ValueError("download_page_bytes must be positive")
+        if self.shutdown_grace < 0:
+            raise ValueError("shutdown_grace must not be negative")
+
+    @property
+    def ws_max_size(self) -> int:
+        """The WebSocket layer's message size limit: a little above the protocol's."""
+        return self.max_frame_size + WS_MAX_SIZE_SLACK
+
+    @property
+    def page_bytes(self) -> int:
+        """Instruction bytes per DOWNLOAD page, small enough to fit one frame."""
+        return max(1, min(self.download_page_bytes, self.max_frame_size // 2))

@@ -1,0 +1,728 @@
+"""Sync sessions, group commit and fan-out: the live part of the sync server.
+
+One :class:`SyncHub` per server owns the storage's :class:`GroupCommitter` and every open
+sync connection. Each connection (:class:`SyncConnection`) drives a sans-I/O
+:class:`~tidesync.protocol.server.ServerProtocol` from its WebSocket: it authenticates the
+HELLO, binds sessions, hands uploads to the committer and runs one *downloader* task per
+session that pages the app's history to the client. When a commit integrates new server
+versions the hub wakes every session of that app, on every connection, so each downloads
+what it has not seen. The uploader's own changesets are never sent back to it.
+
+Everything a client can get wrong ends in an ERROR frame with a clear message (and, for
+connection-level codes, a close); tracebacks stay in the server log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from starlette.websockets import WebSocket
+
+from ..core.changeset import Changeset
+from ..core.packing import unpack_instructions
+from ..core.schema import ModelSchema
+from ..errors import (
+    AuthError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    SchemaMismatchError,
+    SyncAction,
+)
+from ..protocol.messages import (
+    DownloadChangeset,
+    ErrorCode,
+    InvalidMessageError,
+    PingReceived,
+    PongReceived,
+    error_code_of,
+    is_session_level_code,
+    session_of,
+)
+from ..protocol.server import (
+    BindReceived,
+    HelloReceived,
+    MarkReceived,
+    QueryReceived,
+    RefreshReceived,
+    ServerEvent,
+    ServerProtocol,
+    ServerState,
+    UnbindReceived,
+    UploadReceived,
+)
+from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, WrongAppError
+from .config import ServerConfig
+from .storage.base import (
+    ClientOwnershipError,
+    CursorAheadError,
+    HistoryTrimmedError,
+    ServerStorage,
+    StorageError,
+    UploadBatch,
+    UploadResult,
+)
+
+log = logging.getLogger("tidesync.server.hub")
+
+#: WebSocket close codes.
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
+CLOSE_POLICY_VIOLATION, CLOSE_TOO_BIG, CLOSE_INTERNAL_ERROR = 1008, 1009, 1011
+
+
+class GroupCommitter:
+    """One task that integrates uploads; those arriving during a commit share the next one.
+
+    :meth:`submit` returns at once with a future for the batch's :class:`UploadResult`. A
+    lone upload is committed immediately (there is no timer). ``on_commit`` is called with
+    every committed group's batches and results, after their futures are resolved.
+    """
+
+    def __init__(
+        self,
+        storage: ServerStorage,
+        on_commit: Callable[[list[UploadBatch], list[UploadResult]], None] | None = None,
+    ) -> None:
+        self._storage = storage
+        self._on_commit = on_commit
+        self._queue: list[tuple[UploadBatch, asyncio.Future[UploadResult]]] = []
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        #: How many ``storage.integrate`` calls were made.
+        self.commits = 0
+
+    def start(self) -> None:
+        """Start the committer task (call from the server's event loop)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="tidesync-group-committer")
+
+    def submit(self, batch: UploadBatch) -> asyncio.Future[UploadResult]:
+        """Queue a batch; the future resolves once its commit is durable (or failed)."""
+        if self._closing or self._task is None:
+            raise StorageError("the server is shutting down; the upload was not stored")
+        future: asyncio.Future[UploadResult] = asyncio.get_running_loop().create_future()
+        self._queue.append((batch, future))
+        self._wakeup.set()
+        return future
+
+    async def close(self) -> None:
+        """Commit everything queued, then stop the task."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                await self._wakeup.wait()
+                self._wakeup.clear()
+                continue
+            group, self._queue = self._queue, []
+            batches = [batch for batch, _ in group]
+            self.commits += 1
+            try:
+                results = await self._storage.integrate(batches)
+            except Exception as exc:
+                log.exception("group commit of %d upload(s) failed", len(batches))
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), result in zip(group, results):
+                if not future.done():
+                    future.set_result(result)
+            if self._on_commit is not None:
+                try:
+                    self._on_commit(batches, results)
+                except Exception:
+                    log.exception("fan-out after a commit failed")
+
+
+class _ConnectionGone(Exception):
+    """The WebSocket can no longer be written to."""
+
+
+@dataclass(eq=False)
+class _Session:
+    """One bound session of a connection, and its downloader's bookkeeping."""
+
+    number: int
+    file_ident: str
+    cursor: int  # last server version sent (or the client's cursor at BIND)
+    latest: int  # latest_server_version last sent
+    acked: int  # highest client version known integrated (what the next DOWNLOAD carries)
+    sent_acked: int
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    marks: list[tuple[int, int]] = field(default_factory=list)  # (request id, version)
+    query_version: int = 0
+    sent_query_version: int = 0
+    error: tuple[ErrorCode, str, SyncAction | None] | None = None
+    active: bool = True
+    first_sent: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+class SyncHub:
+    """Every sync connection of one server, the group committer and the fan-out."""
+
+    def __init__(
+        self,
+        storage: ServerStorage,
+        auth: Authenticator,
+        config: ServerConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.storage = storage
+        self.auth = auth
+        self.config = config
+        self.clock = clock
+        self.committer = GroupCommitter(storage, self._committed)
+        self._connections: set[SyncConnection] = set()
+        self._sessions: dict[str, set[_Session]] = {}
+        self._accepting = True
+
+    def start(self) -> None:
+        """Start the committer (call from the server's event loop)."""
+        self.committer.start()
+
+    @property
+    def connection_count(self) -> int:
+        """How many sync connections are open."""
+        return len(self._connections)
+
+    async def handle(self, websocket: WebSocket, app_id: str) -> None:
+        """Serve one sync WebSocket until it closes."""
+        connection = SyncConnection(self, websocket, app_id)
+        self._connections.add(connection)
+        try:
+            await connection.run(going_away=not self._accepting)
+        finally:
+            self._connections.discard(connection)
+
+    def notify(self, app_id: str) -> None:
+        """Wake every session of ``app_id`` so it downloads the new versions."""
+        for session in self._sessions.get(app_id, ()):
+            session.wake.set()
+
+    def register(self, app_id: str, session: _Session) -> None:
+        """Add a bound session to the app's fan-out set."""
+        self._sessions.setdefault(app_id, set()).add(session)
+
+    def unregister(self, app_id: str, session: _Session) -> None:
+        """Remove a session from the app's fan-out set."""
+        sessions = self._sessions.get(app_id)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._sessions[app_id]
+
+    def _committed(self, batches: list[UploadBatch], results: list[UploadResult]) -> None:
+        for app_id in {b.app_id for b, r in zip(batches, results) if r.server_versions}:
+            self.notify(app_id)
+
+    async def going_away(self) -> None:
+        """Stop accepting; send ERROR 115 and close (1001) every connection; wait for them."""
+        self._accepting = False
+        connections = list(self._connections)
+        if not connections:
+            return
+        await asyncio.gather(*(c.going_away() for c in connections), return_exceptions=True)
+        waits = [asyncio.ensure_future(c.done.wait()) for c in connections]
+        _, pending = await asyncio.wait(waits, timeout=self.config.shutdown_grace)
+        for waiter in pending:
+            waiter.cancel()
+        if pending:
+            log.warning("%d connection(s) did not close in time", len(pending))
+
+    async def close(self) -> None:
+        """Say goodbye to every connection, then finish the queued commits."""
+        await self.going_away()
+        await self.committer.close()
+
+
+class SyncConnection:
+    """One client's sync WebSocket: the protocol state machine plus its sessions' tasks."""
+
+    def __init__(self, hub: SyncHub, websocket: WebSocket, app_id: str) -> None:
+        self.hub = hub
+        self.ws = websocket
+        self.app_id = app_id
+        self.id = uuid.uuid4().hex
+        self.proto = ServerProtocol(max_frame_size=hub.config.max_frame_size)
+        self.user_id: str | None = None
+        self.token_expires_at = 0.0
+        self.sessions: dict[int, _Session] = {}
+        self.done = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._closing = asyncio.Event()
+        self._close_code = CLOSE_NORMAL
+        self._peer_gone = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def run(self, *, going_away: bool = False) -> None:
+        """Accept the WebSocket and serve it until either side ends it."""
+        try:
+            await self.ws.accept()
+            if going_away:
+                await self.going_away()
+            receiver = asyncio.create_task(self._receive_loop())
+            closing = asyncio.create_task(self._closing.wait())
+            try:
+                await asyncio.wait({receiver, closing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                receiver.cancel()
+                closing.cancel()
+                await asyncio.gather(receiver, closing, return_exceptions=True)
+                await self._teardown()
+        finally:
+            self.done.set()
+
+    async def _teardown(self) -> None:
+        for session in list(self.sessions.values()):
+            self._deactivate(session)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not self._peer_gone:
+            try:
+                await self.ws.close(self._close_code)
+            except Exception:  # the peer vanished meanwhile
+                log.debug("connection %s: close failed", self.id, exc_info=True)
+
+    async def going_away(self) -> None:
+        """Send ERROR 115 (retry later) and close with 1001."""
+        if self.done.is_set() or self._closing.is_set():
+            return
+        if self.proto.state is not ServerState.CLOSED:
+            self.proto.error(
+                ErrorCode.GOING_AWAY,
+                "the server is shutting down; reconnect later",
+                action=SyncAction.RETRY,
+            )
+        await self._close_after_flush(CLOSE_GOING_AWAY)
+
+    async def _close_after_flush(self, code: int) -> None:
+        try:
+            await self._flush()
+        except _ConnectionGone:
+            pass
+        if not self._closing.is_set():
+            self._close_code = code
+            self._closing.set()
+
+    async def _fail(
+        self, code: ErrorCode, message: str, close_code: int, action: SyncAction | None = None
+    ) -> None:
+        """Send a connection-level ERROR and close."""
+        if self.proto.state is not ServerState.CLOSED:
+            self.proto.error(code, message, action=action)
+        await self._close_after_flush(close_code)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._guard(coro), name=f"{name}-{self.id[:8]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _guard(self, coro: Coroutine[Any, Any, None]) -> None:
+        try:
+            await coro
+        except (_ConnectionGone, asyncio.CancelledError):
+            pass
+        except Exception:
+            await self._internal_error()
+
+    async def _internal_error(self) -> None:
+        log.exception("connection %s (app %s): internal error", self.id, self.app_id)
+        if self.proto.state is ServerState.CLOSED:
+            await self._close_after_flush(CLOSE_INTERNAL_ERROR)
+            return
+        await self._fail(ErrorCode.OTHER_ERROR, "internal server error", CLOSE_INTERNAL_ERROR)
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            for frame in self.proto.data_to_send():
+                if self._peer_gone:
+                    raise _ConnectionGone
+                try:
+                    await self.ws.send_bytes(frame)
+                except Exception as exc:
+                    self._peer_gone = True
+                    self._closing.set()
+                    raise _ConnectionGone from exc
+
+    # -- receiving ------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> None:
+        try:
+            while not self._closing.is_set():
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    self._peer_gone = True
+                    return
+                data = message.get("bytes")
+                if data is None:
+                    await self._violation(
+                        InvalidMessageError("text frames are not allowed; send binary frames")
+                    )
+                    return
+                try:
+                    events = self.proto.receive_data(data)
+                except RemoteProtocolError as exc:
+                    if not await self._violation(exc):
+                        return
+                    continue
+                await self._flush()
+                for event in events:
+                    await self._dispatch(event)
+        except _ConnectionGone:
+            return
+        except Exception:
+            await self._internal_error()
+
+    async def _violation(self, exc: RemoteProtocolError) -> bool:
+        """Report a client's protocol violation; True if the connection stays open."""
+        code = error_code_of(exc)
+        log.info("connection %s (app %s): protocol violation: %s", self.id, self.app_id, exc)
+        number = session_of(exc)
+        if is_session_level_code(code) and number is not None:
+            if self.proto.state is ServerState.OPEN:
+                self._session_error_now(number, code, getattr(exc, "reason", None) or str(exc))
+                await self._flush()
+                return True
+        close_code = CLOSE_TOO_BIG if code == ErrorCode.FRAME_TOO_LARGE else CLOSE_PROTOCOL_ERROR
+        if self.proto.state is not ServerState.CLOSED:
+            try:
+                self.proto.error_for(exc)
+            except LocalProtocolError:
+                self.proto.error(ErrorCode.OTHER_ERROR, str(exc))
+        await self._close_after_flush(close_code)
+        return False
+
+    async def _dispatch(self, event: ServerEvent) -> None:
+        try:
+            match event:
+                case HelloReceived():
+                    await self._on_hello(event)
+                case RefreshReceived():
+                    await self._on_refresh(event)
+                case BindReceived():
+                    await self._on_bind(event)
+                case UnbindReceived():
+                    await self._on_unbind(event)
+                case UploadReceived():
+                    await self._on_upload(event)
+                case MarkReceived():
+                    await self._on_mark(event)
+                case QueryReceived():
+                    self._on_query(event)
+                case PingReceived() | PongReceived():
+                    pass
+        except LocalProtocolError:
+            if self.proto.state is ServerState.CLOSED or self._closing.is_set():
+                return  # the connection ended while the event was handled
+            raise
+
+    # -- authentication -------------------------------------------------------------------
+
+    async def _refuse_token(self, exc: AuthError) -> None:
+        if isinstance(exc, TokenExpiredError):
+            code = ErrorCode.TOKEN_EXPIRED
+        elif isinstance(exc, WrongAppError):
+            code = ErrorCode.OTHER_APP
+        else:
+            code = ErrorCode.BAD_TOKEN
+        log.info("connection %s (app %s): token refused: %s", self.id, self.app_id, exc)
+        action = SyncAction.STOP if code == ErrorCode.OTHER_APP else SyncAction.REFRESH_TOKEN
+        await self._fail(code, f"access token refused: {exc}", CLOSE_POLICY_VIOLATION, action)
+
+    async def _on_hello(self, event: HelloReceived) -> None:
+        try:
+            claims = self.hub.auth.verify(event.token, self.app_id, ACCESS)
+        except AuthError as exc:
+            await self._refuse_token(exc)
+            return
+        self.user_id = claims.user_id
+        self.token_expires_at = claims.expires_at
+        self.proto.welcome(int(self.hub.clock() * 1000), self.id)
+        await self._flush()
+        self._spawn(self._watch_token(), "token-watch")
+
+    async def _on_refresh(self, event: RefreshReceived) -> None:
+        try:
+            claims = self.hub.auth.verify(event.token, self.app_id, ACCESS)
+            if claims.user_id != self.user_id:
+                raise InvalidTokenError("the new token belongs to another user")
+        except AuthError as exc:
+            await self._refuse_token(exc)
+            return
+        self.token_expires_at = claims.expires_at
+
+    async def _watch_token(self) -> None:
+        while True:
+            delay = self.token_expires_at - self.hub.clock()
+            if delay <= 0:
+                log.info("connection %s: access token expired", self.id)
+                await self._fail(
+                    ErrorCode.TOKEN_EXPIRED,
+                    "the access token expired; send REFRESH with a new one or reconnect",
+                    CLOSE_POLICY_VIOLATION,
+                    SyncAction.REFRESH_TOKEN,
+                )
+                return
+            await asyncio.sleep(delay)
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _session_error_now(
+        self, number: int, code: ErrorCode, message: str, action: SyncAction | None = None
+    ) -> None:
+        """Queue a session ERROR (if the session can still take one) and stop the session."""
+        session = self.sessions.get(number)
+        if session is not None:
+            self._deactivate(session)
+        if self.proto.state is not ServerState.OPEN:
+            return
+        try:
+            self.proto.error(code, message, action=action, session=number)
+        except LocalProtocolError:
+            log.debug("session %d: error %d not sent (session ended)", number, code)
+
+    async def _session_error(
+        self, number: int, code: ErrorCode, message: str, action: SyncAction | None = None
+    ) -> None:
+        log.info("connection %s session %d: error %d: %s", self.id, number, code, message)
+        self._session_error_now(number, code, message, action)
+        await self._flush()
+
+    def _deactivate(self, session: _Session) -> None:
+        session.active = False
+        session.wake.set()
+        self.hub.unregister(self.app_id, session)
+        task = session.task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    async def _on_bind(self, event: BindReceived) -> None:
+        number, storage, app = event.session, self.hub.storage, self.app_id
+        assert self.user_id is not None
+        try:
+            schemas = [ModelSchema.from_dict(d) for d in event.schema]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            await self._session_error(number, ErrorCode.BAD_SCHEMA, f"invalid schema: {exc}")
+            return
+        try:
+            await storage.put_schemas(app, schemas)
+            acked = await storage.register_client(app, event.file_ident, self.user_id)
+            latest = await storage.latest_version(app)
+        except SchemaMismatchError as exc:
+            await self._session_error(number, ErrorCode.BAD_SCHEMA, str(exc))
+            return
+        except ClientOwnershipError as exc:
+            await self._session_error(number, ErrorCode.BAD_CLIENT_FILE_IDENT, str(exc))
+            return
+        except StorageError:
+            log.exception("connection %s: bind of session %d failed", self.id, number)
+            await self._session_error(
+                number, ErrorCode.OTHER_SESSION_ERROR, "server storage error; try again later"
+            )
+            return
+        if event.download_cursor > latest:
+            await self._session_error(
+                number,
+                ErrorCode.BAD_SERVER_VERSION,
+                f"download cursor {event.download_cursor} is beyond the server's latest "
+                f"version {latest} (the server's data was replaced); reset the client file",
+            )
+            return
+        if event.upload_acked > acked:
+            await self._session_error(
+                number,
+                ErrorCode.CLIENT_RESET_NEEDED,
+                f"the client says version {event.upload_acked} was acknowledged but the "
+                f"server has only {acked}; reset the client file",
+            )
+            return
+        if self.proto.state is not ServerState.OPEN:
+            return
+        self.proto.bound(number, latest, acked)
+        session = _Session(number, event.file_ident, event.download_cursor, latest, acked, acked)
+        session.wake.set()
+        self.sessions[number] = session
+        self.hub.register(app, session)
+        session.task = self._spawn(self._downloader(session), f"download-{number}")
+        await self._flush()
+
+    async def _on_unbind(self, event: UnbindReceived) -> None:
+        session = self.sessions.pop(event.session, None)
+        if session is not None:
+            self._deactivate(session)
+        self.proto.unbound(event.session)
+        await self._flush()
+
+    async def _on_upload(self, event: UploadReceived) -> None:
+        session = self.sessions.get(event.session)
+        if session is None or not session.active:
+            return
+        changesets: list[Changeset] = []
+        for cs in event.changesets:
+            try:
+                instructions = unpack_instructions(cs.instructions, origin=session.file_ident)
+            except ValueError as exc:
+                await self._session_error(
+                    event.session,
+                    ErrorCode.BAD_CHANGESET,
+                    f"changeset version {cs.version} is malformed: {exc}",
+                )
+                return
+            changesets.append(Changeset(session.file_ident, cs.version, instructions))
+        if not changesets:
+            return
+        batch = UploadBatch(self.app_id, session.file_ident, changesets)
+        try:
+            future = self.hub.committer.submit(batch)
+        except StorageError as exc:
+            await self._session_error(
+                event.session, ErrorCode.OTHER_SESSION_ERROR, str(exc), SyncAction.RETRY
+            )
+            return
+        future.add_done_callback(partial(_upload_done, session, changesets[-1].version))
+
+    async def _on_mark(self, event: MarkReceived) -> None:
+        session = self.sessions.get(event.session)
+        if session is None or not session.active:
+            return
+        target = await self.hub.storage.latest_version(self.app_id)
+        session.marks.append((event.request_id, target))
+        session.wake.set()
+
+    def _on_query(self, event: QueryReceived) -> None:
+        # Subscriptions are acknowledged; this server sends every session all of the app's
+        # data (a superset of any subscription), so the query needs no filtering yet.
+        session = self.sessions.get(event.session)
+        if session is None or not session.active:
+            return
+        session.query_version = event.query_version
+        session.wake.set()
+
+    # -- downloading ----------------------------------------------------------------------
+
+    async def _downloader(self, session: _Session) -> None:
+        while session.active:
+            await session.wake.wait()
+            session.wake.clear()
+            if not session.active:
+                return
+            if session.error is not None:
+                code, message, action = session.error
+                await self._session_error(session.number, code, message, action)
+                return
+            try:
+                await self._catch_up(session)
+            except HistoryTrimmedError as exc:
+                await self._session_error(session.number, ErrorCode.CLIENT_RESET_NEEDED, str(exc))
+                return
+            except CursorAheadError as exc:
+                await self._session_error(session.number, ErrorCode.BAD_SERVER_VERSION, str(exc))
+                return
+            except StorageError:
+                log.exception("connection %s: download failed", self.id)
+                await self._session_error(
+                    session.number,
+                    ErrorCode.OTHER_SESSION_ERROR,
+                    "server storage error; try again later",
+                )
+                return
+            self._answer_marks(session)
+            await self._flush()
+
+    def _sendable(self, session: _Session) -> bool:
+        return (
+            session.active
+            and self.proto.state is ServerState.OPEN
+            and self.proto.is_bound(session.number)
+        )
+
+    async def _catch_up(self, session: _Session) -> None:
+        force = not session.first_sent or session.query_version > session.sent_query_version
+        page_bytes = self.hub.config.page_bytes
+        while True:
+            start = session.cursor
+            page = await self.hub.storage.read_log(
+                self.app_id, start, page_bytes, exclude_origin=session.file_ident
+            )
+            if not self._sendable(session) or session.error is not None:
+                return
+            acked = session.acked
+            latest = max(page.latest_version, session.latest)
+            moved = page.cursor > start or latest > session.latest or acked > session.sent_acked
+            if moved or force:
+                self.proto.download(
+                    session.number,
+                    [
+                        DownloadChangeset(
+                            e.server_version, e.origin, e.client_version, e.instructions
+                        )
+                        for e in page.entries
+                    ],
+                    page.cursor,
+                    latest,
+                    page.remaining_bytes,
+                    acked,
+                    session.query_version,
+                )
+                session.cursor, session.latest, session.sent_acked = page.cursor, latest, acked
+                session.sent_query_version = session.query_version
+                session.first_sent = True
+                force = False
+                await self._flush()
+            if page.cursor >= page.latest_version or page.cursor <= start:
+                return
+
+    def _answer_marks(self, session: _Session) -> None:
+        if not session.marks or not self._sendable(session):
+            return
+        waiting: list[tuple[int, int]] = []
+        for request_id, target in session.marks:
+            if target <= session.cursor:
+                self.proto.mark_reply(session.number, request_id, target)
+            else:
+                waiting.append((request_id, target))
+        session.marks = waiting
+
+
+def _upload_done(
+    session: _Session, last_version: int, future: asyncio.Future[UploadResult]
+) -> None:
+    """Record an upload's outcome on its session and wake the session's downloader."""
+    if future.cancelled():
+        return
+    exc = future.exception()
+    if exc is not None:
+        if session.error is None:
+            session.error = (
+                ErrorCode.OTHER_SESSION_ERROR,
+                "the server could not store the upload; try again later",
+                SyncAction.RETRY,
+            )
+    else:
+        result = future.result()
+        if result.ok:
+            session.acked = max(session.acked, min(result.acked_version, last_version))
+        elif session.error is None:
+            session.error = (ErrorCode.BAD_CHANGESET, f"upload refused: {result.error}", None)
+    session.wake.set()

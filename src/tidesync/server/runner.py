@@ -1,0 +1,339 @@
+"""Running the sync server on uvicorn: in-process (tests, demos, embedding) or as a command.
+
+:class:`InProcessServer` binds its own listening socket (so ``port=0`` picks a free port
+and the URL is known before the first request), runs uvicorn on the current event loop and
+stops cleanly: stop accepting, ERROR 115 + close 1001 to every sync connection, finish the
+queued commits, close the storage. ``start_in_thread`` runs the same thing on a private
+thread and loop for synchronous code. :func:`serve_forever` is what ``tidesync serve`` runs:
+it prints the URL once accepting and stops on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Awaitable, Callable, Generator
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any, Self
+
+import uvicorn
+
+from ..errors import TidesyncError
+from .app import StorageFactory, create_app
+from .config import ServerConfig
+from .hub import SyncHub
+from .storage.base import ServerStorage
+
+log = logging.getLogger("tidesync.server.runner")
+
+
+class ServerStartError(TidesyncError):
+    """The server could not start (port in use, unreadable data folder, ...)."""
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, saying goodbye to sync clients before it drops connections."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        before_shutdown: Callable[[], Awaitable[None]],
+        handle_signals: bool,
+    ) -> None:
+        super().__init__(config)
+        self._before_shutdown = before_shutdown
+        self._handle_signals = handle_signals
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        """Turn SIGINT/SIGTERM into a clean stop (and do not re-raise them afterwards)."""
+        if not self._handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Stop accepting, let the app close its sync connections, then shut uvicorn down."""
+        for server in getattr(self, "servers", []):
+            server.close()
+        try:
+            await self._before_shutdown()
+        except Exception:
+            log.exception("closing sync connections failed")
+        await super().shutdown(sockets)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port`` 0 picks a free one)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise ServerStartError(f"cannot resolve {host!r}: {exc}") from exc
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ServerStartError(f"cannot listen on {host}:{port}: {exc}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class InProcessServer:
+    """A sync server on this process's event loop (or a private thread).
+
+    ``async with InProcessServer(tmp_path) as server: ... server.url ...``
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: ServerConfig | None = None,
+        *,
+        storage_factory: StorageFactory | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.host = host
+        self.config = config or ServerConfig()
+        self._requested_port = port
+        self._storage_factory = storage_factory
+        self._handle_signals = handle_signals
+        self._port: int | None = None
+        self._app: Any = None
+        self._server: _Uvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._socket: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_loop: asyncio.AbstractEventLoop | None = None
+        self._thread_stop: asyncio.Event | None = None
+
+    # -- properties -------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on."""
+        if self._port is None:
+            raise RuntimeError("the server is not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``, the base URL clients use."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """``ws://host:port``, the base of the sync WebSocket URL."""
+        return "ws" + self.url[len("http") :]
+
+    @property
+    def hub(self) -> SyncHub:
+        """The running server's hub (connections, committer)."""
+        hub = getattr(self._app.state, "hub", None) if self._app is not None else None
+        if not isinstance(hub, SyncHub):
+            raise RuntimeError("the server is not started")
+        return hub
+
+    @property
+    def storage(self) -> ServerStorage:
+        """The running server's storage (use it from the server's event loop)."""
+        return self.hub.storage
+
+    @property
+    def running(self) -> bool:
+        """True between a successful start() and stop()."""
+        return self._task is not None and not self._task.done()
+
+    # -- async lifecycle ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start serving; returns once the socket accepts connections."""
+        if self._task is not None:
+            raise RuntimeError("the server was already started")
+        sock = bind_socket(self.host, self._requested_port)
+        self._socket = sock
+        self._port = int(sock.getsockname()[1])
+        self._app = create_app(self.data_dir, self.config, storage_factory=self._storage_factory)
+        uconfig = uvicorn.Config(
+            self._app,
+            lifespan="on",
+            log_level=self.config.log_level,
+            access_log=False,
+            ws="websockets-sansio",
+            ws_max_size=self.config.ws_max_size,
+            ws_ping_interval=None,
+            timeout_graceful_shutdown=math.ceil(self.config.shutdown_grace),
+        )
+        server = _Uvicorn(uconfig, self._going_away, self._handle_signals)
+        self._server = server
+        self._task = asyncio.create_task(self._serve(server, sock), name="tidesync-uvicorn")
+        while not server.started:
+            if self._task.done():
+                error = self._task.exception()
+                self._cleanup()
+                raise ServerStartError(f"the server failed to start: {error}") from error
+            await asyncio.sleep(0.01)
+
+    async def _serve(self, server: _Uvicorn, sock: socket.socket) -> None:
+        try:
+            await server.serve(sockets=[sock])
+        except SystemExit as exc:  # uvicorn exits when the lifespan startup fails
+            raise ServerStartError(
+                "the server failed to start (see the log for the lifespan error)"
+            ) from exc
+
+    async def _going_away(self) -> None:
+        hub = getattr(self._app.state, "hub", None) if self._app is not None else None
+        if isinstance(hub, SyncHub):
+            await hub.going_away()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the server stops (a signal, or stop() from another task)."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        """Stop: goodbye to every connection, finish commits, close storage. Idempotent."""
+        task, server = self._task, self._server
+        if task is None or server is None:
+            return
+        server.should_exit = True
+        try:
+            await task
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+        self._task = None
+        self._server = None
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- threaded lifecycle -------------------------------------------------------------
+
+    def start_in_thread(self, timeout: float = 30.0) -> None:
+        """Run the server on a private thread and event loop; returns once accepting."""
+        if self._thread is not None:
+            raise RuntimeError("the server thread is already running")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        async def body() -> None:
+            try:
+                await self.start()
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                return
+            self._thread_loop = asyncio.get_running_loop()
+            self._thread_stop = asyncio.Event()
+            ready.set()
+            stopper = asyncio.ensure_future(self._thread_stop.wait())
+            try:
+                await asyncio.wait(
+                    {stopper, asyncio.ensure_future(self.wait_stopped())},
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                stopper.cancel()
+                await self.stop()
+
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(body()), name="tidesync-server", daemon=True
+        )
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise ServerStartError(f"the server did not start within {timeout} s")
+        if failure:
+            self._thread.join()
+            self._thread = None
+            raise failure[0]
+
+    def stop_thread(self, timeout: float = 30.0) -> None:
+        """Stop a server started with :meth:`start_in_thread` and join its thread."""
+        thread, loop, stop = self._thread, self._thread_loop, self._thread_stop
+        if thread is None:
+            return
+        if loop is not None and stop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout)
+        if thread.is_alive():
+            raise RuntimeError(f"the server thread did not stop within {timeout} s")
+        self._thread = self._thread_loop = self._thread_stop = None
+
+    def __enter__(self) -> Self:
+        self.start_in_thread()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_thread()
+
+
+async def serve_forever(
+    data_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    config: ServerConfig | None = None,
+    *,
+    announce: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGINT/SIGTERM; ``announce`` gets the URL once the server accepts."""
+    server = InProcessServer(data_dir, host, port, config, handle_signals=True)
+    await server.start()
+    try:
+        if announce is not None:
+            announce(server.url)
+        await server.wait_stopped()
+    finally:
+        await server.stop()
+
+
+def print_url(url: str) -> None:
+    """Print the one line scripts wait for: ``tidesync serving on URL``."""
+    sys.stdout.write(f"tidesync serving on {url}\n")
+    sys.stdout.flush()

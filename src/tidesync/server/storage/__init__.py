@@ -1,0 +1,37 @@
+"""Server storage backends behind one interface (:class:`ServerStorage`).
+
+:class:`SQLiteStorage` is the embedded default; a PostgreSQL backend implements the same
+interface. Every backend runs the shared suite in :mod:`tidesync.server.storage.conformance`.
+"""
+
+from __future__ import annotations
+
+from .base import (
+    BatchRejectedError,
+    ClientOwnershipError,
+    CursorAheadError,
+    HistoryTrimmedError,
+    LogEntry,
+    LogPage,
+    RejectReason,
+    ServerStorage,
+    StorageError,
+    UploadBatch,
+    UploadResult,
+)
+from .sqlite import SQLiteStorage
+
+__all__ = [
+    "BatchRejectedError",
+    "ClientOwnershipError",
+    "CursorAheadError",
+    "HistoryTrimmedError",
+    "LogEntry",
+    "LogPage",
+    "RejectReason",
+    "SQLiteStorage",
+    "ServerStorage",
+    "StorageError",
+    "UploadBatch",
+    "UploadResult",
+]

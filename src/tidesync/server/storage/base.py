@@ -1,0 +1,359 @@
+"""The server storage interface: what every backend (SQLite, PostgreSQL) must provide.
+
+The interface is small and backend-neutral so that one conformance suite
+(:mod:`tidesync.server.storage.conformance`) can hold every backend to the same guarantees:
+
+- an upload is acknowledged only after the commit that integrated it is durable;
+- every app's server versions are dense (1, 2, 3, ...) and never reused;
+- changesets are idempotent by ``(origin, version)``: duplicates are skipped, gaps refused;
+- one :meth:`ServerStorage.integrate` call is one transaction for all its batches (group
+  commit), yet a bad batch is rejected alone.
+
+Besides the interface this module holds the backend-neutral rules both backends apply inside
+their transaction (:func:`select_new_changesets`, :func:`instructions_by_object`,
+:func:`apply_changesets`, :func:`merge_schemas`), so the rules exist once.
+
+Errors::
+
+    TidesyncError
+    └── StorageError                a storage operation failed
+        ├── ClientOwnershipError    the client file ident belongs to another user
+        ├── BatchRejectedError      one upload batch was refused (see RejectReason)
+        ├── HistoryTrimmedError     the log before the cursor was trimmed (client reset)
+        └── CursorAheadError        a cursor names a version the server never had
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, Self
+
+from ...core.changeset import Changeset, Instruction
+from ...core.merge import ObjectState
+from ...core.packing import pack
+from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
+from ...core.validate import validate_changeset
+from ...errors import SchemaMismatchError, TidesyncError
+
+#: The key of one object inside an app: ``(model name, core.packing.pack(pk))``.
+ObjectKey = tuple[str, bytes]
+
+
+class StorageError(TidesyncError):
+    """A storage operation failed (the message says which and why)."""
+
+
+class ClientOwnershipError(StorageError):
+    """A client file ident is already registered to another user."""
+
+
+class RejectReason(StrEnum):
+    """Why a batch was refused (see :class:`UploadResult`)."""
+
+    #: A changeset's version is more than one past the last integrated one.
+    GAP = "gap"
+    #: A changeset does not fit the app's schema or is malformed.
+    INVALID = "invalid"
+    #: The batch's origin was never registered with :meth:`ServerStorage.register_client`.
+    UNKNOWN_CLIENT = "unknown_client"
+    #: A changeset (or an instruction's HLC) names another origin than the batch.
+    ORIGIN_MISMATCH = "origin_mismatch"
+
+
+class BatchRejectedError(StorageError):
+    """One upload batch was refused; nothing from it was stored."""
+
+    def __init__(self, reason: RejectReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class HistoryTrimmedError(StorageError):
+    """The log entries the reader needs were trimmed; the client must reset."""
+
+    def __init__(self, message: str, trimmed_version: int) -> None:
+        super().__init__(message)
+        self.trimmed_version = trimmed_version
+
+
+class CursorAheadError(StorageError):
+    """A cursor is past the app's latest server version (wiped or foreign data)."""
+
+
+@dataclass(frozen=True)
+class UploadBatch:
+    """One client's upload: changesets of ``origin`` in increasing version order."""
+
+    app_id: str
+    origin: str
+    changesets: list[Changeset]
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """What :meth:`ServerStorage.integrate` did with one batch.
+
+    ``acked_version`` is the origin's last client version now integrated (duplicates count
+    as integrated); ``server_versions`` are the versions given to the changesets this call
+    integrated. When the batch was refused, ``error`` says why (``reason`` classifies it),
+    nothing from the batch was stored and ``acked_version`` is unchanged.
+    """
+
+    origin: str
+    acked_version: int
+    server_versions: list[int]
+    error: str | None = None
+    reason: RejectReason | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the batch was integrated (possibly as pure duplicates)."""
+        return self.error is None
+
+    def raise_for_error(self) -> None:
+        """Raise :class:`BatchRejectedError` if the batch was refused."""
+        if self.error is not None:
+            raise BatchRejectedError(self.reason or RejectReason.INVALID, self.error)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One integrated changeset, as stored in an app's history."""
+
+    server_version: int
+    origin: str
+    client_version: int
+    instructions: bytes  # core.packing.pack_instructions output, exactly as stored
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """One page of :meth:`ServerStorage.read_log`.
+
+    ``cursor`` is the server version the reader has after this page: it covers the
+    entries returned *and* the excluded origin's entries skipped over. ``remaining_bytes``
+    counts the instructions of every entry after ``cursor`` (excluded or not); it is 0
+    exactly when ``cursor == latest_version``.
+    """
+
+    entries: list[LogEntry]
+    cursor: int
+    latest_version: int
+    remaining_bytes: int
+
+
+class ServerStorage(abc.ABC):
+    """Where the server keeps apps' schemas, clients, histories and object states.
+
+    Use as ``async with storage:`` or call :meth:`open` and :meth:`close`. Every method
+    is a coroutine; implementations must never block the event loop.
+    """
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect, create the tables if needed; the other methods need this first."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release every resource; returns when no thread or task of the storage runs."""
+
+    @abc.abstractmethod
+    async def register_client(self, app_id: str, origin: str, user_id: str) -> int:
+        """Register ``origin`` for ``user_id`` (idempotent); return its last integrated version.
+
+        Raises :class:`ClientOwnershipError` if ``origin`` belongs to another user.
+        """
+
+    @abc.abstractmethod
+    async def get_schemas(self, app_id: str) -> dict[str, ModelSchema]:
+        """The app's models by name (empty for an unknown app)."""
+
+    @abc.abstractmethod
+    async def put_schemas(self, app_id: str, schemas: list[ModelSchema]) -> dict[str, ModelSchema]:
+        """Add new models and new fields (see :func:`merge_schemas`); return the merged set.
+
+        Raises :class:`~tidesync.errors.SchemaMismatchError` (and stores nothing) for an
+        incompatible change.
+        """
+
+    @abc.abstractmethod
+    async def integrate(self, batches: list[UploadBatch]) -> list[UploadResult]:
+        """Integrate uploads in one durable transaction; one result per batch, in order.
+
+        Returns only once the commit is durable. Refused batches are reported in their
+        result (``error``) and store nothing, while the other batches commit.
+        """
+
+    @abc.abstractmethod
+    async def read_log(
+        self, app_id: str, after: int, max_bytes: int, exclude_origin: str | None = None
+    ) -> LogPage:
+        """Entries with ``server_version > after``, in order, up to about ``max_bytes``.
+
+        At least one entry is returned when any (not excluded) entry exists. Raises
+        :class:`HistoryTrimmedError` when ``after`` is before the trimmed point and
+        :class:`CursorAheadError` when ``after`` is past the latest version.
+        """
+
+    @abc.abstractmethod
+    async def latest_version(self, app_id: str) -> int:
+        """The app's latest server version (0 if none)."""
+
+    @abc.abstractmethod
+    async def client_version(self, app_id: str, origin: str) -> int:
+        """The last client version of ``origin`` integrated (0 if none)."""
+
+    @abc.abstractmethod
+    async def get_objects(self, app_id: str, model: str) -> dict[Any, dict[str, Any]]:
+        """Primary key -> rendered values of every alive object of ``model``."""
+
+    @abc.abstractmethod
+    async def trim_history(self, app_id: str, before_version: int) -> int:
+        """Delete log entries ``<= before_version`` (clamped to the latest); return how many."""
+
+    @abc.abstractmethod
+    async def wipe_app(self, app_id: str) -> None:
+        """Delete every piece of the app's data: schemas, clients, history, objects."""
+
+
+# ---------------------------------------------------------------------------------------
+# Backend-neutral rules, applied by every backend inside its transaction.
+
+
+def select_new_changesets(
+    batch: UploadBatch, last_version: int, schemas: dict[str, ModelSchema]
+) -> list[Changeset]:
+    """The changesets of ``batch`` to integrate, given the origin's ``last_version``.
+
+    Duplicates (``version <= last``) are dropped; the rest must follow on densely, name the
+    batch's origin (as must their instructions' HLCs) and pass
+    :func:`~tidesync.core.validate.validate_changeset`. Raises :class:`BatchRejectedError`.
+    """
+    new: list[Changeset] = []
+    expected = last_version + 1
+    for cs in batch.changesets:
+        if cs.origin != batch.origin:
+            raise BatchRejectedError(
+                RejectReason.ORIGIN_MISMATCH,
+                f"changeset {cs.origin}#{cs.version} is not from origin {batch.origin}",
+            )
+        if cs.version < expected:
+            continue
+        if cs.version != expected:
+            raise BatchRejectedError(
+                RejectReason.GAP,
+                f"origin {batch.origin}: changeset version {cs.version} leaves a gap "
+                f"(expected {expected})",
+            )
+        for ins in cs.instructions:
+            if ins.hlc.origin != cs.origin:
+                raise BatchRejectedError(
+                    RejectReason.ORIGIN_MISMATCH,
+                    f"changeset {cs.origin}#{cs.version}: instruction timestamp {ins.hlc} "
+                    "is from another origin",
+                )
+        try:
+            validate_changeset(cs, schemas)
+        except ValueError as exc:
+            raise BatchRejectedError(
+                RejectReason.INVALID, f"changeset {cs.origin}#{cs.version}: {exc}"
+            ) from exc
+        new.append(cs)
+        expected += 1
+    return new
+
+
+#: Instructions grouped by the object they change, each with its changeset (for messages).
+ByObject = dict[ObjectKey, list[tuple[Changeset, Instruction]]]
+
+
+def instructions_by_object(changesets: Iterable[Changeset]) -> ByObject:
+    """Group the changesets' instructions by object key, keeping their order."""
+    grouped: ByObject = {}
+    for cs in changesets:
+        for ins in cs.instructions:
+            key = (ins.model, pack(ins.pk))
+            entry = grouped.get(key)
+            if entry is None:
+                grouped[key] = [(cs, ins)]
+            else:
+                entry.append((cs, ins))
+    return grouped
+
+
+def apply_changesets(
+    by_object: ByObject,
+    schemas: dict[str, ModelSchema],
+    states: dict[ObjectKey, ObjectState],
+) -> None:
+    """Apply every instruction to ``states``; a key missing from ``states`` starts empty.
+
+    Callers store the state of every key of ``by_object`` afterwards, whether or not its
+    visible values changed (the merge state may still have moved, e.g. a CREATE older than
+    an ERASE). Raises :class:`BatchRejectedError` if the merge refuses an instruction;
+    ``states`` may then be partly updated, so callers pass copies they can drop.
+    """
+    for key, items in by_object.items():
+        state = states.get(key)
+        if state is None:
+            state = states[key] = ObjectState.empty()
+        schema = schemas[key[0]]
+        for cs, ins in items:
+            try:
+                state.apply(ins, schema)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise BatchRejectedError(
+                    RejectReason.INVALID, f"changeset {cs.origin}#{cs.version}: {exc}"
+                ) from exc
+
+
+def merge_schemas(
+    stored: dict[str, ModelSchema], declared: list[ModelSchema]
+) -> dict[str, ModelSchema]:
+    """The schema set after a development-mode client declares ``declared``.
+
+    New models are added; a known model gains the declared fields it lacks (each must be
+    optional, a collection or a counter: :func:`~tidesync.core.schema.check_compatible`'s
+    rule) and keeps the fields the declaration leaves out. A changed type or primary key,
+    a bad primary key kind, or a link to an unknown model raises
+    :class:`~tidesync.errors.SchemaMismatchError`.
+    """
+    merged = dict(stored)
+    for model in declared:
+        pk = model.pk_field
+        if pk.kind not in PK_KINDS or pk.is_collection or pk.optional:
+            raise SchemaMismatchError(
+                f"model {model.name}: primary key {pk.name!r} cannot be {pk.type_name()}"
+            )
+        old = merged.get(model.name)
+        if old is None:
+            merged[model.name] = model
+            continue
+        kept = tuple(f for f in old.fields if f.name not in model.by_name)
+        superset = ModelSchema(model.name, model.fields + kept, model.primary_key)
+        added = check_compatible(old, superset)
+        if added:
+            merged[model.name] = ModelSchema(old.name, old.fields + tuple(added), old.primary_key)
+    for model in merged.values():
+        for f in model.fields:
+            if f.kind is Kind.LINK and f.target not in merged:
+                raise SchemaMismatchError(
+                    f"model {model.name}: field {f.name!r} links to unknown model {f.target!r}"
+                )
+    return merged

@@ -1,0 +1,523 @@
+"""The one test suite every server storage backend must pass.
+
+A backend's test module subclasses :class:`StorageConformance` and overrides the
+``make_storage`` fixture with a factory of *unopened* storages that all point at the same
+place (so the durability test can close one and open another)::
+
+    class TestSQLiteStorage(StorageConformance):
+        @pytest.fixture
+        def make_storage(self, tmp_path: Path) -> StorageFactory:
+            return lambda: SQLiteStorage(tmp_path / "server.sqlite3")
+
+Each test uses its own app id and wipes it first, so backends may share one database
+between tests. This module needs ``pytest`` and ``pytest-asyncio`` (the ``test`` extra); it
+is imported only by test code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from ...core.changeset import Changeset, Instruction, Op
+from ...core.hlc import HLC
+from ...core.packing import pack_instructions
+from ...core.schema import FieldSchema, Kind, ModelSchema
+from ...errors import SchemaMismatchError, TidesyncError
+from ...objectid import ObjectId
+from .base import (
+    BatchRejectedError,
+    ClientOwnershipError,
+    CursorAheadError,
+    HistoryTrimmedError,
+    LogEntry,
+    RejectReason,
+    ServerStorage,
+    StorageError,
+    UploadBatch,
+)
+
+#: Makes a new, unopened storage on the test's (shared) location.
+StorageFactory = Callable[[], ServerStorage]
+
+TASK = ModelSchema(
+    "Task",
+    (
+        FieldSchema("id", Kind.STR, primary_key=True),
+        FieldSchema("title", Kind.STR, optional=True),
+        FieldSchema("done", Kind.BOOL),
+        FieldSchema("votes", Kind.COUNTER),
+    ),
+    "id",
+)
+NOTE_INT = ModelSchema(
+    "NoteI", (FieldSchema("id", Kind.INT, primary_key=True), FieldSchema("text", Kind.STR)), "id"
+)
+NOTE_UUID = ModelSchema(
+    "NoteU", (FieldSchema("id", Kind.UUID, primary_key=True), FieldSchema("text", Kind.STR)), "id"
+)
+NOTE_OID = ModelSchema(
+    "NoteO",
+    (FieldSchema("id", Kind.OBJECTID, primary_key=True), FieldSchema("text", Kind.STR)),
+    "id",
+)
+ALL_MODELS = [TASK, NOTE_INT, NOTE_UUID, NOTE_OID]
+
+
+class Writer:
+    """Makes the changesets one client would upload: dense versions, rising HLCs."""
+
+    def __init__(self, origin: str, wall: int = 1_000) -> None:
+        self.origin = origin
+        self.version = 0
+        self.wall = wall
+        self.counter = 0
+
+    def hlc(self, at: int | None = None) -> HLC:
+        """The next timestamp; ``at`` forces its wall time (to order against other writers)."""
+        if at is not None:
+            self.wall, self.counter = at, 0
+        else:
+            self.counter += 1
+        return HLC(self.wall, self.counter, self.origin)
+
+    def create(
+        self, pk: str, title: str | None = "t", votes: int = 0, at: int | None = None
+    ) -> Instruction:
+        """CREATE a Task with every field."""
+        value = {"id": pk, "title": title, "done": False, "votes": votes}
+        return Instruction(Op.CREATE, "Task", pk, self.hlc(at), value=value)
+
+    def note(self, model: ModelSchema, pk: Any, text: str) -> Instruction:
+        """CREATE a note of one of the NOTE_* models."""
+        return Instruction(Op.CREATE, model.name, pk, self.hlc(), value={"id": pk, "text": text})
+
+    def set(self, pk: str, field: str, value: Any, at: int | None = None) -> Instruction:
+        """SET one Task field."""
+        return Instruction(Op.SET, "Task", pk, self.hlc(at), field=field, value=value)
+
+    def add(self, pk: str, amount: int, at: int | None = None) -> Instruction:
+        """ADD to the Task's ``votes`` counter."""
+        return Instruction(Op.ADD, "Task", pk, self.hlc(at), field="votes", value=amount)
+
+    def erase(self, pk: str, at: int | None = None) -> Instruction:
+        """ERASE a Task."""
+        return Instruction(Op.ERASE, "Task", pk, self.hlc(at))
+
+    def cs(self, *instructions: Instruction) -> Changeset:
+        """The next changeset of this origin."""
+        self.version += 1
+        return Changeset(self.origin, self.version, tuple(instructions))
+
+
+def batch(app: str, *changesets: Changeset, origin: str | None = None) -> UploadBatch:
+    """An upload of ``changesets`` (origin taken from the first one)."""
+    return UploadBatch(app, origin or changesets[0].origin, list(changesets))
+
+
+class StorageConformance:
+    """The shared suite; subclass it and override :meth:`make_storage`."""
+
+    @pytest.fixture
+    def make_storage(self) -> StorageFactory:
+        """Backends override this fixture with a factory of unopened storages."""
+        raise NotImplementedError("a backend's test class must override make_storage")
+
+    @pytest_asyncio.fixture
+    async def storage(self, make_storage: StorageFactory) -> AsyncIterator[ServerStorage]:
+        """An open storage, closed after the test."""
+        async with make_storage() as opened:
+            yield opened
+
+    @pytest_asyncio.fixture
+    async def app(self, storage: ServerStorage, request: pytest.FixtureRequest) -> str:
+        """A wiped app id unique to the test, with :data:`ALL_MODELS` and clients A, B, C."""
+        app_id = "app-" + re.sub(r"[^A-Za-z0-9_]", "_", request.node.name)[:80]
+        await storage.wipe_app(app_id)
+        await storage.put_schemas(app_id, ALL_MODELS)
+        for origin in ("A", "B", "C"):
+            await storage.register_client(app_id, origin, "user-" + origin)
+        return app_id
+
+    # -- versions, duplicates, gaps -------------------------------------------------------
+
+    async def test_server_versions_are_dense(self, storage: ServerStorage, app: str) -> None:
+        a, b = Writer("A"), Writer("B")
+        res = await storage.integrate(
+            [
+                batch(app, a.cs(a.create("a1")), a.cs(a.create("a2")), a.cs(a.create("a3"))),
+                batch(app, b.cs(b.create("b1"))),
+            ]
+        )
+        assert [r.server_versions for r in res] == [[1, 2, 3], [4]]
+        assert [r.acked_version for r in res] == [3, 1]
+        assert all(r.ok for r in res)
+        res = await storage.integrate([batch(app, b.cs(b.create("b2")))])
+        assert res[0].server_versions == [5]
+        assert await storage.latest_version(app) == 5
+        assert await storage.client_version(app, "A") == 3
+        assert await storage.client_version(app, "B") == 2
+        assert await storage.integrate([]) == []
+
+    async def test_duplicates_are_skipped(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        c1, c2, c3 = a.cs(a.create("x")), a.cs(a.set("x", "title", "u")), a.cs(a.add("x", 1))
+        assert (await storage.integrate([batch(app, c1, c2)]))[0].server_versions == [1, 2]
+        again = (await storage.integrate([batch(app, c1, c2, c3)]))[0]
+        assert (again.acked_version, again.server_versions) == (3, [3])
+        pure = (await storage.integrate([batch(app, c2, c3)]))[0]
+        assert (pure.ok, pure.acked_version, pure.server_versions) == (True, 3, [])
+        page = await storage.read_log(app, 0, 1 << 20)
+        assert [e.client_version for e in page.entries] == [1, 2, 3]
+        assert (await storage.get_objects(app, "Task"))["x"]["votes"] == 1
+
+    async def test_gaps_are_refused_and_store_nothing(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        a = Writer("A")
+        c1, c2, c3, c4 = (a.cs(a.create(f"g{i}")) for i in range(4))
+        await storage.integrate([batch(app, c1)])
+        gap = (await storage.integrate([batch(app, c3)]))[0]
+        assert not gap.ok and gap.reason is RejectReason.GAP
+        assert gap.error is not None and "3" in gap.error
+        assert (gap.acked_version, gap.server_versions) == (1, [])
+        with pytest.raises(BatchRejectedError) as info:
+            gap.raise_for_error()
+        assert info.value.reason is RejectReason.GAP
+        partial = (await storage.integrate([batch(app, c2, c4)]))[0]
+        assert partial.reason is RejectReason.GAP
+        assert await storage.client_version(app, "A") == 1
+        assert await storage.latest_version(app) == 1
+        assert set(await storage.get_objects(app, "Task")) == {"g0"}
+        ok = (await storage.integrate([batch(app, c2, c3, c4)]))[0]
+        assert ok.server_versions == [2, 3, 4]
+
+    async def test_unknown_client_and_foreign_origin_are_refused(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        z, a = Writer("Z"), Writer("A")
+        unknown = (await storage.integrate([batch(app, z.cs(z.create("z")))]))[0]
+        assert unknown.reason is RejectReason.UNKNOWN_CLIENT
+        foreign = (await storage.integrate([batch(app, a.cs(a.create("a")), origin="B")]))[0]
+        assert foreign.reason is RejectReason.ORIGIN_MISMATCH
+        forged = Changeset("A", 1, (Instruction(Op.ERASE, "Task", "a", HLC(5, 0, "B")),))
+        res = (await storage.integrate([batch(app, forged)]))[0]
+        assert res.reason is RejectReason.ORIGIN_MISMATCH
+        assert await storage.latest_version(app) == 0
+
+    async def test_bad_batch_is_rejected_alone(self, storage: ServerStorage, app: str) -> None:
+        a, b, c = Writer("A"), Writer("B"), Writer("C")
+        bad = Instruction(Op.CREATE, "NoSuchModel", "k", b.hlc(), value={"id": "k"})
+        res = await storage.integrate(
+            [
+                batch(app, a.cs(a.create("a"))),
+                batch(app, b.cs(b.create("b")), b.cs(bad)),
+                batch(app, c.cs(c.create("c"))),
+            ]
+        )
+        assert [r.ok for r in res] == [True, False, True]
+        assert res[1].reason is RejectReason.INVALID and res[1].acked_version == 0
+        assert [r.server_versions for r in res] == [[1], [], [2]]
+        assert set(await storage.get_objects(app, "Task")) == {"a", "c"}
+        assert await storage.client_version(app, "B") == 0
+        assert await storage.latest_version(app) == 2
+
+    async def test_validation_uses_the_schema(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        wrong_type = a.cs(a.create("w", title=None), a.set("w", "done", "not a bool"))
+        res = (await storage.integrate([batch(app, wrong_type)]))[0]
+        assert res.reason is RejectReason.INVALID
+        assert await storage.get_objects(app, "Task") == {}
+
+    # -- merge results --------------------------------------------------------------------
+
+    async def test_last_writer_wins_whatever_the_upload_order(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        a, b = Writer("A"), Writer("B")
+        create = a.cs(a.create("x", title="first", at=1_000))
+        late = b.cs(b.set("x", "title", "late", at=3_000))
+        early = a.cs(a.set("x", "title", "early", at=2_000))
+        await storage.integrate([batch(app, create)])
+        await storage.integrate([batch(app, late)])
+        await storage.integrate([batch(app, early)])
+        assert (await storage.get_objects(app, "Task"))["x"]["title"] == "late"
+
+    async def test_counter_adds_are_summed(self, storage: ServerStorage, app: str) -> None:
+        a, b = Writer("A"), Writer("B")
+        await storage.integrate([batch(app, a.cs(a.create("x", votes=1, at=1_000)))])
+        await storage.integrate(
+            [batch(app, a.cs(a.add("x", 2, at=2_000))), batch(app, b.cs(b.add("x", 3, at=2_500)))]
+        )
+        assert (await storage.get_objects(app, "Task"))["x"]["votes"] == 6
+        await storage.integrate([batch(app, b.cs(b.set("x", "votes", 10, at=4_000)))])
+        await storage.integrate([batch(app, a.cs(a.add("x", 5, at=3_000)))])  # before the set
+        await storage.integrate([batch(app, a.cs(a.add("x", 7, at=5_000)))])  # after it
+        assert (await storage.get_objects(app, "Task"))["x"]["votes"] == 17
+
+    async def test_erase_wins_and_a_later_create_recreates(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        a, b = Writer("A"), Writer("B")
+        await storage.integrate([batch(app, a.cs(a.create("x", title="old", at=1_000)))])
+        await storage.integrate([batch(app, b.cs(b.erase("x", at=2_000)))])
+        await storage.integrate([batch(app, a.cs(a.set("x", "title", "upd", at=3_000)))])
+        assert "x" not in await storage.get_objects(app, "Task")
+        await storage.integrate([batch(app, a.cs(a.create("x", title="new", at=4_000)))])
+        objects = await storage.get_objects(app, "Task")
+        assert objects["x"]["title"] == "new"
+
+    async def test_primary_key_types(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        u, o = uuid.UUID(int=7), ObjectId(b"\x01" * 12)
+        await storage.integrate(
+            [
+                batch(
+                    app,
+                    a.cs(
+                        a.note(NOTE_INT, 5, "int"),
+                        a.note(NOTE_UUID, u, "uuid"),
+                        a.note(NOTE_OID, o, "oid"),
+                        a.create("5"),
+                    ),
+                )
+            ]
+        )
+        assert (await storage.get_objects(app, "NoteI"))[5]["text"] == "int"
+        assert (await storage.get_objects(app, "NoteU"))[u]["text"] == "uuid"
+        assert (await storage.get_objects(app, "NoteO"))[o]["text"] == "oid"
+        assert set(await storage.get_objects(app, "Task")) == {"5"}
+
+    # -- the log --------------------------------------------------------------------------
+
+    async def test_log_entries_are_stored_exactly(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        cs = a.cs(a.create("x"), a.set("x", "title", "é"), a.add("x", 3))
+        await storage.integrate([batch(app, cs)])
+        page = await storage.read_log(app, 0, 1 << 20)
+        assert page.entries == [LogEntry(1, "A", 1, pack_instructions(cs.instructions))]
+        assert (page.cursor, page.latest_version, page.remaining_bytes) == (1, 1, 0)
+
+    async def test_read_log_pages_in_order(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        for i in range(10):
+            await storage.integrate([batch(app, a.cs(a.create(f"p{i}", title="x" * 40)))])
+        size = len((await storage.read_log(app, 0, 0)).entries[0].instructions)
+        total = 10 * size
+        cursor, seen = 0, []
+        while True:
+            page = await storage.read_log(app, cursor, 3 * size)
+            assert page.latest_version == 10
+            if not page.entries:
+                assert page.cursor == cursor == 10 and page.remaining_bytes == 0
+                break
+            assert 1 <= len(page.entries) <= 3
+            assert page.cursor == page.entries[-1].server_version
+            assert page.remaining_bytes == total - page.cursor * size
+            seen += [e.server_version for e in page.entries]
+            cursor = page.cursor
+        assert seen == list(range(1, 11))
+        tiny = await storage.read_log(app, 4, 0)
+        assert [e.server_version for e in tiny.entries] == [5]
+
+    async def test_read_log_excludes_an_origin(self, storage: ServerStorage, app: str) -> None:
+        a, b = Writer("A"), Writer("B")
+        for i in range(3):
+            await storage.integrate([batch(app, a.cs(a.create(f"a{i}")))])
+            await storage.integrate([batch(app, b.cs(b.create(f"b{i}")))])
+        await storage.integrate([batch(app, a.cs(a.create("a-last")))])
+        page = await storage.read_log(app, 0, 1 << 20, exclude_origin="A")
+        assert [(e.origin, e.server_version) for e in page.entries] == [
+            ("B", 2),
+            ("B", 4),
+            ("B", 6),
+        ]
+        assert (page.cursor, page.remaining_bytes) == (7, 0)
+        only_a = await storage.read_log(app, 6, 1 << 20, exclude_origin="A")
+        assert (only_a.entries, only_a.cursor, only_a.remaining_bytes) == ([], 7, 0)
+        first = await storage.read_log(app, 0, 0, exclude_origin="A")
+        assert [e.server_version for e in first.entries] == [2] and first.cursor == 2
+        assert first.remaining_bytes > 0
+
+    async def test_read_log_refuses_bad_cursors(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        await storage.integrate([batch(app, a.cs(a.create("x")))])
+        with pytest.raises(CursorAheadError):
+            await storage.read_log(app, 2, 1024)
+        with pytest.raises(ValueError):
+            await storage.read_log(app, -1, 1024)
+        empty = await storage.read_log(app + "-none", 0, 1024)
+        assert (empty.entries, empty.cursor, empty.latest_version) == ([], 0, 0)
+
+    # -- clients and schemas --------------------------------------------------------------
+
+    async def test_register_client_ownership(self, storage: ServerStorage, app: str) -> None:
+        assert await storage.register_client(app, "D", "dana") == 0
+        assert await storage.register_client(app, "D", "dana") == 0
+        d = Writer("D")
+        await storage.integrate([batch(app, d.cs(d.create("d")), d.cs(d.create("e")))])
+        assert await storage.register_client(app, "D", "dana") == 2
+        with pytest.raises(ClientOwnershipError) as info:
+            await storage.register_client(app, "D", "mallory")
+        assert isinstance(info.value, StorageError) and isinstance(info.value, TidesyncError)
+        other = app + "-other"
+        await storage.wipe_app(other)
+        try:
+            assert await storage.register_client(other, "D", "mallory") == 0
+        finally:
+            await storage.wipe_app(other)
+
+    async def test_schemas_merge_additively(self, storage: ServerStorage, app: str) -> None:
+        assert await storage.get_schemas(app + "-none") == {}
+        assert await storage.get_schemas(app) == {m.name: m for m in ALL_MODELS}
+        note = FieldSchema("note", Kind.STR, optional=True)
+        wider = ModelSchema("Task", (*TASK.fields, note), "id")
+        merged = await storage.put_schemas(app, [wider])
+        assert merged["Task"] == wider
+        narrow = ModelSchema("Task", TASK.fields[:2], "id")
+        tag = ModelSchema("Tag", (FieldSchema("name", Kind.STR, primary_key=True),), "name")
+        merged = await storage.put_schemas(app, [narrow, tag])
+        assert merged["Task"] == wider and merged["Tag"] == tag
+        assert await storage.get_schemas(app) == merged
+
+    async def test_incompatible_schema_is_refused(self, storage: ServerStorage, app: str) -> None:
+        changed = ModelSchema(
+            "Task", (TASK.fields[0], FieldSchema("title", Kind.INT, optional=True)), "id"
+        )
+        required = ModelSchema("Task", (*TASK.fields, FieldSchema("due", Kind.INT)), "id")
+        dangling = ModelSchema(
+            "Box",
+            (
+                FieldSchema("id", Kind.INT, primary_key=True),
+                FieldSchema("x", Kind.LINK, optional=True, target="Nowhere"),
+            ),
+            "id",
+        )
+        for bad in (changed, required, dangling):
+            with pytest.raises(SchemaMismatchError):
+                await storage.put_schemas(app, [NOTE_INT, bad])
+        assert await storage.get_schemas(app) == {m.name: m for m in ALL_MODELS}
+
+    # -- durability, trimming, wiping -----------------------------------------------------
+
+    async def test_everything_survives_reopening(
+        self, make_storage: StorageFactory, storage: ServerStorage, app: str
+    ) -> None:
+        a = Writer("A")
+        await storage.integrate([batch(app, a.cs(a.create("x", title="kept")))])
+        await storage.integrate([batch(app, a.cs(a.create("y")), a.cs(a.erase("y")))])
+        await storage.close()
+        async with make_storage() as reopened:
+            assert await reopened.latest_version(app) == 3
+            assert await reopened.client_version(app, "A") == 3
+            assert await reopened.get_schemas(app) == {m.name: m for m in ALL_MODELS}
+            objects = await reopened.get_objects(app, "Task")
+            assert set(objects) == {"x"} and objects["x"]["title"] == "kept"
+            with pytest.raises(ClientOwnershipError):
+                await reopened.register_client(app, "A", "someone else")
+            res = await reopened.integrate([batch(app, a.cs(a.create("z")))])
+            assert res[0].server_versions == [4]
+            page = await reopened.read_log(app, 0, 1 << 20)
+            assert [e.server_version for e in page.entries] == [1, 2, 3, 4]
+
+    async def test_trim_history(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        for i in range(5):
+            await storage.integrate([batch(app, a.cs(a.create(f"t{i}")))])
+        assert await storage.trim_history(app, 3) == 3
+        with pytest.raises(HistoryTrimmedError) as info:
+            await storage.read_log(app, 2, 1 << 20)
+        assert info.value.trimmed_version == 3
+        page = await storage.read_log(app, 3, 1 << 20)
+        assert [e.server_version for e in page.entries] == [4, 5]
+        assert page.remaining_bytes == 0
+        part = await storage.read_log(app, 3, 0)
+        assert part.remaining_bytes == len(page.entries[1].instructions)
+        assert await storage.trim_history(app, 2) == 0
+        assert await storage.trim_history(app, 99) == 2
+        assert (await storage.read_log(app, 5, 1024)).entries == []
+        res = await storage.integrate([batch(app, a.cs(a.create("t5")))])
+        assert res[0].server_versions == [6]
+        assert len(await storage.get_objects(app, "Task")) == 6
+
+    async def test_wipe_app(self, storage: ServerStorage, app: str) -> None:
+        a = Writer("A")
+        other = app + "-kept"
+        await storage.wipe_app(other)
+        await storage.put_schemas(other, [TASK])
+        await storage.register_client(other, "A", "user-A")
+        await storage.integrate(
+            [batch(app, a.cs(a.create("x"))), batch(other, Changeset("A", 1, ()))]
+        )
+        await storage.wipe_app(app)
+        assert await storage.latest_version(app) == 0
+        assert await storage.get_schemas(app) == {}
+        assert await storage.get_objects(app, "Task") == {}
+        assert await storage.client_version(app, "A") == 0
+        assert await storage.register_client(app, "A", "new owner") == 0
+        assert await storage.latest_version(other) == 1
+        await storage.wipe_app(other)
+
+    # -- concurrency ----------------------------------------------------------------------
+
+    async def test_concurrent_integrates_get_dense_distinct_versions(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        origins = [f"w{i}" for i in range(20)]
+        for origin in origins:
+            await storage.register_client(app, origin, "u")
+
+        async def upload(origin: str) -> list[int]:
+            w, got = Writer(origin), []
+            for i in range(5):
+                (res,) = await storage.integrate([batch(app, w.cs(w.create(f"{origin}-{i}")))])
+                assert res.ok and res.acked_version == i + 1
+                got += res.server_versions
+            return got
+
+        per_origin = await asyncio.gather(*(upload(o) for o in origins))
+        every = sorted(v for got in per_origin for v in got)
+        assert every == list(range(1, 101))
+        assert all(got == sorted(got) for got in per_origin)
+        page = await storage.read_log(app, 0, 1 << 24)
+        assert [e.server_version for e in page.entries] == every
+        assert len(await storage.get_objects(app, "Task")) == 100
+
+    async def test_read_log_never_skips_a_version(self, storage: ServerStorage, app: str) -> None:
+        origins = [f"r{i}" for i in range(8)]
+        for origin in origins:
+            await storage.register_client(app, origin, "u")
+        done = asyncio.Event()
+
+        async def upload(origin: str) -> None:
+            w = Writer(origin)
+            for i in range(10):
+                await storage.integrate([batch(app, w.cs(w.create(f"{origin}-{i}")))])
+                await asyncio.sleep(0)
+
+        async def follow(exclude: str | None) -> list[int]:
+            cursor, seen = 0, []
+            while True:
+                finished = done.is_set()
+                page = await storage.read_log(app, cursor, 60, exclude_origin=exclude)
+                assert page.cursor >= cursor
+                assert all(e.origin != exclude for e in page.entries)
+                seen += [e.server_version for e in page.entries]
+                cursor = page.cursor
+                if finished and cursor == page.latest_version:
+                    return seen
+                await asyncio.sleep(0)
+
+        readers = [asyncio.create_task(follow(None)), asyncio.create_task(follow("r0"))]
+        await asyncio.gather(*(upload(o) for o in origins))
+        done.set()
+        everything, others = await asyncio.gather(*readers)
+        assert everything == list(range(1, 81))
+        page = await storage.read_log(app, 0, 1 << 24)
+        assert others == [e.server_version for e in page.entries if e.origin != "r0"]

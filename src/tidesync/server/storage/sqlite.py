@@ -1,0 +1,602 @@
+"""The embedded default server storage: one SQLite file, one connection, one worker thread.
+
+stdlib :mod:`sqlite3` blocks, so every statement runs on a single thread the storage owns,
+and each public coroutine hands that thread one whole unit of work (a transaction) and
+awaits it. Uploads arriving while a commit runs are queued and integrated together in the
+next transaction (group commit), so many clients share each ``fsync``. The file is in WAL
+mode with ``synchronous=FULL``: a commit that returned survives a power cut.
+
+One process owns a file at a time. The layout is described in ``docs/storage.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ...core.merge import ObjectState
+from ...core.packing import pack, pack_instructions, unpack
+from ...core.schema import ModelSchema
+from .base import (
+    BatchRejectedError,
+    ClientOwnershipError,
+    CursorAheadError,
+    HistoryTrimmedError,
+    LogEntry,
+    LogPage,
+    ObjectKey,
+    RejectReason,
+    ServerStorage,
+    StorageError,
+    UploadBatch,
+    UploadResult,
+    apply_changesets,
+    instructions_by_object,
+    merge_schemas,
+    select_new_changesets,
+)
+
+T = TypeVar("T")
+
+#: The file name :meth:`SQLiteStorage.in_folder` uses.
+DEFAULT_FILENAME = "server.sqlite3"
+#: The layout version written to ``meta``; a file with another one is refused.
+FORMAT_VERSION = 1
+#: How many log rows one ``read_log`` call looks at, at most (bounds excluded runs).
+MAX_SCAN_ROWS = 10_000
+_CHUNK = 500  # bound parameters per IN (...) query
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS apps (
+    app TEXT PRIMARY KEY,
+    latest_version INTEGER NOT NULL DEFAULT 0,
+    total_bytes INTEGER NOT NULL DEFAULT 0,
+    trimmed_version INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS schemas (
+    app TEXT NOT NULL,
+    model TEXT NOT NULL,
+    definition TEXT NOT NULL,
+    PRIMARY KEY (app, model)
+);
+CREATE TABLE IF NOT EXISTS clients (
+    app TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    last_version INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (app, origin)
+);
+CREATE TABLE IF NOT EXISTS log (
+    app TEXT NOT NULL,
+    server_version INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    client_version INTEGER NOT NULL,
+    instructions BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    cum_size INTEGER NOT NULL,
+    PRIMARY KEY (app, server_version)
+);
+CREATE TABLE IF NOT EXISTS objects (
+    app TEXT NOT NULL,
+    model TEXT NOT NULL,
+    pk BLOB NOT NULL,
+    state BLOB NOT NULL,
+    vals BLOB,
+    alive INTEGER NOT NULL,
+    PRIMARY KEY (app, model, pk)
+);
+"""
+
+_UPSERT_OBJECT = (
+    "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (app, model, pk) DO UPDATE SET "
+    "state = excluded.state, vals = excluded.vals, alive = excluded.alive"
+)
+
+
+class SQLiteStorage(ServerStorage):
+    """Server storage in the SQLite file at ``path`` (its folder is created if missing).
+
+    ``path`` names the database *file*; use :meth:`in_folder` to keep it in a data folder.
+    SQLite adds ``-wal`` and ``-shm`` files next to it.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None  # used on the worker thread only
+        self._schemas: dict[str, dict[str, ModelSchema]] = {}  # worker thread only
+        self._pending: list[tuple[list[UploadBatch], asyncio.Future[list[UploadResult]]]] = []
+        self._flush: asyncio.Future[list[UploadResult]] | None = None
+        self._closing = False
+
+    @classmethod
+    def in_folder(cls, folder: str | Path) -> SQLiteStorage:
+        """Storage in ``folder/server.sqlite3``."""
+        return cls(Path(folder) / DEFAULT_FILENAME)
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the worker thread, open the file, create the tables."""
+        if self._executor is not None:
+            raise StorageError("the storage is already open")
+        self._closing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidesync-sqlite")
+        try:
+            await self._run(self._open_sync)
+        except BaseException:
+            executor, self._executor = self._executor, None
+            executor.shutdown(wait=True)
+            raise
+
+    async def close(self) -> None:
+        """Finish queued uploads, close the connection and join the worker thread."""
+        executor = self._executor
+        if executor is None:
+            return
+        self._closing = True
+        while self._flush is not None:
+            await asyncio.wait([self._flush])
+        try:
+            await self._run(self._close_sync)
+        finally:
+            self._executor = None
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: executor.shutdown(wait=True)
+            )
+
+    def _open_sync(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if str(mode).lower() != "wal" and str(self._path) != ":memory:":
+                raise StorageError(f"{self._path}: cannot switch to WAL mode (got {mode})")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.executescript("BEGIN IMMEDIATE;" + _DDL + "COMMIT;")
+            conn.execute("BEGIN IMMEDIATE")
+            row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+            elif row[0] != str(FORMAT_VERSION):
+                raise StorageError(
+                    f"{self._path}: storage format {row[0]} is not supported "
+                    f"(this version reads {FORMAT_VERSION})"
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _close_sync(self) -> None:
+        conn, self._conn = self._conn, None
+        self._schemas.clear()
+        if conn is not None:
+            conn.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None:
+            raise StorageError("the storage is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._guarded, fn, *args)
+
+    def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(*args)
+        except sqlite3.Error as exc:
+            self._schemas.clear()  # it may hold what a failed transaction wrote
+            conn = self._conn
+            if conn is not None and conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StorageError(f"{self._path}: {exc}") from exc
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StorageError("the storage is not open")
+        return self._conn
+
+    def _transaction(self, fn: Callable[..., T], *args: Any) -> T:
+        conn = self._db
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn, *args)
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    # -- clients and schemas --------------------------------------------------------------
+
+    async def register_client(self, app_id: str, origin: str, user_id: str) -> int:
+        """Register ``origin`` for ``user_id``; return its last integrated version."""
+        return await self._run(self._transaction, _register_client, app_id, origin, user_id)
+
+    async def client_version(self, app_id: str, origin: str) -> int:
+        """The last client version of ``origin`` integrated (0 if none)."""
+        return await self._run(self._client_version_sync, app_id, origin)
+
+    def _client_version_sync(self, app_id: str, origin: str) -> int:
+        row = self._db.execute(
+            "SELECT last_version FROM clients WHERE app = ? AND origin = ?", (app_id, origin)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    async def get_schemas(self, app_id: str) -> dict[str, ModelSchema]:
+        """The app's models by name (empty for an unknown app)."""
+        return dict(await self._run(self._schemas_sync, app_id))
+
+    def _schemas_sync(self, app_id: str) -> dict[str, ModelSchema]:
+        cached = self._schemas.get(app_id)
+        if cached is None:
+            rows = self._db.execute(
+                "SELECT definition FROM schemas WHERE app = ? ORDER BY model", (app_id,)
+            ).fetchall()
+            cached = {}
+            for (definition,) in rows:
+                model = ModelSchema.from_dict(json.loads(definition))
+                cached[model.name] = model
+            self._schemas[app_id] = cached
+        return cached
+
+    async def put_schemas(self, app_id: str, schemas: list[ModelSchema]) -> dict[str, ModelSchema]:
+        """Add new models and fields; return the merged set (see ``base.merge_schemas``)."""
+        return dict(await self._run(self._transaction, self._put_schemas_txn, app_id, schemas))
+
+    def _put_schemas_txn(
+        self, conn: sqlite3.Connection, app_id: str, declared: list[ModelSchema]
+    ) -> dict[str, ModelSchema]:
+        self._schemas.pop(app_id, None)
+        stored = self._schemas_sync(app_id)
+        merged = merge_schemas(stored, declared)
+        changed = [m for name, m in merged.items() if stored.get(name) != m]
+        if changed:
+            _ensure_app(conn, app_id)
+            conn.executemany(
+                "INSERT OR REPLACE INTO schemas (app, model, definition) VALUES (?, ?, ?)",
+                [(app_id, m.name, json.dumps(m.to_dict())) for m in changed],
+            )
+            for model in changed:
+                if model.name in stored:
+                    _rerender(conn, app_id, model)
+        self._schemas[app_id] = merged
+        return merged
+
+    # -- integration ----------------------------------------------------------------------
+
+    async def integrate(self, batches: list[UploadBatch]) -> list[UploadResult]:
+        """Integrate uploads durably; calls that arrive during a commit share the next one."""
+        if self._executor is None or self._closing:
+            raise StorageError("the storage is not open")
+        if not batches:
+            return []
+        waiter: asyncio.Future[list[UploadResult]] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(batches), waiter))
+        if self._flush is None:
+            self._start_flush()
+        return await waiter
+
+    def _start_flush(self) -> None:
+        group, self._pending = self._pending, []
+        assert self._executor is not None
+        batches = [b for bs, _ in group for b in bs]
+        job = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._guarded, self._transaction, self._integrate_txn, batches
+        )
+        self._flush = job
+        job.add_done_callback(lambda done: self._flush_done(group, done))
+
+    def _flush_done(
+        self,
+        group: list[tuple[list[UploadBatch], asyncio.Future[list[UploadResult]]]],
+        job: asyncio.Future[list[UploadResult]],
+    ) -> None:
+        self._flush = None
+        error: BaseException | None
+        if job.cancelled():
+            error = StorageError("the commit was cancelled")
+        else:
+            error = job.exception()
+        start = 0
+        for bs, waiter in group:
+            if not waiter.done():
+                if error is not None:
+                    waiter.set_exception(error)
+                else:
+                    waiter.set_result(job.result()[start : start + len(bs)])
+            start += len(bs)
+        if self._pending and self._executor is not None:
+            self._start_flush()
+
+    def _integrate_txn(self, conn: sqlite3.Connection, batches: list[UploadBatch]) -> list[Any]:
+        group = _Group(conn)
+        results: list[UploadResult] = []
+        for batch in batches:
+            results.append(self._integrate_batch(group, batch))
+        group.write()
+        return results
+
+    def _integrate_batch(self, group: _Group, batch: UploadBatch) -> UploadResult:
+        app = batch.app_id
+        last = group.client_last(app, batch.origin)
+        if last is None:
+            return UploadResult(
+                batch.origin,
+                0,
+                [],
+                f"origin {batch.origin} is not registered with app {app}",
+                RejectReason.UNKNOWN_CLIENT,
+            )
+        schemas = self._schemas_sync(app)
+        try:
+            new = select_new_changesets(batch, last, schemas)
+            if not new:
+                return UploadResult(batch.origin, last, [])
+            by_object = instructions_by_object(new)
+            overlay = group.working_copies(app, by_object.keys())
+            apply_changesets(by_object, schemas, overlay)
+        except BatchRejectedError as exc:
+            return UploadResult(batch.origin, last, [], str(exc), exc.reason)
+        versions = group.append_log(app, batch.origin, new)
+        group.set_client_last(app, batch.origin, last + len(new))
+        group.keep(app, schemas, overlay)
+        return UploadResult(batch.origin, last + len(new), versions)
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def read_log(
+        self, app_id: str, after: int, max_bytes: int, exclude_origin: str | None = None
+    ) -> LogPage:
+        """Entries after ``after``, up to about ``max_bytes`` (see ``ServerStorage``)."""
+        if after < 0 or max_bytes < 0:
+            raise ValueError("after and max_bytes must not be negative")
+        return await self._run(
+            self._transaction, _read_log, app_id, after, max_bytes, exclude_origin
+        )
+
+    async def latest_version(self, app_id: str) -> int:
+        """The app's latest server version (0 if none)."""
+        return await self._run(self._latest_sync, app_id)
+
+    def _latest_sync(self, app_id: str) -> int:
+        return _app_row(self._db, app_id)[0]
+
+    async def get_objects(self, app_id: str, model: str) -> dict[Any, dict[str, Any]]:
+        """Primary key -> rendered values of every alive object of ``model``."""
+        return await self._run(self._objects_sync, app_id, model)
+
+    def _objects_sync(self, app_id: str, model: str) -> dict[Any, dict[str, Any]]:
+        rows = self._db.execute(
+            "SELECT pk, vals FROM objects WHERE app = ? AND model = ? AND alive = 1",
+            (app_id, model),
+        )
+        return {unpack(pk): unpack(vals) for pk, vals in rows}
+
+    # -- administration -------------------------------------------------------------------
+
+    async def trim_history(self, app_id: str, before_version: int) -> int:
+        """Delete log entries ``<= before_version`` (clamped to the latest)."""
+        return await self._run(self._transaction, _trim, app_id, before_version)
+
+    async def wipe_app(self, app_id: str) -> None:
+        """Delete all of the app's data."""
+        await self._run(self._transaction, self._wipe_txn, app_id)
+
+    def _wipe_txn(self, conn: sqlite3.Connection, app_id: str) -> None:
+        for table in ("objects", "log", "clients", "schemas", "apps"):
+            conn.execute(f"DELETE FROM {table} WHERE app = ?", (app_id,))
+        self._schemas.pop(app_id, None)
+
+
+class _Group:
+    """The state of one group-commit transaction, written with batched SQL at the end."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.apps: dict[str, list[int]] = {}  # app -> [latest_version, total_bytes]
+        self.clients: dict[tuple[str, str], int | None] = {}
+        self.dirty_clients: set[tuple[str, str]] = set()
+        self.raw: dict[tuple[str, str, bytes], bytes] = {}  # states as loaded from the file
+        self.states: dict[tuple[str, str, bytes], ObjectState] = {}  # states this group changed
+        self.schemas: dict[tuple[str, str, bytes], ModelSchema] = {}
+        self.log_rows: list[tuple[str, int, str, int, bytes, int, int]] = []
+
+    def client_last(self, app: str, origin: str) -> int | None:
+        key = (app, origin)
+        if key not in self.clients:
+            row = self.conn.execute(
+                "SELECT last_version FROM clients WHERE app = ? AND origin = ?", key
+            ).fetchone()
+            self.clients[key] = int(row[0]) if row else None
+        return self.clients[key]
+
+    def set_client_last(self, app: str, origin: str, version: int) -> None:
+        self.clients[(app, origin)] = version
+        self.dirty_clients.add((app, origin))
+
+    def working_copies(self, app: str, keys: Iterable[ObjectKey]) -> dict[ObjectKey, ObjectState]:
+        """Private copies of the touched objects' states (absent = never stored)."""
+        missing: dict[str, list[bytes]] = {}
+        for model, pk in keys:
+            full = (app, model, pk)
+            if full not in self.states and full not in self.raw:
+                missing.setdefault(model, []).append(pk)
+        for model, pks in missing.items():
+            for i in range(0, len(pks), _CHUNK):
+                chunk = pks[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = (
+                    f"SELECT pk, state FROM objects WHERE app = ? AND model = ? AND pk IN ({marks})"
+                )
+                rows = self.conn.execute(sql, (app, model, *chunk))
+                for pk, state in rows:
+                    self.raw[(app, model, pk)] = state
+        copies: dict[ObjectKey, ObjectState] = {}
+        for model, pk in keys:
+            full = (app, model, pk)
+            if full in self.states:
+                copies[(model, pk)] = ObjectState.from_bytes(self.states[full].to_bytes())
+            elif full in self.raw:
+                copies[(model, pk)] = ObjectState.from_bytes(self.raw[full])
+        return copies
+
+    def append_log(self, app: str, origin: str, changesets: list[Any]) -> list[int]:
+        counters = self.apps.get(app)
+        if counters is None:
+            _ensure_app(self.conn, app)
+            latest, total, _ = _app_row(self.conn, app)
+            counters = self.apps[app] = [latest, total]
+        versions: list[int] = []
+        for cs in changesets:
+            blob = pack_instructions(cs.instructions)
+            counters[0] += 1
+            counters[1] += len(blob)
+            self.log_rows.append(
+                (app, counters[0], origin, cs.version, blob, len(blob), counters[1])
+            )
+            versions.append(counters[0])
+        return versions
+
+    def keep(
+        self, app: str, schemas: dict[str, ModelSchema], changed: dict[ObjectKey, ObjectState]
+    ) -> None:
+        for (model, pk), state in changed.items():
+            self.states[(app, model, pk)] = state
+            self.schemas[(app, model, pk)] = schemas[model]
+
+    def write(self) -> None:
+        conn = self.conn
+        if self.log_rows:
+            conn.executemany("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", self.log_rows)
+        if self.states:
+            conn.executemany(
+                _UPSERT_OBJECT, [_object_row(k, s, self.schemas[k]) for k, s in self.states.items()]
+            )
+        if self.dirty_clients:
+            conn.executemany(
+                "UPDATE clients SET last_version = ? WHERE app = ? AND origin = ?",
+                [(self.clients[k], *k) for k in self.dirty_clients],
+            )
+        if self.apps:
+            conn.executemany(
+                "UPDATE apps SET latest_version = ?, total_bytes = ? WHERE app = ?",
+                [(latest, total, app) for app, (latest, total) in self.apps.items()],
+            )
+
+
+def _object_row(
+    key: tuple[str, str, bytes], state: ObjectState, schema: ModelSchema
+) -> tuple[Any, ...]:
+    rendered = state.render(schema) if state.alive else None
+    vals = pack(rendered) if rendered is not None else None
+    return (*key, state.to_bytes(), vals, 1 if rendered is not None else 0)
+
+
+def _rerender(conn: sqlite3.Connection, app: str, schema: ModelSchema) -> None:
+    """Render a model's stored objects again after its schema gained fields."""
+    rows = conn.execute(
+        "SELECT pk, state FROM objects WHERE app = ? AND model = ?", (app, schema.name)
+    ).fetchall()
+    conn.executemany(
+        _UPSERT_OBJECT,
+        [
+            _object_row((app, schema.name, pk), ObjectState.from_bytes(st), schema)
+            for pk, st in rows
+        ],
+    )
+
+
+def _ensure_app(conn: sqlite3.Connection, app: str) -> None:
+    conn.execute("INSERT OR IGNORE INTO apps (app) VALUES (?)", (app,))
+
+
+def _app_row(conn: sqlite3.Connection, app: str) -> tuple[int, int, int]:
+    row = conn.execute(
+        "SELECT latest_version, total_bytes, trimmed_version FROM apps WHERE app = ?", (app,)
+    ).fetchone()
+    return (int(row[0]), int(row[1]), int(row[2])) if row else (0, 0, 0)
+
+
+def _register_client(conn: sqlite3.Connection, app: str, origin: str, user_id: str) -> int:
+    row = conn.execute(
+        "SELECT user_id, last_version FROM clients WHERE app = ? AND origin = ?", (app, origin)
+    ).fetchone()
+    if row is not None:
+        if row[0] != user_id:
+            raise ClientOwnershipError(f"client file {origin} of app {app} belongs to another user")
+        return int(row[1])
+    _ensure_app(conn, app)
+    conn.execute(
+        "INSERT INTO clients (app, origin, user_id, last_version) VALUES (?, ?, ?, 0)",
+        (app, origin, user_id),
+    )
+    return 0
+
+
+def _read_log(
+    conn: sqlite3.Connection, app: str, after: int, max_bytes: int, exclude: str | None
+) -> LogPage:
+    latest, total, trimmed = _app_row(conn, app)
+    if after > latest:
+        raise CursorAheadError(f"app {app}: cursor {after} is past the latest version {latest}")
+    if after < trimmed:
+        raise HistoryTrimmedError(
+            f"app {app}: history up to version {trimmed} was trimmed (cursor {after})", trimmed
+        )
+    rows = conn.execute(
+        "SELECT server_version, origin, client_version, "
+        "CASE WHEN origin = ? THEN NULL ELSE instructions END, size, cum_size "
+        "FROM log WHERE app = ? AND server_version > ? ORDER BY server_version",
+        (exclude, app, after),
+    )
+    entries: list[LogEntry] = []
+    used = scanned = 0
+    cursor, cursor_cum = after, total
+    for version, origin, client_version, blob, size, cum in rows:
+        if blob is not None:
+            if entries and used + size > max_bytes:
+                break
+            entries.append(LogEntry(version, origin, client_version, blob))
+            used += size
+        cursor, cursor_cum = version, cum
+        scanned += 1
+        if scanned >= MAX_SCAN_ROWS or (entries and used >= max_bytes):
+            break
+    rows.close()
+    return LogPage(entries, cursor, latest, total - cursor_cum)
+
+
+def _trim(conn: sqlite3.Connection, app: str, before_version: int) -> int:
+    latest, _, trimmed = _app_row(conn, app)
+    point = min(before_version, latest)
+    if point <= trimmed:
+        return 0
+    deleted = conn.execute(
+        "DELETE FROM log WHERE app = ? AND server_version <= ?", (app, point)
+    ).rowcount
+    conn.execute("UPDATE apps SET trimmed_version = ? WHERE app = ?", (point, app))
+    return int(deleted)
+
+
+__all__ = ["DEFAULT_FILENAME", "SQLiteStorage"]
