@@ -370,3 +370,15 @@ def test_int_outside_64_bits_is_refused(db: ts.Database) -> None:
     with pytest.raises(ts.ValueTypeError), db.write():
         t.priority = -(2**64)
     assert len(db.all(Task)) == 1
+
+
+def test_query_by_link_and_link_path(db: ts.Database) -> None:
+    with db.write():
+        ann = db.add(Person(id="ann", name="Ann", age=40))
+        bob = db.add(Person(id="bob", name="Bob", age=20))
+        db.add(Task(summary="a", owner=ann, watchers=[bob]))
+        db.add(Task(summary="b", owner=bob, watchers=[ann, bob]))
+    assert [t.summary for t in db.query(Task, "owner == $0", ann)] == ["a"]
+    assert [t.summary for t in db.query(Task, "owner.name == $0", "Bob")] == ["b"]
+    assert [t.summary for t in db.query(Task, "ANY watchers.age > 30")] == ["b"]
+    assert [t.summary for t in db.query(Task, "watchers.@count == 2")] == ["b"]

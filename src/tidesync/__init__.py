@@ -9,9 +9,9 @@ from __future__ import annotations
 from .client.app import App, AppConfiguration, Credentials, SyncTimeoutOptions, User
 from .client.cancellation import CancellationToken, TimeoutCancellationToken
 from .client.config import Configuration
+from .client.database import Database
 from .client.session import ConnectionStateChange, Session, SessionState
 from .client.syncclient import ConnectionState
-from .client.database import Database
 from .errors import (
     AuthError,
     ClientResetError,
@@ -44,20 +44,15 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "AppConfiguration",
-    "CancellationToken",
-    "ConnectionState",
-    "ConnectionStateChange",
-    "Credentials",
-    "Session",
-    "SessionState",
-    "SyncTimeoutOptions",
-    "TimeoutCancellationToken",
-    "User",
     "AuthError",
+    "CancellationToken",
     "ClientResetError",
     "CompensatingWriteError",
     "Configuration",
+    "ConnectionState",
+    "ConnectionStateChange",
     "Counter",
+    "Credentials",
     "Database",
     "DatabaseClosedError",
     "DuplicatePrimaryKeyError",
@@ -75,10 +70,15 @@ __all__ = [
     "ResultsChange",
     "SchemaError",
     "SchemaMismatchError",
+    "Session",
     "SessionInactiveError",
+    "SessionState",
     "SyncAction",
     "SyncError",
+    "SyncTimeoutOptions",
     "TidesyncError",
+    "TimeoutCancellationToken",
+    "User",
     "ValueTypeError",
     "WriteError",
     "WriteOutsideTransactionError",

@@ -144,9 +144,7 @@ class User:
         self._logged_in = False
         self.app._forget_user(self)
         try:
-            await self.app._post(
-                "auth/logout", {}, bearer=self._refresh_token, what="logging out"
-            )
+            await self.app._post("auth/logout", {}, bearer=self._refresh_token, what="logging out")
         except (AuthError, TidesyncError):
             pass
 

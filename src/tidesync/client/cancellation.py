@@ -87,12 +87,18 @@ async def await_with_token(
         raise OperationCancelledError(f"{what} was cancelled")
     loop = asyncio.get_running_loop()
     cancelled = asyncio.Event()
-    remove = token._on_cancel(lambda: loop.call_soon_threadsafe(cancelled.set))
+
+    def on_cancel() -> None:
+        loop.call_soon_threadsafe(cancelled.set)
+
+    remove = token._on_cancel(on_cancel)
     stopper = asyncio.ensure_future(cancelled.wait())
     try:
         deadline = token._deadline()
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, _ = await asyncio.wait({fut, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {fut, stopper}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
         if fut in done:
             return fut.result()
         fut.cancel()

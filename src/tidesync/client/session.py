@@ -121,9 +121,7 @@ class Session:
         inner = self._client.call(lambda: worker.wait_upload(target))
         await self._await_inner(inner, cancellation_token, "wait_for_upload")
 
-    async def wait_for_download(
-        self, cancellation_token: CancellationToken | None = None
-    ) -> None:
+    async def wait_for_download(self, cancellation_token: CancellationToken | None = None) -> None:
         """Return once everything the server held when asked is applied locally."""
         worker = self._check()
         if cancellation_token is not None and cancellation_token.is_cancelled:
@@ -234,4 +232,3 @@ __all__ = [
     "SessionInactiveError",
     "SessionState",
 ]
-

@@ -35,7 +35,7 @@ from ..errors import (
     TidesyncError,
 )
 from ..protocol import client as pc
-from ..protocol.messages import UploadChangeset, error_code_of
+from ..protocol.messages import PongReceived, UploadChangeset, error_code_of
 from ..store.engine import StoreEngine, add_waker, remove_waker
 
 if TYPE_CHECKING:
@@ -145,9 +145,12 @@ class SyncClient:
         """Every connection tries at once (see ``App.reconnect``)."""
         if self._closed:
             return
-        self.loop.call_soon_threadsafe(
-            lambda: [c.reconnect_now() for c in list(self._connections.values())]
-        )
+
+        def all_now() -> None:
+            for conn in list(self._connections.values()):
+                conn.reconnect_now()
+
+        self.loop.call_soon_threadsafe(all_now)
 
     def close(self) -> None:
         """Stop every connection and the thread; returns when the thread has ended."""
@@ -679,7 +682,9 @@ class Connection:
                 self._wake.set()  # reconnect at once with the new token
                 return
             except AuthError as exc:
-                error = SyncError(ev.code, f"{ev.message} (refreshing failed: {exc})", SyncAction.STOP)
+                error = SyncError(
+                    ev.code, f"{ev.message} (refreshing failed: {exc})", SyncAction.STOP
+                )
                 for w in list(self.workers.values()):
                     w.report_error(error)
                     w.deactivate(str(error))
@@ -712,20 +717,24 @@ class Connection:
                 w = self.workers.get(ev.session)
                 if w is not None:
                     w.on_session_error(ev)
-        elif isinstance(ev, pc.PongReceived):
+        elif isinstance(ev, PongReceived):
             self._last_pong = time.monotonic()
             self._urgent_ping_at = None
 
     async def _keepalive(self) -> None:
         timeouts = self.timeouts
         while True:
-            await asyncio.sleep(min(timeouts.ping_keep_alive_period, timeouts.pong_keep_alive_timeout / 2))
+            await asyncio.sleep(
+                min(timeouts.ping_keep_alive_period, timeouts.pong_keep_alive_timeout / 2)
+            )
             if self.proto is None:
                 return
             if time.monotonic() - self._last_pong > timeouts.pong_keep_alive_timeout:
-                log.info("no pong for %.1f s: the connection is dead", timeouts.pong_keep_alive_timeout)
+                log.info(
+                    "no pong for %.1f s: the connection is dead", timeouts.pong_keep_alive_timeout
+                )
                 if self.ws is not None:
-                    self.ws.transport.abort()  # type: ignore[union-attr]
+                    self.ws.transport.abort()
                 return
             self.proto.ping(int(time.time() * 1000))
             await self._flush()
@@ -769,7 +778,7 @@ class Connection:
         log.info("dropping the sync connection: %s", reason)
         ws = self.ws
         if ws is not None:
-            ws.transport.abort()  # type: ignore[union-attr]
+            ws.transport.abort()
 
     async def close(self) -> None:
         """Close the socket and stop every task of this connection."""

@@ -467,6 +467,7 @@ class LocalDatabase:
         """Objects of ``model`` matching ``query`` (tidesync's query language), live."""
         self._check_open()
         schema = self._model_schema(model)
+        args = tuple(_query_arg(a) for a in args)
         parsed = q.parse(query)
         bound = q.bind(parsed, schema, self._schemas, args)
         return Results(self, model, parsed, args, bound)
@@ -486,3 +487,12 @@ class LocalDatabase:
                 self._notifier = Notifier(self)
                 self._notifier.start()
             return self._notifier
+
+
+def _query_arg(value: Any) -> Any:
+    """Query arguments: a managed object stands for its primary key (``owner == $0``)."""
+    if isinstance(value, Model):
+        return value._primary_key()
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return type(value)(_query_arg(v) for v in value)
+    return value

@@ -209,11 +209,11 @@ class StoreEngine:
         self._sql[model] = {
             "insert": f"INSERT INTO {table} ({', '.join(cols)}) VALUES "
             f"({', '.join('?' for _ in cols)})",
-            "insert_new": f"INSERT INTO {table} ({', '.join(fields)}, \"_hlc\") VALUES "
+            "insert_new": f'INSERT INTO {table} ({", ".join(fields)}, "_hlc") VALUES '
             f"({', '.join('?' for _ in fields)}, ?)",
-            "update": f"UPDATE {table} SET {sets}, \"_hlc\" = NULL WHERE {pk} = ?",
+            "update": f'UPDATE {table} SET {sets}, "_hlc" = NULL WHERE {pk} = ?',
             "delete": f"DELETE FROM {table} WHERE {pk} = ?",
-            "state": f"SELECT \"_state\", \"_hlc\", {', '.join(fields)} FROM {table} WHERE {pk} = ?",
+            "state": f'SELECT "_state", "_hlc", {", ".join(fields)} FROM {table} WHERE {pk} = ?',
             "exists": f"SELECT 1 FROM {table} WHERE {pk} = ?",
             "row": f"SELECT {', '.join(fields)} FROM {table} WHERE {pk} = ?",
         }
@@ -336,7 +336,9 @@ class StoreEngine:
         known = self._dead_models.get(model)
         if known is None:
             known = (
-                self.conn.execute("SELECT 1 FROM _dead WHERE model = ? LIMIT 1", (model,)).fetchone()
+                self.conn.execute(
+                    "SELECT 1 FROM _dead WHERE model = ? LIMIT 1", (model,)
+                ).fetchone()
                 is not None
             )
             if self.conn.in_transaction:

@@ -125,7 +125,10 @@ class Results(Generic[M]):
 
     def query(self, query: str, *args: Any) -> Results[M]:
         """Narrow these results further with another query."""
+        from .database import _query_arg
+
         db = self._db
+        args = tuple(_query_arg(a) for a in args)
         parsed = q.parse(query)
         bound = q.bind(parsed, self._schema, db._schemas, args)
         return Results(db, self.model, parsed, args, bound, parent=self)

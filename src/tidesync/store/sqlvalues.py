@@ -30,8 +30,8 @@ import datetime as _dt
 import json
 import math
 import uuid
-from decimal import Decimal
 from collections.abc import Callable
+from decimal import Decimal
 from typing import Any
 
 from ..core.packing import datetime_to_micros, micros_to_datetime
