@@ -115,7 +115,9 @@ async def test_logout_revokes_the_refresh_token(server: InProcessServer, tmp_pat
 async def test_forged_token_is_refused(server: InProcessServer) -> None:
     body = await anonymous(server)
     forged = jwt.encode(
-        {**claims(body["refresh_token"]), "sub": "someone-else"}, "a guessed secret of 32 bytes ...", algorithm="HS256"
+        {**claims(body["refresh_token"]), "sub": "someone-else"},
+        "a guessed secret of 32 bytes ...",
+        algorithm="HS256",
     )
     response = await post(server, f"/api/v1/apps/{APP}/auth/refresh", forged)
     assert_refused(response, "signature")

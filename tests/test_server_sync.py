@@ -95,18 +95,18 @@ class RawClient:
     async def send_raw(self, frame: bytes) -> None:
         await self.ws.send(frame)
 
-    async def next_event(self, timeout: float = 5.0) -> ClientEvent:
+    async def next_event(self, within: float = 5.0) -> ClientEvent:
         while not self.events:
-            frame = await asyncio.wait_for(self.ws.recv(), timeout)
+            frame = await asyncio.wait_for(self.ws.recv(), within)
             assert isinstance(frame, bytes)
             self.events.extend(self.proto.receive_data(frame))
             await self.flush()
         return self.events.pop(0)
 
-    async def expect(self, kind: type[E], timeout: float = 5.0) -> E:
+    async def expect(self, kind: type[E], within: float = 5.0) -> E:
         """The next event of ``kind``; other events before it are dropped."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within
         while True:
             event = await self.next_event(max(0.01, deadline - loop.time()))
             if isinstance(event, kind):
@@ -129,9 +129,9 @@ class RawClient:
         self.proto.upload(session, [UploadChangeset(v, b) for v, b in changesets], cursor)
         await self.flush()
 
-    async def wait_acked(self, session: int, version: int, timeout: float = 5.0) -> None:
+    async def wait_acked(self, session: int, version: int, within: float = 5.0) -> None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = loop.time() + within
         while self.proto.progress(session).upload_acked < version:
             await self.expect(DownloadReceived, max(0.01, deadline - loop.time()))
 
@@ -141,11 +141,11 @@ class RawClient:
             got.append(await self.expect(DownloadReceived))
         return got
 
-    async def closed_code(self, timeout: float = 5.0) -> int | None:
+    async def closed_code(self, within: float = 5.0) -> int | None:
         """Wait for the server to close; return its close code."""
         try:
             while True:
-                await asyncio.wait_for(self.ws.recv(), timeout)
+                await asyncio.wait_for(self.ws.recv(), within)
         except websockets.ConnectionClosed as exc:
             return exc.rcvd.code if exc.rcvd is not None else None
 
@@ -317,7 +317,7 @@ async def test_token_expiry_ends_the_connection(tmp_path: Path) -> None:
     config = ServerConfig(access_token_ttl=1.0)
     async with InProcessServer(tmp_path, config=config) as server:
         client, _ = await connect_bound(server, "f1")
-        error = await client.expect(ErrorReceived, timeout=5)
+        error = await client.expect(ErrorReceived, within=5)
         assert error.code == ErrorCode.TOKEN_EXPIRED
         assert error.action is SyncAction.REFRESH_TOKEN
         assert error.session is None
@@ -340,7 +340,7 @@ async def test_refresh_keeps_the_connection_alive(tmp_path: Path) -> None:
         client.proto.ping(7)
         await client.flush()
         assert (await client.expect(PongReceived)).timestamp_ms == 7
-        error = await client.expect(ErrorReceived, timeout=5)
+        error = await client.expect(ErrorReceived, within=5)
         assert error.code == ErrorCode.TOKEN_EXPIRED
 
 
@@ -537,3 +537,41 @@ async def test_stop_says_going_away_and_keeps_acknowledged_data(tmp_path: Path) 
     assert await client.closed_code() == 1001
     async with InProcessServer(tmp_path) as again:
         assert (await again.storage.get_objects(APP, "Task"))["t1"]["title"] == "kept"
+
+
+def test_threaded_server_survives_event_loops(tmp_path: Path) -> None:
+    import threading
+
+    async def round_trip(server: InProcessServer, file_ident: str) -> int:
+        client, _ = await connect_bound(server, file_ident)
+        await client.upload(1, [(1, create_task(file_ident, file_ident, "x"))])
+        await client.wait_acked(1, 1)
+        cursor = client.proto.progress(1).download_cursor
+        await client.close()
+        return cursor
+
+    with InProcessServer(tmp_path) as server:
+        assert asyncio.run(round_trip(server, "first")) == 1
+        # a new event loop, the same server: the second client downloads the first's change
+        assert asyncio.run(round_trip(server, "second")) == 2
+    assert not [t for t in threading.enumerate() if t.name.startswith("tidesync")]
+
+
+async def test_silent_connection_is_closed_after_the_hello_timeout(tmp_path: Path) -> None:
+    async with InProcessServer(tmp_path, config=ServerConfig(hello_timeout=0.3)) as server:
+        client = await RawClient.connect(server.ws_url, "", hello=False)
+        client.proto.start("unused")  # only to let the protocol read the server's answer
+        client.proto.data_to_send()
+        error = await client.expect(ErrorReceived)
+        assert error.code == ErrorCode.OTHER_ERROR and "HELLO" in error.message
+        assert await client.closed_code() == 1008
+
+
+async def test_query_is_acknowledged_in_a_download(server: InProcessServer) -> None:
+    client, _ = await connect_bound(server, "f1")
+    await client.expect(DownloadReceived)
+    client.proto.query(1, 1, {"Task": ["done == false"]})
+    await client.flush()
+    got = await client.expect(DownloadReceived)
+    assert got.query_version == 1
+    await client.close()

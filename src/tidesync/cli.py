@@ -68,7 +68,14 @@ def serve(
         raise typer.Exit(1) from exc
 
 
-# The lead adds ``tidesync demo`` here: define it with ``@app.command()`` like ``serve``.
+@app.command()
+def demo(
+    limit: float = typer.Option(60.0, help="Stop after this many seconds at most."),
+) -> None:
+    """Start a server and two devices (separate processes) that edit the same data, live."""
+    from .demo import run_demo
+
+    raise typer.Exit(run_demo(limit))
 
 
 def main() -> None:

@@ -198,8 +198,16 @@ def run_demo(duration_limit: float = 60.0) -> int:
         try:
             for name in ("A", "B"):
                 p = subprocess.Popen(
-                    [sys.executable, "-m", "tidesync.demo", "device", name, server.url,
-                     str(Path(tmp) / name), str(start_at)],
+                    [
+                        sys.executable,
+                        "-m",
+                        "tidesync.demo",
+                        "device",
+                        name,
+                        server.url,
+                        str(Path(tmp) / name),
+                        str(start_at),
+                    ],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
                     text=True,
@@ -210,7 +218,9 @@ def run_demo(duration_limit: float = 60.0) -> int:
             log: list[str] = []
             finished: set[str] = set()
             deadline = time.time() + duration_limit
-            with Live(_render(devices, log, server.url), console=console, refresh_per_second=8) as live:
+            with Live(
+                _render(devices, log, server.url), console=console, refresh_per_second=8
+            ) as live:
                 while len(finished) < 2 and time.time() < deadline:
                     if all(p.poll() is not None for p in procs) and lines.empty():
                         break

@@ -35,6 +35,8 @@ class ServerConfig:
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
     download_page_bytes: int = DEFAULT_DOWNLOAD_PAGE_BYTES
     development_mode: bool = True
+    #: How long a new sync connection may take to send HELLO before it is closed.
+    hello_timeout: float = 30.0
     #: How long shutdown waits for connections to say goodbye before cutting them.
     shutdown_grace: float = 5.0
     #: uvicorn's log level ("critical", "error", "warning", "info", "debug").
@@ -47,6 +49,8 @@ class ServerConfig:
             raise ValueError(f"max_frame_size must be at least {MIN_MAX_FRAME_SIZE} bytes")
         if self.download_page_bytes < 1:
             raise ValueError("download_page_bytes must be positive")
+        if self.hello_timeout <= 0:
+            raise ValueError("hello_timeout must be positive")
         if self.shutdown_grace < 0:
             raise ValueError("shutdown_grace must not be negative")
 

@@ -278,6 +278,7 @@ class SyncConnection:
             await self.ws.accept()
             if going_away:
                 await self.going_away()
+            self._spawn(self._hello_deadline(), "hello-deadline")
             receiver = asyncio.create_task(self._receive_loop())
             closing = asyncio.create_task(self._closing.wait())
             try:
@@ -471,6 +472,15 @@ class SyncConnection:
             await self._refuse_token(exc)
             return
         self.token_expires_at = claims.expires_at
+
+    async def _hello_deadline(self) -> None:
+        await asyncio.sleep(self.hub.config.hello_timeout)
+        if self.proto.state is ServerState.AWAITING_HELLO:
+            await self._fail(
+                ErrorCode.OTHER_ERROR,
+                f"no HELLO within {self.hub.config.hello_timeout:g} s",
+                CLOSE_POLICY_VIOLATION,
+            )
 
     async def _watch_token(self) -> None:
         while True:

@@ -197,6 +197,8 @@ class InProcessServer:
             if self._task.done():
                 error = self._task.exception()
                 self._cleanup()
+                if isinstance(error, ServerStartError):
+                    raise error
                 raise ServerStartError(f"the server failed to start: {error}") from error
             await asyncio.sleep(0.01)
 
@@ -268,13 +270,13 @@ class InProcessServer:
             self._thread_stop = asyncio.Event()
             ready.set()
             stopper = asyncio.ensure_future(self._thread_stop.wait())
+            watcher = asyncio.ensure_future(self.wait_stopped())
             try:
-                await asyncio.wait(
-                    {stopper, asyncio.ensure_future(self.wait_stopped())},
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                await asyncio.wait({stopper, watcher}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stopper.cancel()
+                watcher.cancel()
+                await asyncio.gather(stopper, watcher, return_exceptions=True)
                 await self.stop()
 
         self._thread = threading.Thread(
