@@ -94,13 +94,13 @@ def snapshot(db: ts.Database) -> dict[str, tuple[Any, ...]]:
     return {i.id: (i.text, i.n, i.hits.value, list(i.tags)) for i in db.all(Item)}
 
 
-async def settle(*devs: Device, timeout: float = 20) -> None:
+async def settle(*devs: Device, limit: float = 20) -> None:
     for d in devs:
         assert d.db is not None
-        await d.db.sync_session.wait_for_upload(T(timeout))
+        await d.db.sync_session.wait_for_upload(T(limit))
     for d in devs:
         assert d.db is not None
-        await d.db.sync_session.wait_for_download(T(timeout))
+        await d.db.sync_session.wait_for_download(T(limit))
 
 
 async def test_two_users_converge(devices: Any) -> None:
@@ -166,7 +166,7 @@ async def test_offline_writes_upload_when_server_returns(
     with a.db.write():
         a.db.find(Item, "off0").text = "edited offline"
     server.start()
-    await settle(a, b, timeout=30)
+    await settle(a, b, limit=30)
     assert snapshot(a.db) == snapshot(b.db)
     assert len(snapshot(b.db)) == 30 and b.db.find(Item, "off0").text == "edited offline"
 
@@ -211,7 +211,7 @@ async def test_kill_9_server_loses_no_acknowledged_write(
     server.start()
     await task
     assert acked, "no write was acknowledged before the kill"
-    await settle(a, b, timeout=30)
+    await settle(a, b, limit=30)
     got = snapshot(b.db)
     assert all(k in got for k in acked)
     assert len(got) == 200
@@ -244,15 +244,25 @@ async def test_kill_9_device_after_commit_uploads_on_restart(
         asyncio.run(main())
         """
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script, "write"], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == "committed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    out = subprocess.run(
-        [sys.executable, "-c", script, "upload"], capture_output=True, text=True, timeout=60
+
+    def write_then_die() -> str:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, "write"], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+        return line
+
+    assert await asyncio.to_thread(write_then_die) == "committed"
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script, "upload"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert "uploaded" in out.stdout, out.stderr
     b = await devices("b")
