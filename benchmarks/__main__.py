@@ -13,6 +13,11 @@ from .harness import Context, save
 #: Benchmark groups, in the order they run: name -> module.
 GROUPS = {
     "local": "benchmarks.local",
+    "floor": "benchmarks.floor",
+    "pouchdb": "benchmarks.pouchdb",
+    "sync": "benchmarks.sync",
+    "fanout": "benchmarks.fanout",
+    "scale": "benchmarks.scale",
 }
 
 

@@ -125,6 +125,8 @@ def render(data: dict[str, Any]) -> str:
         "",
     ]
     notes_file = ROOT / "benchmarks" / "notes.md"
+    # references may live in another group (e.g. PouchDB, the floor)
+    everywhere = {m["name"]: m for run in data["runs"].values() for m in run["measurements"]}
     for group, run in data["runs"].items():
         out += [
             f"## {group}",
@@ -134,7 +136,7 @@ def render(data: dict[str, Any]) -> str:
             "| benchmark | median | min | max | reference | ratio |",
             "|---|---|---|---|---|---|",
         ]
-        by_name = {m["name"]: m for m in run["measurements"]}
+        by_name = {**everywhere, **{m["name"]: m for m in run["measurements"]}}
         for m in run["measurements"]:
             runs = m["runs"]
             med = statistics.median(runs)

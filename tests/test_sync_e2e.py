@@ -103,7 +103,23 @@ async def settle(*devs: Device, limit: float = 20) -> None:
         await d.db.sync_session.wait_for_download(T(limit))
 
 
-async def test_two_users_converge(devices: Any) -> None:
+async def server_items(server: ServerProcess) -> dict[str, tuple[Any, ...]]:
+    """What the server holds (read from its storage after stopping it), as snapshot() shows."""
+    from tidesync.server.storage.sqlite import SQLiteStorage
+
+    assert server.stop() == 0
+    storage = SQLiteStorage.in_folder(server.data_dir)
+    await storage.open()
+    try:
+        objects = await storage.get_objects("todo", "Item")
+    finally:
+        await storage.close()
+    return {
+        pk: (v["text"], v["n"], v["hits"], list(v["tags"])) for pk, v in objects.items()
+    }
+
+
+async def test_two_users_converge(devices: Any, server: ServerProcess) -> None:
     a, b = await devices("a"), await devices("b")
     assert a.user.id != b.user.id
     with a.db.write():
@@ -134,6 +150,26 @@ async def test_two_users_converge(devices: Any) -> None:
     assert shared.text == "set by a" and shared.n == 7 and shared.hits.value == 5
     assert sorted(shared.tags) == ["x", "y"]
     assert not a.errors and not b.errors
+    assert await server_items(server) == snapshot(a.db)
+
+
+async def test_sessions_of_one_user_share_one_websocket(devices: Any, tmp_path: Path) -> None:
+    a = await devices("a")
+    second = ts.Database(
+        ts.Configuration.flexible_sync(a.user, [Item], path=tmp_path / "a" / "second.tidesync")
+    )
+    try:
+        with second.write():
+            second.add(Item(id="via-second"))
+        await second.sync_session.wait_for_upload(T(10))
+        await a.db.sync_session.wait_for_download(T(10))
+        assert a.db.find(Item, "via-second") is not None
+        client = a.app._sync_client
+        assert client is not None and len(client._connections) == 1
+        conn = next(iter(client._connections.values()))
+        assert len(conn.workers) == 2
+    finally:
+        second.close()
 
 
 async def test_session_basics(devices: Any, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@
     ├── OperationCancelledError     a wait was cancelled (token or timeout)
     ├── SessionInactiveError        a wait on a paused or closed session
     ├── AuthError                   login refused, token missing/expired/forged
+    │   └── TooManyAttemptsError    login attempts over the per-minute limit
+    ├── ConfigurationError          a server configuration file is invalid
     ├── ProtocolError               a peer broke the wire protocol
     │   ├── FrameTooLargeError
     │   └── MalformedMessageError
@@ -100,6 +102,14 @@ class SessionInactiveError(TidesyncError):
 
 class AuthError(TidesyncError):
     """Authentication failed: bad credentials, or a missing, expired or forged token."""
+
+
+class TooManyAttemptsError(AuthError):
+    """Too many login attempts for one account or from one address; try again later."""
+
+
+class ConfigurationError(TidesyncError, ValueError):
+    """A server configuration (file or options) is invalid; the message names the key."""
 
 
 class ProtocolError(TidesyncError):

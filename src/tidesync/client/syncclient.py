@@ -25,6 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from ..core.backoff import Backoff
 from ..core.packing import unpack_instructions
+from ..core.progress import ProgressDirection, ProgressMode, ProgressTracker, SyncProgress
 from ..errors import (
     AuthError,
     DatabaseClosedError,
@@ -35,7 +36,7 @@ from ..errors import (
     TidesyncError,
 )
 from ..protocol import client as pc
-from ..protocol.messages import PongReceived, UploadChangeset, error_code_of
+from ..protocol.messages import ErrorCode, PongReceived, UploadChangeset, error_code_of
 from ..store.engine import StoreEngine, add_waker, remove_waker
 
 if TYPE_CHECKING:
@@ -202,7 +203,20 @@ class SessionWorker:
         self.download_waiters: list[asyncio.Future[None]] = []
         self.marks: dict[int, list[asyncio.Future[None]]] = {}
         self.listeners: list[Callable[[str], None]] = []  # notified of "state", "progress"
-        self._waker = _Waker(self.loop, self.pump_upload)
+        # progress counters (cumulative, since this worker started; see core/progress.py)
+        self._up_scanned = self.upload_acked
+        self._up_pending: list[tuple[int, int]] = []  # (version, size) not yet acknowledged
+        self._up_head = 0
+        self.up_transferred = 0
+        self.up_transferable = 0
+        self.down_transferred = 0
+        self.down_remaining = 0
+        self.down_known = False
+        self.progress_listeners: list[_ProgressListener] = []
+        # uploads held back after a slow reconnect until the download has caught up
+        self.hold_uploads = False
+        self.held_upload_count = 0
+        self._waker = _Waker(self.loop, self._on_local_commit)
         add_waker(self.path, self._waker)  # type: ignore[arg-type]
 
     # --- lifecycle (sync loop) -----------------------------------------------------------

@@ -7,9 +7,11 @@ same way, and so the defaults are written down once (``docs/server.md`` lists th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..protocol.messages import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
+from .limits import Limits
+from .settings import AuthSettings
 
 #: Default access token lifetime: 30 minutes.
 DEFAULT_ACCESS_TOKEN_TTL = 1800.0
@@ -41,6 +43,15 @@ class ServerConfig:
     shutdown_grace: float = 5.0
     #: uvicorn's log level ("critical", "error", "warning", "info", "debug").
     log_level: str = "warning"
+    #: Size and rate limits (``docs/security.md``).
+    limits: Limits = field(default_factory=Limits)
+    #: Declared apps, their auth providers, admin keys, token delivery.
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    #: TLS certificate chain and private key (PEM files); both or neither.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: How long a refresh token replaced by rotation is still accepted (concurrent refreshes).
+    refresh_reuse_grace: float = 30.0
 
     def __post_init__(self) -> None:
         if self.access_token_ttl <= 0 or self.refresh_token_ttl <= 0:
@@ -53,6 +64,8 @@ class ServerConfig:
             raise ValueError("hello_timeout must be positive")
         if self.shutdown_grace < 0:
             raise ValueError("shutdown_grace must not be negative")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate (tls_cert) and a key (tls_key)")
 
     @property
     def ws_max_size(self) -> int:

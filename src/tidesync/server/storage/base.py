@@ -26,7 +26,7 @@ Errors::
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -230,6 +230,23 @@ class ServerStorage(abc.ABC):
     @abc.abstractmethod
     async def wipe_app(self, app_id: str) -> None:
         """Delete every piece of the app's data: schemas, clients, history, objects."""
+
+    def watch(self, app_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` when *another process* commits new versions of ``app_id``.
+
+        Returns the function that stops watching. Backends shared by several server
+        processes (PostgreSQL) override this; a single-process backend (SQLite) has nothing
+        to report, since the hub already wakes its sessions after its own commits.
+        """
+        return _no_op
+
+    async def check_ready(self) -> None:
+        """Raise :class:`StorageError` unless the storage can serve queries now."""
+        await self.latest_version("")
+
+
+def _no_op() -> None:
+    """Stops nothing (see :meth:`ServerStorage.watch`)."""
 
 
 # ---------------------------------------------------------------------------------------
