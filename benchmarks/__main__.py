@@ -17,7 +17,10 @@ GROUPS = {
     "pouchdb": "benchmarks.pouchdb",
     "sync": "benchmarks.sync",
     "fanout": "benchmarks.fanout",
+    "bootstrap": "benchmarks.bootstrap",
     "scale": "benchmarks.scale",
+    "session": "benchmarks.session",
+    "postgres": "benchmarks.postgres",
 }
 
 
@@ -32,12 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tidesync-bench-") as tmp:
         ctx = Context(quick=args.quick, workdir=Path(tmp))
         ran = []
-        for name in names:
-            module = importlib.import_module(GROUPS[name])
-            print(f"== {name}", file=sys.stderr, flush=True)
-            module.run(ctx)
-            ran.append(module.GROUP)
-        save(ctx, ran)
+        try:
+            for name in names:
+                module = importlib.import_module(GROUPS[name])
+                print(f"== {name}", file=sys.stderr, flush=True)
+                module.run(ctx)
+                ran.append(module.GROUP)
+        finally:
+            save(ctx, ran)  # what completed is kept even if a later group fails
     print("wrote docs/benchmarks.md and benchmarks/results.json", file=sys.stderr)
     return 0
 

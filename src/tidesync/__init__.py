@@ -11,7 +11,14 @@ from .client.cancellation import CancellationToken, TimeoutCancellationToken
 from .client.config import Configuration
 from .client.database import Database
 from .client.session import ConnectionStateChange, Session, SessionState
+from .client.subscriptions import (
+    MutableSubscriptionSet,
+    Subscription,
+    SubscriptionSet,
+    SubscriptionSetState,
+)
 from .client.syncclient import ConnectionState
+from .core.progress import ProgressDirection, ProgressMode, SyncProgress
 from .errors import (
     AuthError,
     ClientResetError,
@@ -27,6 +34,7 @@ from .errors import (
     SchemaError,
     SchemaMismatchError,
     SessionInactiveError,
+    SubscriptionError,
     SyncAction,
     SyncError,
     TidesyncError,
@@ -57,6 +65,7 @@ __all__ = [
     "DatabaseClosedError",
     "DuplicatePrimaryKeyError",
     "Model",
+    "MutableSubscriptionSet",
     "NestedWriteError",
     "NotSyncedError",
     "NotificationToken",
@@ -64,6 +73,8 @@ __all__ = [
     "ObjectDeletedError",
     "ObjectId",
     "OperationCancelledError",
+    "ProgressDirection",
+    "ProgressMode",
     "ProtocolError",
     "QueryError",
     "Results",
@@ -73,8 +84,13 @@ __all__ = [
     "Session",
     "SessionInactiveError",
     "SessionState",
+    "Subscription",
+    "SubscriptionError",
+    "SubscriptionSet",
+    "SubscriptionSetState",
     "SyncAction",
     "SyncError",
+    "SyncProgress",
     "SyncTimeoutOptions",
     "TidesyncError",
     "TimeoutCancellationToken",

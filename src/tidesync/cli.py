@@ -8,7 +8,6 @@ everything a command does is also available from Python.
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -43,24 +42,56 @@ def serve(
     log_level: Annotated[
         str, typer.Option(help="Log level: critical, error, warning, info, debug.")
     ] = "warning",
+    storage: Annotated[
+        str,
+        typer.Option(
+            envvar="TIDESYNC_STORAGE",
+            help="Sync data storage: empty for SQLite in --data, or "
+            "postgresql://user@host:port/db[?schema=name] (several servers may share it).",
+        ),
+    ] = "",
+    log_format: Annotated[
+        str, typer.Option(help="Log line format: text, or json (one object per line).")
+    ] = "text",
+    config_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="TOML configuration file (production mode: apps, auth, limits)."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="TLS certificate chain (PEM): serve https/wss.")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
 ) -> None:
     """Run the sync server (development mode) until SIGINT or SIGTERM."""
     from .server.config import ServerConfig
     from .server.runner import ServerStartError, print_url, serve_forever
 
-    options: dict[str, object] = {"log_level": log_level.lower()}
+    options: dict[str, object] = {"log_level": log_level.lower(), "storage_url": storage}
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter("--log-format must be text or json")
     if access_token_ttl is not None:
         options["access_token_ttl"] = access_token_ttl
     if max_frame_size is not None:
         options["max_frame_size"] = max_frame_size
+    if tls_cert is not None or tls_key is not None:
+        options["tls_cert"] = str(tls_cert) if tls_cert is not None else None
+        options["tls_key"] = str(tls_key) if tls_key is not None else None
     try:
-        config = ServerConfig(**options)  # type: ignore[arg-type]
+        if config_file is not None:
+            from .server.settings import load_config
+
+            if not storage:
+                del options["storage_url"]  # the file may name the storage
+            config = load_config(config_file, **options)
+        else:
+            config = ServerConfig(**options)  # type: ignore[arg-type]
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.WARNING),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from .server.logfmt import configure_logging
+
+    configure_logging(log_level, log_format)
     try:
         asyncio.run(serve_forever(data, host, port, config, announce=print_url))
     except ServerStartError as exc:

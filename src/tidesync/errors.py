@@ -13,6 +13,7 @@
     │   ├── ObjectDeletedError      the object was deleted (invalidated)
     │   └── ValueTypeError          a value does not fit the field's type
     ├── QueryError                  a query does not parse or names unknown fields
+    ├── SubscriptionError           a subscription update or set refused (name clash, server)
     ├── NotSyncedError              a sync-only API on a local database
     ├── OperationCancelledError     a wait was cancelled (token or timeout)
     ├── SessionInactiveError        a wait on a paused or closed session
@@ -106,6 +107,11 @@ class AuthError(TidesyncError):
 
 class TooManyAttemptsError(AuthError):
     """Too many login attempts for one account or from one address; try again later."""
+
+
+class SubscriptionError(TidesyncError, ValueError):
+    """A subscription could not be added, or the server refused the subscription set
+    (the message carries the server's reason)."""
 
 
 class ConfigurationError(TidesyncError, ValueError):

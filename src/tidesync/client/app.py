@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import jwt
 
-from ..errors import AuthError, TidesyncError
+from ..errors import AuthError, TidesyncError, TooManyAttemptsError
 
 if TYPE_CHECKING:
     from .config import SyncConfiguration
@@ -50,6 +51,9 @@ class AppConfiguration:
     base_path: str | Path | None = None
     sync_timeouts: SyncTimeoutOptions = field(default_factory=SyncTimeoutOptions)
     request_timeout: float = 30.0
+    #: PEM file of the certificate authorities to trust for ``https``/``wss`` (instead of
+    #: the system's); certificates are always verified.
+    ca_bundle: str | Path | None = None
 
     def resolved_base_path(self) -> Path:
         """``base_path``, or ``./tidesync/<app_id>`` when not given."""
@@ -69,6 +73,30 @@ class Credentials:
     def anonymous(cls) -> Credentials:
         """A new anonymous user."""
         return cls("anonymous")
+
+    @classmethod
+    def email_password(cls, email: str, password: str) -> Credentials:
+        """An email/password account (register it first with ``app.email_password_auth``)."""
+        return cls("email_password", {"email": email, "password": password})
+
+    @classmethod
+    def api_key(cls, key: str) -> Credentials:
+        """A user's API key (``user.api_keys.create``) or a server admin key."""
+        return cls("api_key", {"key": key})
+
+    @classmethod
+    def jwt(cls, token: str) -> Credentials:
+        """A token signed by the app's external identity provider (custom JWT)."""
+        return cls("jwt", {"token": token})
+
+
+#: Where each provider logs in.
+_LOGIN_PATHS = {
+    "anonymous": "auth/anonymous",
+    "email_password": "auth/email/login",
+    "api_key": "auth/api_key/login",
+    "jwt": "auth/jwt/login",
+}
 
 
 def _token_expiry(token: str) -> float:
@@ -111,6 +139,21 @@ class User:
         """Unix time at which the access token expires (0 if unknown)."""
         return _token_expiry(self._access_token)
 
+    @property
+    def api_keys(self) -> ApiKeyClient:
+        """The user's own API keys: create, list, disable, enable, delete."""
+        return ApiKeyClient(self)
+
+    async def delete(self) -> None:
+        """Delete this user on the server (its live sync connections end) and forget it
+        on this device; local database files are kept."""
+        token = await self.valid_access_token()
+        await self.app._post(
+            "auth/me", None, bearer=token, what="deleting the user", method="DELETE"
+        )
+        self._logged_in = False
+        self.app._forget_user(self)
+
     def default_path(self) -> Path:
         """Where this user's synced databases live unless a path is given."""
         return self.app.base_path / "users" / self.id / "default.tidesync"
@@ -123,8 +166,11 @@ class User:
         token = data.get("access_token")
         if not isinstance(token, str):
             raise AuthError("the server's refresh answer has no access_token")
+        rotated = data.get("refresh_token")
         with self._lock:
             self._access_token = token
+            if isinstance(rotated, str) and rotated:
+                self._refresh_token = rotated
         self.app._save_users()
         return token
 
@@ -167,6 +213,7 @@ class App:
         self._current: User | None = None
         self._lock = threading.RLock()
         self._sync_client: SyncClient | None = None
+        self._ssl: ssl.SSLContext | None = None
         self._load_users()
 
     # --- users ---------------------------------------------------------------------------
@@ -188,11 +235,37 @@ class App:
         self._current = user
         self._save_users()
 
+    async def remove_user(self, user: User) -> None:
+        """Log ``user`` out (revoking its refresh token) and remove it from this device's
+        users; its local database files are kept (delete them with ``Database.delete``)."""
+        if user.id not in self._users:
+            raise AuthError(f"user {user.id} is not on this device")
+        if user.is_logged_in:
+            await user.log_out()
+        self._forget_user(user)
+
+    @property
+    def email_password_auth(self) -> EmailPasswordAuth:
+        """Registration, confirmation and password reset of email/password accounts."""
+        return EmailPasswordAuth(self)
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of ``https``/``wss`` connections: verifying, with the
+        configuration's ``ca_bundle`` when one is given."""
+        with self._lock:
+            if self._ssl is None:
+                cafile = self.config.ca_bundle
+                self._ssl = ssl.create_default_context(
+                    cafile=str(cafile) if cafile is not None else None
+                )
+            return self._ssl
+
     async def log_in(self, credentials: Credentials) -> User:
         """Log in and return the user (raises :class:`AuthError` when refused)."""
-        if credentials.provider != "anonymous":
+        path = _LOGIN_PATHS.get(credentials.provider)
+        if path is None:
             raise AuthError(f"unsupported credentials provider {credentials.provider!r}")
-        data = await self._post("auth/anonymous", credentials.payload, what="logging in")
+        data = await self._post(path, credentials.payload, what="logging in")
         try:
             user = User(
                 self, str(data["user_id"]), str(data["access_token"]), str(data["refresh_token"])
@@ -260,12 +333,23 @@ class App:
         return f"{base}/api/v1/apps/{self.id}/sync"
 
     async def _post(
-        self, tail: str, body: dict[str, Any], *, bearer: str | None = None, what: str
+        self,
+        tail: str,
+        body: dict[str, Any] | None,
+        *,
+        bearer: str | None = None,
+        what: str,
+        method: str = "POST",
     ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {bearer}"} if bearer else {}
+        verify: ssl.SSLContext | bool = (
+            self.ssl_context() if self.base_url.startswith("https://") else True
+        )
         try:
-            async with httpx.AsyncClient(timeout=self.config.request_timeout) as http:
-                resp = await http.post(self._url(tail), json=body, headers=headers)
+            async with httpx.AsyncClient(
+                timeout=self.config.request_timeout, verify=verify
+            ) as http:
+                resp = await http.request(method, self._url(tail), json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise AuthError(f"{what} failed: cannot reach {self.base_url}: {exc}") from exc
         if resp.status_code == 204:
@@ -274,6 +358,9 @@ class App:
             data = resp.json()
         except ValueError:
             data = {}
+        if resp.status_code == 429:
+            message = data.get("error") if isinstance(data, dict) else None
+            raise TooManyAttemptsError(f"{what} failed: {message or 'too many attempts'}")
         if resp.status_code >= 400:
             message = data.get("error") if isinstance(data, dict) else None
             raise AuthError(f"{what} failed ({resp.status_code}): {message or resp.text[:200]}")
@@ -306,3 +393,101 @@ class App:
         client = self._sync_client
         if client is not None:
             client.close()
+
+
+class EmailPasswordAuth:
+    """``app.email_password_auth``: the email/password account flows."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def register_user(self, email: str, password: str) -> None:
+        """Create an account; unless the app confirms automatically, the server sends
+        (or, in development mode, logs) a confirmation token."""
+        body = {"email": email, "password": password}
+        await self.app._post("auth/email/register", body, what="registering")
+
+    async def confirm_user(self, token: str) -> None:
+        """Confirm an account with the token the server delivered."""
+        await self.app._post("auth/email/confirm", {"token": token}, what="confirming")
+
+    async def resend_confirmation_email(self, email: str) -> None:
+        """Ask for a new confirmation token."""
+        await self.app._post("auth/email/resend", {"email": email}, what="resending")
+
+    async def send_reset_password_email(self, email: str) -> None:
+        """Ask for a password reset token (the answer is the same for unknown addresses)."""
+        await self.app._post(
+            "auth/email/reset/send", {"email": email}, what="asking for a password reset"
+        )
+
+    async def reset_password(self, token: str, password: str) -> None:
+        """Set a new password with a reset token (every refresh token is revoked)."""
+        body = {"token": token, "password": password}
+        await self.app._post("auth/email/reset", body, what="resetting the password")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A user's API key; ``key`` is set only in the answer of :meth:`ApiKeyClient.create`."""
+
+    id: str
+    name: str
+    disabled: bool
+    key: str | None = None
+
+    @classmethod
+    def _from(cls, data: dict[str, Any]) -> ApiKey:
+        try:
+            key = data.get("key")
+            return cls(
+                str(data["id"]),
+                str(data["name"]),
+                bool(data["disabled"]),
+                key if isinstance(key, str) else None,
+            )
+        except KeyError as exc:
+            raise AuthError(f"the server's API key answer lacks {exc}") from None
+
+
+class ApiKeyClient:
+    """``user.api_keys``: the user's own API keys."""
+
+    def __init__(self, user: User) -> None:
+        self.user = user
+
+    async def _call(
+        self, tail: str, body: dict[str, Any] | None, what: str, method: str = "POST"
+    ) -> dict[str, Any]:
+        token = await self.user.valid_access_token()
+        return await self.user.app._post(
+            f"auth/api_keys{tail}", body, bearer=token, what=what, method=method
+        )
+
+    async def create(self, name: str) -> ApiKey:
+        """A new key (the returned :attr:`ApiKey.key` is never shown again)."""
+        return ApiKey._from(await self._call("", {"name": name}, "creating an API key"))
+
+    async def list(self) -> list[ApiKey]:
+        """The user's keys, oldest first."""
+        data = await self._call("", None, "listing API keys", "GET")
+        keys = data.get("api_keys")
+        if not isinstance(keys, list):
+            raise AuthError("the server's API key list is malformed")
+        return [ApiKey._from(k) for k in keys if isinstance(k, dict)]
+
+    async def get(self, key_id: str) -> ApiKey | None:
+        """One key by id, or None."""
+        return next((k for k in await self.list() if k.id == key_id), None)
+
+    async def disable(self, key_id: str) -> None:
+        """Disable a key (logins with it are refused until it is enabled)."""
+        await self._call(f"/{key_id}/disable", None, "disabling an API key")
+
+    async def enable(self, key_id: str) -> None:
+        """Enable a disabled key."""
+        await self._call(f"/{key_id}/enable", None, "enabling an API key")
+
+    async def delete(self, key_id: str) -> None:
+        """Delete a key."""
+        await self._call(f"/{key_id}", None, "deleting an API key", "DELETE")

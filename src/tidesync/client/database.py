@@ -6,9 +6,11 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..core.progress import SyncProgress
 from ..errors import NotSyncedError, OperationCancelledError
 from ..store.database import LocalDatabase
 from .config import Configuration
+from .subscriptions import SubscriptionSet
 
 if TYPE_CHECKING:
     from .cancellation import CancellationToken
@@ -31,6 +33,7 @@ class Database(LocalDatabase):
         self._session: Session | None = None
         if config.sync is not None:
             try:
+                _run_initial_subscriptions(self, config)
                 self._session = config.sync.user.app._open_session(self, config.sync)
             except BaseException:
                 super().close()
@@ -40,11 +43,14 @@ class Database(LocalDatabase):
     async def open(
         cls,
         config: Configuration,
-        on_progress: Callable[[Any], Any] | None = None,
+        on_progress: Callable[[SyncProgress], Any] | None = None,
         cancellation_token: CancellationToken | None = None,
     ) -> Database:
         """Open without blocking the event loop; a synced database first downloads what the
-        server holds (``on_progress`` is called with each :class:`SyncProgress`)."""
+        server holds. ``on_progress`` is called (on the sync thread) with each
+        :class:`SyncProgress` of that download: values never decrease and the last is 1.0.
+        Cancelling ``cancellation_token`` raises :class:`OperationCancelledError` and closes
+        the database."""
         if cancellation_token is not None and cancellation_token.is_cancelled:
             raise OperationCancelledError("the open was cancelled")
         db = await asyncio.to_thread(cls, config)
@@ -57,6 +63,13 @@ class Database(LocalDatabase):
             db.close()
             raise
         return db
+
+    @property
+    def subscriptions(self) -> SubscriptionSet:
+        """The flexible sync subscription set of a synced database (persisted in its file)."""
+        if self.config.sync is None:
+            raise NotSyncedError(f"the database {self.path} is local; it has no subscriptions")
+        return SubscriptionSet(self)
 
     @property
     def sync_session(self) -> Session:
@@ -74,3 +87,13 @@ class Database(LocalDatabase):
 
     def __enter__(self) -> Database:
         return self
+
+
+def _run_initial_subscriptions(db: Database, config: Configuration) -> None:
+    """Call ``initial_subscriptions(db)`` when the file has no subscription set yet (or on
+    every open with ``rerun_on_open``); it updates ``db.subscriptions`` itself."""
+    sync = config.sync
+    if sync is None or sync.initial_subscriptions is None:
+        return
+    if sync.rerun_on_open or db.subscriptions.version == 0:
+        sync.initial_subscriptions(db)

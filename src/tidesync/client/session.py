@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..core.progress import ProgressDirection, ProgressMode, SyncProgress
 from ..errors import DatabaseClosedError, OperationCancelledError, SessionInactiveError
 from .cancellation import CancellationToken, await_with_token
-from .syncclient import ConnectionState, SessionWorker, SyncClient
+from .syncclient import ConnectionState, SessionWorker, SyncClient, _ProgressListener
 
 if TYPE_CHECKING:
     from .app import User
@@ -71,6 +72,7 @@ class Session:
         self._conn_listeners: list[Callable[[ConnectionStateChange], Any]] = []
         self._last_version_sql = "SELECT value FROM _meta WHERE key = 'last_version'"
         self._db = db
+        self._streams: set[_Stream] = set()
 
     @property
     def path(self) -> str:
@@ -145,9 +147,107 @@ class Session:
             raise
 
     async def _wait_initial_download(
-        self, on_progress: Callable[[Any], Any] | None, token: CancellationToken | None
+        self, on_progress: Callable[[SyncProgress], Any] | None, token: CancellationToken | None
     ) -> None:
-        await self.wait_for_download(token)
+        """Wait for the initial download, reporting monotone progress that ends at 1.0."""
+        if on_progress is None:
+            await self.wait_for_download(token)
+            return
+        last = [-1.0]
+
+        def report(p: SyncProgress) -> None:
+            if p.progress_estimate > last[0]:
+                last[0] = p.progress_estimate
+                on_progress(p)
+
+        listener = self._register_progress(
+            report,
+            None,
+            ProgressDirection.DOWNLOAD,
+            ProgressMode.FOR_CURRENTLY_OUTSTANDING_WORK,
+            from_start=True,
+        )
+        try:
+            await self.wait_for_download(token)
+        finally:
+            listener.cancelled = True
+            self._client.loop.call_soon_threadsafe(self._worker.remove_progress_listener, listener)
+        if last[0] < 1.0:  # downloaded: the server answered the completion request
+            try:
+                on_progress(SyncProgress(1.0))
+            except Exception:
+                log.exception("the on_progress callback failed")
+
+    # --- progress ------------------------------------------------------------------------
+
+    def _register_progress(
+        self,
+        deliver: Callable[[SyncProgress], Any],
+        end: Callable[[], None] | None,
+        direction: ProgressDirection,
+        mode: ProgressMode,
+        *,
+        from_start: bool = False,
+    ) -> _ProgressListener:
+        if not isinstance(direction, ProgressDirection):
+            raise TypeError("direction must be a tidesync.ProgressDirection")
+        if not isinstance(mode, ProgressMode):
+            raise TypeError("mode must be a tidesync.ProgressMode")
+        worker = self._check()
+        listener = _ProgressListener(direction, mode, deliver, end, from_start=from_start)
+        self._client.call(lambda: worker.add_progress_listener(listener))
+        return listener
+
+    def add_progress_listener(
+        self,
+        callback: Callable[[SyncProgress], Any],
+        direction: ProgressDirection,
+        mode: ProgressMode,
+    ) -> _Token:
+        """Call ``callback(SyncProgress)`` (on the sync thread) with the first value at once
+        and then at every change; ``token.cancel()`` stops it. In
+        ``FOR_CURRENTLY_OUTSTANDING_WORK`` mode the calls end after the one with 1.0."""
+        listener = self._register_progress(callback, None, direction, mode)
+        worker = self._worker
+
+        def remove() -> None:
+            listener.cancelled = True
+            try:
+                self._client.loop.call_soon_threadsafe(worker.remove_progress_listener, listener)
+            except RuntimeError:
+                pass  # the sync loop is closed: nothing left to remove
+
+        return _Token(remove)
+
+    def get_progress_stream(
+        self, direction: ProgressDirection, mode: ProgressMode
+    ) -> AsyncIterator[SyncProgress]:
+        """An async iterator of :class:`SyncProgress` (the first value at once). In
+        ``FOR_CURRENTLY_OUTSTANDING_WORK`` mode it ends right after yielding 1.0; in
+        ``REPORT_INDEFINITELY`` mode it ends when you ``break`` or call ``aclose()`` (or the
+        database closes)."""
+        stream: _Stream = _Stream(None)
+
+        def register(deliver: Callable[[Any], Any]) -> _Token:
+            found = self._register_progress(deliver, stream.end, direction, mode)
+            worker = self._worker
+
+            def remove() -> None:
+                found.cancelled = True
+                try:
+                    self._client.loop.call_soon_threadsafe(worker.remove_progress_listener, found)
+                except RuntimeError:
+                    pass
+
+            return _Token(remove)
+
+        stream.start(register)
+        self._track(stream)
+        return stream
+
+    def _track(self, stream: _Stream) -> None:
+        self._streams.add(stream)
+        stream.on_close = self._streams.discard
 
     # --- connection state changes --------------------------------------------------------
 
@@ -176,7 +276,9 @@ class Session:
     def connection_state_changes(self) -> AsyncIterator[ConnectionStateChange]:
         """An async iterator of :class:`ConnectionStateChange`, one per change (no initial
         value); stop it with ``break`` or ``aclose()``."""
-        return _Stream(self.add_connection_state_listener)
+        stream: _Stream = _Stream(self.add_connection_state_listener)
+        self._track(stream)
+        return stream
 
     def _close(self) -> None:
         if self._closed:
@@ -187,6 +289,9 @@ class Session:
         finally:
             self._closed = True
             self._conn_listeners.clear()
+            for stream in list(self._streams):
+                stream.end()
+            self._streams.clear()
 
 
 async def _wait_future(fut: asyncio.Future[None]) -> None:
@@ -198,37 +303,68 @@ def _cancel_if_pending(fut: asyncio.Future[None]) -> None:
         fut.cancel()
 
 
-class _Stream(AsyncIterator[Any]):
-    """An async iterator fed from the sync thread through a callback registration."""
+_END = object()
 
-    def __init__(self, register: Callable[[Callable[[Any], Any]], _Token]) -> None:
+
+class _Stream(AsyncIterator[Any]):
+    """An async iterator fed from the sync thread through a callback registration; it ends
+    when :meth:`end` is called (from any thread) or the consumer calls :meth:`aclose`."""
+
+    def __init__(self, register: Callable[[Callable[[Any], Any]], _Token] | None) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._token: _Token | None = None
+        self._finished = False
+        self.on_close: Callable[[_Stream], None] | None = None
+        if register is not None:
+            self.start(register)
+
+    def start(self, register: Callable[[Callable[[Any], Any]], _Token]) -> None:
+        """Register with the source (the first value may arrive during registration)."""
         self._token = register(self._deliver)
 
     def _deliver(self, item: Any) -> None:
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:
-            self._token.cancel()
+        except RuntimeError:  # the consumer's loop is closed
+            if self._token is not None:
+                self._token.cancel()
+
+    def end(self) -> None:
+        """No more items: the iterator stops after the queued ones (callable from any thread)."""
+        self._deliver(_END)
 
     def __aiter__(self) -> _Stream:
         return self
 
     async def __anext__(self) -> Any:
-        if self._token.is_cancelled and self._queue.empty():
+        if self._finished:
             raise StopAsyncIteration
-        return await self._queue.get()
+        item = await self._queue.get()
+        if item is _END:
+            self._stop()
+            raise StopAsyncIteration
+        return item
+
+    def _stop(self) -> None:
+        self._finished = True
+        if self._token is not None:
+            self._token.cancel()
+        if self.on_close is not None:
+            self.on_close(self)
 
     async def aclose(self) -> None:
         """Stop the stream."""
-        self._token.cancel()
+        self._stop()
 
 
 __all__ = [
     "ConnectionState",
     "ConnectionStateChange",
+    "ProgressDirection",
+    "ProgressMode",
     "Session",
     "SessionInactiveError",
     "SessionState",
+    "SyncProgress",
 ]

@@ -38,6 +38,7 @@ from ..errors import (
 from ..protocol import client as pc
 from ..protocol.messages import ErrorCode, PongReceived, UploadChangeset, error_code_of
 from ..store.engine import StoreEngine, add_waker, remove_waker
+from .subscriptions import FlexApplier, compensating_error, query_error
 
 if TYPE_CHECKING:
     from .app import App, User
@@ -185,6 +186,8 @@ class SessionWorker:
         self.path = db.path
         self.session: Session | None = None
         self.engine = StoreEngine(db.path, db.schemas)
+        self.flex = FlexApplier(self.engine)  # flexible sync (client/subscriptions.py)
+        self.query_sent = 0  # subscription set version sent on the current binding
         self.schema = [s.to_dict() for s in db.schemas.values()]
         self.file_ident = self.engine.origin
         self.upload_acked = int(self.engine.get_meta("upload_acked", 0) or 0)
@@ -262,7 +265,86 @@ class SessionWorker:
         self.deactivate("the database was closed")
         self.closed = True
         remove_waker(self.path, self._waker)  # type: ignore[arg-type]
+        listeners, self.progress_listeners = self.progress_listeners, []
+        for listener in listeners:
+            listener.end()
         self.engine.close()
+
+    # --- progress ------------------------------------------------------------------------
+
+    def _on_local_commit(self) -> None:
+        if self.closed:
+            return
+        self.pump_upload()
+        self.update_progress()
+
+    def _scan_uploads(self) -> None:
+        """Count local changesets committed since the last scan, and acknowledged ones."""
+        rows = self.engine.conn.execute(
+            "SELECT version, size FROM _changelog WHERE version > ? ORDER BY version",
+            (max(self._up_scanned, self.upload_acked),),
+        ).fetchall()
+        for version, size in rows:
+            self._up_pending.append((int(version), int(size)))
+            self.up_transferable += int(size)
+            self._up_scanned = int(version)
+        pending = self._up_pending
+        n = 0
+        while n < len(pending) and pending[n][0] <= self.upload_acked:
+            self.up_transferred += pending[n][1]
+            n += 1
+        if n:
+            del pending[:n]
+
+    def counters(self, direction: ProgressDirection) -> tuple[int, int, bool]:
+        """``(transferred, transferable, known)`` for a direction (cumulative bytes)."""
+        if direction is ProgressDirection.UPLOAD:
+            if not self.closed:
+                self._scan_uploads()
+            return self.up_transferred, self.up_transferable, True
+        return (
+            self.down_transferred,
+            self.down_transferred + self.down_remaining,
+            self.down_known,
+        )
+
+    def add_progress_listener(self, listener: _ProgressListener) -> None:
+        """Register a listener and report its first value at once."""
+        if self.closed:
+            raise DatabaseClosedError("the session ended: its database was closed")
+        t, total, known = self.counters(listener.direction)
+        listener.tracker = ProgressTracker(
+            listener.mode, t, total, known=known, from_start=listener.from_start
+        )
+        self.progress_listeners.append(listener)
+        self._feed(listener, t, total, known, False)
+
+    def remove_progress_listener(self, listener: _ProgressListener) -> None:
+        """Stop reporting to a listener."""
+        if listener in self.progress_listeners:
+            self.progress_listeners.remove(listener)
+
+    def update_progress(self, download_complete: bool = False) -> None:
+        """Report the current counters to every progress listener."""
+        if not self.progress_listeners or self.closed:
+            return
+        values = {d: self.counters(d) for d in ProgressDirection}
+        for listener in list(self.progress_listeners):
+            t, total, known = values[listener.direction]
+            complete = download_complete and listener.direction is ProgressDirection.DOWNLOAD
+            self._feed(listener, t, total, known, complete)
+
+    def _feed(
+        self, listener: _ProgressListener, t: int, total: int, known: bool, complete: bool
+    ) -> None:
+        tracker = listener.tracker
+        assert tracker is not None
+        progress = tracker.update(t, total, known=known, complete=complete)
+        if progress is not None:
+            listener.deliver(progress)
+        if tracker.done:
+            self.remove_progress_listener(listener)
+            listener.end()
 
     # --- state ---------------------------------------------------------------------------
 
@@ -305,11 +387,14 @@ class SessionWorker:
         self.upload_sent = self.upload_acked
         self.marks.clear()  # MARK replies are lost; waiters re-ask on rebind
         if self.active:
-            self.set_conn_state(ConnectionState.CONNECTING)
+            self.set_conn_state(ConnectionState.DISCONNECTED)
 
-    def bind(self, proto: pc.ClientProtocol, session_no: int) -> None:
-        """Send BIND for this file on a fresh connection."""
+    def bind(self, proto: pc.ClientProtocol, session_no: int, slow_reconnect: bool = False) -> None:
+        """Send BIND for this file on a fresh connection. After a slow reconnect (offline
+        longer than ``fast_reconnect_limit``) uploads wait until the download caught up."""
         self.session_no = session_no
+        if slow_reconnect and not self.hold_uploads:
+            self._hold_uploads_until_downloaded()
         last_version = int(self.engine.get_meta("last_version", 0) or 0)
         proto.bind(
             session_no,
@@ -318,8 +403,43 @@ class SessionWorker:
             self.download_cursor,
             self.upload_acked,
             local_version=last_version,
+            flexible=self.flex.flexible(),
         )
+        self.query_sent = 0
+        self.flex.reset()
         self.set_conn_state(ConnectionState.CONNECTING)
+
+    def send_query(self) -> None:
+        """Send the newest subscription set as QUERY if this binding has not sent it yet."""
+        conn = self.connection
+        if self.closed or conn is None or conn.proto is None or self.session_no is None:
+            return
+        if not self.bound or not conn.proto.has_session(self.session_no):
+            return
+        version, queries, args = self.flex.latest_query()
+        if version <= self.query_sent:
+            return
+        conn.proto.query(self.session_no, version, queries, args)
+        self.query_sent = version
+        conn.flush_soon()
+
+    def on_query_error(self, ev: pc.QueryErrorReceived) -> None:
+        """QUERY_ERROR: the set goes to ERROR with the server's message (the older set
+        keeps syncing)."""
+        query_error(self.engine, ev.query_version, ev.message)
+
+    def _hold_uploads_until_downloaded(self) -> None:
+        self.hold_uploads = True
+        self.held_upload_count += 1
+        fut = self.wait_download()
+
+        def release(f: asyncio.Future[None]) -> None:
+            if not f.cancelled():
+                f.exception()  # retrieved: a paused session fails it, which is fine here
+            self.hold_uploads = False
+            self.pump_upload()
+
+        fut.add_done_callback(release)
 
     def on_bound(self, ev: pc.SessionBound) -> None:
         """BOUND: the server's view of our uploads; start uploading and re-ask marks."""
@@ -329,6 +449,7 @@ class SessionWorker:
             self._set_acked(ev.upload_acked)
         self.upload_sent = self.upload_acked
         self.set_conn_state(ConnectionState.CONNECTED)
+        self.send_query()  # the subscription set first: the server checks uploads against it
         self.pump_upload()
         if self.download_waiters:
             self._send_mark()
@@ -351,6 +472,7 @@ class SessionWorker:
         self._persist(upload_acked=acked)
         self.upload_acked = acked
         self.in_flight = [(v, s) for v, s in self.in_flight if v > acked]
+        self.update_progress()
         for target, fut in list(self.upload_waiters):
             if target <= acked and not fut.done():
                 fut.set_result(None)
@@ -366,6 +488,9 @@ class SessionWorker:
                 engine.apply(instructions)
                 if instructions:
                     engine.observe(max(i.hlc for i in instructions))
+            self.flex.apply(
+                ev.objects, ev.bootstrap, ev.query_version, max(ev.upload_acked, self.upload_acked)
+            )
             engine.set_meta("download_cursor", ev.cursor)
             if ev.upload_acked > self.upload_acked:
                 engine.set_meta("upload_acked", ev.upload_acked)
@@ -376,21 +501,29 @@ class SessionWorker:
         self.download_cursor = ev.cursor
         self.server_latest = ev.latest_server_version
         self.downloadable_bytes = ev.downloadable_bytes
+        self.down_transferred += ev.size
+        self.down_remaining = ev.downloadable_bytes
+        self.down_known = True
         if ev.upload_acked > self.upload_acked:
             self.upload_acked = ev.upload_acked - 1  # _set_acked persists & resolves
             self.upload_acked = int(engine.get_meta("upload_acked", 0) or 0) - 1
             self._set_acked(ev.upload_acked)
         self.pump_upload()
+        self.update_progress()
         self._emit("progress")
 
     def on_mark(self, ev: pc.MarkReplied) -> None:
         """A MARK reply: everything up to its version has been downloaded and applied."""
+        self.update_progress(download_complete=True)
         for fut in self.marks.pop(ev.request_id, []):
             if not fut.done():
                 fut.set_result(None)
 
     def on_session_error(self, ev: pc.ErrorReceived) -> None:
         """A session-level ERROR: report it; retry after a delay unless told to stop."""
+        if ev.code == ErrorCode.COMPENSATING_WRITE:  # the session stays bound
+            self.report_error(compensating_error(ev.message))
+            return
         error = SyncError(ev.code, ev.message, ev.action)
         self.report_error(error)
         self.bound = False
@@ -408,6 +541,8 @@ class SessionWorker:
         """Upload what the change log holds beyond what was sent, within the window."""
         conn = self.connection
         if not (self.active and self.bound and conn is not None and conn.proto is not None):
+            return
+        if self.hold_uploads:
             return
         proto = conn.proto
         assert self.session_no is not None
@@ -466,6 +601,49 @@ class SessionWorker:
         conn.flush_soon()
 
 
+class _ProgressListener:
+    """A progress listener as the sync loop keeps it: ``deliver`` gets each value, ``end``
+    is called once when the listener is finished (done, or the session closed)."""
+
+    def __init__(
+        self,
+        direction: ProgressDirection,
+        mode: ProgressMode,
+        deliver: Callable[[SyncProgress], None],
+        end: Callable[[], None] | None = None,
+        *,
+        from_start: bool = False,
+    ) -> None:
+        self.direction = direction
+        self.mode = mode
+        self._deliver = deliver
+        self._end = end
+        self.from_start = from_start
+        self.tracker: ProgressTracker | None = None
+        self.cancelled = False
+        self.ended = False
+
+    def deliver(self, progress: SyncProgress) -> None:
+        """Hand a value to the listener (errors in it are logged, never raised here)."""
+        if self.cancelled:
+            return
+        try:
+            self._deliver(progress)
+        except Exception:
+            log.exception("a progress listener failed")
+
+    def end(self) -> None:
+        """Tell the listener no more values come (once)."""
+        if self.ended:
+            return
+        self.ended = True
+        if self._end is not None:
+            try:
+                self._end()
+            except Exception:
+                log.exception("a progress listener failed")
+
+
 def _in_marks(worker: SessionWorker, fut: asyncio.Future[None]) -> bool:
     return any(fut in futs for futs in worker.marks.values())
 
@@ -494,8 +672,17 @@ class Connection:
         self._linger: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._last_pong = 0.0
+        self._pong = asyncio.Event()
         self._urgent_ping_at: float | None = None
+        self._urgent_check: asyncio.TimerHandle | None = None
+        self._reconnect_at_once = False
+        self._server_delay: float | None = None
+        self._error_reported = False
+        self._rebinds: dict[SessionWorker, asyncio.TimerHandle] = {}
         self.connected_at: float | None = None
+        self.disconnected_at: float | None = None
+        #: connection attempts made (for tests and diagnostics)
+        self.attempts = 0
 
     # --- sessions ------------------------------------------------------------------------
 
@@ -539,23 +726,42 @@ class Connection:
             self._spawn(self._drop("no sessions left"))
 
     def rebind_later(self, worker: SessionWorker, delay: float) -> None:
-        """Re-bind a session after a session-level error (a new session number)."""
+        """Re-bind a session after a session-level error (a new session number);
+        ``App.reconnect()`` cuts the delay short."""
+        old = self._rebinds.pop(worker, None)
+        if old is not None:
+            old.cancel()
+        self._rebinds[worker] = self.client.loop.call_later(delay, self._rebind, worker)
 
-        def again() -> None:
-            if worker.active and worker.connection is self:
-                no = worker.session_no
-                if no is not None and self.workers.get(no) is worker:
-                    del self.workers[no]
-                self.attach(worker)
-
-        self.client.loop.call_later(delay, again)
+    def _rebind(self, worker: SessionWorker) -> None:
+        self._rebinds.pop(worker, None)
+        if worker.active and worker.connection is self:
+            no = worker.session_no
+            if no is not None and self.workers.get(no) is worker:
+                del self.workers[no]
+            self.attach(worker)
 
     # --- running -------------------------------------------------------------------------
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # never lost: logged, reported, and the connection retried
+            log.error("a sync task failed", exc_info=exc)
+            self._report(SyncError(int(ErrorCode.OTHER_ERROR), repr(exc), SyncAction.RETRY))
+            if self.ws is not None:
+                self.ws.transport.abort()
+
+    def _report(self, error: SyncError) -> None:
+        for w in list(self.workers.values()):
+            w.report_error(error)
 
     def _ensure_running(self, immediate: bool = False) -> None:
         if self._task is None or self._task.done():
@@ -564,8 +770,13 @@ class Connection:
             self._wake.set()
 
     def reconnect_now(self) -> None:
-        """Reset the backoff and try at once; probe an open connection with a ping."""
+        """Reset the backoff and try at once (also cutting short a server-prescribed delay
+        and session retry delays); probe an open connection with an urgent ping."""
         self._backoff.reset()
+        self._server_delay = None
+        for worker, handle in list(self._rebinds.items()):
+            handle.cancel()
+            self._rebind(worker)
         if not self.workers:
             return
         if self.state is ConnectionState.CONNECTED and self.proto is not None:
@@ -575,19 +786,31 @@ class Connection:
             self._wake.set()
 
     def _urgent_ping(self) -> None:
-        proto = self.proto
-        if proto is None:
+        proto, ws = self.proto, self.ws
+        if proto is None or ws is None or self._urgent_ping_at is not None:
             return
         sent_at = time.monotonic()
         self._urgent_ping_at = sent_at
         proto.ping(int(time.time() * 1000))
         self.flush_soon()
+        wait = self.timeouts.reconnect_urgent_ping_timeout
 
         def check() -> None:
-            if self._urgent_ping_at == sent_at and self.ws is not None:
-                self._spawn(self._drop("no answer to an urgent ping"))
+            self._urgent_check = None
+            if self._urgent_ping_at == sent_at and self.ws is ws:
+                self._urgent_ping_at = None
+                self._report(
+                    SyncError(
+                        int(ErrorCode.CONNECTION_CLOSED),
+                        f"no answer to an urgent ping within {wait} s: the connection is dead",
+                        SyncAction.RETRY,
+                    )
+                )
+                self._error_reported = True
+                self._reconnect_at_once = True
+                ws.transport.abort()
 
-        self.client.loop.call_later(self.timeouts.reconnect_urgent_ping_timeout, check)
+        self._urgent_check = self.client.loop.call_later(wait, check)
 
     def set_state(self, state: ConnectionState) -> None:
         """Record the connection's state."""
@@ -599,15 +822,33 @@ class Connection:
             for w in list(self.workers.values()):
                 w.on_connecting()
             worked = False
+            self._error_reported = False
+            self._reconnect_at_once = False
+            self.attempts += 1
             try:
                 worked = await self._connect_and_serve()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure ends this attempt; we retry
                 log.info("sync connection to %s ended: %r", self.client.app.base_url, exc)
+                if not self._error_reported and self.workers and not self.closed:
+                    self._report(
+                        SyncError(
+                            int(ErrorCode.CONNECTION_CLOSED),
+                            f"the sync connection failed: {exc!r}",
+                            SyncAction.RETRY,
+                        )
+                    )
             finally:
                 self.ws = None
                 self.proto = None
+                self._urgent_ping_at = None
+                if self._urgent_check is not None:
+                    self._urgent_check.cancel()
+                    self._urgent_check = None
+                if self.connected_at is not None:
+                    self.disconnected_at = time.monotonic()
+                    self.connected_at = None
                 self.set_state(ConnectionState.DISCONNECTED)
                 for w in list(self.workers.values()):
                     w.on_disconnected()
@@ -616,7 +857,10 @@ class Connection:
             if worked:
                 self._backoff.reset()
             delay = self._backoff.next_delay(self._rng.random())
-            if self._wake.is_set():
+            if self._server_delay is not None:  # the server prescribed the delay
+                delay = min(self._server_delay, self.timeouts.reconnect_max_delay)
+                self._server_delay = None
+            if self._wake.is_set() or self._reconnect_at_once:
                 delay = 0.0
             self._wake.clear()
             try:
@@ -635,6 +879,9 @@ class Connection:
         ws = await asyncio.wait_for(
             connect(
                 self.client.app.sync_url(),
+                ssl=self.client.app.ssl_context()
+                if self.client.app.sync_url().startswith("wss://")
+                else None,
                 max_size=None,
                 ping_interval=None,
                 compression=None,
@@ -656,10 +903,13 @@ class Connection:
                     await self._on_connection_error(ev)
                     return False
             self.set_state(ConnectionState.CONNECTED)
-            self.connected_at = time.monotonic()
-            self._last_pong = time.monotonic()
+            now = time.monotonic()
+            gone = self.disconnected_at
+            slow = gone is not None and now - gone > timeouts.fast_reconnect_limit
+            self.connected_at = now
+            self._last_pong = now
             for no, w in list(self.workers.items()):
-                w.bind(proto, no)
+                w.bind(proto, no, slow_reconnect=slow)
             await self._flush()
             keepalive = asyncio.ensure_future(self._keepalive())
             refresher = asyncio.ensure_future(self._token_refresher())
@@ -678,8 +928,8 @@ class Connection:
         except ProtocolError as exc:
             code = error_code_of(exc) if hasattr(exc, "code") else None  # type: ignore[arg-type]
             log.warning("the server broke the protocol (%s): %s", code, exc)
-            for w in self.workers.values():
-                w.report_error(SyncError(int(code or 101), str(exc), SyncAction.RETRY))
+            self._report(SyncError(int(code or 101), str(exc), SyncAction.RETRY))
+            self._error_reported = True
             return False
         finally:
             await ws.close()
@@ -704,24 +954,42 @@ class Connection:
                     w.deactivate(str(error))
                 return
         error = SyncError(ev.code, ev.message, ev.action)
-        for w in list(self.workers.values()):
-            w.report_error(error)
+        self._report(error)
+        self._error_reported = True
+        if ev.action is SyncAction.STOP:
+            for w in list(self.workers.values()):
+                w.deactivate(f"the server stopped the connection: {ev.message}")
         if ev.retry_delay_ms:
-            await asyncio.sleep(ev.retry_delay_ms / 1000.0)
+            self._server_delay = ev.retry_delay_ms / 1000.0
+
+    def _worker_call(self, session: int, fn: Callable[[SessionWorker], None]) -> None:
+        """Run a worker's handler; if it fails (e.g. the local file cannot take the data),
+        that session stops with a reported fatal error and the others go on."""
+        w = self.workers.get(session)
+        if w is None:
+            return
+        try:
+            fn(w)
+        except Exception as exc:
+            log.exception("sync session %s failed", w.path)
+            w.report_error(
+                SyncError(
+                    int(ErrorCode.OTHER_SESSION_ERROR),
+                    f"the session failed and was stopped: {exc!r}",
+                    SyncAction.STOP,
+                )
+            )
+            w.deactivate(f"the session failed: {exc!r}")
 
     async def _dispatch(self, ev: pc.ClientEvent) -> None:
         if isinstance(ev, pc.DownloadReceived):
-            w = self.workers.get(ev.session)
-            if w is not None:
-                w.on_download(ev)
+            self._worker_call(ev.session, lambda w: w.on_download(ev))
         elif isinstance(ev, pc.SessionBound):
-            w = self.workers.get(ev.session)
-            if w is not None:
-                w.on_bound(ev)
+            self._worker_call(ev.session, lambda w: w.on_bound(ev))
         elif isinstance(ev, pc.MarkReplied):
-            w = self.workers.get(ev.session)
-            if w is not None:
-                w.on_mark(ev)
+            self._worker_call(ev.session, lambda w: w.on_mark(ev))
+        elif isinstance(ev, pc.QueryErrorReceived):
+            self._worker_call(ev.session, lambda w: w.on_query_error(ev))
         elif isinstance(ev, pc.ErrorReceived):
             if ev.session is None:
                 await self._on_connection_error(ev)
@@ -734,24 +1002,39 @@ class Connection:
         elif isinstance(ev, PongReceived):
             self._last_pong = time.monotonic()
             self._urgent_ping_at = None
+            self._pong.set()
 
     async def _keepalive(self) -> None:
+        """Ping every ``ping_keep_alive_period``; a ping unanswered within
+        ``pong_keep_alive_timeout`` means the connection is dead (silent network, half-open
+        socket): report it and drop the socket so the reconnect starts."""
         timeouts = self.timeouts
         while True:
-            await asyncio.sleep(
-                min(timeouts.ping_keep_alive_period, timeouts.pong_keep_alive_timeout / 2)
-            )
-            if self.proto is None:
+            await asyncio.sleep(timeouts.ping_keep_alive_period)
+            proto, ws = self.proto, self.ws
+            if proto is None or ws is None:
                 return
-            if time.monotonic() - self._last_pong > timeouts.pong_keep_alive_timeout:
-                log.info(
-                    "no pong for %.1f s: the connection is dead", timeouts.pong_keep_alive_timeout
-                )
-                if self.ws is not None:
-                    self.ws.transport.abort()
-                return
-            self.proto.ping(int(time.time() * 1000))
+            self._pong.clear()
+            proto.ping(int(time.time() * 1000))
             await self._flush()
+            try:
+                await asyncio.wait_for(self._pong.wait(), timeouts.pong_keep_alive_timeout)
+            except TimeoutError:
+                log.info(
+                    "no pong within %.1f s: the connection is dead",
+                    timeouts.pong_keep_alive_timeout,
+                )
+                self._report(
+                    SyncError(
+                        int(ErrorCode.CONNECTION_CLOSED),
+                        f"no answer to a ping within {timeouts.pong_keep_alive_timeout} s: "
+                        "the connection is dead",
+                        SyncAction.RETRY,
+                    )
+                )
+                self._error_reported = True
+                ws.transport.abort()
+                return
 
     async def _token_refresher(self) -> None:
         while True:
@@ -802,6 +1085,11 @@ class Connection:
         self.workers.clear()
         if self._linger is not None:
             self._linger.cancel()
+        if self._urgent_check is not None:
+            self._urgent_check.cancel()
+        for handle in self._rebinds.values():
+            handle.cancel()
+        self._rebinds.clear()
         if self.ws is not None:
             await self.ws.close()
         task = self._task

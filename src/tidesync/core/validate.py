@@ -41,6 +41,20 @@ _COLLECTION_OPS: dict[Op, Collection] = {
 }
 
 
+#: Exact value types that need no further check for a scalar field of a kind (the fast path
+#: of :func:`validate_value`; anything else takes the full check).
+_EXACT: dict[Kind, tuple[type, ...]] = {
+    Kind.STR: (str,),
+    Kind.BYTES: (bytes,),
+    Kind.BOOL: (bool,),
+    Kind.FLOAT: (float,),
+    Kind.UUID: (uuid.UUID,),
+    Kind.OBJECTID: (ObjectId,),
+    Kind.DECIMAL: (Decimal,),
+    Kind.DATETIME: (_dt.datetime,),
+}
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -95,8 +109,16 @@ def validate_value(field: FieldSchema, value: Any, schemas: dict[str, ModelSchem
     keys for dicts. ``bool`` is not an ``int``; an ``int`` is accepted for a ``float``;
     naive datetimes are taken as UTC.
     """
+    kind = field.kind
+    if field.collection is Collection.NONE and kind is not Kind.COUNTER:
+        # fast path for the common case: a plain value of exactly the field's type
+        t = type(value)
+        if t in _EXACT.get(kind, ()):
+            return
+        if t is int and (kind is Kind.INT or kind is Kind.FLOAT) and _INT_MIN <= value <= _INT_MAX:
+            return
     what = f"field {field.name!r}"
-    if field.kind is Kind.COUNTER:
+    if kind is Kind.COUNTER:
         if field.collection is not Collection.NONE:
             raise ValueError(f"{what}: a counter cannot be a collection")
         if not _is_int(value):
@@ -145,23 +167,35 @@ def _check_element_id(ins: Instruction, what: str) -> None:
 
 
 def _validate_create(ins: Instruction, model: ModelSchema, schemas: dict[str, ModelSchema]) -> None:
-    what = f"CREATE {model.name}[{ins.pk!r}]"
     if ins.field is not None:
-        raise ValueError(f"{what}: a CREATE names no field")
+        raise ValueError(f"CREATE {model.name}[{ins.pk!r}]: a CREATE names no field")
     if not isinstance(ins.value, dict):
-        raise ValueError(f"{what}: the value must be a dict of field values")
+        raise ValueError(
+            f"CREATE {model.name}[{ins.pk!r}]: the value must be a dict of field values"
+        )
+    by_name = model.by_name
     for name, value in ins.value.items():
-        field = model.by_name.get(name) if isinstance(name, str) else None
+        field = by_name.get(name) if isinstance(name, str) else None
         if field is None:
-            raise ValueError(f"{what}: unknown field {name!r}")
-        validate_value(field, value, schemas)
-    for field in model.fields:
-        required = not (field.optional or field.is_collection or field.kind is Kind.COUNTER)
-        if required and field.name not in ins.value:
-            raise ValueError(f"{what}: missing required field {field.name!r}")
+            raise ValueError(f"CREATE {model.name}[{ins.pk!r}]: unknown field {name!r}")
+        try:
+            validate_value(field, value, schemas)
+        except ValueError as exc:
+            raise ValueError(f"CREATE {model.name}[{ins.pk!r}]: {exc}") from None
+    # every name is a known field (checked above), so as many names as fields means none
+    # is missing
+    if len(ins.value) != len(model.fields):
+        for field in model.fields:
+            required = not (field.optional or field.is_collection or field.kind is Kind.COUNTER)
+            if required and field.name not in ins.value:
+                raise ValueError(
+                    f"CREATE {model.name}[{ins.pk!r}]: missing required field {field.name!r}"
+                )
     pk_value = ins.value.get(model.primary_key)
     if pk_value != ins.pk or type(pk_value) is not type(ins.pk):
-        raise ValueError(f"{what}: the primary key field holds {pk_value!r}")
+        raise ValueError(
+            f"CREATE {model.name}[{ins.pk!r}]: the primary key field holds {pk_value!r}"
+        )
 
 
 def _validate_field_op(

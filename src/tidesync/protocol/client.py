@@ -93,11 +93,18 @@ class DownloadReceived:
     downloadable_bytes: int
     upload_acked: int
     query_version: int
+    #: Whole objects and evictions (flexible sync), applied after ``changesets``.
+    objects: list[m.ObjectUpdate] = field(default_factory=list)
+    #: ``m.BOOTSTRAP_NONE`` / ``BOOTSTRAP_PAGE`` / ``BOOTSTRAP_LAST``.
+    bootstrap: int = 0
 
     @property
     def size(self) -> int:
-        """Bytes in this batch, in :func:`changeset_size` units."""
-        return sum(changeset_size(cs) for cs in self.changesets)
+        """Bytes in this batch, in :func:`changeset_size` units (whole objects count their
+        state bytes)."""
+        return sum(changeset_size(cs) for cs in self.changesets) + sum(
+            len(o.state) for o in self.objects if o.state is not None
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +235,7 @@ class ClientProtocol:
         upload_acked: int,
         *,
         local_version: int | None = None,
+        flexible: bool = False,
     ) -> None:
         """Queue BIND for a local file (``schema`` holds ``ModelSchema.to_dict()`` values).
 
@@ -245,7 +253,9 @@ class ClientProtocol:
             raise LocalProtocolError(f"file {file_ident!r} is already bound on this connection")
         if download_cursor < 0 or upload_acked < 0:
             raise LocalProtocolError("cursors must not be negative")
-        self._send(m.Bind(session, file_ident, list(schema), download_cursor, upload_acked))
+        self._send(
+            m.Bind(session, file_ident, list(schema), download_cursor, upload_acked, flexible)
+        )
         self._sessions[session] = _Session(
             state=SessionState.BINDING,
             file_ident=file_ident,
@@ -306,14 +316,27 @@ class ClientProtocol:
         state.marks.add(request_id)
         return request_id
 
-    def query(self, session: int, query_version: int, queries: dict[str, list[str]]) -> None:
+    def query(
+        self,
+        session: int,
+        query_version: int,
+        queries: dict[str, list[str]],
+        args: dict[str, list[list[Any]]] | None = None,
+    ) -> None:
         """Queue QUERY: subscription set ``query_version`` (above any sent before)."""
         state = self._bound(session)
         if query_version <= state.query_version:
             raise LocalProtocolError(
                 f"query_version {query_version} is not above {state.query_version}"
             )
-        self._send(m.Query(session, query_version, {k: list(v) for k, v in queries.items()}))
+        self._send(
+            m.Query(
+                session,
+                query_version,
+                {k: list(v) for k, v in queries.items()},
+                {k: [list(a) for a in v] for k, v in (args or {}).items()},
+            )
+        )
         state.query_version = query_version
 
     def ping(self, now_ms: int) -> None:
@@ -507,6 +530,8 @@ class ClientProtocol:
                 msg.downloadable_bytes,
                 msg.upload_acked,
                 msg.query_version,
+                msg.objects,
+                msg.bootstrap,
             )
         ]
 

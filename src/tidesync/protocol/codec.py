@@ -40,6 +40,7 @@ from .messages import (
     MarkReply,
     Message,
     MessageType,
+    ObjectUpdate,
     OversizedFrameError,
     Ping,
     Pong,
@@ -173,6 +174,29 @@ _download_changeset = _record(
 _session = _int(1)
 _version = _int(0)
 
+
+def _object_update(value: Any) -> ObjectUpdate:
+    if not isinstance(value, list) or len(value) != 3:
+        raise ValueError("an object update must be an array of 3 items")
+    model, pk, state = value
+    if not isinstance(model, str) or not model:
+        raise ValueError("an object update needs a model name")
+    if state is not None and not isinstance(state, bytes):
+        raise ValueError("an object update's state must be bytes or nil")
+    return ObjectUpdate(model, pk, state)
+
+
+def _query_args(value: Any) -> dict[str, list[list[Any]]]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a map, got {type(value).__name__}")
+    out: dict[str, list[list[Any]]] = {}
+    for model, lists in value.items():
+        if not isinstance(model, str) or not model:
+            raise ValueError("model names must be non-empty strings")
+        out[model] = _list(_list(lambda v: v))(lists)
+    return out
+
+
 #: For each type: the message class and one check per field, in field order.
 _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
     MessageType.HELLO: (
@@ -182,12 +206,12 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
     MessageType.REFRESH: (Refresh, (_str(),)),
     MessageType.BIND: (
         Bind,
-        (_session, _str(non_empty=True), _list(_model_schema), _version, _version),
+        (_session, _str(non_empty=True), _list(_model_schema), _version, _version, _bool),
     ),
     MessageType.UNBIND: (Unbind, (_session,)),
     MessageType.UPLOAD: (Upload, (_session, _list(_upload_changeset), _version)),
     MessageType.MARK: (Mark, (_session, _int(1))),
-    MessageType.QUERY: (Query, (_session, _version, _queries)),
+    MessageType.QUERY: (Query, (_session, _version, _queries, _query_args)),
     MessageType.PING: (Ping, (_int(0),)),
     MessageType.PONG: (Pong, (_int(0),)),
     MessageType.WELCOME: (
@@ -198,7 +222,17 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
     MessageType.UNBOUND: (Unbound, (_session,)),
     MessageType.DOWNLOAD: (
         Download,
-        (_session, _list(_download_changeset), _version, _version, _int(0), _version, _version),
+        (
+            _session,
+            _list(_download_changeset),
+            _version,
+            _version,
+            _int(0),
+            _version,
+            _version,
+            _list(_object_update),
+            _int(0, 2),
+        ),
     ),
     MessageType.MARK_REPLY: (MarkReply, (_session, _int(1), _version)),
     MessageType.QUERY_ERROR: (QueryError, (_session, _version, _str())),
@@ -209,6 +243,13 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
 }
 
 
+#: How many trailing fields of a message type were added later and may be omitted.
+_OPTIONAL_TAIL: dict[MessageType, int] = {
+    MessageType.BIND: 1,
+    MessageType.QUERY: 1,
+    MessageType.DOWNLOAD: 2,
+}
+
 # -- messages ------------------------------------------------------------------------------
 
 
@@ -217,6 +258,8 @@ def _plain(value: Any) -> Any:
         return [value.version, value.instructions]
     if isinstance(value, DownloadChangeset):
         return [value.server_version, value.origin, value.client_version, value.instructions]
+    if isinstance(value, ObjectUpdate):
+        return [value.model, value.pk, value.state]
     if isinstance(value, SyncAction):
         return value.value
     if isinstance(value, list):
@@ -252,7 +295,9 @@ def decode_message(body: bytes) -> Message:
         ) from None
     cls, checks = _SPECS[mtype]
     names = [f.name for f in dataclass_fields(cls)]
-    if len(items) - 1 != len(checks):
+    # Fields added later (flexible sync) have defaults and may be left off by older peers.
+    required = len(checks) - _OPTIONAL_TAIL.get(mtype, 0)
+    if not required <= len(items) - 1 <= len(checks):
         raise InvalidMessageError(
             f"expected {len(checks)} fields, got {len(items) - 1}", message_name=mtype.name
         )

@@ -276,6 +276,8 @@ class Bind:
     schema: list[dict[str, Any]]
     download_cursor: int
     upload_acked: int
+    #: Flexible sync: send nothing until the session's first QUERY (protocol log: v1 addendum).
+    flexible: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,6 +315,23 @@ class Query:
     session: int
     query_version: int
     queries: dict[str, list[str]]
+    #: Per model, the arguments of each query (``$0``, ``$1`` ...), parallel to ``queries``.
+    args: dict[str, list[list[Any]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectUpdate:
+    """A whole object sent outside the changesets (flexible sync): ``state`` is its
+    :meth:`~tidesync.core.merge.ObjectState.to_bytes`, or None to drop it from the device
+    (a local eviction, never a delete)."""
+
+    model: str
+    pk: Any
+    state: bytes | None
+
+
+#: ``Download.bootstrap`` values: not a bootstrap page, a page, the last page.
+BOOTSTRAP_NONE, BOOTSTRAP_PAGE, BOOTSTRAP_LAST = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,6 +391,10 @@ class Download:
     downloadable_bytes: int
     upload_acked: int
     query_version: int = 0
+    #: Whole objects and evictions, applied after ``changesets`` (flexible sync).
+    objects: list[ObjectUpdate] = field(default_factory=list)
+    #: BOOTSTRAP_NONE, BOOTSTRAP_PAGE or BOOTSTRAP_LAST (see docs/flexible-sync.md).
+    bootstrap: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -540,3 +563,45 @@ def download_violation(msg: Download, before: DownloadProgress) -> tuple[ErrorCo
             f"query_version {msg.query_version} was never sent (last {before.query_version})"
         )
     return None
+
+
+# -- compensating writes (ERROR 231) ---------------------------------------------------------
+
+#: The line of a COMPENSATING_WRITE message that lists the refused objects.
+REFUSED_PREFIX = "refused: "
+
+
+def compensating_message(refused: list[tuple[str, Any, str]]) -> str:
+    """The ERROR 231 message: a readable summary, then one line listing ``(model, pk,
+    reason)`` as JSON (each pk msgpack-packed, base64) for the client to decode."""
+    import base64
+    import json
+
+    from ..core.packing import pack
+
+    summary = "; ".join(f"{m} {pk!r}: {reason}" for m, pk, reason in refused[:20])
+    more = f" (and {len(refused) - 20} more)" if len(refused) > 20 else ""
+    items = [[m, base64.b64encode(pack(pk)).decode("ascii"), r] for m, pk, r in refused]
+    return (
+        f"the server refused {len(refused)} write(s) and sent back the authoritative state: "
+        f"{summary}{more}\n{REFUSED_PREFIX}{json.dumps(items)}"
+    )
+
+
+def refused_of(message: str) -> list[tuple[str, Any, str]]:
+    """Decode the list :func:`compensating_message` wrote (empty if absent or malformed)."""
+    import base64
+    import binascii
+    import json
+
+    from ..core.packing import unpack
+
+    for line in message.splitlines():
+        if not line.startswith(REFUSED_PREFIX):
+            continue
+        try:
+            items = json.loads(line[len(REFUSED_PREFIX) :])
+            return [(str(m), unpack(base64.b64decode(pk)), str(r)) for m, pk, r in items]
+        except (ValueError, TypeError, binascii.Error):
+            return []
+    return []

@@ -89,6 +89,8 @@ class BindReceived:
     schema: list[dict[str, Any]]
     download_cursor: int
     upload_acked: int
+    #: Flexible sync: nothing is downloaded before the session's first QUERY.
+    flexible: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +129,8 @@ class QueryReceived:
     session: int
     query_version: int
     queries: dict[str, list[str]]
+    #: Per model, each query's arguments (parallel to ``queries``).
+    args: dict[str, list[list[Any]]] = field(default_factory=dict)
 
 
 #: Anything :meth:`ServerProtocol.receive_data` returns.
@@ -297,7 +301,12 @@ class ServerProtocol:
         )
         return [
             BindReceived(
-                msg.session, msg.file_ident, msg.schema, msg.download_cursor, msg.upload_acked
+                msg.session,
+                msg.file_ident,
+                msg.schema,
+                msg.download_cursor,
+                msg.upload_acked,
+                msg.flexible,
             )
         ]
 
@@ -336,7 +345,7 @@ class ServerProtocol:
                 msg.session,
             )
         state.query_version = msg.query_version
-        return [QueryReceived(msg.session, msg.query_version, msg.queries)]
+        return [QueryReceived(msg.session, msg.query_version, msg.queries, msg.args)]
 
     def _known(self, session: int, what: str) -> _Session:
         state = self._sessions.get(session)
@@ -403,8 +412,11 @@ class ServerProtocol:
         downloadable_bytes: int,
         upload_acked: int,
         query_version: int = 0,
+        objects: Sequence[m.ObjectUpdate] = (),
+        bootstrap: int = m.BOOTSTRAP_NONE,
     ) -> None:
-        """Queue DOWNLOAD (an empty one acknowledges uploads up to ``upload_acked``)."""
+        """Queue DOWNLOAD (an empty one acknowledges uploads up to ``upload_acked``);
+        ``objects`` and ``bootstrap`` carry flexible sync's whole objects and pages."""
         state = self._own(session, ServerSessionState.BOUND)
         if downloadable_bytes < 0:
             raise LocalProtocolError("downloadable_bytes must not be negative")
@@ -416,6 +428,8 @@ class ServerProtocol:
             downloadable_bytes,
             upload_acked,
             query_version,
+            list(objects),
+            bootstrap,
         )
         before = DownloadProgress(
             cursor=state.sent_cursor,

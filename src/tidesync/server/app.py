@@ -24,7 +24,9 @@ from starlette.websockets import WebSocket
 from .auth import Authenticator, auth_routes
 from .config import ServerConfig
 from .hub import SyncHub
-from .storage.base import ServerStorage
+from .limits import BodySizeLimit
+from .metrics import CONTENT_TYPE
+from .storage.base import ServerStorage, StorageError
 from .storage.sqlite import SQLiteStorage
 
 log = logging.getLogger("tidesync.server")
@@ -38,6 +40,45 @@ SYNC_PATH = "/api/v1/apps/{app_id}/sync"
 def default_storage(data_dir: Path) -> ServerStorage:
     """SQLite storage in ``data_dir/server.sqlite3``."""
     return SQLiteStorage.in_folder(data_dir)
+
+
+def storage_for(config: ServerConfig) -> StorageFactory:
+    """The storage ``config.storage_url`` names: PostgreSQL for a URL, else SQLite."""
+    url = config.storage_url
+    if not url:
+        return default_storage
+
+    def postgres(data_dir: Path) -> ServerStorage:
+        from .storage.postgres import PostgresStorage  # needs the ``postgres`` extra
+
+        return PostgresStorage.from_url(url)
+
+    return postgres
+
+
+async def _ready(request: Request) -> Response:
+    """200 when the storage answers and the server accepts sync connections, else 503."""
+    hub = getattr(request.app.state, "hub", None)
+    if not isinstance(hub, SyncHub):
+        return JSONResponse({"status": "starting"}, status_code=503)
+    if not hub.accepting:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    try:
+        await asyncio.wait_for(hub.storage.check_ready(), timeout=5)
+    except (StorageError, TimeoutError) as exc:
+        return JSONResponse({"status": "storage unavailable", "error": str(exc)}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+async def _metrics(request: Request) -> Response:
+    """The server's counters in the Prometheus text format."""
+    hub = getattr(request.app.state, "hub", None)
+    if not isinstance(hub, SyncHub):
+        return Response("", status_code=503)
+    text = hub.metrics.render(
+        connections=hub.connection_count, sessions=hub.session_count, ready=hub.accepting
+    )
+    return Response(text, media_type=CONTENT_TYPE)
 
 
 async def _health(request: Request) -> Response:
@@ -61,7 +102,7 @@ def create_app(
     """The server app for ``data_dir``; ``app.state`` holds auth, storage and hub once started."""
     folder = Path(data_dir)
     settings = config or ServerConfig()
-    factory = storage_factory or default_storage
+    factory = storage_factory or storage_for(settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -70,6 +111,7 @@ def create_app(
         await storage.open()
         hub = SyncHub(storage, auth, settings)
         hub.start()
+        auth.on_user_gone = hub.disconnect_user
         app.state.auth = auth
         app.state.storage = storage
         app.state.hub = hub
@@ -81,11 +123,16 @@ def create_app(
                 await hub.close()
             finally:
                 await storage.close()
+                await asyncio.to_thread(auth.close)
                 log.info("sync server stopped")
 
     routes: list[BaseRoute] = [
         Route("/health", _health, methods=["GET"]),
+        Route("/ready", _ready, methods=["GET"]),
+        Route("/metrics", _metrics, methods=["GET"]),
         *auth_routes(),
         WebSocketRoute(SYNC_PATH, _sync),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_request_body_bytes)
+    return app

@@ -1,10 +1,15 @@
-"""Authentication: signed tokens, refresh-token revocation and the HTTP auth API.
+"""Authentication: providers, signed tokens, refresh-token rotation and the HTTP auth API.
 
-Clients log in over HTTP and receive a short-lived *access* token (sent in the sync
-connection's HELLO) and a long-lived *refresh* token (exchanged for new access tokens).
-Both are JWTs signed with HS256 by a secret generated once and kept in the data folder, so
-tokens stay valid across restarts. Logging out revokes the refresh token's ``jti``; the
-revocation list lives in memory and in a file next to the secret.
+Clients log in over HTTP with one of the app's providers (anonymous, email/password, API
+key, custom JWT) and receive a short-lived *access* token (sent in the sync connection's
+HELLO) and a *refresh* token (exchanged for new tokens). Both are JWTs signed with HS256 by
+a secret generated once and kept in the data folder, so tokens stay valid across restarts.
+
+Refresh tokens rotate: every refresh returns a new one and retires the old one, which stays
+usable for ``refresh_reuse_grace`` seconds (two concurrent refreshes of one client) and is
+then refused; presenting a retired token after that revokes the whole login (the token was
+copied). Refresh tokens are stored as SHA-256 hashes in ``users.sqlite3``
+(:mod:`~tidesync.server.users`); logging out, disabling or deleting the user revokes them.
 
 Claims: ``sub`` (user id), ``app`` (app id), ``typ`` ("access" or "refresh"), ``iat``,
 ``exp`` (seconds since the epoch, with millisecond precision) and ``jti``.
@@ -13,12 +18,14 @@ Claims: ``sub`` (user id), ``app`` (app id), ``typ`` ("access" or "refresh"), ``
 from __future__ import annotations
 
 import asyncio
+import hmac
+import inspect
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +35,30 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..errors import AuthError
+from ..errors import AuthError, TooManyAttemptsError
 from .config import ServerConfig
+from .limits import RateLimiter
+from .settings import (
+    ANONYMOUS,
+    API_KEY,
+    EMAIL_PASSWORD,
+    JWT,
+    AppSettings,
+    DeliveryMessage,
+)
+from .users import UserStore, normalize_email, token_hash
 
 log = logging.getLogger("tidesync.server.auth")
 
 SECRET_FILE = "secret.key"
-REVOKED_FILE = "revoked_tokens"
 _ALGORITHM = "HS256"
 _SECRET_BYTES = 32
 ACCESS = "access"
 REFRESH = "refresh"
+#: How long a delivery command may run.
+DELIVERY_TIMEOUT = 30.0
+#: The one message for every failed credential check (no account enumeration).
+BAD_CREDENTIALS = "invalid credentials: unknown user or wrong password"
 
 
 class InvalidTokenError(AuthError):
@@ -53,6 +73,14 @@ class WrongAppError(AuthError):
     """A genuine token issued for another app."""
 
 
+class _HttpError(Exception):
+    """An HTTP error answer (status, message, code)."""
+
+    def __init__(self, status: int, message: str, code: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.retry_after = status, message, code, retry_after
+
+
 @dataclass(frozen=True, slots=True)
 class TokenClaims:
     """The verified claims of a token."""
@@ -63,6 +91,23 @@ class TokenClaims:
     issued_at: float
     expires_at: float
     jti: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    """What a successful login or refresh returns to the client."""
+
+    user_id: str
+    access_token: str
+    refresh_token: str
+
+    def to_json(self) -> dict[str, str]:
+        """The JSON answer."""
+        return {
+            "user_id": self.user_id,
+            "access_token": self.access_token,
+            "refresh_token": self.refresh_token,
+        }
 
 
 def load_or_create_secret(data_dir: Path) -> bytes:
@@ -87,10 +132,15 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     return secret
 
 
+#: Called with (app_id, user_id, reason) when a user must lose its live connections.
+UserGoneHook = Callable[[str, str, str], Awaitable[Any]]
+
+
 class Authenticator:
-    """Issues and verifies tokens for every app of one server.
+    """Issues and verifies tokens and runs every login provider for every app of one server.
 
     ``clock`` returns seconds since the epoch (``time.time`` unless a test passes another).
+    The user records live in ``data_dir/users.sqlite3``; call :meth:`close` at shutdown.
     """
 
     def __init__(
@@ -104,20 +154,31 @@ class Authenticator:
         self._config = config
         self._clock = clock
         self._secret = load_or_create_secret(self._data_dir)
-        self._revoked_path = self._data_dir / REVOKED_FILE
-        self._revoked: set[str] = set()
-        if self._revoked_path.exists():
-            lines = self._revoked_path.read_text(encoding="utf-8").splitlines()
-            self._revoked = {line.strip() for line in lines if line.strip()}
+        self.users = UserStore.in_folder(self._data_dir)
+        limits = config.limits
+        self._per_account = RateLimiter(limits.login_attempts_per_account)
+        self._per_address = RateLimiter(limits.login_attempts_per_address)
+        #: Set by the server so disabling/deleting a user closes its sync connections.
+        self.on_user_gone: UserGoneHook | None = None
+
+    def close(self) -> None:
+        """Close the users database."""
+        self.users.close()
 
     def now(self) -> float:
         """The authenticator's current time (seconds since the epoch)."""
         return self._clock()
 
+    def app_settings(self, app_id: str) -> AppSettings | None:
+        """The app's settings (None: no such app in production mode)."""
+        return self._config.auth.app(app_id, self._config.development_mode)
+
     # -- issuing --------------------------------------------------------------------------
 
     def issue(self, user_id: str, app_id: str, kind: str) -> str:
-        """A signed token of ``kind`` ("access" or "refresh") for ``user_id`` in ``app_id``."""
+        """A signed token of ``kind`` ("access" or "refresh") for ``user_id`` in ``app_id``.
+
+        A refresh token made here is not yet stored: use :meth:`new_login` for logins."""
         if kind not in (ACCESS, REFRESH):
             raise ValueError(f"unknown token kind {kind!r}")
         ttl = self._config.access_token_ttl if kind == ACCESS else self._config.refresh_token_ttl
@@ -132,20 +193,24 @@ class Authenticator:
         }
         return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
 
-    def new_anonymous_user(self, app_id: str) -> tuple[str, str, str]:
-        """A fresh anonymous user: ``(user_id, access_token, refresh_token)``."""
-        user_id = uuid.uuid4().hex
-        return user_id, self.issue(user_id, app_id, ACCESS), self.issue(user_id, app_id, REFRESH)
+    async def new_login(self, user_id: str, app_id: str, family: str | None = None) -> LoginResult:
+        """Fresh access and refresh tokens; the refresh token's hash is stored."""
+        access = self.issue(user_id, app_id, ACCESS)
+        refresh = self.issue(user_id, app_id, REFRESH)
+        expires = self._clock() + self._config.refresh_token_ttl
+        await asyncio.to_thread(self.users.add_refresh, app_id, user_id, refresh, expires, family)
+        return LoginResult(user_id, access, refresh)
 
     # -- verifying ------------------------------------------------------------------------
 
     def verify(self, token: str, app_id: str, kind: str) -> TokenClaims:
-        """The claims of a valid ``kind`` token for ``app_id``.
+        """The claims of a genuine, unexpired ``kind`` token for ``app_id`` (signature and
+        claims only: :meth:`refresh` also checks the stored state of refresh tokens).
 
-        Raises :class:`InvalidTokenError` (missing, malformed, forged, wrong kind, revoked),
+        Raises :class:`InvalidTokenError` (missing, malformed, forged, wrong kind),
         :class:`WrongAppError` or :class:`TokenExpiredError`.
         """
-        if not token:
+        if not token or not isinstance(token, str):
             raise InvalidTokenError("no token was given")
         try:
             raw: dict[str, Any] = jwt.decode(
@@ -165,30 +230,206 @@ class Authenticator:
             raise WrongAppError(f"the token was issued for app {claims.app_id!r}, not {app_id!r}")
         if claims.expires_at <= self._clock():
             raise TokenExpiredError(f"the {kind} token has expired")
-        if kind == REFRESH and claims.jti in self._revoked:
-            raise InvalidTokenError("the refresh token was revoked (logged out)")
         return claims
 
-    # -- revocation -----------------------------------------------------------------------
+    async def user_active(self, app_id: str, user_id: str) -> bool:
+        """True if the user exists and is not disabled."""
+        status = await asyncio.to_thread(self.users.user_status, app_id, user_id)
+        return status == "active"
 
-    async def revoke(self, claims: TokenClaims) -> None:
-        """Revoke a refresh token (by its ``jti``), in memory and in the revocation file."""
-        if claims.jti in self._revoked:
-            return
-        self._revoked.add(claims.jti)
-        await asyncio.to_thread(self._append_revoked, claims.jti)
+    async def refresh(self, token: str, app_id: str) -> LoginResult:
+        """Rotate a refresh token: new access and refresh tokens, the old one retired."""
+        claims = self.verify(token, app_id, REFRESH)
+        record = await asyncio.to_thread(self.users.get_refresh, token)
+        if record is None or record.app_id != app_id or record.user_id != claims.user_id:
+            raise InvalidTokenError("the refresh token is unknown or was revoked")
+        if not await self.user_active(app_id, claims.user_id):
+            raise InvalidTokenError("the refresh token was revoked: the user is disabled")
+        if record.revoked:
+            raise InvalidTokenError("the refresh token was revoked (logged out)")
+        now = self._clock()
+        if record.replaced_at is not None and now - record.replaced_at > (
+            self._config.refresh_reuse_grace
+        ):
+            await asyncio.to_thread(self.users.revoke_family, record.family)
+            log.warning("app %s: reused refresh token of user %s", app_id, claims.user_id)
+            raise InvalidTokenError(
+                "the refresh token was revoked: it had been replaced and was used again, so "
+                "this login is revoked; log in again"
+            )
+        result = await self.new_login(claims.user_id, app_id, record.family)
+        await asyncio.to_thread(self.users.mark_replaced, token, now)
+        return result
 
-    def _append_revoked(self, jti: str) -> None:
-        fd = os.open(self._revoked_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    async def logout(self, token: str, app_id: str) -> None:
+        """Revoke a refresh token."""
+        self.verify(token, app_id, REFRESH)
+        await asyncio.to_thread(self.users.revoke_refresh, token)
+
+    def is_revoked(self, token: str) -> bool:
+        """True if the refresh token is unknown or revoked (blocking; for tests)."""
+        record = self.users.get_refresh(token)
+        return record is None or record.revoked
+
+    # -- rate limiting --------------------------------------------------------------------
+
+    def check_rate(self, app_id: str, account: str, address: str) -> None:
+        """Count a login attempt; raise :class:`TooManyAttemptsError` over either limit."""
+        account_key = f"{app_id}\0{account}"
+        if not self._per_address.hit(address):
+            wait = self._per_address.retry_after(address)
+            raise TooManyAttemptsError(
+                f"too many attempts from this address; try again in {wait:.0f} s"
+            )
+        if not self._per_account.hit(account_key):
+            wait = self._per_account.retry_after(account_key)
+            raise TooManyAttemptsError(
+                f"too many attempts for this account; try again in {wait:.0f} s"
+            )
+
+    # -- providers ------------------------------------------------------------------------
+
+    async def login_anonymous(self, app_id: str) -> LoginResult:
+        """A new anonymous user."""
+        user_id = await asyncio.to_thread(self.users.create_user, app_id, ANONYMOUS)
+        return await self.new_login(user_id, app_id)
+
+    async def login_email(self, app_id: str, email: str, password: str) -> LoginResult:
+        """Log in with email and password (one error for unknown user and wrong password)."""
+        user_id = await asyncio.to_thread(self.users.check_email_password, app_id, email, password)
+        if user_id is None or not await self.user_active(app_id, user_id):
+            raise AuthError(BAD_CREDENTIALS)
+        return await self.new_login(user_id, app_id)
+
+    def _admin_key(self, key: str) -> bool:
+        return any(
+            hmac.compare_digest(key.encode("utf-8", "surrogatepass"), k.encode())
+            for k in self._config.auth.admin_keys
+        )
+
+    async def login_api_key(self, app_id: str, key: str) -> LoginResult:
+        """Log in with a user's API key or a server admin key (a "server" user per key)."""
+        if self._admin_key(key):
+            user_id = await asyncio.to_thread(
+                self.users.user_for_identity,
+                app_id,
+                "server_api_key",
+                token_hash(key)[:32],
+                {"name": "server"},
+            )
+        else:
+            found = await asyncio.to_thread(self.users.user_for_api_key, app_id, key)
+            if found is None:
+                raise AuthError("invalid credentials: unknown or disabled API key")
+            user_id = found
+        if not await self.user_active(app_id, user_id):
+            raise AuthError("invalid credentials: unknown or disabled API key")
+        return await self.new_login(user_id, app_id)
+
+    async def login_jwt(self, app_id: str, settings: AppSettings, token: str) -> LoginResult:
+        """Log in with a token of the app's external identity provider."""
+        conf = settings.jwt
+        if conf is None:
+            raise AuthError("custom JWT is not configured for this app")
         try:
-            os.write(fd, (jti + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            raw: dict[str, Any] = jwt.decode(
+                token,
+                conf.key,
+                algorithms=[conf.algorithm],
+                audience=conf.audience,
+                issuer=conf.issuer,
+                options={"require": ["exp"], "verify_aud": conf.audience is not None},
+            )
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"the identity token is not valid: {exc}") from exc
+        external = raw.get(conf.user_id_claim)
+        if not isinstance(external, str | int) or isinstance(external, bool) or external == "":
+            raise AuthError(f"the identity token has no {conf.user_id_claim!r} claim")
+        data = {name: raw[claim] for name, claim in conf.fields.items() if claim in raw}
+        user_id = await asyncio.to_thread(
+            self.users.user_for_identity, app_id, JWT, str(external), data
+        )
+        if not await self.user_active(app_id, user_id):
+            raise AuthError("the user is disabled")
+        return await self.new_login(user_id, app_id)
 
-    def is_revoked(self, jti: str) -> bool:
-        """True if the refresh token with this ``jti`` was revoked."""
-        return jti in self._revoked
+    # -- user lifecycle -------------------------------------------------------------------
+
+    async def end_user(self, app_id: str, user_id: str, *, delete: bool) -> bool:
+        """Disable or delete a user: its refresh tokens are revoked and its live sync
+        connections closed. False if there is no such user."""
+        if delete:
+            found = await asyncio.to_thread(self.users.delete_user, app_id, user_id)
+        else:
+            found = await asyncio.to_thread(self.users.set_disabled, app_id, user_id, True)
+        if found and self.on_user_gone is not None:
+            what = "deleted" if delete else "disabled"
+            await self.on_user_gone(app_id, user_id, f"the user was {what}")
+        return found
+
+    # -- delivery -------------------------------------------------------------------------
+
+    async def deliver(self, message: DeliveryMessage) -> None:
+        """Get a confirmation or reset token to its user (function, command or log)."""
+        auth = self._config.auth
+        if auth.delivery_function is not None:
+            outcome = auth.delivery_function(message)
+            if inspect.isawaitable(outcome):
+                await outcome
+            return
+        if auth.delivery_command:
+            await _run_delivery_command(auth.delivery_command, message)
+            return
+        if self._config.development_mode:
+            log.warning(
+                "[development mode] %s token for %s (app %s): %s",
+                message.kind,
+                message.email,
+                message.app_id,
+                message.token,
+            )
+            return
+        log.error(
+            "no [delivery] is configured: the %s email to %s was not sent",
+            message.kind,
+            message.email,
+        )
+
+
+async def _run_delivery_command(command: tuple[str, ...], message: DeliveryMessage) -> None:
+    args = [
+        part.replace("{kind}", message.kind)
+        .replace("{email}", message.email)
+        .replace("{app}", message.app_id)
+        for part in command
+    ]
+    env = dict(
+        os.environ,
+        TIDESYNC_KIND=message.kind,
+        TIDESYNC_EMAIL=message.email,
+        TIDESYNC_APP=message.app_id,
+        TIDESYNC_TOKEN=message.token,
+    )
+    proc = await asyncio.create_subprocess_exec(
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), DELIVERY_TIMEOUT)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        log.error("the delivery command timed out after %g s", DELIVERY_TIMEOUT)
+        return
+    if proc.returncode != 0:
+        log.error(
+            "the delivery command failed (exit %s): %s",
+            proc.returncode,
+            err.decode(errors="replace")[:500],
+        )
 
 
 def _claims(raw: dict[str, Any]) -> TokenClaims:
@@ -204,15 +445,16 @@ def _claims(raw: dict[str, Any]) -> TokenClaims:
 # -- HTTP API ---------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str, code: str) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code}, status_code=status)
+def _error(status: int, message: str, code: str, retry_after: float = 0.0) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, round(retry_after)))} if status == 429 else None
+    return JSONResponse({"error": message, "code": code}, status_code=status, headers=headers)
 
 
-def _bearer(request: Request) -> str:
+def _bearer(request: Request, what: str = "refresh_token") -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise InvalidTokenError("missing 'Authorization: Bearer <refresh_token>' header")
+        raise InvalidTokenError(f"missing 'Authorization: Bearer <{what}>' header")
     return token.strip()
 
 
@@ -223,48 +465,294 @@ def _authenticator(request: Request) -> Authenticator:
     return auth
 
 
-async def _anonymous(request: Request) -> Response:
-    auth = _authenticator(request)
-    app_id = request.path_params["app_id"]
-    body = await request.body()
-    if body.strip():
-        try:
-            parsed = json.loads(body)
-        except ValueError:
-            return _error(400, "the request body must be a JSON object", "bad_request")
-        if not isinstance(parsed, dict):
-            return _error(400, "the request body must be a JSON object", "bad_request")
-    user_id, access, refresh = auth.new_anonymous_user(app_id)
-    log.info("app %s: new anonymous user %s", app_id, user_id)
-    return JSONResponse({"user_id": user_id, "access_token": access, "refresh_token": refresh})
-
-
-async def _refresh(request: Request) -> Response:
-    auth = _authenticator(request)
-    app_id = request.path_params["app_id"]
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
     try:
-        claims = auth.verify(_bearer(request), app_id, REFRESH)
+        parsed = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _HttpError(400, "the request body must be a JSON object", "bad_request") from None
+    if not isinstance(parsed, dict):
+        raise _HttpError(400, "the request body must be a JSON object", "bad_request")
+    return parsed
+
+
+def _field(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise _HttpError(400, f"the request needs a non-empty string {name!r}", "bad_request")
+    return value
+
+
+def _app_for(auth: Authenticator, app_id: str, provider: str | None = None) -> AppSettings:
+    settings = auth.app_settings(app_id)
+    if settings is None:
+        raise _HttpError(404, f"there is no app {app_id!r} on this server", "unknown_app")
+    if provider is not None and not settings.allows(provider):
+        raise _HttpError(
+            403, f"the {provider} provider is not enabled for app {app_id!r}", "provider_disabled"
+        )
+    return settings
+
+
+def _address(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+Handler = Callable[[Request, Authenticator, str], Awaitable[Response]]
+
+
+def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a handler: the authenticator and app id in, every refusal a JSON answer out."""
+
+    async def endpoint(request: Request) -> Response:
+        auth = _authenticator(request)
+        app_id = request.path_params["app_id"]
+        try:
+            return await handler(request, auth, app_id)
+        except _HttpError as exc:
+            return _error(exc.status, exc.message, exc.code, exc.retry_after)
+        except TooManyAttemptsError as exc:
+            return _error(429, str(exc), "too_many_attempts", 60.0)
+
+    endpoint.__name__ = handler.__name__
+    return endpoint
+
+
+async def _login(
+    request: Request,
+    auth: Authenticator,
+    app_id: str,
+    account: str,
+    attempt: Awaitable[LoginResult],
+) -> Response:
+    try:
+        auth.check_rate(app_id, account, _address(request))
+    except TooManyAttemptsError:
+        if inspect.iscoroutine(attempt):
+            attempt.close()
+        raise
+    try:
+        result = await attempt
+    except AuthError as exc:
+        log.info("app %s: login refused from %s: %s", app_id, _address(request), exc)
+        raise _HttpError(401, str(exc), "invalid_credentials") from None
+    return JSONResponse(result.to_json())
+
+
+async def _anonymous(request: Request, auth: Authenticator, app_id: str) -> Response:
+    _app_for(auth, app_id, ANONYMOUS)
+    await _body(request)
+    result = await auth.login_anonymous(app_id)
+    log.info("app %s: new anonymous user %s", app_id, result.user_id)
+    return JSONResponse(result.to_json())
+
+
+async def _email_login(request: Request, auth: Authenticator, app_id: str) -> Response:
+    _app_for(auth, app_id, EMAIL_PASSWORD)
+    body = await _body(request)
+    email, password = _field(body, "email"), _field(body, "password")
+    account = "email:" + email.strip().lower()
+    return await _login(request, auth, app_id, account, auth.login_email(app_id, email, password))
+
+
+async def _api_key_login(request: Request, auth: Authenticator, app_id: str) -> Response:
+    _app_for(auth, app_id, API_KEY)
+    key = _field(await _body(request), "key")
+    account = "key:" + token_hash(key)[:16]
+    return await _login(request, auth, app_id, account, auth.login_api_key(app_id, key))
+
+
+async def _jwt_login(request: Request, auth: Authenticator, app_id: str) -> Response:
+    settings = _app_for(auth, app_id, JWT)
+    token = _field(await _body(request), "token")
+    try:
+        subject = jwt.decode(token, options={"verify_signature": False}).get("sub", "")
+    except jwt.PyJWTError:
+        subject = ""
+    account = f"jwt:{subject}"
+    return await _login(request, auth, app_id, account, auth.login_jwt(app_id, settings, token))
+
+
+async def _register(request: Request, auth: Authenticator, app_id: str) -> Response:
+    settings = _app_for(auth, app_id, EMAIL_PASSWORD)
+    body = await _body(request)
+    email, password = _field(body, "email"), _field(body, "password")
+    auth.check_rate(app_id, "register:" + email.strip().lower(), _address(request))
+    try:
+        address = normalize_email(email)
+        await asyncio.to_thread(
+            auth.users.register_email, app_id, address, password, settings.auto_confirm
+        )
+    except AuthError as exc:
+        raise _HttpError(400, str(exc), "bad_request") from None
+    if not settings.auto_confirm:
+        token = await asyncio.to_thread(auth.users.add_pending, app_id, "confirm", address)
+        await auth.deliver(DeliveryMessage("confirm", app_id, address, token))
+    return JSONResponse({"confirmed": settings.auto_confirm}, status_code=201)
+
+
+async def _confirm(request: Request, auth: Authenticator, app_id: str) -> Response:
+    _app_for(auth, app_id, EMAIL_PASSWORD)
+    token = _field(await _body(request), "token")
+    auth.check_rate(app_id, "confirm", _address(request))
+    email = await asyncio.to_thread(auth.users.take_pending, app_id, "confirm", token)
+    if email is None or not await asyncio.to_thread(auth.users.confirm_email, app_id, email):
+        raise _HttpError(400, "the confirmation token is invalid or expired", "invalid_token")
+    return Response(status_code=204)
+
+
+async def _send_token(request: Request, auth: Authenticator, app_id: str, kind: str) -> Response:
+    _app_for(auth, app_id, EMAIL_PASSWORD)
+    email = _field(await _body(request), "email")
+    auth.check_rate(app_id, f"{kind}:" + email.strip().lower(), _address(request))
+    try:
+        address = normalize_email(email)
+    except AuthError as exc:
+        raise _HttpError(400, str(exc), "bad_request") from None
+    # The answer is the same whether or not the account exists (no enumeration).
+    if await asyncio.to_thread(auth.users.email_exists, app_id, address):
+        token = await asyncio.to_thread(auth.users.add_pending, app_id, kind, address)
+        await auth.deliver(DeliveryMessage(kind, app_id, address, token))
+    return Response(status_code=202)
+
+
+async def _resend(request: Request, auth: Authenticator, app_id: str) -> Response:
+    return await _send_token(request, auth, app_id, "confirm")
+
+
+async def _reset_send(request: Request, auth: Authenticator, app_id: str) -> Response:
+    return await _send_token(request, auth, app_id, "reset")
+
+
+async def _reset(request: Request, auth: Authenticator, app_id: str) -> Response:
+    _app_for(auth, app_id, EMAIL_PASSWORD)
+    body = await _body(request)
+    token, password = _field(body, "token"), _field(body, "password")
+    auth.check_rate(app_id, "reset", _address(request))
+    email = await asyncio.to_thread(auth.users.take_pending, app_id, "reset", token)
+    if email is None:
+        raise _HttpError(400, "the reset token is invalid or expired", "invalid_token")
+    try:
+        await asyncio.to_thread(auth.users.set_password, app_id, email, password)
+        await asyncio.to_thread(auth.users.confirm_email, app_id, email)
+    except AuthError as exc:
+        raise _HttpError(400, str(exc), "bad_request") from None
+    return Response(status_code=204)
+
+
+async def _refresh(request: Request, auth: Authenticator, app_id: str) -> Response:
+    try:
+        result = await auth.refresh(_bearer(request), app_id)
     except AuthError as exc:
         return _error(401, f"refresh refused: {exc}", "invalid_token")
-    return JSONResponse({"access_token": auth.issue(claims.user_id, app_id, ACCESS)})
+    return JSONResponse(result.to_json())
 
 
-async def _logout(request: Request) -> Response:
-    auth = _authenticator(request)
-    app_id = request.path_params["app_id"]
+async def _logout(request: Request, auth: Authenticator, app_id: str) -> Response:
     try:
-        claims = auth.verify(_bearer(request), app_id, REFRESH)
+        await auth.logout(_bearer(request), app_id)
     except AuthError as exc:
         return _error(401, f"logout refused: {exc}", "invalid_token")
-    await auth.revoke(claims)
+    return Response(status_code=204)
+
+
+async def _access(request: Request, auth: Authenticator, app_id: str) -> str:
+    """The user id of a valid access token in the Authorization header."""
+    try:
+        claims = auth.verify(_bearer(request, "access_token"), app_id, ACCESS)
+    except AuthError as exc:
+        raise _HttpError(401, f"access refused: {exc}", "invalid_token") from None
+    if not await auth.user_active(app_id, claims.user_id):
+        raise _HttpError(401, "access refused: the user is disabled or deleted", "invalid_token")
+    return claims.user_id
+
+
+async def _me(request: Request, auth: Authenticator, app_id: str) -> Response:
+    user_id = await _access(request, auth, app_id)
+    if request.method == "DELETE":
+        await auth.end_user(app_id, user_id, delete=True)
+        return Response(status_code=204)
+    data = await asyncio.to_thread(auth.users.user_data, app_id, user_id)
+    return JSONResponse({"user_id": user_id, **(data or {})})
+
+
+async def _api_keys(request: Request, auth: Authenticator, app_id: str) -> Response:
+    _app_for(auth, app_id, API_KEY)
+    user_id = await _access(request, auth, app_id)
+    if request.method == "GET":
+        keys = await asyncio.to_thread(auth.users.list_api_keys, app_id, user_id)
+        return JSONResponse({"api_keys": [k.to_json() for k in keys]})
+    name = _field(await _body(request), "name")
+    try:
+        info, key = await asyncio.to_thread(auth.users.create_api_key, app_id, user_id, name)
+    except AuthError as exc:
+        raise _HttpError(400, str(exc), "bad_request") from None
+    return JSONResponse({**info.to_json(), "key": key}, status_code=201)
+
+
+async def _api_key(request: Request, auth: Authenticator, app_id: str) -> Response:
+    _app_for(auth, app_id, API_KEY)
+    user_id = await _access(request, auth, app_id)
+    key_id = request.path_params["key_id"]
+    action = request.path_params.get("action", "")
+    if request.method == "DELETE":
+        found = await asyncio.to_thread(auth.users.delete_api_key, app_id, user_id, key_id)
+    elif action in ("disable", "enable"):
+        found = await asyncio.to_thread(
+            auth.users.set_api_key_disabled, app_id, user_id, key_id, action == "disable"
+        )
+    else:
+        raise _HttpError(404, f"unknown API key action {action!r}", "not_found")
+    if not found:
+        raise _HttpError(404, "no such API key", "not_found")
+    return Response(status_code=204)
+
+
+async def _admin_user(request: Request, auth: Authenticator, app_id: str) -> Response:
+    try:
+        key = _bearer(request, "admin key")
+    except AuthError as exc:
+        raise _HttpError(401, str(exc), "invalid_token") from None
+    auth.check_rate(app_id, "admin", _address(request))
+    if not auth._admin_key(key):
+        raise _HttpError(401, "admin access refused: not an admin key", "invalid_token")
+    user_id = request.path_params["user_id"]
+    action = request.path_params.get("action", "")
+    if request.method == "DELETE":
+        found = await auth.end_user(app_id, user_id, delete=True)
+    elif action == "disable":
+        found = await auth.end_user(app_id, user_id, delete=False)
+    elif action == "enable":
+        found = await asyncio.to_thread(auth.users.set_disabled, app_id, user_id, False)
+    else:
+        raise _HttpError(404, f"unknown user action {action!r}", "not_found")
+    if not found:
+        raise _HttpError(404, "no such user", "not_found")
     return Response(status_code=204)
 
 
 def auth_routes() -> list[Route]:
     """The HTTP auth endpoints (they find the :class:`Authenticator` in ``app.state.auth``)."""
     prefix = "/api/v1/apps/{app_id}/auth"
+    admin = "/api/v1/apps/{app_id}/admin/users/{user_id}"
     return [
-        Route(f"{prefix}/anonymous", _anonymous, methods=["POST"]),
-        Route(f"{prefix}/refresh", _refresh, methods=["POST"]),
-        Route(f"{prefix}/logout", _logout, methods=["POST"]),
+        Route(f"{prefix}/anonymous", _endpoint(_anonymous), methods=["POST"]),
+        Route(f"{prefix}/refresh", _endpoint(_refresh), methods=["POST"]),
+        Route(f"{prefix}/logout", _endpoint(_logout), methods=["POST"]),
+        Route(f"{prefix}/email/register", _endpoint(_register), methods=["POST"]),
+        Route(f"{prefix}/email/confirm", _endpoint(_confirm), methods=["POST"]),
+        Route(f"{prefix}/email/resend", _endpoint(_resend), methods=["POST"]),
+        Route(f"{prefix}/email/reset/send", _endpoint(_reset_send), methods=["POST"]),
+        Route(f"{prefix}/email/reset", _endpoint(_reset), methods=["POST"]),
+        Route(f"{prefix}/email/login", _endpoint(_email_login), methods=["POST"]),
+        Route(f"{prefix}/api_key/login", _endpoint(_api_key_login), methods=["POST"]),
+        Route(f"{prefix}/jwt/login", _endpoint(_jwt_login), methods=["POST"]),
+        Route(f"{prefix}/me", _endpoint(_me), methods=["GET", "DELETE"]),
+        Route(f"{prefix}/api_keys", _endpoint(_api_keys), methods=["GET", "POST"]),
+        Route(f"{prefix}/api_keys/{{key_id}}", _endpoint(_api_key), methods=["DELETE"]),
+        Route(f"{prefix}/api_keys/{{key_id}}/{{action}}", _endpoint(_api_key), methods=["POST"]),
+        Route(admin, _endpoint(_admin_user), methods=["DELETE"]),
+        Route(f"{admin}/{{action}}", _endpoint(_admin_user), methods=["POST"]),
     ]

@@ -52,6 +52,9 @@ class ServerConfig:
     tls_key: str | None = None
     #: How long a refresh token replaced by rotation is still accepted (concurrent refreshes).
     refresh_reuse_grace: float = 30.0
+    #: Where the sync data lives: "" for SQLite in the data folder, or a
+    #: ``postgresql://user@host:port/db[?schema=name]`` URL (``docs/deploying.md``).
+    storage_url: str = ""
 
     def __post_init__(self) -> None:
         if self.access_token_ttl <= 0 or self.refresh_token_ttl <= 0:
@@ -64,6 +67,8 @@ class ServerConfig:
             raise ValueError("hello_timeout must be positive")
         if self.shutdown_grace < 0:
             raise ValueError("shutdown_grace must not be negative")
+        if self.storage_url and not self.storage_url.startswith(("postgresql://", "postgres://")):
+            raise ValueError("storage_url must be empty (SQLite) or a postgresql:// URL")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (tls_cert) and a key (tls_key)")
 

@@ -57,8 +57,11 @@ from ..protocol.server import (
     UnbindReceived,
     UploadReceived,
 )
+from . import flexsync
 from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, WrongAppError
 from .config import ServerConfig
+from .flexsync import FlexView
+from .metrics import ServerMetrics
 from .storage.base import (
     ClientOwnershipError,
     CursorAheadError,
@@ -88,9 +91,11 @@ class GroupCommitter:
         self,
         storage: ServerStorage,
         on_commit: Callable[[list[UploadBatch], list[UploadResult]], None] | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._storage = storage
         self._on_commit = on_commit
+        self._metrics = metrics or ServerMetrics()
         self._queue: list[tuple[UploadBatch, asyncio.Future[UploadResult]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -130,14 +135,20 @@ class GroupCommitter:
             group, self._queue = self._queue, []
             batches = [batch for batch, _ in group]
             self.commits += 1
+            started = time.perf_counter()
             try:
                 results = await self._storage.integrate(batches)
             except Exception as exc:
+                self._metrics.commit_failures_total += 1
                 log.exception("group commit of %d upload(s) failed", len(batches))
                 for _, future in group:
                     if not future.done():
                         future.set_exception(exc)
                 continue
+            self._metrics.commits_total += 1
+            self._metrics.commit_seconds.observe(time.perf_counter() - started)
+            self._metrics.upload_messages_total += len(batches)
+            self._metrics.uploads_total += sum(len(r.server_versions) for r in results)
             for (_, future), result in zip(group, results):
                 if not future.done():
                     future.set_result(result)
@@ -170,6 +181,7 @@ class _Session:
     active: bool = True
     first_sent: bool = False
     task: asyncio.Task[None] | None = None
+    flex: FlexView | None = None  # flexible sync / rules (server/flexsync.py); None: all
 
 
 class SyncHub:
@@ -187,9 +199,12 @@ class SyncHub:
         self.auth = auth
         self.config = config
         self.clock = clock
-        self.committer = GroupCommitter(storage, self._committed)
+        #: Counters for ``/metrics``.
+        self.metrics = ServerMetrics()
+        self.committer = GroupCommitter(storage, self._committed, self.metrics)
         self._connections: set[SyncConnection] = set()
         self._sessions: dict[str, set[_Session]] = {}
+        self._unwatch: dict[str, Callable[[], None]] = {}  # app -> stop watching storage
         self._accepting = True
 
     def start(self) -> None:
@@ -205,6 +220,7 @@ class SyncHub:
         """Serve one sync WebSocket until it closes."""
         connection = SyncConnection(self, websocket, app_id)
         self._connections.add(connection)
+        self.metrics.connections_total += 1
         try:
             await connection.run(going_away=not self._accepting)
         finally:
@@ -218,6 +234,9 @@ class SyncHub:
     def register(self, app_id: str, session: _Session) -> None:
         """Add a bound session to the app's fan-out set."""
         self._sessions.setdefault(app_id, set()).add(session)
+        self.metrics.sessions_total += 1
+        if app_id not in self._unwatch:  # commits of other server processes wake it too
+            self._unwatch[app_id] = self.storage.watch(app_id, partial(self._remote, app_id))
 
     def unregister(self, app_id: str, session: _Session) -> None:
         """Remove a session from the app's fan-out set."""
@@ -226,6 +245,23 @@ class SyncHub:
             sessions.discard(session)
             if not sessions:
                 del self._sessions[app_id]
+                unwatch = self._unwatch.pop(app_id, None)
+                if unwatch is not None:
+                    unwatch()
+
+    @property
+    def session_count(self) -> int:
+        """How many sessions are bound."""
+        return sum(len(s) for s in self._sessions.values())
+
+    @property
+    def accepting(self) -> bool:
+        """False once the server started draining (going away)."""
+        return self._accepting
+
+    def _remote(self, app_id: str) -> None:
+        self.metrics.remote_wakeups_total += 1
+        self.notify(app_id)
 
     def _committed(self, batches: list[UploadBatch], results: list[UploadResult]) -> None:
         for app_id in {b.app_id for b, r in zip(batches, results) if r.server_versions}:
@@ -245,10 +281,28 @@ class SyncHub:
         if pending:
             log.warning("%d connection(s) did not close in time", len(pending))
 
+    async def disconnect_user(self, app_id: str, user_id: str, reason: str) -> int:
+        """Close every sync connection of one user (disabled or deleted) with an auth
+        error; returns how many were closed."""
+        victims = [c for c in self._connections if c.app_id == app_id and c.user_id == user_id]
+        await asyncio.gather(*(c.revoke(reason) for c in victims), return_exceptions=True)
+        if victims:
+            log.info("app %s: closed %d connection(s) of user %s", app_id, len(victims), user_id)
+        return len(victims)
+
+    def user_connections(self, app_id: str, user_id: str) -> int:
+        """How many authenticated sync connections the user has open."""
+        return sum(1 for c in self._connections if c.app_id == app_id and c.user_id == user_id)
+
     async def close(self) -> None:
         """Say goodbye to every connection, then finish the queued commits."""
         await self.going_away()
         await self.committer.close()
+
+
+#: The reconnect delay a shutting-down server prescribes to its clients (a restart is
+#: expected; waiting a moment spares it a stampede of reconnects while it comes back).
+GOING_AWAY_RETRY_DELAY_MS = 1000
 
 
 class SyncConnection:
@@ -313,8 +367,21 @@ class SyncConnection:
                 ErrorCode.GOING_AWAY,
                 "the server is shutting down; reconnect later",
                 action=SyncAction.RETRY,
+                retry_delay_ms=GOING_AWAY_RETRY_DELAY_MS,
             )
+            self.hub.metrics.error(ErrorCode.GOING_AWAY)
         await self._close_after_flush(CLOSE_GOING_AWAY)
+
+    async def revoke(self, reason: str) -> None:
+        """End the connection because its user lost access (ERROR 113, close 1008)."""
+        if self.done.is_set() or self._closing.is_set():
+            return
+        await self._fail(
+            ErrorCode.BAD_TOKEN,
+            f"access revoked: {reason}",
+            CLOSE_POLICY_VIOLATION,
+            SyncAction.REFRESH_TOKEN,
+        )
 
     async def _close_after_flush(self, code: int) -> None:
         try:
@@ -331,6 +398,7 @@ class SyncConnection:
         """Send a connection-level ERROR and close."""
         if self.proto.state is not ServerState.CLOSED:
             self.proto.error(code, message, action=action)
+            self.hub.metrics.error(code)
         await self._close_after_flush(close_code)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -361,6 +429,7 @@ class SyncConnection:
                     raise _ConnectionGone
                 try:
                     await self.ws.send_bytes(frame)
+                    self.hub.metrics.bytes_sent_total += len(frame)
                 except Exception as exc:
                     self._peer_gone = True
                     self._closing.set()
@@ -376,6 +445,8 @@ class SyncConnection:
                     self._peer_gone = True
                     return
                 data = message.get("bytes")
+                if data is not None:
+                    self.hub.metrics.bytes_received_total += len(data)
                 if data is None:
                     await self._violation(
                         InvalidMessageError("text frames are not allowed; send binary frames")
@@ -430,7 +501,7 @@ class SyncConnection:
                 case MarkReceived():
                     await self._on_mark(event)
                 case QueryReceived():
-                    self._on_query(event)
+                    await self._on_query(event)
                 case PingReceived() | PongReceived():
                     pass
         except LocalProtocolError:
@@ -456,6 +527,18 @@ class SyncConnection:
             claims = self.hub.auth.verify(event.token, self.app_id, ACCESS)
         except AuthError as exc:
             await self._refuse_token(exc)
+            return
+        if not await self.hub.auth.user_active(self.app_id, claims.user_id):
+            await self._refuse_token(InvalidTokenError("the user is disabled or was deleted"))
+            return
+        most = self.hub.config.limits.max_connections_per_user
+        if self.hub.user_connections(self.app_id, claims.user_id) >= most:
+            await self._fail(
+                ErrorCode.LIMITS_EXCEEDED,
+                f"limit exceeded: at most {most} sync connections per user",
+                CLOSE_POLICY_VIOLATION,
+                SyncAction.RETRY,
+            )
             return
         self.user_id = claims.user_id
         self.token_expires_at = claims.expires_at
@@ -509,6 +592,7 @@ class SyncConnection:
             return
         try:
             self.proto.error(code, message, action=action, session=number)
+            self.hub.metrics.error(code)
         except LocalProtocolError:
             log.debug("session %d: error %d not sent (session ended)", number, code)
 
@@ -530,6 +614,14 @@ class SyncConnection:
     async def _on_bind(self, event: BindReceived) -> None:
         number, storage, app = event.session, self.hub.storage, self.app_id
         assert self.user_id is not None
+        most = self.hub.config.limits.max_sessions_per_connection
+        if len(self.sessions) >= most:
+            await self._session_error(
+                number,
+                ErrorCode.OTHER_SESSION_ERROR,
+                f"limit exceeded: at most {most} sessions per connection",
+            )
+            return
         try:
             schemas = [ModelSchema.from_dict(d) for d in event.schema]
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -567,10 +659,12 @@ class SyncConnection:
                 f"server has only {acked}; reset the client file",
             )
             return
+        view = await flexsync.open_view(self, event.flexible)
         if self.proto.state is not ServerState.OPEN:
             return
         self.proto.bound(number, latest, acked)
         session = _Session(number, event.file_ident, event.download_cursor, latest, acked, acked)
+        session.flex = view
         session.wake.set()
         self.sessions[number] = session
         self.hub.register(app, session)
@@ -589,7 +683,16 @@ class SyncConnection:
         if session is None or not session.active:
             return
         changesets: list[Changeset] = []
+        most = self.hub.config.limits.max_changeset_bytes
         for cs in event.changesets:
+            if len(cs.instructions) > most:
+                await self._session_error(
+                    event.session,
+                    ErrorCode.BAD_CHANGESET,
+                    f"limit exceeded: changeset version {cs.version} has "
+                    f"{len(cs.instructions)} bytes, more than the limit of {most}",
+                )
+                return
             try:
                 instructions = unpack_instructions(cs.instructions, origin=session.file_ident)
             except ValueError as exc:
@@ -602,6 +705,8 @@ class SyncConnection:
             changesets.append(Changeset(session.file_ident, cs.version, instructions))
         if not changesets:
             return
+        if session.flex is not None:
+            changesets = await flexsync.check_upload(self, session, changesets)
         batch = UploadBatch(self.app_id, session.file_ident, changesets)
         try:
             future = self.hub.committer.submit(batch)
@@ -620,14 +725,23 @@ class SyncConnection:
         session.marks.append((event.request_id, target))
         session.wake.set()
 
-    def _on_query(self, event: QueryReceived) -> None:
-        # Subscriptions are acknowledged; this server sends every session all of the app's
-        # data (a superset of any subscription), so the query needs no filtering yet.
+    async def _on_query(self, event: QueryReceived) -> None:
+        # The new set is bound and bootstrapped by server/flexsync.py.
         session = self.sessions.get(event.session)
         if session is None or not session.active:
             return
-        session.query_version = event.query_version
-        session.wake.set()
+        most = self.hub.config.limits.max_query_length
+        longest = max((len(q) for qs in event.queries.values() for q in qs), default=0)
+        if longest > most:
+            self.proto.query_error(
+                event.session,
+                event.query_version,
+                f"limit exceeded: a subscription query has {longest} characters, "
+                f"more than the limit of {most}",
+            )
+            self._spawn(self._flush(), "flush")
+            return
+        await flexsync.on_query(self, session, event.query_version, event.queries, event.args)
 
     # -- downloading ----------------------------------------------------------------------
 
@@ -668,6 +782,9 @@ class SyncConnection:
         )
 
     async def _catch_up(self, session: _Session) -> None:
+        if session.flex is not None:
+            await flexsync.catch_up(self, session)
+            return
         force = not session.first_sent or session.query_version > session.sent_query_version
         page_bytes = self.hub.config.page_bytes
         while True:
@@ -698,6 +815,8 @@ class SyncConnection:
                 session.cursor, session.latest, session.sent_acked = page.cursor, latest, acked
                 session.sent_query_version = session.query_version
                 session.first_sent = True
+                self.hub.metrics.download_messages_total += 1
+                self.hub.metrics.downloads_total += len(page.entries)
                 force = False
                 await self._flush()
             if page.cursor >= page.latest_version or page.cursor <= start:

@@ -143,9 +143,10 @@ class InProcessServer:
 
     @property
     def url(self) -> str:
-        """``http://host:port``, the base URL clients use."""
+        """``http://host:port`` (``https://`` with TLS), the base URL clients use."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     @property
     def ws_url(self) -> str:
@@ -182,6 +183,8 @@ class InProcessServer:
         self._app = create_app(self.data_dir, self.config, storage_factory=self._storage_factory)
         uconfig = uvicorn.Config(
             self._app,
+            ssl_certfile=self.config.tls_cert,
+            ssl_keyfile=self.config.tls_key,
             lifespan="on",
             log_level=self.config.log_level,
             access_log=False,

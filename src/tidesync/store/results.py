@@ -41,6 +41,10 @@ class Results(Generic[M]):
         )
         self._cache: list[tuple[Any, ...]] | None = None
         self._cache_version: Any = None
+        # What a subscription needs to send this query to the server (client/subscriptions.py)
+        self._parsed = parsed
+        self._args = tuple(args)
+        self._parent = parent
 
     # --- SQL -----------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ Errors::
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -35,6 +35,7 @@ from typing import Any, Self
 from ...core.changeset import Changeset, Instruction
 from ...core.merge import ObjectState
 from ...core.packing import pack
+from ...core.query import BoundQuery, evaluate
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
 from ...core.validate import validate_changeset
 from ...errors import SchemaMismatchError, TidesyncError
@@ -146,6 +147,45 @@ class LogPage:
     remaining_bytes: int
 
 
+@dataclass(frozen=True)
+class StoredObject:
+    """One object as stored: packed primary key, merge state bytes, rendered values
+    (``values`` is None when the object is erased)."""
+
+    pk: bytes
+    state: bytes
+    values: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class MatchPage:
+    """One page of :meth:`ServerStorage.read_matching`.
+
+    ``objects`` are the matching alive objects with a packed pk in ``(after, cursor]``, in
+    pk order; ``scanned_bytes`` is the state bytes of *every* alive object of the model in
+    that range (for bootstrap progress); ``done`` is True when nothing follows ``cursor``.
+    """
+
+    objects: list[StoredObject]
+    cursor: bytes | None
+    scanned_bytes: int
+    done: bool
+
+
+def object_matches(
+    queries: Sequence[BoundQuery] | None, rule: BoundQuery | None, values: dict[str, Any]
+) -> bool:
+    """Does an object match one of ``queries`` (None: every object; empty: none) and the
+    read ``rule`` (None: no rule)? Links are not followed (they read as missing objects)."""
+    if rule is not None and not evaluate(rule, values, _no_lookup):
+        return False
+    return queries is None or any(evaluate(b, values, _no_lookup) for b in queries)
+
+
+def _no_lookup(model: str, pk: Any) -> dict[str, Any] | None:
+    return None
+
+
 class ServerStorage(abc.ABC):
     """Where the server keeps apps' schemas, clients, histories and object states.
 
@@ -222,6 +262,50 @@ class ServerStorage(abc.ABC):
     @abc.abstractmethod
     async def get_objects(self, app_id: str, model: str) -> dict[Any, dict[str, Any]]:
         """Primary key -> rendered values of every alive object of ``model``."""
+
+    # -- flexible sync (bootstraps, permission checks); see docs/flexible-sync.md ---------
+
+    async def read_objects(
+        self, app_id: str, model: str, after: bytes | None, limit: int
+    ) -> list[StoredObject]:
+        """Up to ``limit`` alive objects of ``model`` whose packed pk sorts after ``after``
+        (None: from the start), in ascending packed-pk (bytewise) order."""
+        raise StorageError(f"{type(self).__name__} does not support flexible sync yet")
+
+    async def get_states(
+        self, app_id: str, keys: Iterable[ObjectKey]
+    ) -> dict[ObjectKey, StoredObject]:
+        """The stored objects (alive or erased) of ``keys``; keys never stored are absent."""
+        raise StorageError(f"{type(self).__name__} does not support flexible sync yet")
+
+    async def objects_size(self, app_id: str, model: str) -> tuple[int, int]:
+        """``(count, total state bytes)`` of the alive objects of ``model``."""
+        raise StorageError(f"{type(self).__name__} does not support flexible sync yet")
+
+    async def read_matching(
+        self,
+        app_id: str,
+        model: str,
+        queries: Sequence[BoundQuery] | None,
+        rule: BoundQuery | None,
+        after: bytes | None,
+        limit: int,
+    ) -> MatchPage:
+        """The next alive objects of ``model`` after packed pk ``after`` that match one of
+        ``queries`` and the read ``rule`` (see :func:`object_matches`), in pk order.
+
+        This default reads up to ``limit`` objects with :meth:`read_objects` and filters
+        them with :func:`~tidesync.core.query.evaluate`; a backend that can evaluate the
+        queries itself (PostgreSQL) returns up to ``limit`` *matching* objects instead.
+        """
+        rows = await self.read_objects(app_id, model, after, limit)
+        hits = [r for r in rows if r.values is not None and object_matches(queries, rule, r.values)]
+        return MatchPage(
+            hits,
+            rows[-1].pk if rows else after,
+            sum(len(r.state) for r in rows),
+            len(rows) < max(1, limit),
+        )
 
     @abc.abstractmethod
     async def trim_history(self, app_id: str, before_version: int) -> int:

@@ -27,7 +27,8 @@ import pytest_asyncio
 
 from ...core.changeset import Changeset, Instruction, Op
 from ...core.hlc import HLC
-from ...core.packing import pack_instructions
+from ...core.merge import ObjectState
+from ...core.packing import pack, pack_instructions, unpack
 from ...core.schema import FieldSchema, Kind, ModelSchema
 from ...errors import SchemaMismatchError, TidesyncError
 from ...objectid import ObjectId
@@ -463,6 +464,65 @@ class StorageConformance:
         assert await storage.register_client(app, "A", "new owner") == 0
         assert await storage.latest_version(other) == 1
         await storage.wipe_app(other)
+
+    # -- flexible sync reads ----------------------------------------------------------------
+
+    async def test_read_objects_pages_in_packed_pk_byte_order(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        a = Writer("A")
+        pks = ["b", "a", "ab", "é", "Z", "a\x00", "", "zz"]  # includes a multi-byte pk
+        await storage.integrate([batch(app, a.cs(*(a.create(p, title=p) for p in pks)))])
+        await storage.integrate([batch(app, a.cs(a.erase("zz")))])
+        alive = sorted(pack(p) for p in pks if p != "zz")
+        got: list[bytes] = []
+        after: bytes | None = None
+        for _ in range(20):
+            rows = await storage.read_objects(app, "Task", after, 3)
+            assert len(rows) <= 3
+            if not rows:
+                break
+            got += [r.pk for r in rows]
+            for r in rows:
+                assert r.values is not None and r.values["title"] == unpack(r.pk)
+                assert ObjectState.from_bytes(r.state).alive
+            after = rows[-1].pk
+        assert got == alive
+        ints = [300, -1, 0, 1, 70_000]
+        await storage.integrate([batch(app, a.cs(*(a.note(NOTE_INT, i, str(i)) for i in ints)))])
+        rows = await storage.read_objects(app, "NoteI", None, 100)
+        assert [r.pk for r in rows] == sorted(pack(i) for i in ints)
+        assert await storage.read_objects(app, "Nothing", None, 10) == []
+
+    async def test_get_states_includes_erased_and_omits_unknown(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        a = Writer("A")
+        await storage.integrate(
+            [batch(app, a.cs(a.create("x", title="one"), a.create("y"), a.erase("y")))]
+        )
+        keys = [("Task", pack("x")), ("Task", pack("y")), ("Task", pack("never")), ("NoteI", b"")]
+        states = await storage.get_states(app, keys)
+        assert set(states) == {("Task", pack("x")), ("Task", pack("y"))}
+        x, y = states[("Task", pack("x"))], states[("Task", pack("y"))]
+        assert x.pk == pack("x") and x.values is not None and x.values["title"] == "one"
+        assert ObjectState.from_bytes(x.state).alive
+        assert y.values is None and not ObjectState.from_bytes(y.state).alive
+        many = [("Task", pack(f"m{i}")) for i in range(1200)]
+        assert await storage.get_states(app, many) == {}
+        assert await storage.get_states(app, []) == {}
+
+    async def test_objects_size_counts_alive_objects(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        assert await storage.objects_size(app, "Task") == (0, 0)
+        a = Writer("A")
+        await storage.integrate(
+            [batch(app, a.cs(a.create("x"), a.create("y", title="long" * 50), a.erase("x")))]
+        )
+        rows = await storage.read_objects(app, "Task", None, 10)
+        assert [r.pk for r in rows] == [pack("y")]
+        assert await storage.objects_size(app, "Task") == (1, len(rows[0].state))
 
     # -- concurrency ----------------------------------------------------------------------
 

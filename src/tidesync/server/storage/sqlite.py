@@ -33,6 +33,7 @@ from .base import (
     RejectReason,
     ServerStorage,
     StorageError,
+    StoredObject,
     UploadBatch,
     UploadResult,
     apply_changesets,
@@ -392,6 +393,62 @@ class SQLiteStorage(ServerStorage):
             (app_id, model),
         )
         return {unpack(pk): unpack(vals) for pk, vals in rows}
+
+    # -- flexible sync ----------------------------------------------------------------------
+
+    async def read_objects(
+        self, app_id: str, model: str, after: bytes | None, limit: int
+    ) -> list[StoredObject]:
+        """Up to ``limit`` alive objects of ``model`` after packed pk ``after``, in pk order."""
+        return await self._run(self._read_objects_sync, app_id, model, after, limit)
+
+    def _read_objects_sync(
+        self, app_id: str, model: str, after: bytes | None, limit: int
+    ) -> list[StoredObject]:
+        rows = self._db.execute(
+            "SELECT pk, state, vals FROM objects WHERE app = ? AND model = ? AND alive = 1 "
+            "AND pk > ? ORDER BY pk LIMIT ?",
+            (app_id, model, after if after is not None else b"", max(1, limit)),
+        ).fetchall()
+        return [StoredObject(pk, state, unpack(vals)) for pk, state, vals in rows]
+
+    async def get_states(
+        self, app_id: str, keys: Iterable[ObjectKey]
+    ) -> dict[ObjectKey, StoredObject]:
+        """The stored objects of ``keys`` (erased ones with ``values`` None)."""
+        return await self._run(self._get_states_sync, app_id, list(keys))
+
+    def _get_states_sync(self, app_id: str, keys: list[ObjectKey]) -> dict[ObjectKey, StoredObject]:
+        by_model: dict[str, list[bytes]] = {}
+        for model, pk in keys:
+            by_model.setdefault(model, []).append(pk)
+        out: dict[ObjectKey, StoredObject] = {}
+        for model, pks in by_model.items():
+            for i in range(0, len(pks), _CHUNK):
+                chunk = pks[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    "SELECT pk, state, vals FROM objects WHERE app = ? AND model = ? "
+                    f"AND pk IN ({marks})",
+                    (app_id, model, *chunk),
+                )
+                for pk, state, vals in rows:
+                    out[(model, pk)] = StoredObject(
+                        pk, state, unpack(vals) if vals is not None else None
+                    )
+        return out
+
+    async def objects_size(self, app_id: str, model: str) -> tuple[int, int]:
+        """``(count, total state bytes)`` of the alive objects of ``model``."""
+        return await self._run(self._objects_size_sync, app_id, model)
+
+    def _objects_size_sync(self, app_id: str, model: str) -> tuple[int, int]:
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(state)), 0) FROM objects "
+            "WHERE app = ? AND model = ? AND alive = 1",
+            (app_id, model),
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     # -- administration -------------------------------------------------------------------
 

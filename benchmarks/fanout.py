@@ -1,0 +1,102 @@
+"""Fan-out: one write seen by 100 connected devices (100 users, in a few client processes);
+the time until the last one was notified, and the server's peak memory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from .common import Bench, Device, peak_mib, start_server
+from .harness import Context, Measurement
+
+GROUP = "fan-out"
+DEVICES = 100
+PROCESSES = 4
+ROUNDS = 5  # the first is a warm-up
+
+
+def _read(proc: subprocess.Popen[str], want: str, limit: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(want):
+            return line
+        if line.startswith("error"):
+            raise RuntimeError(line.strip())
+    raise RuntimeError(f"a fan-out worker did not say {want!r} (exit {proc.poll()})")
+
+
+def run(ctx: Context) -> None:
+    """Record the fan-out benchmark."""
+    root = ctx.workdir / "fanout"
+    shutil.rmtree(root, ignore_errors=True)
+    server = start_server(root, "server")
+    writer = Device(root, "writer", server.url)
+    workers: list[subprocess.Popen[str]] = []
+    try:
+        db = writer.open()
+        writer.wait_upload(60)
+        per = DEVICES // PROCESSES
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for w in range(PROCESSES):
+            workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "benchmarks.worker",
+                        "fanout",
+                        server.url,
+                        str(root / f"w{w}"),
+                        str(per),
+                    ],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+            )
+        for p in workers:
+            _read(p, "ready", 300)
+        ctx.log(f"  {DEVICES} devices connected in {PROCESSES} processes")
+        took: list[float] = []
+        for r in range(ROUNDS):
+            for p in workers:
+                assert p.stdin is not None
+                p.stdin.write("round\n")
+                p.stdin.flush()
+            start = time.perf_counter()
+            with db.write():
+                db.add(Bench(id=r, owner="fan", title=f"round {r}", qty=r, price=0.5, done=False))
+            last = max(float(_read(p, "done", 120).split()[1]) for p in workers)
+            ctx.log(f"  round {r}: {(last - start) * 1e3:.1f} ms")
+            if r:
+                took.append(last - start)
+        ctx.record(
+            Measurement(
+                GROUP,
+                f"tidesync fan-out to {DEVICES} devices",
+                "s",
+                took,
+                note="write to the last device notified",
+            )
+        )
+        ctx.record(Measurement(GROUP, "server peak RSS, fan-out", "MiB", [peak_mib(server)]))
+    finally:
+        for p in workers:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in workers:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        writer.close()
+        server.kill()

@@ -1,0 +1,173 @@
+"""Sync: push, pull (bootstrap), end to end and latency, each against a fresh
+``tidesync serve`` process on loopback, with the server's peak memory."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from typing import Any
+
+from .common import Bench, Device, median, peak_mib, percentile, rows, start_server, write_objects
+from .harness import Context, Measurement
+
+GROUP = "sync"
+
+#: Seconds any one phase may take before the benchmark fails (bounded runs).
+LIMIT = 600.0
+
+
+def _push_pull(ctx: Context, n: int, run: int) -> tuple[float, float, float]:
+    """One run: A writes n objects while paused; time to acknowledgement; then a fresh B
+    pulls them all. Returns (push s, pull s, server peak MiB)."""
+    root = ctx.workdir / f"pushpull-{run}"
+    shutil.rmtree(root, ignore_errors=True)
+    server = start_server(root, "server")
+    a = Device(root, "a", server.url)
+    b = Device(root, "b", server.url)
+    try:
+        db = a.open()
+        a.wait_upload(60)  # connected and bound, nothing to upload yet
+        db.sync_session.pause()
+        # changesets are capped at 4 MiB by the server: 10,000 objects per transaction
+        write_objects(db, rows(n), min(n, 10_000))
+        start = time.perf_counter()
+        db.sync_session.resume()
+        a.wait_upload(LIMIT)
+        push = time.perf_counter() - start
+        b.log_in()
+        start = time.perf_counter()
+        b.open()
+        b.wait_count(n, LIMIT)
+        pull = time.perf_counter() - start
+        if a.errors or b.errors:
+            raise RuntimeError(f"sync errors: {a.errors + b.errors}")
+        return push, pull, peak_mib(server)
+    finally:
+        a.close()
+        b.close()
+        server.kill()
+
+
+def _end_to_end(ctx: Context, n: int, run: int) -> tuple[float, float]:
+    """A writes n objects in n/100 transactions while B is connected; until B holds all."""
+    root = ctx.workdir / f"e2e-{run}"
+    shutil.rmtree(root, ignore_errors=True)
+    server = start_server(root, "server")
+    a = Device(root, "a", server.url)
+    b = Device(root, "b", server.url)
+    try:
+        a.open()
+        b.open()
+        a.wait_upload(60)
+        b.wait_count(0, 60)
+        assert a.db is not None
+        start = time.perf_counter()
+        write_objects(a.db, rows(n), 100)
+        b.wait_count(n, LIMIT)
+        took = time.perf_counter() - start
+        if a.errors or b.errors:
+            raise RuntimeError(f"sync errors: {a.errors + b.errors}")
+        return took, peak_mib(server)
+    finally:
+        a.close()
+        b.close()
+        server.kill()
+
+
+def _latency(ctx: Context, count: int, warmup: int) -> tuple[list[float], float]:
+    """A writes one object at a time; the time until B's change notification fires."""
+    root = ctx.workdir / "latency"
+    shutil.rmtree(root, ignore_errors=True)
+    server = start_server(root, "server")
+    a = Device(root, "a", server.url)
+    b = Device(root, "b", server.url)
+    arrived = threading.Event()
+    seen: dict[str, Any] = {"at": 0.0, "len": 0}
+    try:
+        adb, bdb = a.open(), b.open()
+        a.wait_upload(60)
+        b.wait_count(0, 60)
+        results = bdb.all(Bench)
+
+        def on_change(change: Any) -> None:
+            if change.inserted:
+                seen["at"] = time.perf_counter()
+                arrived.set()
+
+        token = results.add_listener(on_change)
+        time.sleep(0.5)  # the initial notification
+        data = rows(count + warmup)
+        lat: list[float] = []
+        for k, (i, owner, title, qty, price, done) in enumerate(data):
+            arrived.clear()
+            start = time.perf_counter()
+            with adb.write():
+                adb.add(Bench(id=i, owner=owner, title=title, qty=qty, price=price, done=done))
+            if not arrived.wait(30):
+                raise TimeoutError(f"object {i} did not reach B within 30 s")
+            if k >= warmup:
+                lat.append(seen["at"] - start)
+            if k % 200 == 0:
+                ctx.log(f"  latency: {k}/{len(data)}")
+        token.cancel()
+        return lat, peak_mib(server)
+    finally:
+        a.close()
+        b.close()
+        server.kill()
+
+
+def run(ctx: Context) -> None:
+    """Record the sync benchmarks."""
+    n = 10_000 if ctx.quick else 100_000
+    ctx.log(f"{GROUP}: N = {n:,}")
+    push: list[float] = []
+    pull: list[float] = []
+    mem: list[float] = []
+    for r in range(ctx.repeats):
+        p, q, m = _push_pull(ctx, n, r)
+        ctx.log(f"  push {p:.3f} s, pull {q:.3f} s, server peak {m:.1f} MiB")
+        push.append(p)
+        pull.append(q)
+        mem.append(m)
+    floor = f"floor: sqlite3 insert + websocket transfer {n:,}"
+    ctx.record(Measurement(GROUP, f"tidesync push {n:,}", "s", push, floor, "until acknowledged"))
+    ctx.record(
+        Measurement(GROUP, f"tidesync push {n:,} vs PouchDB", "s", push, f"PouchDB push {n:,}")
+    )
+    ctx.record(Measurement(GROUP, f"tidesync pull {n:,}", "s", pull, floor, "fresh device"))
+    ctx.record(
+        Measurement(GROUP, f"tidesync pull {n:,} vs PouchDB", "s", pull, f"PouchDB pull {n:,}")
+    )
+    ctx.record(Measurement(GROUP, "server peak RSS, push + pull", "MiB", mem))
+    e2e: list[float] = []
+    mem = []
+    for r in range(ctx.repeats):
+        t, m = _end_to_end(ctx, n, r)
+        ctx.log(f"  end to end {t:.3f} s, server peak {m:.1f} MiB")
+        e2e.append(t)
+        mem.append(m)
+    ctx.record(
+        Measurement(
+            GROUP, f"tidesync end to end {n:,}", "s", e2e, None, f"{n // 100:,} transactions"
+        )
+    )
+    ctx.record(Measurement(GROUP, "server peak RSS, end to end", "MiB", mem))
+    count = 200 if ctx.quick else 1000
+    lat, m = _latency(ctx, count, 50)
+    for p in (50, 95, 99):
+        chunks = [lat[i::3] for i in range(3)]  # three interleaved sub-samples: min/max spread
+        ctx.record(
+            Measurement(
+                GROUP,
+                f"tidesync latency p{p}",
+                "s",
+                [percentile(c, p) for c in chunks],
+                f"PouchDB latency p{p}",
+                f"{len(lat)} writes, A write to B notified",
+                extra={"all": percentile(lat, p)},
+            )
+        )
+    ctx.log(f"  latency median {median(lat) * 1e3:.2f} ms")
+    ctx.record(Measurement(GROUP, "server peak RSS, latency", "MiB", [m]))

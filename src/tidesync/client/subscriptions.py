@@ -1,0 +1,457 @@
+"""Flexible sync on the device: the subscription set, its states, and applying bootstraps.
+
+``db.subscriptions`` is a :class:`SubscriptionSet`: the newest committed set of queries this
+database wants from the server, persisted in the database file (table ``_sub_sets``: one row
+per version with its state, error and packed subscriptions), so it survives restarts and is
+re-sent on every BIND. ``with db.subscriptions.update() as subs:`` commits a new version
+(PENDING) and hands it to the sync thread, which sends it as QUERY. The server answers with a
+bootstrap (DOWNLOAD pages with ``bootstrap`` set, carrying whole objects); the state moves
+PENDING -> BOOTSTRAPPING -> COMPLETE (older sets become SUPERSEDED), or to ERROR with the
+server's message (QUERY_ERROR), while the previous set keeps syncing.
+
+:class:`FlexApplier` is the sync-thread part: it applies the ``objects`` of a DOWNLOAD (whole
+object states, merged with the device's own unacknowledged instructions, and evictions, which
+drop an object locally without recording anything in the change log) and, at the end of a
+bootstrap, evicts what the server did not send. See docs/flexible-sync.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..core import query as q
+from ..core.merge import ObjectState
+from ..core.packing import pack, unpack, unpack_instructions
+from ..errors import CompensatingWriteError, OperationCancelledError, SubscriptionError
+from ..protocol.messages import BOOTSTRAP_LAST, BOOTSTRAP_NONE, ObjectUpdate, refused_of
+from ..store import sqlvalues as sv
+from ..store.model import Model
+from ..store.results import Results
+
+if TYPE_CHECKING:
+    import sqlite3
+
+    from ..store.engine import StoreEngine
+    from .cancellation import CancellationToken
+    from .database import Database
+
+_TABLE = (
+    "CREATE TABLE IF NOT EXISTS _sub_sets (version INTEGER PRIMARY KEY, state TEXT NOT NULL, "
+    "error TEXT, subs BLOB NOT NULL)"
+)
+#: How often wait_for_synchronization looks at the set's state (seconds).
+POLL_INTERVAL = 0.02
+
+
+class SubscriptionSetState(enum.Enum):
+    """Where a subscription set is on its way to the device."""
+
+    PENDING = "pending"
+    BOOTSTRAPPING = "bootstrapping"
+    COMPLETE = "complete"
+    ERROR = "error"
+    SUPERSEDED = "superseded"
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One query the device subscribes to: ``query`` with ``args`` over ``object_type``."""
+
+    name: str | None
+    object_type: str
+    query: str
+    args: tuple[Any, ...]
+    created_at: float
+    updated_at: float
+
+    def _row(self) -> list[Any]:
+        return [
+            self.name,
+            self.object_type,
+            self.query,
+            list(self.args),
+            self.created_at,
+            self.updated_at,
+        ]
+
+    @classmethod
+    def _from_row(cls, row: list[Any]) -> Subscription:
+        name, model, text, args, created, updated = row
+        return cls(name, model, text, tuple(args), created, updated)
+
+
+def query_of(results: Results[Any]) -> tuple[str, str, tuple[Any, ...]]:
+    """``(model, query text, args)`` of a Results, narrowing included."""
+    chain: list[Results[Any]] = []
+    r: Results[Any] | None = results
+    while r is not None:
+        chain.append(r)
+        r = r._parent
+    chain.reverse()
+    parsed, args = chain[0]._parsed, chain[0]._args
+    for child in chain[1:]:
+        parsed = q.conjoin(parsed, child._parsed, arg_offset=len(args))
+        args = args + child._args
+    return results.model.__name__, q.render(parsed), tuple(args)
+
+
+def ensure_table(conn: sqlite3.Connection) -> None:
+    """Create the subscription table if the file does not have it yet."""
+    conn.execute(_TABLE)
+
+
+def latest_row(conn: sqlite3.Connection) -> tuple[int, str, str | None, list[Subscription]]:
+    """``(version, state, error, subscriptions)`` of the newest set (version 0: none)."""
+    ensure_table(conn)
+    row = conn.execute(
+        "SELECT version, state, error, subs FROM _sub_sets ORDER BY version DESC LIMIT 1"
+    ).fetchone()
+    if row is None:
+        return 0, SubscriptionSetState.COMPLETE.value, None, []
+    return int(row[0]), str(row[1]), row[2], [Subscription._from_row(x) for x in unpack(row[3])]
+
+
+def queries_of(subs: list[Subscription]) -> tuple[dict[str, list[str]], dict[str, list[list[Any]]]]:
+    """The QUERY message's ``queries`` and ``args`` for a set."""
+    queries: dict[str, list[str]] = {}
+    args: dict[str, list[list[Any]]] = {}
+    for s in subs:
+        queries.setdefault(s.object_type, []).append(s.query)
+        args.setdefault(s.object_type, []).append(list(s.args))
+    return queries, args
+
+
+class SubscriptionSet:
+    """The newest subscription set of a synced database (``db.subscriptions``).
+
+    Reading it (``len``, iteration, :meth:`find`, :meth:`find_by_name`, :attr:`state`,
+    :attr:`error`) looks at the committed set; change it with :meth:`update`."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def _latest(self) -> tuple[int, str, str | None, list[Subscription]]:
+        self._db._check_open()
+        with self._db._lock:
+            return latest_row(self._db._engine.conn)
+
+    @property
+    def version(self) -> int:
+        """The newest set's version (0 before the first update)."""
+        return self._latest()[0]
+
+    @property
+    def state(self) -> SubscriptionSetState:
+        """The newest set's :class:`SubscriptionSetState`."""
+        return SubscriptionSetState(self._latest()[1])
+
+    @property
+    def error(self) -> str | None:
+        """The server's message when :attr:`state` is ERROR."""
+        return self._latest()[2]
+
+    def __len__(self) -> int:
+        return len(self._latest()[3])
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(self._latest()[3])
+
+    def find(self, results: Results[Any]) -> Subscription | None:
+        """The subscription with the same model, query and arguments as ``results``."""
+        model, text, args = query_of(results)
+        for s in self._latest()[3]:
+            if (s.object_type, s.query, s.args) == (model, text, args):
+                return s
+        return None
+
+    def find_by_name(self, name: str) -> Subscription | None:
+        """The subscription called ``name``."""
+        for s in self._latest()[3]:
+            if s.name == name:
+                return s
+        return None
+
+    @contextmanager
+    def update(self) -> Iterator[MutableSubscriptionSet]:
+        """Change the set: committed as a new version (PENDING) when the block ends without
+        an exception, then sent to the server."""
+        subs = self._latest()[3]
+        mutable = MutableSubscriptionSet(list(subs))
+        yield mutable
+        db = self._db
+        db._check_open()
+        with db._lock:
+            conn = db._engine.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                ensure_table(conn)
+                row = conn.execute("SELECT MAX(version) FROM _sub_sets").fetchone()
+                new_version = int(row[0] or 0) + 1
+                conn.execute(
+                    "INSERT INTO _sub_sets(version, state, error, subs) VALUES (?, ?, NULL, ?)",
+                    (
+                        new_version,
+                        SubscriptionSetState.PENDING.value,
+                        pack([s._row() for s in mutable._subs]),
+                    ),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        session = db._session
+        if session is not None:
+            worker = session._worker
+            session._client.loop.call_soon_threadsafe(worker.send_query)
+
+    async def wait_for_synchronization(
+        self, cancellation_token: CancellationToken | None = None
+    ) -> None:
+        """Wait until the server has sent all data of the newest set (COMPLETE); raise
+        :class:`~tidesync.errors.SubscriptionError` with the server's message if it is in
+        ERROR, :class:`~tidesync.errors.OperationCancelledError` if cancelled."""
+        target = self.version
+        while True:
+            if cancellation_token is not None and cancellation_token.is_cancelled:
+                raise OperationCancelledError("waiting for the subscriptions was cancelled")
+            with self._db._lock:
+                self._db._check_open()
+                ensure_table(self._db._engine.conn)
+                row = self._db._engine.conn.execute(
+                    "SELECT state, error FROM _sub_sets WHERE version = ?", (target,)
+                ).fetchone()
+            if row is None:
+                return  # version 0: nothing subscribed, nothing to wait for
+            state = SubscriptionSetState(row[0])
+            if state is SubscriptionSetState.ERROR:
+                raise SubscriptionError(f"subscription set {target} was refused: {row[1]}")
+            if state in (SubscriptionSetState.COMPLETE, SubscriptionSetState.SUPERSEDED):
+                return
+            await asyncio.sleep(POLL_INTERVAL)
+
+
+class MutableSubscriptionSet:
+    """The set inside ``with db.subscriptions.update() as subs:``."""
+
+    def __init__(self, subs: list[Subscription]) -> None:
+        self._subs = subs
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def __iter__(self) -> Iterator[Subscription]:
+        return iter(list(self._subs))
+
+    def add(
+        self, results: Results[Any], name: str | None = None, update: bool = False
+    ) -> Subscription:
+        """Subscribe to ``results``. A name already used for another query raises
+        :class:`~tidesync.errors.SubscriptionError` unless ``update`` (then it is replaced);
+        adding an identical subscription again returns the existing one."""
+        if not isinstance(results, Results):
+            raise TypeError("subs.add() takes a Results (db.query(...) or db.all(...))")
+        model, text, args = query_of(results)
+        _check_args(args)
+        now = time.time()
+        for i, s in enumerate(self._subs):
+            if name is not None and s.name == name:
+                if (s.object_type, s.query, s.args) == (model, text, args):
+                    return s
+                if not update:
+                    raise SubscriptionError(
+                        f"a subscription named {name!r} exists with another query "
+                        f"({s.object_type}: {s.query}); pass update=True to replace it"
+                    )
+                new = Subscription(name, model, text, args, s.created_at, now)
+                self._subs[i] = new
+                return new
+            if (
+                name is None
+                and s.name is None
+                and (s.object_type, s.query, s.args)
+                == (
+                    model,
+                    text,
+                    args,
+                )
+            ):
+                return s
+        new = Subscription(name, model, text, args, now, now)
+        self._subs.append(new)
+        return new
+
+    def remove(self, results: Results[Any]) -> bool:
+        """Remove the subscriptions with ``results``' query; True if any was removed."""
+        model, text, args = query_of(results)
+        before = len(self._subs)
+        self._subs = [
+            s for s in self._subs if (s.object_type, s.query, s.args) != (model, text, args)
+        ]
+        return len(self._subs) != before
+
+    def remove_by_name(self, name: str) -> bool:
+        """Remove the subscription called ``name``; True if it existed."""
+        before = len(self._subs)
+        self._subs = [s for s in self._subs if s.name != name]
+        return len(self._subs) != before
+
+    def remove_by_type(self, model: type[Model]) -> int:
+        """Remove every subscription of ``model``; return how many."""
+        before = len(self._subs)
+        self._subs = [s for s in self._subs if s.object_type != model.__name__]
+        return before - len(self._subs)
+
+    def clear(self) -> None:
+        """Remove every subscription."""
+        self._subs = []
+
+
+def _check_args(args: tuple[Any, ...]) -> None:
+    try:
+        pack(list(args))
+    except (TypeError, ValueError) as exc:
+        raise SubscriptionError(f"a subscription argument cannot be sent: {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------
+# sync thread side
+
+
+def set_state(
+    conn: sqlite3.Connection, version: int, state: SubscriptionSetState, error: str | None = None
+) -> None:
+    """Record a set's new state (inside the caller's transaction); COMPLETE supersedes the
+    older sets that are not in ERROR."""
+    ensure_table(conn)
+    if state is SubscriptionSetState.BOOTSTRAPPING:
+        conn.execute(
+            "UPDATE _sub_sets SET state = ? WHERE version = ? AND state = ?",
+            (state.value, version, SubscriptionSetState.PENDING.value),
+        )
+        return
+    conn.execute(
+        "UPDATE _sub_sets SET state = ?, error = ? WHERE version = ?", (state.value, error, version)
+    )
+    if state is SubscriptionSetState.COMPLETE:
+        conn.execute(
+            "UPDATE _sub_sets SET state = ? WHERE version < ? AND state != ?",
+            (SubscriptionSetState.SUPERSEDED.value, version, SubscriptionSetState.ERROR.value),
+        )
+
+
+class FlexApplier:
+    """Applies flexible sync's whole objects and bootstraps to one local file (sync thread)."""
+
+    def __init__(self, engine: StoreEngine) -> None:
+        self.engine = engine
+        #: Keys received by the bootstrap in progress (None: no bootstrap in progress).
+        self.received: set[tuple[str, Any]] | None = None
+
+    def reset(self) -> None:
+        """A new binding: a bootstrap cut short by a disconnect starts over."""
+        self.received = None
+
+    def flexible(self) -> bool:
+        """True once the file has a subscription set: BIND then asks for flexible sync."""
+        return self.latest_query()[0] > 0
+
+    def latest_query(self) -> tuple[int, dict[str, list[str]], dict[str, list[list[Any]]]]:
+        """``(version, queries, args)`` of the newest set, for QUERY."""
+        version, _, _, subs = latest_row(self.engine.conn)
+        queries, args = queries_of(subs)
+        return version, queries, args
+
+    def apply(
+        self, objects: list[ObjectUpdate], bootstrap: int, query_version: int, upload_acked: int
+    ) -> None:
+        """Apply a DOWNLOAD's objects and bootstrap flag (inside the caller's transaction)."""
+        engine = self.engine
+        if bootstrap != BOOTSTRAP_NONE and self.received is None:
+            self.received = set()
+            if query_version:
+                set_state(engine.conn, query_version, SubscriptionSetState.BOOTSTRAPPING)
+        pending = self._pending(upload_acked) if objects or bootstrap == BOOTSTRAP_LAST else {}
+        for obj in objects:
+            schema = engine.schemas.get(obj.model)
+            if schema is None:
+                continue
+            if obj.state is None:
+                self._evict(obj.model, obj.pk)
+                continue
+            state = ObjectState.from_bytes(obj.state)
+            for ins in pending.get((obj.model, obj.pk), ()):
+                state.apply(ins, schema)
+            _, where = engine.load_state(obj.model, obj.pk)
+            engine.save_state(obj.model, obj.pk, state, where)
+            if state.last_hlc.wall:
+                engine.observe(state.last_hlc)
+            if self.received is not None:
+                self.received.add((obj.model, obj.pk))
+        if bootstrap == BOOTSTRAP_LAST:
+            received = self.received or set()
+            self.received = None
+            for model, schema in engine.schemas.items():
+                table = sv.table_name(model)
+                pk_col = sv.quote(schema.primary_key)
+                rows = engine.conn.execute(f"SELECT {pk_col} FROM {table}").fetchall()
+                for (raw,) in rows:
+                    pk = sv.from_column(schema.pk_field, raw, engine.schemas)
+                    if (model, pk) not in received and (model, pk) not in pending:
+                        self._evict(model, pk)
+            if query_version:
+                set_state(engine.conn, query_version, SubscriptionSetState.COMPLETE)
+
+    def _pending(self, upload_acked: int) -> dict[tuple[str, Any], list[Any]]:
+        """This device's instructions the server has not acknowledged, by object."""
+        out: dict[tuple[str, Any], list[Any]] = {}
+        origin = self.engine.origin
+        for (data,) in self.engine.conn.execute(
+            "SELECT data FROM _changelog WHERE version > ? ORDER BY version", (upload_acked,)
+        ):
+            for ins in unpack_instructions(data, origin):
+                out.setdefault((ins.model, ins.pk), []).append(ins)
+        return out
+
+    def _evict(self, model: str, pk: Any) -> None:
+        """Drop an object and its merge state locally; nothing goes to the change log."""
+        engine = self.engine
+        schema = engine.schemas[model]
+        key_sql = sv.scalar_to_sql(schema.pk_field.kind, pk)
+        engine.conn.execute(engine.sql(model, "delete"), (key_sql,))
+        engine.conn.execute("DELETE FROM _dead WHERE model = ? AND pk = ?", (model, pack(pk)))
+        engine._tx_states.pop((model, pk), None)
+
+
+def compensating_error(message: str) -> CompensatingWriteError:
+    """The error handler's view of an ERROR 231."""
+    return CompensatingWriteError(message.split("\n", 1)[0], refused_of(message))
+
+
+def query_error(engine: StoreEngine, version: int, message: str) -> None:
+    """Record the server's refusal of set ``version``."""
+    conn = engine.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        set_state(conn, version, SubscriptionSetState.ERROR, message)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+__all__ = [
+    "FlexApplier",
+    "MutableSubscriptionSet",
+    "Subscription",
+    "SubscriptionSet",
+    "SubscriptionSetState",
+    "query_error",
+]

@@ -1,0 +1,479 @@
+"""Flexible sync on the server: what each session may see, bootstraps, compensating writes.
+
+A session's *view* (:class:`FlexView`) is its subscription set (QUERY, bound with
+``core.query`` against the app's schemas) and the user's :class:`~.rules.Permissions`. An
+object is *visible* to the session when it is alive, matches some subscription of its model
+(a session that never sent QUERY subscribes to everything) and the user's read rule allows
+it. The view remembers which objects the device holds (``held``).
+
+- **Bootstrap** (a new set, or the first download of a session under rules): every visible
+  object is sent whole (``Download.objects``) in pages of about ``page_bytes``, with
+  ``downloadable_bytes`` counting down the bytes still to scan; the last page
+  (``BOOTSTRAP_LAST``) moves the cursor to the version the bootstrap started at, and the
+  device then drops what the bootstrap did not contain.
+- **Incremental**: each page of the log keeps only the instructions on objects the device
+  holds and may still see; an object that became visible is sent whole, one that stopped
+  being visible is evicted (dropped locally, never deleted anywhere).
+- **Uploads** (:func:`check_upload`): each object's instructions are tried on a copy of its
+  stored state; when the write rule refuses the object before or after the change, or the
+  object is outside the subscriptions, they are dropped (the rest of the changeset is kept).
+  Once the upload is acknowledged the device gets the authoritative state of every object it
+  touched (or an eviction) and, if something was refused, ERROR 231 listing it.
+
+See docs/flexible-sync.md for the exact message sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..core import query as q
+from ..core.changeset import Changeset, Instruction, Op
+from ..core.merge import ObjectState
+from ..core.packing import pack, pack_instructions, unpack, unpack_instructions
+from ..core.schema import ModelSchema
+from ..errors import QueryError
+from ..protocol.messages import (
+    BOOTSTRAP_LAST,
+    BOOTSTRAP_PAGE,
+    DownloadChangeset,
+    ErrorCode,
+    ObjectUpdate,
+    compensating_message,
+)
+from .rules import Permissions, parse_rules, user_fields
+from .storage.base import ObjectKey, StoredObject
+
+if TYPE_CHECKING:
+    from .hub import SyncConnection, _Session
+
+log = logging.getLogger("tidesync.server.flexsync")
+
+#: Objects read from storage per bootstrap batch.
+BOOTSTRAP_BATCH = 2000
+
+
+@dataclass
+class SubscriptionQueries:
+    """A bound subscription set: model name -> its queries."""
+
+    version: int
+    by_model: dict[str, list[q.BoundQuery]]
+
+    def matches(self, model: str, values: dict[str, Any]) -> bool:
+        """Does an object match one of its model's subscriptions?"""
+        for bound in self.by_model.get(model, ()):
+            if q.evaluate(bound, values, _no_links):
+                return True
+        return False
+
+
+def _no_links(model: str, pk: Any) -> dict[str, Any] | None:
+    return None
+
+
+def bind_subscriptions(
+    version: int,
+    queries: dict[str, list[str]],
+    args: dict[str, list[list[Any]]],
+    schemas: dict[str, ModelSchema],
+) -> SubscriptionQueries:
+    """Bind a QUERY's queries; raises :class:`QueryError` with a message for the device."""
+    by_model: dict[str, list[q.BoundQuery]] = {}
+    for model, texts in queries.items():
+        schema = schemas.get(model)
+        if schema is None:
+            raise QueryError(f"unknown model {model!r} in subscription set {version}")
+        model_args = args.get(model, [])
+        bound_list: list[q.BoundQuery] = []
+        for i, text in enumerate(texts):
+            parsed = q.parse(text)
+            if parsed.sort or parsed.limit is not None or parsed.distinct:
+                raise QueryError(
+                    f"{model}: SORT, LIMIT and DISTINCT are not supported in subscriptions: {text}"
+                )
+            a = model_args[i] if i < len(model_args) else []
+            bound_list.append(q.bind(parsed, schema, schemas, a))
+        by_model[model] = bound_list
+    return SubscriptionQueries(version, by_model)
+
+
+@dataclass
+class FlexView:
+    """One session's view: permissions, subscriptions and what the device holds."""
+
+    perms: Permissions
+    schemas: dict[str, ModelSchema]
+    #: None: every model (a session that sent no QUERY, under rules).
+    subs: SubscriptionQueries | None
+    held: set[ObjectKey] = field(default_factory=set)
+    #: A bootstrap is owed for this query version (None: none owed).
+    bootstrap: int | None = None
+    #: Uploads to reconcile once acknowledged: (last client version, touched keys, refused).
+    uploads: list[tuple[int, set[ObjectKey], list[tuple[str, Any, str]]]] = field(
+        default_factory=list
+    )
+
+    def visible(self, model: str, values: dict[str, Any] | None) -> bool:
+        """May the device hold this object now?"""
+        if values is None or model not in self.schemas:
+            return False
+        if self.subs is not None and not self.subs.matches(model, values):
+            return False
+        return self.perms.can_read(model, values)
+
+    def in_subscriptions(self, model: str, values: dict[str, Any]) -> bool:
+        """Does the object fall inside the session's subscriptions?"""
+        return self.subs is None or self.subs.matches(model, values)
+
+
+async def open_view(conn: SyncConnection, flexible: bool) -> FlexView | None:
+    """The view of a new session, or None when nothing is filtered (no rules, no QUERY)."""
+    hub = conn.hub
+    settings = hub.config.auth.app(conn.app_id, hub.config.development_mode)
+    rules = parse_rules(settings.rules, f"apps.{conn.app_id}.rules") if settings else None
+    if rules is None and not flexible:
+        return None
+    schemas = await hub.storage.get_schemas(conn.app_id)
+    assert conn.user_id is not None
+    perms = Permissions(rules, user_fields(conn.user_id), schemas)
+    if flexible:
+        return FlexView(perms, schemas, SubscriptionQueries(0, {}))
+    return FlexView(perms, schemas, None, bootstrap=0)
+
+
+async def on_query(
+    conn: SyncConnection,
+    session: _Session,
+    version: int,
+    queries: dict[str, list[str]],
+    args: dict[str, list[list[Any]]],
+) -> None:
+    """A new subscription set: bind it (QUERY_ERROR if it cannot be served), then owe the
+    device a bootstrap."""
+    view = session.flex
+    schemas = await conn.hub.storage.get_schemas(conn.app_id)
+    if view is None:
+        assert conn.user_id is not None
+        view = FlexView(Permissions(None, user_fields(conn.user_id), schemas), schemas, None)
+    try:
+        subs = bind_subscriptions(version, queries, args, schemas)
+    except (QueryError, ValueError, TypeError) as exc:
+        message = str(exc)
+        log.info("connection %s session %d: query refused: %s", conn.id, session.number, message)
+        if conn._sendable(session):
+            conn.proto.query_error(session.number, version, message)
+            await conn._flush()
+        return
+    view.schemas = schemas
+    view.perms.schemas = schemas
+    view.subs = subs
+    view.bootstrap = version
+    session.flex = view
+    session.query_version = version
+    session.wake.set()
+
+
+async def catch_up(conn: SyncConnection, session: _Session) -> None:
+    """The flexible sync downloader: bootstrap when owed, else filtered log pages."""
+    view = session.flex
+    assert view is not None
+    hub, app = conn.hub, conn.app_id
+    page_bytes = hub.config.page_bytes
+    for _ in range(1_000_000):
+        if view.bootstrap is not None:
+            await _bootstrap(conn, session, view)
+            continue
+        start = session.cursor
+        page = await hub.storage.read_log(app, start, page_bytes, exclude_origin=session.file_ident)
+        if not conn._sendable(session) or session.error is not None:
+            return
+        acked = session.acked
+        changesets, objects = await _filter_page(conn, view, page.entries)
+        reconciled, refused = await _reconcile_uploads(conn, view, acked)
+        objects += reconciled
+        latest = max(page.latest_version, session.latest)
+        moved = page.cursor > start or latest > session.latest or acked > session.sent_acked
+        if moved or objects or not session.first_sent:
+            conn.proto.download(
+                session.number,
+                changesets,
+                page.cursor,
+                latest,
+                page.remaining_bytes,
+                acked,
+                session.sent_query_version,
+                objects,
+            )
+            if refused:  # after the DOWNLOAD that carries the authoritative states
+                conn.proto.error(
+                    ErrorCode.COMPENSATING_WRITE,
+                    compensating_message(refused),
+                    session=session.number,
+                )
+            session.cursor, session.latest, session.sent_acked = page.cursor, latest, acked
+            session.first_sent = True
+            await conn._flush()
+        if page.cursor >= page.latest_version or page.cursor <= start:
+            return
+
+
+async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) -> None:
+    hub, app = conn.hub, conn.app_id
+    version = view.bootstrap
+    assert version is not None
+    view.bootstrap = None
+    page_bytes = hub.config.page_bytes
+    target = await hub.storage.latest_version(app)
+    schemas = view.schemas = await hub.storage.get_schemas(app)
+    view.perms.schemas = schemas
+    models = sorted(schemas) if view.subs is None else sorted(view.subs.by_model)
+    total = 0
+    for model in models:
+        total += (await hub.storage.objects_size(app, model))[1]
+    scanned = 0
+    held: set[ObjectKey] = set()
+    batch: list[ObjectUpdate] = []
+    batch_bytes = 0
+    for model in models:
+        queries = None if view.subs is None else view.subs.by_model.get(model, [])
+        readable, rule = _read_rule(view.perms, model)
+        after: bytes | None = None
+        # the storage filters (PostgreSQL in SQL); progress counts every object scanned
+        while readable:
+            page = await hub.storage.read_matching(
+                app, model, queries, rule, after, BOOTSTRAP_BATCH
+            )
+            sent = 0
+            for row in page.objects:
+                sent += len(row.state)
+                batch.append(ObjectUpdate(model, unpack(row.pk), row.state))
+                batch_bytes += len(row.state)
+                held.add((model, row.pk))
+                if batch_bytes >= page_bytes:
+                    remaining = total - scanned - sent
+                    if not await _send_bootstrap_page(conn, session, view, batch, remaining):
+                        return
+                    batch, batch_bytes = [], 0
+            scanned += page.scanned_bytes
+            if page.done or page.cursor is None or page.cursor == after:
+                break
+            after = page.cursor
+    if not conn._sendable(session) or view.bootstrap is not None:
+        return
+    rest = await hub.storage.read_log(app, target, 1, exclude_origin=session.file_ident)
+    view.held = held
+    latest = max(rest.latest_version, session.latest, target)
+    acked = session.acked
+    conn.proto.download(
+        session.number,
+        [],
+        max(target, session.cursor),
+        latest,
+        rest.remaining_bytes,
+        acked,
+        version,
+        batch,
+        BOOTSTRAP_LAST,
+    )
+    session.cursor = max(target, session.cursor)
+    session.latest, session.sent_acked = latest, acked
+    session.sent_query_version = version
+    session.first_sent = True
+    await conn._flush()
+
+
+def _read_rule(perms: Permissions, model: str) -> tuple[bool, q.BoundQuery | None]:
+    """``(readable at all, read filter or None for no filter)`` of ``model`` for the user."""
+    if perms.unrestricted:
+        return True, None
+    bound = perms._filter(model, "read")
+    return bound is not None, bound
+
+
+async def _send_bootstrap_page(
+    conn: SyncConnection,
+    session: _Session,
+    view: FlexView,
+    batch: list[ObjectUpdate],
+    remaining: int,
+) -> bool:
+    """One BOOTSTRAP_PAGE; False when the bootstrap must stop (session gone or a newer set)."""
+    if not conn._sendable(session) or view.bootstrap is not None:
+        return False
+    version = session.query_version if view.subs is not None else 0
+    conn.proto.download(
+        session.number,
+        [],
+        session.cursor,
+        session.latest,
+        max(remaining, 1),
+        session.sent_acked,
+        version,
+        batch,
+        BOOTSTRAP_PAGE,
+    )
+    session.sent_query_version = version
+    await conn._flush()
+    return True
+
+
+async def _filter_page(
+    conn: SyncConnection, view: FlexView, entries: list[Any]
+) -> tuple[list[DownloadChangeset], list[ObjectUpdate]]:
+    """Keep the instructions on objects the device holds and may still see; send objects
+    that became visible whole and evict those that stopped being visible."""
+    decoded: list[tuple[Any, tuple[Instruction, ...]]] = []
+    touched: set[ObjectKey] = set()
+    keys_of: dict[ObjectKey, Any] = {}
+    for e in entries:
+        instructions = unpack_instructions(e.instructions, e.origin)
+        decoded.append((e, instructions))
+        for ins in instructions:
+            key = (ins.model, pack(ins.pk))
+            touched.add(key)
+            keys_of[key] = ins.pk
+    if not touched:
+        return [], []
+    if any(ins.model not in view.schemas for _, inss in decoded for ins in inss):
+        view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
+        view.perms.schemas = view.schemas
+    stored = await conn.hub.storage.get_states(conn.app_id, touched)
+    keep: set[ObjectKey] = set()
+    objects: list[ObjectUpdate] = []
+    for key in touched:
+        row = stored.get(key)
+        now = row is not None and view.visible(key[0], row.values)
+        if now and key in view.held:
+            keep.add(key)
+        elif now and row is not None:
+            objects.append(ObjectUpdate(key[0], keys_of[key], row.state))
+            view.held.add(key)
+        elif key in view.held:
+            objects.append(ObjectUpdate(key[0], keys_of[key], None))
+            view.held.discard(key)
+    out: list[DownloadChangeset] = []
+    for e, instructions in decoded:
+        kept = [i for i in instructions if (i.model, pack(i.pk)) in keep]
+        if len(kept) == len(instructions):
+            data = e.instructions
+        else:
+            data = pack_instructions(kept)
+        out.append(DownloadChangeset(e.server_version, e.origin, e.client_version, data))
+    return out, objects
+
+
+async def _reconcile_uploads(
+    conn: SyncConnection, view: FlexView, acked: int
+) -> tuple[list[ObjectUpdate], list[tuple[str, Any, str]]]:
+    """After an upload is acknowledged: the authoritative state of what it touched (or an
+    eviction), and ERROR 231 for what was refused."""
+    due = [u for u in view.uploads if u[0] <= acked]
+    if not due:
+        return [], []
+    view.uploads = [u for u in view.uploads if u[0] > acked]
+    keys: set[ObjectKey] = set()
+    refused: list[tuple[str, Any, str]] = []
+    refused_keys: set[ObjectKey] = set()
+    for _, touched, ref in due:
+        keys |= touched
+        refused += ref
+        refused_keys |= {(m, pack(pk)) for m, pk, _ in ref}
+    stored = await conn.hub.storage.get_states(conn.app_id, keys)
+    objects: list[ObjectUpdate] = []
+    for key in keys:
+        row = stored.get(key)
+        pk = unpack(key[1])
+        if row is not None and view.visible(key[0], row.values):
+            if key not in view.held or key in refused_keys:
+                objects.append(ObjectUpdate(key[0], pk, row.state))
+            view.held.add(key)
+        else:
+            objects.append(ObjectUpdate(key[0], pk, None))
+            view.held.discard(key)
+    return objects, refused
+
+
+async def check_upload(
+    conn: SyncConnection, session: _Session, changesets: list[Changeset]
+) -> list[Changeset]:
+    """Drop the instructions the rules or the subscriptions refuse; remember what to send
+    back once the upload is acknowledged."""
+    view = session.flex
+    assert view is not None
+    schemas = view.schemas
+    keys: dict[ObjectKey, Any] = {}
+    for cs in changesets:
+        for ins in cs.instructions:
+            keys[(ins.model, pack(ins.pk))] = ins.pk
+    if any(k[0] not in schemas for k in keys):
+        schemas = view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
+        view.perms.schemas = schemas
+    stored: dict[ObjectKey, StoredObject] = await conn.hub.storage.get_states(conn.app_id, keys)
+    states: dict[ObjectKey, ObjectState] = {}
+    for key in keys:
+        row = stored.get(key)
+        states[key] = ObjectState.from_bytes(row.state) if row is not None else ObjectState()
+    refused: list[tuple[str, Any, str]] = []
+    refused_keys: set[ObjectKey] = set()
+    out: list[Changeset] = []
+    for cs in changesets:
+        groups: dict[ObjectKey, list[Instruction]] = {}
+        for ins in cs.instructions:
+            groups.setdefault((ins.model, pack(ins.pk)), []).append(ins)
+        allowed: set[ObjectKey] = set()
+        for key, inss in groups.items():
+            schema = schemas.get(key[0])
+            if key in refused_keys or schema is None:
+                continue  # unknown model: the storage's validation refuses the batch
+            reason = _refusal(view, schema, states[key], inss)
+            if reason is None:
+                allowed.add(key)
+                for ins in inss:
+                    states[key].apply(ins, schema)
+            else:
+                refused.append((key[0], keys[key], reason))
+                refused_keys.add(key)
+        if len(allowed) == len(groups):
+            out.append(cs)
+        else:
+            kept = tuple(i for i in cs.instructions if (i.model, pack(i.pk)) in allowed)
+            out.append(Changeset(cs.origin, cs.version, kept))
+    if changesets:
+        view.uploads.append((changesets[-1].version, set(keys), refused))
+    return out
+
+
+def _refusal(
+    view: FlexView, schema: ModelSchema, state: ObjectState, inss: list[Instruction]
+) -> str | None:
+    """Why a group of instructions on one object is refused (None: allowed)."""
+    model = schema.name
+    before = state.render(schema)
+    trial = ObjectState.from_bytes(state.to_bytes())
+    try:
+        for ins in inss:
+            trial.apply(ins, schema)
+    except (ValueError, TypeError, KeyError):
+        return None  # malformed: the storage's validation refuses the whole batch
+    after = trial.render(schema)
+    perms = view.perms
+    if before is not None and not perms.can_write(model, before):
+        if not perms.can_read(model, before):
+            return "the object is not readable by this user (write rule)"
+        return "the write rule does not allow changing this object"
+    if before is None and after is not None and any(i.op is Op.CREATE for i in inss):
+        if not perms.can_write(model, after):
+            return "the write rule does not allow creating this object"
+    elif after is not None and not perms.can_write(model, after):
+        return "the write rule does not allow the object's new values"
+    probe = after if after is not None else before
+    if probe is not None and view.subs is not None:
+        inside = view.in_subscriptions(model, probe) or (
+            before is not None and view.in_subscriptions(model, before)
+        )
+        if not inside:
+            return "the object is outside the session's subscriptions"
+    return None

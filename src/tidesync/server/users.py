@@ -1,0 +1,508 @@
+"""User records of the sync server: accounts, identities, API keys and refresh tokens.
+
+Users live in their own small SQLite file, ``users.sqlite3`` in the data folder, next to
+the token secret, whatever the sync storage is (SQLite or PostgreSQL): auth stays one
+implementation, and the storage interface stays about synced data. Nothing secret is
+stored in clear:
+
+- passwords: argon2id hashes (``argon2-cffi``'s defaults, salted, tunable cost);
+- API keys, refresh tokens, confirmation and reset tokens: SHA-256 of the token. These
+  are 256-bit random values, so a fast hash is enough and lookups stay indexed.
+
+Every method is synchronous and thread-safe (one connection behind a lock); the server
+calls them through ``asyncio.to_thread`` so the event loop never waits on disk or argon2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from ..errors import AuthError
+
+USERS_FILE = "users.sqlite3"
+MAX_EMAIL_LENGTH = 254
+MIN_PASSWORD_LENGTH = 6
+MAX_PASSWORD_LENGTH = 256
+MAX_KEY_NAME_LENGTH = 128
+#: How long confirmation and reset tokens stay valid (seconds).
+PENDING_TOKEN_TTL = 24 * 3600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    app_id TEXT NOT NULL, user_id TEXT NOT NULL, provider TEXT NOT NULL,
+    disabled INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (app_id, user_id)
+);
+CREATE TABLE IF NOT EXISTS identities (
+    app_id TEXT NOT NULL, provider TEXT NOT NULL, external_id TEXT NOT NULL,
+    user_id TEXT NOT NULL, PRIMARY KEY (app_id, provider, external_id)
+);
+CREATE TABLE IF NOT EXISTS email_accounts (
+    app_id TEXT NOT NULL, email TEXT NOT NULL, user_id TEXT NOT NULL,
+    password_hash TEXT NOT NULL, confirmed INTEGER NOT NULL,
+    PRIMARY KEY (app_id, email)
+);
+CREATE TABLE IF NOT EXISTS pending_tokens (
+    token_hash TEXT PRIMARY KEY, app_id TEXT NOT NULL, kind TEXT NOT NULL,
+    email TEXT NOT NULL, expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY, app_id TEXT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE, disabled INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    token_hash TEXT PRIMARY KEY, app_id TEXT NOT NULL, user_id TEXT NOT NULL,
+    family TEXT NOT NULL, expires_at REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
+    replaced_at REAL
+);
+CREATE INDEX IF NOT EXISTS refresh_by_user ON refresh_tokens (app_id, user_id);
+CREATE INDEX IF NOT EXISTS refresh_by_family ON refresh_tokens (family);
+"""
+
+
+def token_hash(token: str) -> str:
+    """SHA-256 (hex) of a high-entropy secret: what the store keeps instead of the secret."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def new_secret() -> str:
+    """A fresh 256-bit random secret, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+def normalize_email(email: str) -> str:
+    """``email`` trimmed and lower-cased; raises :class:`AuthError` if it is not an address."""
+    if not isinstance(email, str):
+        raise AuthError("the email address must be a string")
+    value = email.strip().lower()
+    local, at, domain = value.partition("@")
+    if (
+        not at
+        or not local
+        or "." not in domain
+        or "@" in domain
+        or len(value) > MAX_EMAIL_LENGTH
+        or any(c.isspace() or ord(c) < 32 for c in value)
+    ):
+        raise AuthError("the email address is not valid")
+    return value
+
+
+def check_password(password: str) -> None:
+    """Raise :class:`AuthError` if ``password`` is unacceptable as a new password."""
+    if not isinstance(password, str):
+        raise AuthError("the password must be a string")
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise AuthError(
+            f"the password must have {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} characters"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyInfo:
+    """An API key as its owner sees it (the key itself is shown only once, at creation)."""
+
+    id: str
+    name: str
+    disabled: bool
+    created_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form sent over HTTP."""
+        return {
+            "id": self.id,
+            "name": self.name,
+            "disabled": self.disabled,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshRecord:
+    """A stored refresh token (by hash)."""
+
+    app_id: str
+    user_id: str
+    family: str
+    expires_at: float
+    revoked: bool
+    replaced_at: float | None
+
+
+class UserStore:
+    """The users database of one server (``users.sqlite3``)."""
+
+    def __init__(self, path: str | Path, *, hasher: PasswordHasher | None = None) -> None:
+        self.path = Path(path)
+        self.hasher = hasher or PasswordHasher()
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            self.path.touch(mode=0o600)
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+        # A hash of a random password: verifying against it costs what a real check costs,
+        # so an unknown email takes as long as a wrong password.
+        self._dummy_hash = self.hasher.hash(new_secret())
+
+    @classmethod
+    def in_folder(cls, data_dir: str | Path, **kwargs: Any) -> UserStore:
+        """The store in ``data_dir/users.sqlite3``."""
+        return cls(Path(data_dir) / USERS_FILE, **kwargs)
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._conn.close()
+
+    def _run(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._conn.execute(sql, params)
+
+    # -- users ------------------------------------------------------------------------------
+
+    def create_user(self, app_id: str, provider: str, data: dict[str, Any] | None = None) -> str:
+        """A new user record; returns its id."""
+        user_id = uuid.uuid4().hex
+        with self._lock:
+            self._run(
+                "INSERT INTO users VALUES (?, ?, ?, 0, ?, ?)",
+                (app_id, user_id, provider, time.time(), json.dumps(data or {})),
+            )
+        return user_id
+
+    def user_for_identity(
+        self, app_id: str, provider: str, external_id: str, data: dict[str, Any]
+    ) -> str:
+        """The user linked to an external identity (created on first login); the
+        identity's fields are refreshed on every login."""
+        with self._lock:
+            self._run("BEGIN IMMEDIATE")
+            try:
+                row = self._run(
+                    "SELECT user_id FROM identities WHERE app_id=? AND provider=? "
+                    "AND external_id=?",
+                    (app_id, provider, external_id),
+                ).fetchone()
+                if row is None:
+                    user_id = uuid.uuid4().hex
+                    self._run(
+                        "INSERT INTO users VALUES (?, ?, ?, 0, ?, ?)",
+                        (app_id, user_id, provider, time.time(), json.dumps(data)),
+                    )
+                    self._run(
+                        "INSERT INTO identities VALUES (?, ?, ?, ?)",
+                        (app_id, provider, external_id, user_id),
+                    )
+                else:
+                    user_id = str(row[0])
+                    self._run(
+                        "UPDATE users SET data=? WHERE app_id=? AND user_id=?",
+                        (json.dumps(data), app_id, user_id),
+                    )
+                self._run("COMMIT")
+            except BaseException:
+                self._run("ROLLBACK")
+                raise
+        return user_id
+
+    def user_status(self, app_id: str, user_id: str) -> str | None:
+        """ "active", "disabled" or None (no such user)."""
+        with self._lock:
+            row = self._run(
+                "SELECT disabled FROM users WHERE app_id=? AND user_id=?", (app_id, user_id)
+            ).fetchone()
+        if row is None:
+            return None
+        return "disabled" if row[0] else "active"
+
+    def user_data(self, app_id: str, user_id: str) -> dict[str, Any] | None:
+        """The user's profile fields (from its provider), or None."""
+        with self._lock:
+            row = self._run(
+                "SELECT provider, data FROM users WHERE app_id=? AND user_id=?", (app_id, user_id)
+            ).fetchone()
+        if row is None:
+            return None
+        data: dict[str, Any] = json.loads(row[1])
+        return {"provider": row[0], **data}
+
+    def set_disabled(self, app_id: str, user_id: str, disabled: bool) -> bool:
+        """Disable (or enable) a user; disabling revokes every refresh token. False if the
+        user does not exist."""
+        with self._lock:
+            cur = self._run(
+                "UPDATE users SET disabled=? WHERE app_id=? AND user_id=?",
+                (int(disabled), app_id, user_id),
+            )
+            if disabled:
+                self._run(
+                    "UPDATE refresh_tokens SET revoked=1 WHERE app_id=? AND user_id=?",
+                    (app_id, user_id),
+                )
+        return cur.rowcount > 0
+
+    def delete_user(self, app_id: str, user_id: str) -> bool:
+        """Delete a user and everything that lets it log in; False if it did not exist."""
+        with self._lock:
+            self._run("BEGIN IMMEDIATE")
+            try:
+                cur = self._run("DELETE FROM users WHERE app_id=? AND user_id=?", (app_id, user_id))
+                for table in ("identities", "email_accounts", "api_keys", "refresh_tokens"):
+                    self._run(
+                        f"DELETE FROM {table} WHERE app_id=? AND user_id=?", (app_id, user_id)
+                    )
+                self._run("COMMIT")
+            except BaseException:
+                self._run("ROLLBACK")
+                raise
+        return cur.rowcount > 0
+
+    # -- email / password -------------------------------------------------------------------
+
+    def register_email(self, app_id: str, email: str, password: str, confirmed: bool) -> str:
+        """Create an email/password account (and its user); returns the user id.
+
+        Raises :class:`AuthError` if the address is already registered."""
+        address = normalize_email(email)
+        check_password(password)
+        hashed = self.hasher.hash(password)
+        user_id = uuid.uuid4().hex
+        with self._lock:
+            self._run("BEGIN IMMEDIATE")
+            try:
+                self._run(
+                    "INSERT INTO email_accounts VALUES (?, ?, ?, ?, ?)",
+                    (app_id, address, user_id, hashed, int(confirmed)),
+                )
+                self._run(
+                    "INSERT INTO users VALUES (?, ?, 'email_password', 0, ?, ?)",
+                    (app_id, user_id, time.time(), json.dumps({"email": address})),
+                )
+                self._run("COMMIT")
+            except sqlite3.IntegrityError:
+                self._run("ROLLBACK")
+                raise AuthError("this email address is already registered") from None
+            except BaseException:
+                self._run("ROLLBACK")
+                raise
+        return user_id
+
+    def check_email_password(self, app_id: str, email: str, password: str) -> str | None:
+        """The user id if ``email`` has ``password`` and is confirmed; None otherwise
+        (unknown address and wrong password cost the same time). Raises
+        :class:`AuthError` only for an unconfirmed account with the right password."""
+        try:
+            address = normalize_email(email)
+        except AuthError:
+            address = ""
+        with self._lock:
+            row = self._run(
+                "SELECT user_id, password_hash, confirmed FROM email_accounts "
+                "WHERE app_id=? AND email=?",
+                (app_id, address),
+            ).fetchone()
+        stored = str(row[1]) if row is not None else self._dummy_hash
+        try:
+            ok: bool = isinstance(password, str) and self.hasher.verify(stored, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            ok = False
+        if not ok or row is None:
+            return None
+        if not row[2]:
+            raise AuthError("the account's email address is not confirmed yet")
+        if self.hasher.check_needs_rehash(stored):
+            self.set_password(app_id, address, password)
+        return str(row[0])
+
+    def email_exists(self, app_id: str, email: str) -> bool:
+        """True if ``email`` has an account (confirmed or not)."""
+        with self._lock:
+            row = self._run(
+                "SELECT 1 FROM email_accounts WHERE app_id=? AND email=?", (app_id, email)
+            ).fetchone()
+        return row is not None
+
+    def set_password(self, app_id: str, email: str, password: str) -> bool:
+        """Set a new password; revokes the user's refresh tokens. False if no account."""
+        check_password(password)
+        hashed = self.hasher.hash(password)
+        with self._lock:
+            row = self._run(
+                "SELECT user_id FROM email_accounts WHERE app_id=? AND email=?", (app_id, email)
+            ).fetchone()
+            if row is None:
+                return False
+            self._run(
+                "UPDATE email_accounts SET password_hash=? WHERE app_id=? AND email=?",
+                (hashed, app_id, email),
+            )
+            self._run(
+                "UPDATE refresh_tokens SET revoked=1 WHERE app_id=? AND user_id=?",
+                (app_id, row[0]),
+            )
+        return True
+
+    def confirm_email(self, app_id: str, email: str) -> bool:
+        """Mark an account confirmed; False if there is no such account."""
+        with self._lock:
+            cur = self._run(
+                "UPDATE email_accounts SET confirmed=1 WHERE app_id=? AND email=?", (app_id, email)
+            )
+        return cur.rowcount > 0
+
+    def add_pending(self, app_id: str, kind: str, email: str) -> str:
+        """A new confirmation or reset token for ``email`` (only its hash is stored)."""
+        token = new_secret()
+        with self._lock:
+            self._run(
+                "INSERT INTO pending_tokens VALUES (?, ?, ?, ?, ?)",
+                (token_hash(token), app_id, kind, email, time.time() + PENDING_TOKEN_TTL),
+            )
+        return token
+
+    def take_pending(self, app_id: str, kind: str, token: str) -> str | None:
+        """Consume a pending token: the email it was issued for, or None if it is
+        unknown, of another kind or app, or expired. A token works once."""
+        if not isinstance(token, str) or not token:
+            return None
+        digest = token_hash(token)
+        with self._lock:
+            row = self._run(
+                "SELECT app_id, kind, email, expires_at FROM pending_tokens WHERE token_hash=?",
+                (digest,),
+            ).fetchone()
+            if row is None or row[0] != app_id or row[1] != kind:
+                return None
+            self._run("DELETE FROM pending_tokens WHERE token_hash=?", (digest,))
+        if float(row[3]) <= time.time():
+            return None
+        return str(row[2])
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    def create_api_key(self, app_id: str, user_id: str, name: str) -> tuple[ApiKeyInfo, str]:
+        """A new key for ``user_id``: its info and the key itself (shown once)."""
+        if not isinstance(name, str) or not name.strip() or len(name) > MAX_KEY_NAME_LENGTH:
+            raise AuthError(f"an API key needs a name of 1 to {MAX_KEY_NAME_LENGTH} characters")
+        key = "tsk_" + new_secret()
+        info = ApiKeyInfo(uuid.uuid4().hex, name, False, time.time())
+        with self._lock:
+            if self._run(
+                "SELECT 1 FROM api_keys WHERE app_id=? AND user_id=? AND name=?",
+                (app_id, user_id, name),
+            ).fetchone():
+                raise AuthError(f"an API key named {name!r} already exists")
+            self._run(
+                "INSERT INTO api_keys VALUES (?, ?, ?, ?, ?, 0, ?)",
+                (info.id, app_id, user_id, name, token_hash(key), info.created_at),
+            )
+        return info, key
+
+    def list_api_keys(self, app_id: str, user_id: str) -> list[ApiKeyInfo]:
+        """The user's keys, oldest first."""
+        with self._lock:
+            rows = self._run(
+                "SELECT key_id, name, disabled, created_at FROM api_keys "
+                "WHERE app_id=? AND user_id=? ORDER BY created_at",
+                (app_id, user_id),
+            ).fetchall()
+        return [ApiKeyInfo(str(r[0]), str(r[1]), bool(r[2]), float(r[3])) for r in rows]
+
+    def set_api_key_disabled(self, app_id: str, user_id: str, key_id: str, disabled: bool) -> bool:
+        """Disable or enable one of the user's keys; False if it has no such key."""
+        with self._lock:
+            cur = self._run(
+                "UPDATE api_keys SET disabled=? WHERE app_id=? AND user_id=? AND key_id=?",
+                (int(disabled), app_id, user_id, key_id),
+            )
+        return cur.rowcount > 0
+
+    def delete_api_key(self, app_id: str, user_id: str, key_id: str) -> bool:
+        """Delete one of the user's keys; False if it has no such key."""
+        with self._lock:
+            cur = self._run(
+                "DELETE FROM api_keys WHERE app_id=? AND user_id=? AND key_id=?",
+                (app_id, user_id, key_id),
+            )
+        return cur.rowcount > 0
+
+    def user_for_api_key(self, app_id: str, key: str) -> str | None:
+        """The owner of an enabled key of ``app_id``, or None."""
+        if not isinstance(key, str) or not key:
+            return None
+        with self._lock:
+            row = self._run(
+                "SELECT user_id, disabled FROM api_keys WHERE app_id=? AND key_hash=?",
+                (app_id, token_hash(key)),
+            ).fetchone()
+        if row is None or row[1]:
+            return None
+        return str(row[0])
+
+    # -- refresh tokens ---------------------------------------------------------------------
+
+    def add_refresh(
+        self, app_id: str, user_id: str, token: str, expires_at: float, family: str | None = None
+    ) -> None:
+        """Store a refresh token's hash (``family`` links the tokens of one login)."""
+        with self._lock:
+            self._run(
+                "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, 0, NULL)",
+                (token_hash(token), app_id, user_id, family or uuid.uuid4().hex, expires_at),
+            )
+
+    def get_refresh(self, token: str) -> RefreshRecord | None:
+        """The stored record of a refresh token, or None."""
+        with self._lock:
+            row = self._run(
+                "SELECT app_id, user_id, family, expires_at, revoked, replaced_at "
+                "FROM refresh_tokens WHERE token_hash=?",
+                (token_hash(token),),
+            ).fetchone()
+        if row is None:
+            return None
+        return RefreshRecord(
+            str(row[0]), str(row[1]), str(row[2]), float(row[3]), bool(row[4]), row[5]
+        )
+
+    def mark_replaced(self, token: str, now: float) -> None:
+        """Record that a refresh token was rotated (it stays usable for a short grace)."""
+        with self._lock:
+            self._run(
+                "UPDATE refresh_tokens SET replaced_at=? "
+                "WHERE token_hash=? AND replaced_at IS NULL",
+                (now, token_hash(token)),
+            )
+
+    def revoke_refresh(self, token: str) -> None:
+        """Revoke one refresh token."""
+        with self._lock:
+            self._run(
+                "UPDATE refresh_tokens SET revoked=1 WHERE token_hash=?", (token_hash(token),)
+            )
+
+    def revoke_family(self, family: str) -> None:
+        """Revoke every token of one login (a rotated token was reused: likely stolen)."""
+        with self._lock:
+            self._run("UPDATE refresh_tokens SET revoked=1 WHERE family=?", (family,))
+
+    def purge_expired(self, now: float) -> int:
+        """Delete expired refresh and pending tokens; returns how many rows went."""
+        with self._lock:
+            a = self._run("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,)).rowcount
+            b = self._run("DELETE FROM pending_tokens WHERE expires_at <= ?", (now,)).rowcount
+        return a + b
