@@ -517,7 +517,7 @@ async def test_cursor_beyond_latest_is_refused(server: InProcessServer) -> None:
     client.proto.bind(1, "f1", SCHEMA, 5, 0)
     await client.flush()
     error = await client.expect(ErrorReceived)
-    assert error.code == ErrorCode.BAD_SERVER_VERSION and error.session == 1
+    assert error.code == ErrorCode.CLIENT_RESET_NEEDED and error.session == 1  # data wiped
     assert error.action is SyncAction.CLIENT_RESET
     await client.close()
 

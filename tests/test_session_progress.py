@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -32,10 +34,13 @@ def proxy(server: ServerProcess) -> Iterator[FaultProxy]:
 
 
 def write_items(db: ts.Database, prefix: str, count: int, size: int, per_tx: int = 10) -> None:
+    # random text: frames are compressed on the wire, so repeated characters would shrink
+    # to almost nothing and throttling the proxy would not slow them down
     for start in range(0, count, per_tx):
         with db.write():
             for i in range(start, min(count, start + per_tx)):
-                db.add(Item(id=f"{prefix}{i}", text="x" * size, n=i))
+                text = base64.b64encode(os.urandom(size * 3 // 4 + 1)).decode()[:size]
+                db.add(Item(id=f"{prefix}{i}", text=text, n=i))
 
 
 def estimates(values: list[ts.SyncProgress]) -> list[float]:
@@ -93,7 +98,7 @@ async def test_upload_progress_rises_in_steps(device: Any, proxy: FaultProxy) ->
     await wait_connected(s)
     s.pause()
     write_items(db, "s", 100, 10_000)  # ~1 MB, sent in 256 KiB UPLOADs
-    proxy.throttle(400_000)
+    proxy.throttle(200_000)  # ~5 s on the wire, so acknowledgements come in several steps
     stream = s.get_progress_stream(UP, OUTSTANDING)
     s.resume()
     got = await collect(stream, 30)

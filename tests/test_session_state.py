@@ -293,3 +293,36 @@ async def test_transient_errors_reported_and_retried(device: Any, server: Server
     with db.write():
         db.add(Item(id="after"))
     await s.wait_for_upload(T(10))
+
+
+async def test_pause_then_resume_at_once_rebinds_after_unbound(tmp_path: Path) -> None:
+    """Found by the soak: resume() before the server confirmed the pause's UNBIND must not
+    try to bind the same file twice on the connection."""
+    with ServerProcess(tmp_path / "srv") as srv:
+        app = ts.App(ts.AppConfiguration("todo", base_url=srv.url, base_path=tmp_path / "a"))
+        other = ts.App(ts.AppConfiguration("todo", base_url=srv.url, base_path=tmp_path / "b"))
+        try:
+            user = await app.log_in(ts.Credentials.anonymous())
+            db = ts.Database(ts.Configuration.flexible_sync(user, [Item]))
+            keep = ts.Database(
+                ts.Configuration.flexible_sync(user, [Item], path=tmp_path / "a" / "keep.db")
+            )  # keeps the connection open across the pause
+            s = db.sync_session
+            await s.wait_for_download(ts.TimeoutCancellationToken(10))
+            for i in range(20):
+                s.pause()
+                s.resume()  # no waiting in between
+                with db.write():
+                    db.add(Item(id=f"r{i}"))
+            await s.wait_for_upload(ts.TimeoutCancellationToken(20))
+            assert s.connection_state is ts.ConnectionState.CONNECTED
+            ouser = await other.log_in(ts.Credentials.anonymous())
+            odb = ts.Database(ts.Configuration.flexible_sync(ouser, [Item]))
+            await odb.sync_session.wait_for_download(ts.TimeoutCancellationToken(20))
+            assert len(odb.all(Item)) == 20
+            odb.close()
+            keep.close()
+            db.close()
+        finally:
+            app.close()
+            other.close()

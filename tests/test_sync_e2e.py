@@ -114,9 +114,7 @@ async def server_items(server: ServerProcess) -> dict[str, tuple[Any, ...]]:
         objects = await storage.get_objects("todo", "Item")
     finally:
         await storage.close()
-    return {
-        pk: (v["text"], v["n"], v["hits"], list(v["tags"])) for pk, v in objects.items()
-    }
+    return {pk: (v["text"], v["n"], v["hits"], list(v["tags"])) for pk, v in objects.items()}
 
 
 async def test_two_users_converge(devices: Any, server: ServerProcess) -> None:

@@ -10,6 +10,7 @@ from .client.app import App, AppConfiguration, Credentials, SyncTimeoutOptions, 
 from .client.cancellation import CancellationToken, TimeoutCancellationToken
 from .client.config import Configuration
 from .client.database import Database
+from .client.reset import DiscardUnsyncedChanges, ManualRecovery, RecoverUnsyncedChanges
 from .client.session import ConnectionStateChange, Session, SessionState
 from .client.subscriptions import (
     MutableSubscriptionSet,
@@ -63,7 +64,9 @@ __all__ = [
     "Credentials",
     "Database",
     "DatabaseClosedError",
+    "DiscardUnsyncedChanges",
     "DuplicatePrimaryKeyError",
+    "ManualRecovery",
     "Model",
     "MutableSubscriptionSet",
     "NestedWriteError",
@@ -77,6 +80,7 @@ __all__ = [
     "ProgressMode",
     "ProtocolError",
     "QueryError",
+    "RecoverUnsyncedChanges",
     "Results",
     "ResultsChange",
     "SchemaError",

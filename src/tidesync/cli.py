@@ -63,6 +63,14 @@ def serve(
         Path | None, typer.Option(help="TLS certificate chain (PEM): serve https/wss.")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="TLS private key (PEM).")] = None,
+    history_retention_days: Annotated[
+        float | None,
+        typer.Option(
+            help="Trim sync history older than this many days (fractions allowed; off by "
+            "default). Devices further behind get a client reset.",
+            min=0.0,
+        ),
+    ] = None,
 ) -> None:
     """Run the sync server (development mode) until SIGINT or SIGTERM."""
     from .server.config import ServerConfig
@@ -75,6 +83,8 @@ def serve(
         options["access_token_ttl"] = access_token_ttl
     if max_frame_size is not None:
         options["max_frame_size"] = max_frame_size
+    if history_retention_days:
+        options["history_retention"] = history_retention_days * 86400.0
     if tls_cert is not None or tls_key is not None:
         options["tls_cert"] = str(tls_cert) if tls_cert is not None else None
         options["tls_key"] = str(tls_key) if tls_key is not None else None

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..store.model import Model, iter_models
+from .reset import ClientResetMode, RecoverUnsyncedChanges, check_mode
 
 if TYPE_CHECKING:
     from .app import User
@@ -24,6 +25,8 @@ class SyncConfiguration:
     error_handler: Callable[[Any, Exception], Any] | None = None
     initial_subscriptions: Callable[[Any], Any] | None = None
     rerun_on_open: bool = False
+    #: What a client reset does (``docs/client-reset.md``); recover unsynced changes by default.
+    client_reset: ClientResetMode = field(default_factory=RecoverUnsyncedChanges)
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,16 @@ class Configuration:
         sync_error_handler: Callable[[Any, Exception], Any] | None = None,
         initial_subscriptions: Callable[[Any], Any] | None = None,
         rerun_on_open: bool = False,
+        client_reset: ClientResetMode | None = None,
     ) -> Configuration:
         """A database synced through ``user``'s app. The default path is per user, under the
-        app's ``base_path``."""
+        app's ``base_path``. ``client_reset`` is :class:`~tidesync.RecoverUnsyncedChanges`
+        (the default), :class:`~tidesync.DiscardUnsyncedChanges` or
+        :class:`~tidesync.ManualRecovery` (``docs/client-reset.md``)."""
         if path is None:
             path = user.default_path()
-        sync = SyncConfiguration(user, sync_error_handler, initial_subscriptions, rerun_on_open)
+        mode = RecoverUnsyncedChanges() if client_reset is None else check_mode(client_reset)
+        sync = SyncConfiguration(
+            user, sync_error_handler, initial_subscriptions, rerun_on_open, mode
+        )
         return cls(tuple(iter_models(models)), str(Path(path)), sync)

@@ -28,6 +28,7 @@ from ..core.packing import unpack_instructions
 from ..core.progress import ProgressDirection, ProgressMode, ProgressTracker, SyncProgress
 from ..errors import (
     AuthError,
+    ClientResetError,
     DatabaseClosedError,
     ProtocolError,
     SessionInactiveError,
@@ -38,6 +39,19 @@ from ..errors import (
 from ..protocol import client as pc
 from ..protocol.messages import ErrorCode, PongReceived, UploadChangeset, error_code_of
 from ..store.engine import StoreEngine, add_waker, remove_waker
+from .reset import (
+    DiscardUnsyncedChanges,
+    ManualRecovery,
+    RecoverUnsyncedChanges,
+    ResetGuard,
+    backup_copy,
+    backup_path_for,
+    manual_error,
+    open_copy,
+    remove_copy,
+    reset_file,
+    too_many_error,
+)
 from .subscriptions import FlexApplier, compensating_error, query_error
 
 if TYPE_CHECKING:
@@ -219,6 +233,10 @@ class SessionWorker:
         # uploads held back after a slow reconnect until the download has caught up
         self.hold_uploads = False
         self.held_upload_count = 0
+        self.models = db.config.models  # for the client reset callbacks' copies
+        self.reset_guard = ResetGuard()  # client resets (client/reset.py)
+        self.resets = 0  # automatic client resets done (for tests and diagnostics)
+        self.gap_check = False  # after a reset: renumber the change log to follow the server
         self._waker = _Waker(self.loop, self._on_local_commit)
         add_waker(self.path, self._waker)  # type: ignore[arg-type]
 
@@ -481,7 +499,7 @@ class SessionWorker:
     def on_download(self, ev: pc.DownloadReceived) -> None:
         """Apply a DOWNLOAD's changesets and cursors in one local transaction."""
         engine = self.engine
-        engine.begin()
+        engine.begin(durable=False)  # no fsync: see docs/local-database.md
         try:
             for cs in ev.changesets:
                 instructions = unpack_instructions(cs.instructions, cs.origin)
@@ -524,6 +542,10 @@ class SessionWorker:
         if ev.code == ErrorCode.COMPENSATING_WRITE:  # the session stays bound
             self.report_error(compensating_error(ev.message))
             return
+        if ev.code == ErrorCode.CLIENT_RESET_NEEDED:
+            self.bound = False
+            self.client_reset(ev.message)
+            return
         error = SyncError(ev.code, ev.message, ev.action)
         self.report_error(error)
         self.bound = False
@@ -535,6 +557,121 @@ class SessionWorker:
         if conn is not None:
             conn.rebind_later(self, delay)
 
+    def client_reset(self, message: str) -> None:
+        """ERROR 211: reset the file by the configured mode (``client/reset.py``), then
+        bind again; manual mode, a failure or too many resets stop the session."""
+        mode = self.sync.client_reset
+        if not self.reset_guard.allow(mode):
+            self.report_error(too_many_error(mode))
+            self.deactivate("the server keeps demanding client resets")
+            return
+        if isinstance(mode, ManualRecovery):
+            self.report_error(manual_error(self.engine, message))
+            self.deactivate(f"client reset needed (manual recovery): {message}")
+            return
+        log.warning("client reset of %s (%s): %s", self.path, type(mode).__name__, message)
+        copy: tuple[Database, str] | None = None
+        try:
+            if mode.on_before is not None or mode.on_after is not None:
+                before_path = backup_copy(self.engine, backup_path_for(self.path, "before"))
+                try:
+                    copy = (open_copy(self.models, before_path), before_path)
+                except BaseException:
+                    remove_copy(before_path)
+                    raise
+            if mode.on_before is not None and copy is not None:
+                mode.on_before(copy[0])
+            recover = isinstance(mode, RecoverUnsyncedChanges)
+            reset_file(self.engine, recover=recover)
+        except Exception as exc:
+            log.exception("the client reset of %s failed", self.path)
+            _drop_copy(copy)
+            error = manual_error(self.engine, f"{message} (the automatic reset failed: {exc!r})")
+            self.report_error(error)
+            self.deactivate(f"the client reset failed: {exc!r}")
+            return
+        self._after_reset(recover)
+        if copy is not None:  # on_after runs once the server's current state is downloaded
+            done = self.wait_download()
+            done.add_done_callback(lambda f: self._finish_reset(mode, copy, f))
+        conn = self.connection
+        if conn is not None and self.active:
+            conn.rebind_later(self, 0.0)
+
+    def _finish_reset(
+        self,
+        mode: RecoverUnsyncedChanges | DiscardUnsyncedChanges,
+        copy: tuple[Database, str],
+        done: asyncio.Future[None],
+    ) -> None:
+        """Call ``on_after(before, after)`` once the reset file caught up, then delete the
+        copy of the old file (also when the session stopped first)."""
+        try:
+            if done.cancelled() or done.exception() is not None or self.closed:
+                return
+            if mode.on_after is not None:
+                after = open_copy(self.models, self.path)
+                try:
+                    mode.on_after(copy[0], after)
+                finally:
+                    after.close()
+        except Exception:
+            log.exception("the client reset's on_after callback failed")
+        finally:
+            _drop_copy(copy)
+
+    def _close_gap(self) -> None:
+        """After a reset the server may expect a lower next version than the change log's
+        first unacknowledged one (its data was wiped, or discarded versions were never
+        uploaded): renumber those changesets to follow the server's acknowledged version."""
+        self.gap_check = False
+        acked = self.upload_acked
+        conn = self.engine.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            first = conn.execute(
+                "SELECT MIN(version) FROM _changelog WHERE version > ?", (acked,)
+            ).fetchone()[0]
+            last = int(self.engine.get_meta("last_version", 0) or 0)
+            gap = (int(first) if first is not None else last + 1) - (acked + 1)
+            if gap > 0:
+                conn.execute(
+                    "UPDATE _changelog SET version = -(version - ?) WHERE version > ?",
+                    (gap, acked),
+                )
+                conn.execute("UPDATE _changelog SET version = -version WHERE version < 0")
+                self.engine.set_meta("last_version", last - gap)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if gap <= 0:
+            return
+        log.info("client reset: %s renumbered its changesets by -%d", self.path, gap)
+        self.upload_waiters = [(t - gap if t > acked else t, f) for t, f in self.upload_waiters]
+        self._up_pending = [(v - gap if v > acked else v, n) for v, n in self._up_pending]
+        self._up_scanned = max(acked, self._up_scanned - gap)
+
+    def _after_reset(self, recovered: bool) -> None:
+        """Bring the worker's cursors in line with the reset file."""
+        self.resets += 1
+        self.gap_check = True
+        self.download_cursor = 0
+        self.upload_acked = 0
+        self.upload_sent = 0
+        self.in_flight.clear()
+        self.flex.reset()
+        if not recovered:  # the discarded writes will never be acknowledged
+            self.up_transferred += sum(size for _, size in self._up_pending)
+            self._up_pending.clear()
+            self._up_scanned = int(self.engine.get_meta("last_version", 0) or 0)
+            err = ClientResetError("the unsynced changes were discarded by a client reset")
+            for _, fut in self.upload_waiters:
+                if not fut.done():
+                    fut.set_exception(err)
+            self.upload_waiters.clear()
+        self.update_progress()
+
     # --- upload --------------------------------------------------------------------------
 
     def pump_upload(self) -> None:
@@ -544,6 +681,8 @@ class SessionWorker:
             return
         if self.hold_uploads:
             return
+        if self.gap_check and self.upload_sent == self.upload_acked:
+            self._close_gap()
         proto = conn.proto
         assert self.session_no is not None
         sent_any = False
@@ -644,6 +783,15 @@ class _ProgressListener:
                 log.exception("a progress listener failed")
 
 
+def _drop_copy(copy: tuple[Database, str] | None) -> None:
+    """Close and delete the reset's copy of the old file."""
+    if copy is not None:
+        try:
+            copy[0].close()
+        finally:
+            remove_copy(copy[1])
+
+
 def _in_marks(worker: SessionWorker, fut: asyncio.Future[None]) -> bool:
     return any(fut in futs for futs in worker.marks.values())
 
@@ -679,6 +827,9 @@ class Connection:
         self._server_delay: float | None = None
         self._error_reported = False
         self._rebinds: dict[SessionWorker, asyncio.TimerHandle] = {}
+        self._unbinding: dict[int, SessionWorker] = {}  # session no -> worker to rebind
+        self._detaching: dict[str, int] = {}  # file ident -> session no of its UNBIND in flight
+        self._bind_after_unbound: dict[int, SessionWorker] = {}  # old session no -> worker
         self.connected_at: float | None = None
         self.disconnected_at: float | None = None
         #: connection attempts made (for tests and diagnostics)
@@ -696,6 +847,13 @@ class Connection:
         self.workers[no] = worker
         worker.session_no = no
         if self.state is ConnectionState.CONNECTED and self.proto is not None:
+            unbinding = self._detaching.get(worker.file_ident)
+            if unbinding is not None and self.proto.has_session(unbinding):
+                # paused and resumed before the server confirmed the UNBIND: the file binds
+                # again once UNBOUND arrives (a file is bound once per connection)
+                worker.on_connecting()
+                self._bind_after_unbound[unbinding] = worker
+                return
             worker.bind(self.proto, no)
             self.flush_soon()
         else:
@@ -712,6 +870,7 @@ class Connection:
         if proto is not None and proto.has_session(no):
             try:
                 proto.unbind(no)
+                self._detaching[worker.file_ident] = no
                 self.flush_soon()
             except ProtocolError:
                 pass
@@ -737,9 +896,35 @@ class Connection:
         self._rebinds.pop(worker, None)
         if worker.active and worker.connection is self:
             no = worker.session_no
+            proto = self.proto
+            if no is not None and proto is not None and proto.has_session(no):
+                try:  # the suspended session must end (UNBOUND) before the file binds again
+                    proto.unbind(no)
+                except ProtocolError:
+                    pass
+                else:
+                    self._unbinding[no] = worker  # attached again on UNBOUND
+                    self.flush_soon()
+                    return
             if no is not None and self.workers.get(no) is worker:
                 del self.workers[no]
             self.attach(worker)
+
+    def _on_unbound(self, session: int) -> None:
+        for ident, no in list(self._detaching.items()):
+            if no == session:
+                del self._detaching[ident]
+        waiting = self._bind_after_unbound.pop(session, None)
+        if waiting is not None and waiting.active and waiting.connection is self:
+            new_no = waiting.session_no
+            if new_no is not None and self.workers.get(new_no) is waiting and self.proto:
+                waiting.bind(self.proto, new_no)
+                self.flush_soon()
+        worker = self._unbinding.pop(session, None)
+        if worker is not None and self.workers.get(session) is worker:
+            del self.workers[session]
+            if worker.active and worker.connection is self:
+                self.attach(worker)
 
     # --- running -------------------------------------------------------------------------
 
@@ -842,6 +1027,8 @@ class Connection:
             finally:
                 self.ws = None
                 self.proto = None
+                self._detaching.clear()  # a new connection binds every attached session
+                self._bind_after_unbound.clear()
                 self._urgent_ping_at = None
                 if self._urgent_check is not None:
                     self._urgent_check.cancel()
@@ -850,6 +1037,7 @@ class Connection:
                     self.disconnected_at = time.monotonic()
                     self.connected_at = None
                 self.set_state(ConnectionState.DISCONNECTED)
+                self._unbinding.clear()  # those workers bind afresh on the next connection
                 for w in list(self.workers.values()):
                     w.on_disconnected()
             if not self.workers or self.closed:
@@ -988,6 +1176,8 @@ class Connection:
             self._worker_call(ev.session, lambda w: w.on_bound(ev))
         elif isinstance(ev, pc.MarkReplied):
             self._worker_call(ev.session, lambda w: w.on_mark(ev))
+        elif isinstance(ev, pc.SessionUnbound):
+            self._on_unbound(ev.session)
         elif isinstance(ev, pc.QueryErrorReceived):
             self._worker_call(ev.session, lambda w: w.on_query_error(ev))
         elif isinstance(ev, pc.ErrorReceived):

@@ -51,7 +51,7 @@ def _norm_datetime(value: Any) -> Any:
 class _Plan:
     """What the merge needs to know about a model, precomputed once per schema."""
 
-    __slots__ = ("fields", "order", "others", "scalars")
+    __slots__ = ("fields", "order", "others", "scalars", "sorted_names")
 
     def __init__(self, schema: ModelSchema) -> None:
         order: list[tuple[str, int, Norm]] = []
@@ -75,6 +75,7 @@ class _Plan:
         self.scalars = tuple((n, norm) for n, code, norm in order if code == _SCALAR)
         self.others = tuple(entry for entry in order if entry[1] != _SCALAR)
         self.fields = {name: (code, norm) for name, code, norm in order}
+        self.sorted_names = tuple(sorted(self.fields))
 
 
 _PLANS: dict[int, tuple[ModelSchema, _Plan]] = {}
@@ -693,6 +694,30 @@ class ObjectState:
         except TypeError as exc:
             raise ValueError(f"malformed object state: {exc}") from exc
         return st
+
+
+def created_state(ins: Instruction, schema: ModelSchema) -> tuple[bytes, dict[str, Any]] | None:
+    """The state of an object that has received nothing but the CREATE ``ins``, cheaply.
+
+    Returns ``(state bytes, rendered values)``: exactly what ``ObjectState.empty()``, then
+    ``apply(ins)``, then :meth:`ObjectState.to_bytes` and :meth:`ObjectState.render` give,
+    without building the state (the hot path of integrating and downloading new objects).
+    Returns None for a model with collection or counter fields (build the state then).
+    """
+    plan = _plan(schema)
+    if plan.others:
+        return None
+    values = ins.value
+    if not isinstance(values, dict):
+        raise ValueError("a CREATE instruction's value must be a dict")
+    get = values.get
+    out: dict[str, Any] = {}
+    for name, norm in plan.scalars:
+        v = get(name)
+        out[name] = v if norm is None else norm(v)
+    hlc = ins.hlc
+    base = {name: out[name] for name in plan.sorted_names}
+    return pack([_FORMAT, hlc, None, hlc, base, {}]), out
 
 
 _OP_CODES = {

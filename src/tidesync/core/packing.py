@@ -107,9 +107,22 @@ def hlc_from_list(parts: Any) -> HLC:
 _PACKER_OPTS: dict[str, Any] = {"default": _default, "use_bin_type": True, "datetime": False}
 
 
+#: Idle packers (``msgpack.packb`` builds a new Packer per call, which costs more than
+#: packing a small value). A caller pops one for its exclusive use and puts it back after:
+#: ``list.pop``/``append`` are atomic, so threads never share one.
+_PACKERS: list[msgpack.Packer] = []
+
+
 def pack(obj: Any) -> bytes:
     """Encode a value (scalars, lists, dicts, sets, and the extension types)."""
-    return msgpack.packb(obj, **_PACKER_OPTS)  # type: ignore[no-any-return]
+    try:
+        packer = _PACKERS.pop()
+    except IndexError:
+        packer = msgpack.Packer(**_PACKER_OPTS)
+    data = packer.pack(obj)  # on error the packer is dropped, not reused
+    if len(_PACKERS) < 16:
+        _PACKERS.append(packer)
+    return data  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:
@@ -150,9 +163,11 @@ def instruction_from_list(item: Any, origin: str) -> Instruction:
         raise ValueError("an instruction must be an array of 8 items")
     op_raw, model, pk, wall, counter, field, value, key = item
     try:
-        op = Op(op_raw)
-    except ValueError:
-        raise ValueError(f"unknown instruction op {op_raw!r}") from None
+        op = _OPS.get(op_raw)  # a dict lookup: Op(x) costs an Enum call per instruction
+    except TypeError:  # unhashable
+        op = None
+    if op is None:
+        raise ValueError(f"unknown instruction op {op_raw!r}")
     if not isinstance(model, str) or not model:
         raise ValueError("an instruction's model must be a non-empty string")
     if not isinstance(wall, int) or not isinstance(counter, int) or wall < 0 or counter < 0:
@@ -163,12 +178,13 @@ def instruction_from_list(item: Any, origin: str) -> Instruction:
         raise ValueError("a CREATE instruction's value must be a map")
     if isinstance(value, list) and op in (Op.SET_ADD, Op.SET_REMOVE):
         raise ValueError("a set element cannot be a list")
-    if op in _ELEMENT_KEY_OPS or (op is Op.LIST_INSERT and key is not None):
+    if op is Op.LIST_SET or op is Op.LIST_ERASE or (op is Op.LIST_INSERT and key is not None):
         key = hlc_from_list(key)
     return Instruction(op, model, pk, HLC(wall, counter, origin), field, value, key)
 
 
-_ELEMENT_KEY_OPS = frozenset({Op.LIST_SET, Op.LIST_ERASE})
+#: Op by its value (what ``Op(x)`` finds, without the Enum machinery).
+_OPS: dict[Any, Op] = {op.value: op for op in Op}
 
 
 def pack_instructions(instructions: tuple[Instruction, ...] | list[Instruction]) -> bytes:

@@ -166,32 +166,75 @@ def _check_element_id(ins: Instruction, what: str) -> None:
         raise ValueError(f"{what}: element id {key} is not older than the instruction")
 
 
+class _Fast:
+    """Per model, what the fast path of :func:`validate_instruction` needs (built once)."""
+
+    __slots__ = ("fields", "pk_exact")
+
+    def __init__(self, model: ModelSchema) -> None:
+        #: name -> (field, exact types needing no further check, ints in range also fine)
+        self.fields: dict[str, tuple[FieldSchema, tuple[type, ...], bool]] = {}
+        for f in model.fields:
+            exact: tuple[type, ...] = ()
+            plain = f.collection is Collection.NONE and f.kind is not Kind.COUNTER
+            if plain:
+                exact = _EXACT.get(f.kind, ())
+                if f.optional:
+                    exact += (type(None),)
+            intish = plain and (f.kind is Kind.INT or f.kind is Kind.FLOAT)
+            self.fields[f.name] = (f, exact, intish)
+        pk = model.pk_field
+        self.pk_exact = _EXACT.get(pk.kind, ()) if pk.kind is not Kind.LINK else ()
+
+
+_FAST: dict[int, tuple[ModelSchema, _Fast]] = {}
+
+
+def _fast(model: ModelSchema) -> _Fast:
+    entry = _FAST.get(id(model))
+    if entry is not None and entry[0] is model:
+        return entry[1]
+    if len(_FAST) > 1024:
+        _FAST.clear()
+    fast = _Fast(model)
+    _FAST[id(model)] = (model, fast)
+    return fast
+
+
 def _validate_create(ins: Instruction, model: ModelSchema, schemas: dict[str, ModelSchema]) -> None:
     if ins.field is not None:
         raise ValueError(f"CREATE {model.name}[{ins.pk!r}]: a CREATE names no field")
-    if not isinstance(ins.value, dict):
+    values = ins.value
+    if not isinstance(values, dict):
         raise ValueError(
             f"CREATE {model.name}[{ins.pk!r}]: the value must be a dict of field values"
         )
-    by_name = model.by_name
-    for name, value in ins.value.items():
-        field = by_name.get(name) if isinstance(name, str) else None
-        if field is None:
-            raise ValueError(f"CREATE {model.name}[{ins.pk!r}]: unknown field {name!r}")
+    table = _fast(model).fields
+    for name, value in values.items():
+        entry = table.get(name) if type(name) is str else None
+        if entry is None:
+            field = model.by_name.get(name) if isinstance(name, str) else None
+            if field is None:
+                raise ValueError(f"CREATE {model.name}[{ins.pk!r}]: unknown field {name!r}")
+        else:
+            field, exact, intish = entry
+            t = type(value)
+            if t in exact or (t is int and intish and _INT_MIN <= value <= _INT_MAX):
+                continue  # the common case: a plain value of exactly the field's type
         try:
             validate_value(field, value, schemas)
         except ValueError as exc:
             raise ValueError(f"CREATE {model.name}[{ins.pk!r}]: {exc}") from None
     # every name is a known field (checked above), so as many names as fields means none
     # is missing
-    if len(ins.value) != len(model.fields):
+    if len(values) != len(model.fields):
         for field in model.fields:
             required = not (field.optional or field.is_collection or field.kind is Kind.COUNTER)
-            if required and field.name not in ins.value:
+            if required and field.name not in values:
                 raise ValueError(
                     f"CREATE {model.name}[{ins.pk!r}]: missing required field {field.name!r}"
                 )
-    pk_value = ins.value.get(model.primary_key)
+    pk_value = values.get(model.primary_key)
     if pk_value != ins.pk or type(pk_value) is not type(ins.pk):
         raise ValueError(
             f"CREATE {model.name}[{ins.pk!r}]: the primary key field holds {pk_value!r}"
@@ -249,15 +292,31 @@ def validate_instruction(
     model = schemas.get(ins.model)
     if model is None:
         raise ValueError(f"unknown model {ins.model!r}")
-    hlc = _check_hlc(ins.hlc, f"{ins.op.name} {ins.model}: timestamp")
+    hlc = ins.hlc
+    # the fast paths below accept only what the full checks accept; error messages (and
+    # anything unusual) come from the full checks
+    if not (
+        type(hlc) is HLC
+        and type(hlc.wall) is int
+        and type(hlc.counter) is int
+        and type(hlc.origin) is str
+        and hlc.wall >= 0
+        and hlc.counter >= 0
+    ):
+        hlc = _check_hlc(hlc, f"{ins.op.name} {ins.model}: timestamp")
     if origin is not None and hlc.origin != origin:
         raise ValueError(
             f"{ins.op.name} {ins.model}: timestamp origin {hlc.origin!r} is not the changeset's"
         )
-    pk = model.pk_field
     if ins.pk is None:
         raise ValueError(f"{ins.op.name} {ins.model}: the primary key is missing")
-    _check_kind(pk.kind, ins.pk, f"{ins.op.name} {ins.model}: primary key", schemas, pk.target)
+    tpk = type(ins.pk)
+    if not (
+        tpk in _fast(model).pk_exact
+        or (tpk is int and model.pk_field.kind is Kind.INT and _INT_MIN <= ins.pk <= _INT_MAX)
+    ):
+        pk = model.pk_field
+        _check_kind(pk.kind, ins.pk, f"{ins.op.name} {ins.model}: primary key", schemas, pk.target)
     if ins.op is Op.CREATE:
         _validate_create(ins, model, schemas)
     elif ins.op is Op.ERASE:

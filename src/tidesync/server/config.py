@@ -55,6 +55,10 @@ class ServerConfig:
     #: Where the sync data lives: "" for SQLite in the data folder, or a
     #: ``postgresql://user@host:port/db[?schema=name]`` URL (``docs/deploying.md``).
     storage_url: str = ""
+    #: Trim sync history older than this many seconds (0: keep it all, the default).
+    #: Devices whose cursor falls behind the trimmed point get a client reset
+    #: (``docs/client-reset.md``).
+    history_retention: float = 0.0
 
     def __post_init__(self) -> None:
         if self.access_token_ttl <= 0 or self.refresh_token_ttl <= 0:
@@ -69,6 +73,8 @@ class ServerConfig:
             raise ValueError("shutdown_grace must not be negative")
         if self.storage_url and not self.storage_url.startswith(("postgresql://", "postgres://")):
             raise ValueError("storage_url must be empty (SQLite) or a postgresql:// URL")
+        if not self.history_retention >= 0:
+            raise ValueError("history_retention must be a non-negative number of seconds")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (tls_cert) and a key (tls_key)")
 

@@ -62,6 +62,8 @@ from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, W
 from .config import ServerConfig
 from .flexsync import FlexView
 from .metrics import ServerMetrics
+from .retention import HistoryTrimmer
+from .rules import Permissions, user_fields
 from .storage.base import (
     ClientOwnershipError,
     CursorAheadError,
@@ -206,10 +208,16 @@ class SyncHub:
         self._sessions: dict[str, set[_Session]] = {}
         self._unwatch: dict[str, Callable[[], None]] = {}  # app -> stop watching storage
         self._accepting = True
+        #: Trims history older than ``config.history_retention`` (None when off).
+        self.trimmer: HistoryTrimmer | None = None
+        if config.history_retention > 0:
+            self.trimmer = HistoryTrimmer(storage, config.history_retention, clock)
 
     def start(self) -> None:
-        """Start the committer (call from the server's event loop)."""
+        """Start the committer and the history trimmer (call from the server's loop)."""
         self.committer.start()
+        if self.trimmer is not None:
+            self.trimmer.start()
 
     @property
     def connection_count(self) -> int:
@@ -235,6 +243,8 @@ class SyncHub:
         """Add a bound session to the app's fan-out set."""
         self._sessions.setdefault(app_id, set()).add(session)
         self.metrics.sessions_total += 1
+        if self.trimmer is not None:
+            self.trimmer.note_app(app_id)
         if app_id not in self._unwatch:  # commits of other server processes wake it too
             self._unwatch[app_id] = self.storage.watch(app_id, partial(self._remote, app_id))
 
@@ -297,6 +307,8 @@ class SyncHub:
     async def close(self) -> None:
         """Say goodbye to every connection, then finish the queued commits."""
         await self.going_away()
+        if self.trimmer is not None:
+            await self.trimmer.aclose()
         await self.committer.close()
 
 
@@ -629,8 +641,12 @@ class SyncConnection:
             return
         try:
             await storage.put_schemas(app, schemas)
+            known = True
+            if event.download_cursor > 0:  # a file that synced before must be on record
+                known = await storage.client_known(app, event.file_ident)
             acked = await storage.register_client(app, event.file_ident, self.user_id)
             latest = await storage.latest_version(app)
+            trimmed = event.download_cursor == 0 and await _history_trimmed(storage, app, latest)
         except SchemaMismatchError as exc:
             await self._session_error(number, ErrorCode.BAD_SCHEMA, str(exc))
             return
@@ -643,12 +659,17 @@ class SyncConnection:
                 number, ErrorCode.OTHER_SESSION_ERROR, "server storage error; try again later"
             )
             return
-        if event.download_cursor > latest:
+        if event.download_cursor > latest or not known:
+            why = (
+                f"download cursor {event.download_cursor} is beyond the server's latest "
+                f"version {latest}"
+                if known
+                else f"client file {event.file_ident} is unknown to the server"
+            )
             await self._session_error(
                 number,
-                ErrorCode.BAD_SERVER_VERSION,
-                f"download cursor {event.download_cursor} is beyond the server's latest "
-                f"version {latest} (the server's data was replaced); reset the client file",
+                ErrorCode.CLIENT_RESET_NEEDED,
+                f"{why} (the server's data was wiped or replaced); reset the client file",
             )
             return
         if event.upload_acked > acked:
@@ -660,6 +681,8 @@ class SyncConnection:
             )
             return
         view = await flexsync.open_view(self, event.flexible)
+        if trimmed:  # the log no longer starts at 0: a fresh file gets the whole state
+            view = await _bootstrap_view(self, view)
         if self.proto.state is not ServerState.OPEN:
             return
         self.proto.bound(number, latest, acked)
@@ -832,6 +855,30 @@ class SyncConnection:
             else:
                 waiting.append((request_id, target))
         session.marks = waiting
+
+
+async def _history_trimmed(storage: ServerStorage, app_id: str, latest: int) -> bool:
+    """True when the app's log no longer starts at version 0 (history was trimmed)."""
+    if latest == 0:
+        return False
+    try:
+        await storage.read_log(app_id, 0, 1)
+    except HistoryTrimmedError:
+        return True
+    return False
+
+
+async def _bootstrap_view(conn: SyncConnection, view: FlexView | None) -> FlexView:
+    """A view that owes the device a bootstrap of the whole current state (a fresh or reset
+    file after the history was trimmed: the log cannot rebuild it, the objects can)."""
+    if view is None:
+        assert conn.user_id is not None
+        schemas = await conn.hub.storage.get_schemas(conn.app_id)
+        perms = Permissions(None, user_fields(conn.user_id), schemas)
+        return FlexView(perms, schemas, None, bootstrap=0)
+    if view.bootstrap is None:
+        view.bootstrap = view.subs.version if view.subs is not None else 0
+    return view
 
 
 def _upload_done(

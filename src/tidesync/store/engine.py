@@ -20,7 +20,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ class StoreEngine:
         self._sql: dict[str, dict[str, str]] = {}
         self._encoders: dict[str, list[tuple[str, Any]]] = {}
         self._dead_models: dict[str, bool] = {}  # per transaction: has the model erased objects
+        self._relaxed = False  # synchronous = NORMAL for the current transaction
         try:
             self._setup()
         except BaseException:
@@ -98,7 +99,7 @@ class StoreEngine:
         stored = self._stored_schemas()
         plan = self._plan_schema(stored)  # raises before anything is written
         if mode != "wal":
-            conn.execute("PRAGMA journal_mode = WAL")
+            self._enable_wal()
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = OFF")
         if plan or not stored:
@@ -126,6 +127,20 @@ class StoreEngine:
         self.origin = str(self.get_meta("origin"))
         for name in self.schemas:
             self._prepare_sql(name)
+
+    def _enable_wal(self) -> None:
+        """Switch a new file to WAL mode. Several processes creating the same file at once
+        can make this report "locked" at once (SQLite skips the busy handler here), so
+        retry for up to the busy timeout."""
+        deadline = time.monotonic() + 30.0
+        while True:
+            try:
+                self.conn.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def _stored_schemas(self) -> dict[str, ModelSchema]:
         exists = self.conn.execute(
@@ -242,9 +257,23 @@ class StoreEngine:
 
     # --- transactions --------------------------------------------------------------------
 
-    def begin(self) -> None:
-        """Start a write transaction (takes SQLite's write lock) and load the clock."""
-        self.conn.execute("BEGIN IMMEDIATE")
+    def begin(self, *, durable: bool = True) -> None:
+        """Start a write transaction (takes SQLite's write lock) and load the clock.
+
+        ``durable=False`` commits it with ``synchronous = NORMAL`` (no ``fsync``; a power
+        cut may lose it, never corrupt the file, and never keep a later durable commit
+        without it: WAL frames are synced in order). Only for transactions whose loss is
+        harmless: the sync client's download transactions (their changes and the download
+        cursor are lost together, so they are simply downloaded again). Local writes are
+        always durable."""
+        if not durable:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._relaxed = True
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._restore_sync()
+            raise
         try:
             self._tx_states.clear()
             self._dead_models.clear()
@@ -282,14 +311,24 @@ class StoreEngine:
             raise
         finally:
             self._tx_states.clear()
+            self._restore_sync()
         wake(self.path)
         return version
 
     def rollback(self) -> None:
         """Abandon the current write transaction."""
         self._tx_states.clear()
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self._restore_sync()
+
+    def _restore_sync(self) -> None:
+        """Back to ``synchronous = FULL`` after a ``durable=False`` transaction."""
+        if self._relaxed and not self.conn.in_transaction:
+            self.conn.execute("PRAGMA synchronous = FULL")
+            self._relaxed = False
 
     def tick(self) -> HLC:
         """A new HLC for an instruction of the current transaction."""
@@ -416,18 +455,79 @@ class StoreEngine:
             f"a {model} with primary key {pk!r} exists (use add(obj, update=True))"
         )
 
-    def apply(self, instructions: Iterable[Instruction]) -> None:
-        """Apply instructions (local or downloaded) to their objects' states and rows."""
+    def apply(self, instructions: Sequence[Instruction]) -> None:
+        """Apply instructions (local or downloaded) to their objects' states and rows.
+
+        Fast path: a CREATE of an object this file has never held (no row, no erased state)
+        is written like a local create (:meth:`create`: the row alone, its merge state
+        implied by the columns and ``_hlc``), batched with ``executemany``; everything else
+        goes through the merge (load the state, apply, save)."""
         schemas = self.schemas
+        absent = self._absent_creates(instructions)
+        batch: dict[str, list[list[Any]]] = {}
+        batched: set[tuple[str, Any]] = set()
         for ins in instructions:
             schema = schemas.get(ins.model)
             if schema is None:
                 continue  # a model this device does not declare
+            key = (ins.model, ins.pk)
+            if key in absent:
+                if ins.op is Op.CREATE and key not in batched and isinstance(ins.value, dict):
+                    values = ins.value
+                    params = [enc(values.get(name)) for name, enc in self._encoders[ins.model]]
+                    hlc = ins.hlc
+                    params.append(pack((hlc.wall, hlc.counter, hlc.origin)))
+                    batch.setdefault(ins.model, []).append(params)
+                    batched.add(key)
+                    continue
+                absent.discard(key)
+                if batched:  # the object's row must exist before its state is loaded
+                    self._insert_new(batch)
+                    batched.clear()
             state, where = self.load_state(ins.model, ins.pk)
             if state is None:
                 state = ObjectState.empty()
             state.apply(ins, schema)
             self.save_state(ins.model, ins.pk, state, where)
+        self._insert_new(batch)
+
+    def _absent_creates(self, instructions: Sequence[Instruction]) -> set[tuple[str, Any]]:
+        """Keys of CREATEs in ``instructions`` whose objects this file does not hold
+        (models with erased objects are left to the merge: their states are in ``_dead``)."""
+        by_model: dict[str, dict[Any, tuple[str, Any]]] = {}
+        for ins in instructions:
+            if ins.op is Op.CREATE:
+                keys = by_model.get(ins.model)
+                if keys is None:
+                    if ins.model not in self.schemas or self._has_dead(ins.model):
+                        continue
+                    keys = by_model[ins.model] = {}
+                key = (ins.model, ins.pk)
+                if key not in self._tx_states:
+                    kind = self.schemas[ins.model].pk_field.kind
+                    keys[sv.scalar_to_sql(kind, ins.pk)] = key
+        absent: set[tuple[str, Any]] = set()
+        for model, keys in by_model.items():
+            schema = self.schemas[model]
+            table, pk_col = sv.table_name(model), sv.quote(schema.primary_key)
+            present: set[Any] = set()
+            raw = list(keys)
+            for i in range(0, len(raw), 500):
+                chunk = raw[i : i + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = self.conn.execute(
+                    f"SELECT {pk_col} FROM {table} WHERE {pk_col} IN ({marks})", chunk
+                )
+                present.update(r[0] for r in rows)
+            absent.update(key for sql_pk, key in keys.items() if sql_pk not in present)
+        return absent
+
+    def _insert_new(self, batch: dict[str, list[list[Any]]]) -> None:
+        """Write the rows :meth:`apply` batched (and empty ``batch``)."""
+        for model, rows in batch.items():
+            if rows:
+                self.conn.executemany(self._sql[model]["insert_new"], rows)
+        batch.clear()
 
     def observe(self, hlc: HLC) -> None:
         """Move the clock past a downloaded timestamp."""

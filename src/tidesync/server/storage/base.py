@@ -259,6 +259,11 @@ class ServerStorage(abc.ABC):
     async def client_version(self, app_id: str, origin: str) -> int:
         """The last client version of ``origin`` integrated (0 if none)."""
 
+    async def client_known(self, app_id: str, origin: str) -> bool:
+        """Was ``origin`` ever registered for ``app_id``? (False after ``wipe_app`` or on a
+        fresh data folder: such a file must reset.) Backends that cannot tell say True."""
+        return True
+
     @abc.abstractmethod
     async def get_objects(self, app_id: str, model: str) -> dict[Any, dict[str, Any]]:
         """Primary key -> rendered values of every alive object of ``model``."""

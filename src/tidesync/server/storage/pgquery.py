@@ -47,7 +47,7 @@ from ...objectid import ObjectId
 __all__ = ["SqlFilter", "Unsupported", "compile_filter", "compile_query"]
 
 #: The shape of a Decimal text SQL compares exactly (others are left to Python).
-_PLAIN_DECIMAL = r"^-?[0-9]{1,300}(\.[0-9]{1,300})?$"
+_PLAIN_DECIMAL = r"^-?[0-9]+(\.[0-9]+)?$"
 #: Arguments with a larger exponent are evaluated in Python (numeric has limits).
 _MAX_EXPONENT = 300
 _STRING_OPS = ("beginswith", "endswith", "contains", "like")
@@ -202,7 +202,8 @@ def _value(kind: Kind, text: str, ci: bool) -> tuple[str, str, str | None]:
     if kind is Kind.BYTES:
         return f"decode({text}, 'base64')", "bytea", None
     if kind is Kind.DATETIME:
-        return f"({text})::timestamptz", "timestamptz", None
+        # sent as ISO text: asyncpg would encode datetime.min as -infinity
+        return f"({text})::timestamptz", "text::timestamptz", None
     if kind in (Kind.UUID, Kind.OBJECTID):
         return f'({text} COLLATE "C")', "text", None
     raise Unsupported(f"values of kind {kind}")
@@ -235,7 +236,7 @@ def _arg(kind: Kind, value: Any, ci: bool) -> Any:
     if kind is Kind.DATETIME:
         if not isinstance(value, dt.datetime):
             raise Unsupported("a datetime argument that is not a datetime")
-        return micros_to_datetime(datetime_to_micros(value))
+        return micros_to_datetime(datetime_to_micros(value)).isoformat()
     if kind is Kind.UUID and isinstance(value, uuid.UUID):
         return str(value)
     if kind is Kind.OBJECTID and isinstance(value, ObjectId):
@@ -276,11 +277,13 @@ def _test(c: q.Compare, value: str, cast: str, unsure: str | None, params: _Para
         present = [v for v in c.values if v is not None]
         parts = []
         if present:
-            array = params.add([_arg(kind, v, c.ci) for v in present], cast + "[]")
+            array_cast = cast.replace("::", "[]::") + "[]"  # text::x -> text[]::x[]
+            array = params.add([_arg(kind, v, c.ci) for v in present], array_cast)
             parts.append(f"COALESCE({value} = ANY({array}), FALSE)")
         if len(present) < len(c.values):
             parts.append(f"({value} IS NULL)")
-        sure = "(" + " OR ".join(parts) + ")" if parts else "FALSE"
+        # an empty list matches nothing (the value is still named: its parameters are used)
+        sure = "(" + " OR ".join(parts) + ")" if parts else f"({value} IS NULL AND FALSE)"
     elif op == "between":
         low, high = arg(c.values[0]), arg(c.values[1])
         sure = f"COALESCE({value} >= {low} AND {value} <= {high}, FALSE)"

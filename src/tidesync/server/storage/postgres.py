@@ -414,6 +414,13 @@ class PostgresStorage(ServerStorage):
             )
         return int(row["last_version"])
 
+    async def client_known(self, app_id: str, origin: str) -> bool:
+        """Was ``origin`` ever registered for ``app_id``?"""
+        value = await self._fetchval(
+            "SELECT 1 FROM clients WHERE app = $1 AND origin = $2", app_id, origin
+        )
+        return value is not None
+
     async def client_version(self, app_id: str, origin: str) -> int:
         """The last client version of ``origin`` integrated (0 if none)."""
         value = await self._fetchval(

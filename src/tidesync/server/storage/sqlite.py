@@ -19,11 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ...core.merge import ObjectState
+from ...core.changeset import Op
+from ...core.merge import ObjectState, created_state
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.schema import ModelSchema
 from .base import (
     BatchRejectedError,
+    ByObject,
     ClientOwnershipError,
     CursorAheadError,
     HistoryTrimmedError,
@@ -238,6 +240,16 @@ class SQLiteStorage(ServerStorage):
         """The last client version of ``origin`` integrated (0 if none)."""
         return await self._run(self._client_version_sync, app_id, origin)
 
+    async def client_known(self, app_id: str, origin: str) -> bool:
+        """Was ``origin`` ever registered for ``app_id``?"""
+        return await self._run(self._client_known_sync, app_id, origin)
+
+    def _client_known_sync(self, app_id: str, origin: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM clients WHERE app = ? AND origin = ?", (app_id, origin)
+        ).fetchone()
+        return row is not None
+
     def _client_version_sync(self, app_id: str, origin: str) -> int:
         row = self._db.execute(
             "SELECT last_version FROM clients WHERE app = ? AND origin = ?", (app_id, origin)
@@ -356,12 +368,14 @@ class SQLiteStorage(ServerStorage):
                 return UploadResult(batch.origin, last, [])
             by_object = instructions_by_object(new)
             overlay = group.working_copies(app, by_object.keys())
+            fresh = _fresh_creates(by_object, schemas, overlay)
             apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
             return UploadResult(batch.origin, last, [], str(exc), exc.reason)
         versions = group.append_log(app, batch.origin, new)
         group.set_client_last(app, batch.origin, last + len(new))
         group.keep(app, schemas, overlay)
+        group.keep_fresh(app, fresh)
         return UploadResult(batch.origin, last + len(new), versions)
 
     # -- reading --------------------------------------------------------------------------
@@ -466,6 +480,33 @@ class SQLiteStorage(ServerStorage):
         self._schemas.pop(app_id, None)
 
 
+def _fresh_creates(
+    by_object: ByObject, schemas: dict[str, ModelSchema], overlay: dict[ObjectKey, ObjectState]
+) -> dict[ObjectKey, tuple[bytes, bytes]]:
+    """The fast path for new objects: a key never stored (absent from ``overlay``) that this
+    upload only CREATEs needs no merge; its state and values are encoded directly
+    (:func:`~tidesync.core.merge.created_state`). Such keys are removed from ``by_object``;
+    returns key -> ``(state bytes, packed values)``."""
+    fresh: dict[ObjectKey, tuple[bytes, bytes]] = {}
+    for key, items in by_object.items():
+        if len(items) != 1 or key in overlay:
+            continue
+        cs, ins = items[0]
+        if ins.op is not Op.CREATE:
+            continue
+        try:
+            encoded = created_state(ins, schemas[key[0]])
+        except (ValueError, TypeError) as exc:
+            raise BatchRejectedError(
+                RejectReason.INVALID, f"changeset {cs.origin}#{cs.version}: {exc}"
+            ) from exc
+        if encoded is not None:
+            fresh[key] = (encoded[0], pack(encoded[1]))
+    for key in fresh:
+        del by_object[key]
+    return fresh
+
+
 class _Group:
     """The state of one group-commit transaction, written with batched SQL at the end."""
 
@@ -477,6 +518,8 @@ class _Group:
         self.raw: dict[tuple[str, str, bytes], bytes] = {}  # states as loaded from the file
         self.states: dict[tuple[str, str, bytes], ObjectState] = {}  # states this group changed
         self.schemas: dict[tuple[str, str, bytes], ModelSchema] = {}
+        #: new objects (one CREATE): encoded states and values, no ObjectState built
+        self.fresh: dict[tuple[str, str, bytes], tuple[bytes, bytes]] = {}
         self.log_rows: list[tuple[str, int, str, int, bytes, int, int]] = []
 
     def client_last(self, app: str, origin: str) -> int | None:
@@ -497,7 +540,7 @@ class _Group:
         missing: dict[str, list[bytes]] = {}
         for model, pk in keys:
             full = (app, model, pk)
-            if full not in self.states and full not in self.raw:
+            if full not in self.states and full not in self.raw and full not in self.fresh:
                 missing.setdefault(model, []).append(pk)
         for model, pks in missing.items():
             for i in range(0, len(pks), _CHUNK):
@@ -514,6 +557,8 @@ class _Group:
             full = (app, model, pk)
             if full in self.states:
                 copies[(model, pk)] = ObjectState.from_bytes(self.states[full].to_bytes())
+            elif full in self.fresh:
+                copies[(model, pk)] = ObjectState.from_bytes(self.fresh[full][0])
             elif full in self.raw:
                 copies[(model, pk)] = ObjectState.from_bytes(self.raw[full])
         return copies
@@ -541,11 +586,20 @@ class _Group:
         for (model, pk), state in changed.items():
             self.states[(app, model, pk)] = state
             self.schemas[(app, model, pk)] = schemas[model]
+            self.fresh.pop((app, model, pk), None)
+
+    def keep_fresh(self, app: str, fresh: dict[ObjectKey, tuple[bytes, bytes]]) -> None:
+        for (model, pk), encoded in fresh.items():
+            self.fresh[(app, model, pk)] = encoded
 
     def write(self) -> None:
         conn = self.conn
         if self.log_rows:
             conn.executemany("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", self.log_rows)
+        if self.fresh:
+            conn.executemany(
+                _UPSERT_OBJECT, [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()]
+            )
         if self.states:
             conn.executemany(
                 _UPSERT_OBJECT, [_object_row(k, s, self.schemas[k]) for k, s in self.states.items()]
