@@ -16,7 +16,7 @@ import pytest
 
 from tidesync.core.changeset import Changeset, Instruction, Op
 from tidesync.core.hlc import HLC
-from tidesync.core.merge import ObjectState, created_state
+from tidesync.core.merge import ObjectState, created_rows, created_state
 from tidesync.core.packing import instruction_from_list, pack, unpack
 from tidesync.core.schema import FieldSchema, Kind, ModelSchema
 from tidesync.server.storage import SQLiteStorage, UploadBatch
@@ -59,6 +59,10 @@ def test_created_state_matches_the_merge() -> None:
         assert got[0] == st.to_bytes()
         assert got[1] == st.render(ITEM)
         assert list(got[1]) == list(st.render(ITEM) or {})
+        assert created_rows(ins, ITEM) == (st.to_bytes(), pack(st.render(ITEM)))
+    assert (
+        created_rows(Instruction(Op.CREATE, "Bag", 1, HLC(1, 0, "o"), value={"id": 1}), BAG) is None
+    )
     assert (
         created_state(Instruction(Op.CREATE, "Bag", 1, HLC(1, 0, "o"), value={"id": 1}), BAG)
         is None

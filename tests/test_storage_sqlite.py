@@ -109,3 +109,38 @@ async def test_concurrent_uploads_share_commits(
         assert [r.origin for (r,) in results] == [w.origin for w in writers]
     assert sum(group_sizes) == 50
     assert len(group_sizes) < 10
+
+
+async def test_log_tail_in_memory_answers_like_the_file(tmp_path: Path) -> None:
+    """read_log served from the in-memory tail of recent commits returns exactly what the
+    file returns, for every cursor, page size and excluded origin; trims drop the tail."""
+    from tidesync.server.storage.conformance import Writer
+    from tidesync.server.storage.sqlite import _read_log
+
+    async with SQLiteStorage(tmp_path / "tail.sqlite3") as storage:
+        await storage.put_schemas("app", [TASK])
+        writers = [Writer("A"), Writer("B")]
+        for w in writers:
+            await storage.register_client("app", w.origin, "u")
+        for i in range(30):
+            w = writers[i % 3 % 2]
+            await storage.integrate([batch("app", w.cs(w.create(f"k{i}", "x" * (i * 7))))])
+        tail = storage._tails["app"]
+        assert tail.latest == 30 and tail.start == 0
+        served = 0
+        for after in range(0, 31):
+            for max_bytes in (0, 50, 400, 1 << 20):
+                for exclude in (None, "A", "B"):
+                    from_file = await storage._run(
+                        storage._transaction, _read_log, "app", after, max_bytes, exclude
+                    )
+                    assert await storage.read_log("app", after, max_bytes, exclude) == from_file
+                    served += 1
+        assert served == 31 * 4 * 3
+        await storage.trim_history("app", 10)
+        assert "app" not in storage._tails
+        w = writers[0]
+        await storage.integrate([batch("app", w.cs(w.create("late")))])
+        assert storage._tails["app"].start == 30
+        page = await storage.read_log("app", 30, 1 << 20)
+        assert [e.server_version for e in page.entries] == [31]

@@ -10,7 +10,7 @@ from ..core.progress import SyncProgress
 from ..errors import NotSyncedError, OperationCancelledError
 from ..store.database import LocalDatabase
 from .config import Configuration
-from .subscriptions import SubscriptionSet
+from .subscriptions import SubscriptionSet, SubscriptionSetState
 
 if TYPE_CHECKING:
     from .cancellation import CancellationToken
@@ -57,8 +57,15 @@ class Database(LocalDatabase):
         session = db._session
         if session is None:
             return db
+        pending = db.subscriptions.state in _OUTSTANDING
+
+        async def bootstrap() -> None:  # the initial subscriptions' data is here too
+            await db.subscriptions.wait_for_synchronization(cancellation_token)
+
         try:
-            await session._wait_initial_download(on_progress, cancellation_token)
+            await session._wait_initial_download(
+                on_progress, cancellation_token, bootstrap if pending else None
+            )
         except BaseException:
             db.close()
             raise
@@ -87,6 +94,10 @@ class Database(LocalDatabase):
 
     def __enter__(self) -> Database:
         return self
+
+
+#: Subscription set states ``Database.open`` waits out (the set's bootstrap is not over).
+_OUTSTANDING = (SubscriptionSetState.PENDING, SubscriptionSetState.BOOTSTRAPPING)
 
 
 def _run_initial_subscriptions(db: Database, config: Configuration) -> None:

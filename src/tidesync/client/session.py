@@ -11,7 +11,7 @@ import asyncio
 import enum
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -147,11 +147,17 @@ class Session:
             raise
 
     async def _wait_initial_download(
-        self, on_progress: Callable[[SyncProgress], Any] | None, token: CancellationToken | None
+        self,
+        on_progress: Callable[[SyncProgress], Any] | None,
+        token: CancellationToken | None,
+        then: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
-        """Wait for the initial download, reporting monotone progress that ends at 1.0."""
+        """Wait for the initial download (and ``then()``, e.g. a flexible sync bootstrap),
+        reporting monotone progress that ends at 1.0."""
         if on_progress is None:
             await self.wait_for_download(token)
+            if then is not None:
+                await then()
             return
         last = [-1.0]
 
@@ -169,6 +175,8 @@ class Session:
         )
         try:
             await self.wait_for_download(token)
+            if then is not None:
+                await then()
         finally:
             listener.cancelled = True
             self._client.loop.call_soon_threadsafe(self._worker.remove_progress_listener, listener)

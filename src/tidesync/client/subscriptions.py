@@ -362,6 +362,19 @@ class FlexApplier:
         """True once the file has a subscription set: BIND then asks for flexible sync."""
         return self.latest_query()[0] > 0
 
+    def download_state(self) -> SubscriptionSetState:
+        """The newest set's state, for download progress: PENDING (the data it asks for is
+        unknown yet), BOOTSTRAPPING (pages are arriving) or COMPLETE (also: no set, ERROR,
+        SUPERSEDED, i.e. nothing outstanding beyond what the server reports)."""
+        ensure_table(self.engine.conn)
+        row = self.engine.conn.execute(
+            "SELECT state FROM _sub_sets ORDER BY version DESC LIMIT 1"
+        ).fetchone()
+        state = SubscriptionSetState(row[0]) if row is not None else SubscriptionSetState.COMPLETE
+        if state in (SubscriptionSetState.PENDING, SubscriptionSetState.BOOTSTRAPPING):
+            return state
+        return SubscriptionSetState.COMPLETE
+
     def latest_query(self) -> tuple[int, dict[str, list[str]], dict[str, list[list[Any]]]]:
         """``(version, queries, args)`` of the newest set, for QUERY."""
         version, _, _, subs = latest_row(self.engine.conn)

@@ -52,7 +52,7 @@ from .reset import (
     reset_file,
     too_many_error,
 )
-from .subscriptions import FlexApplier, compensating_error, query_error
+from .subscriptions import FlexApplier, SubscriptionSetState, compensating_error, query_error
 
 if TYPE_CHECKING:
     from .app import App, User
@@ -320,9 +320,18 @@ class SessionWorker:
             if not self.closed:
                 self._scan_uploads()
             return self.up_transferred, self.up_transferable, True
+        # flexible sync: a subscription set the server has not answered makes the download
+        # unknown, one being bootstrapped is never finished before its last page
+        # (client/subscriptions.py; docs/flexible-sync.md "Progress")
+        sub_state = self.flex.download_state() if not self.closed else None
+        if sub_state is SubscriptionSetState.PENDING:
+            return self.down_transferred, self.down_transferred, False
+        remaining = self.down_remaining
+        if sub_state is SubscriptionSetState.BOOTSTRAPPING:
+            remaining = max(remaining, 1)
         return (
             self.down_transferred,
-            self.down_transferred + self.down_remaining,
+            self.down_transferred + remaining,
             self.down_known,
         )
 
@@ -347,6 +356,8 @@ class SessionWorker:
         if not self.progress_listeners or self.closed:
             return
         values = {d: self.counters(d) for d in ProgressDirection}
+        if download_complete:  # a MARK reply does not finish a pending bootstrap
+            download_complete = self.flex.download_state() is SubscriptionSetState.COMPLETE
         for listener in list(self.progress_listeners):
             t, total, known = values[listener.direction]
             complete = download_complete and listener.direction is ProgressDirection.DOWNLOAD
@@ -445,6 +456,7 @@ class SessionWorker:
         """QUERY_ERROR: the set goes to ERROR with the server's message (the older set
         keeps syncing)."""
         query_error(self.engine, ev.query_version, ev.message)
+        self.update_progress()  # the refused set no longer holds the download open
 
     def _hold_uploads_until_downloaded(self) -> None:
         self.hold_uploads = True
@@ -512,7 +524,9 @@ class SessionWorker:
             engine.set_meta("download_cursor", ev.cursor)
             if ev.upload_acked > self.upload_acked:
                 engine.set_meta("upload_acked", ev.upload_acked)
-            engine.commit(())
+            # exact: the flex applier writes rows directly only for objects / bootstrap;
+            # skip: this worker pumps uploads and progress below, no need to wake itself
+            engine.commit((), exact=not ev.objects and not ev.bootstrap, skip=self._waker)
         except BaseException:
             engine.rollback()
             raise

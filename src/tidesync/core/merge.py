@@ -24,7 +24,7 @@ from typing import Any
 
 from .changeset import Changeset, Instruction, Op
 from .hlc import HLC, ZERO
-from .packing import hlc_from_list, pack, unpack
+from .packing import hlc_from_list, pack, pack_pair, unpack
 from .schema import Collection, Kind, ModelSchema
 from .validate import validate_changeset
 
@@ -711,13 +711,26 @@ def created_state(ins: Instruction, schema: ModelSchema) -> tuple[bytes, dict[st
     if not isinstance(values, dict):
         raise ValueError("a CREATE instruction's value must be a dict")
     get = values.get
-    out: dict[str, Any] = {}
-    for name, norm in plan.scalars:
-        v = get(name)
-        out[name] = v if norm is None else norm(v)
+    out = {name: get(name) if norm is None else norm(get(name)) for name, norm in plan.scalars}
     hlc = ins.hlc
     base = {name: out[name] for name in plan.sorted_names}
     return pack([_FORMAT, hlc, None, hlc, base, {}]), out
+
+
+def created_rows(ins: Instruction, schema: ModelSchema) -> tuple[bytes, bytes] | None:
+    """:func:`created_state` with the rendered values packed too: ``(state bytes, packed
+    values)``, both encoded by one packer (what the server stores for a new object)."""
+    plan = _plan(schema)
+    if plan.others:
+        return None
+    values = ins.value
+    if not isinstance(values, dict):
+        raise ValueError("a CREATE instruction's value must be a dict")
+    get = values.get
+    out = {name: get(name) if norm is None else norm(get(name)) for name, norm in plan.scalars}
+    hlc = ins.hlc
+    base = {name: out[name] for name in plan.sorted_names}
+    return pack_pair([_FORMAT, hlc, None, hlc, base, {}], out)
 
 
 _OP_CODES = {

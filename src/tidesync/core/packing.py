@@ -125,6 +125,18 @@ def pack(obj: Any) -> bytes:
     return data  # type: ignore[no-any-return]
 
 
+def pack_pair(first: Any, second: Any) -> tuple[bytes, bytes]:
+    """:func:`pack` of two values with one pooled packer (a hot path's saving)."""
+    try:
+        packer = _PACKERS.pop()
+    except IndexError:
+        packer = msgpack.Packer(**_PACKER_OPTS)
+    data = (packer.pack(first), packer.pack(second))
+    if len(_PACKERS) < 16:
+        _PACKERS.append(packer)
+    return data
+
+
 def unpack(data: bytes) -> Any:
     """Decode :func:`pack` output; raises ``ValueError`` on malformed input."""
     try:
@@ -159,6 +171,31 @@ def instruction_to_list(ins: Instruction) -> list[Any]:
 
 def instruction_from_list(item: Any, origin: str) -> Instruction:
     """Parse :func:`instruction_to_list` output; raises ``ValueError`` if malformed."""
+    # Fast path for the common shapes (plain types, an op whose key needs no parsing): the
+    # same checks as below, then the tuples are built without NamedTuple.__new__'s frame.
+    if type(item) is list and len(item) == 8:
+        op_raw, model, pk, wall, counter, field, value, key = item
+        op = _PLAIN_OPS.get(op_raw) if type(op_raw) is int else None
+        if (
+            op is not None
+            and type(model) is str
+            and model
+            and type(wall) is int
+            and type(counter) is int
+            and wall >= 0
+            and counter >= 0
+            and (field is None or type(field) is str)
+            and (op is not Op.CREATE or type(value) is dict)
+        ):
+            hlc = _tuple_new(HLC, (wall, counter, origin))
+            return _tuple_new(Instruction, (op, model, pk, hlc, field, value, key))
+    return _instruction_from_list(item, origin)
+
+
+_tuple_new = tuple.__new__
+
+
+def _instruction_from_list(item: Any, origin: str) -> Instruction:
     if not isinstance(item, list) or len(item) != 8:
         raise ValueError("an instruction must be an array of 8 items")
     op_raw, model, pk, wall, counter, field, value, key = item
@@ -185,10 +222,27 @@ def instruction_from_list(item: Any, origin: str) -> Instruction:
 
 #: Op by its value (what ``Op(x)`` finds, without the Enum machinery).
 _OPS: dict[Any, Op] = {op.value: op for op in Op}
+#: The ops whose instructions :func:`instruction_from_list` builds on its fast path (the
+#: others parse their element key or refuse a list value).
+_PLAIN_OPS: dict[int, Op] = {
+    op.value: op
+    for op in Op
+    if op not in (Op.LIST_INSERT, Op.LIST_SET, Op.LIST_ERASE, Op.SET_ADD, Op.SET_REMOVE)
+}
+
+
+class _Unpacked(tuple):  # type: ignore[type-arg]
+    """What :func:`unpack_instructions` returns: the instructions, and the bytes they were
+    decoded from (so :func:`pack_instructions` of the very same tuple costs nothing; a
+    tuple built from it, e.g. a slice or a filtered copy, is a plain tuple again)."""
+
+    packed: bytes
 
 
 def pack_instructions(instructions: tuple[Instruction, ...] | list[Instruction]) -> bytes:
     """Encode a list of instructions (all from one origin)."""
+    if type(instructions) is _Unpacked:
+        return instructions.packed
     return pack([instruction_to_list(i) for i in instructions])
 
 
@@ -197,7 +251,9 @@ def unpack_instructions(data: bytes, origin: str) -> tuple[Instruction, ...]:
     items = unpack(data)
     if not isinstance(items, list):
         raise ValueError("instructions must be an array")
-    return tuple(instruction_from_list(i, origin) for i in items)
+    out = _Unpacked(instruction_from_list(i, origin) for i in items)
+    out.packed = bytes(data)
+    return out
 
 
 def pack_changeset(cs: Changeset) -> bytes:

@@ -106,9 +106,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        auth = await asyncio.to_thread(Authenticator, folder, settings)  # creates the folder
+        auth = Authenticator(folder, settings)  # users: SQLite in the folder, or PostgreSQL
+        await auth.open()
         storage = factory(folder)
-        await storage.open()
+        try:
+            await storage.open()
+        except BaseException:
+            await auth.aclose()
+            raise
         hub = SyncHub(storage, auth, settings)
         hub.start()
         auth.on_user_gone = hub.disconnect_user
@@ -123,7 +128,7 @@ def create_app(
                 await hub.close()
             finally:
                 await storage.close()
-                await asyncio.to_thread(auth.close)
+                await auth.aclose()
                 log.info("sync server stopped")
 
     routes: list[BaseRoute] = [

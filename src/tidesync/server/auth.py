@@ -3,12 +3,14 @@
 Clients log in over HTTP with one of the app's providers (anonymous, email/password, API
 key, custom JWT) and receive a short-lived *access* token (sent in the sync connection's
 HELLO) and a *refresh* token (exchanged for new tokens). Both are JWTs signed with HS256 by
-a secret generated once and kept in the data folder, so tokens stay valid across restarts.
+a secret generated once and kept by the user store (``secret.key`` in the data folder with
+SQLite, a table with PostgreSQL, shared by every server process), so tokens stay valid
+across restarts and processes.
 
 Refresh tokens rotate: every refresh returns a new one and retires the old one, which stays
 usable for ``refresh_reuse_grace`` seconds (two concurrent refreshes of one client) and is
 then refused; presenting a retired token after that revokes the whole login (the token was
-copied). Refresh tokens are stored as SHA-256 hashes in ``users.sqlite3``
+copied). Refresh tokens are stored as SHA-256 hashes by the user store
 (:mod:`~tidesync.server.users`); logging out, disabling or deleting the user revokes them.
 
 Claims: ``sub`` (user id), ``app`` (app id), ``typ`` ("access" or "refresh"), ``iat``,
@@ -46,13 +48,19 @@ from .settings import (
     AppSettings,
     DeliveryMessage,
 )
-from .users import UserStore, normalize_email, token_hash
+from .users import SECRET_FILE as SECRET_FILE
+from .users import (
+    RefreshOutcome,
+    UserStore,
+    normalize_email,
+    token_hash,
+    user_store_for,
+)
+from .users import load_or_create_secret as load_or_create_secret
 
 log = logging.getLogger("tidesync.server.auth")
 
-SECRET_FILE = "secret.key"
 _ALGORITHM = "HS256"
-_SECRET_BYTES = 32
 ACCESS = "access"
 REFRESH = "refresh"
 #: How long a delivery command may run.
@@ -110,28 +118,6 @@ class LoginResult:
         }
 
 
-def load_or_create_secret(data_dir: Path) -> bytes:
-    """The signing secret in ``data_dir/secret.key``, created (mode 0600) on first use."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / SECRET_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        fd = -1
-    if fd < 0:
-        secret = path.read_bytes()
-        if len(secret) < _SECRET_BYTES:
-            raise AuthError(f"{path}: the signing secret is truncated; delete it to start over")
-        return secret
-    secret = os.urandom(_SECRET_BYTES)
-    try:
-        os.write(fd, secret)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return secret
-
-
 #: Called with (app_id, user_id, reason) when a user must lose its live connections.
 UserGoneHook = Callable[[str, str, str], Awaitable[Any]]
 
@@ -140,7 +126,9 @@ class Authenticator:
     """Issues and verifies tokens and runs every login provider for every app of one server.
 
     ``clock`` returns seconds since the epoch (``time.time`` unless a test passes another).
-    The user records live in ``data_dir/users.sqlite3``; call :meth:`close` at shutdown.
+    The user records live in ``users`` (default: the store that goes with
+    ``config.storage_url``: ``data_dir/users.sqlite3``, or the PostgreSQL storage's schema).
+    Call :meth:`open` before use and :meth:`aclose` at shutdown.
     """
 
     def __init__(
@@ -149,21 +137,52 @@ class Authenticator:
         config: ServerConfig,
         *,
         clock: Callable[[], float] = time.time,
+        users: UserStore | None = None,
     ) -> None:
         self._data_dir = Path(data_dir)
         self._config = config
         self._clock = clock
-        self._secret = load_or_create_secret(self._data_dir)
-        self.users = UserStore.in_folder(self._data_dir)
+        self._secret = b""
+        self.users = users if users is not None else user_store_for(config.storage_url, data_dir)
         limits = config.limits
         self._per_account = RateLimiter(limits.login_attempts_per_account)
         self._per_address = RateLimiter(limits.login_attempts_per_address)
         #: Set by the server so disabling/deleting a user closes its sync connections.
         self.on_user_gone: UserGoneHook | None = None
+        self._gone_tasks: set[asyncio.Future[Any]] = set()
 
-    def close(self) -> None:
-        """Close the users database."""
-        self.users.close()
+    async def open(self) -> None:
+        """Open the user store and load the signing secret; listen for users disabled or
+        deleted through other server processes (shared stores)."""
+        await self.users.open()
+        try:
+            self._secret = await self.users.signing_secret()
+        except BaseException:
+            await self.users.close()
+            raise
+        self.users.set_user_gone_listener(self._user_gone_elsewhere)
+
+    def _signing_key(self) -> bytes:
+        if not self._secret:  # never sign or verify with an empty key
+            raise RuntimeError("the authenticator is not open (no signing secret)")
+        return self._secret
+
+    def _user_gone_elsewhere(self, app_id: str, user_id: str, reason: str) -> None:
+        hook = self.on_user_gone
+        if hook is None:
+            return
+        task = asyncio.ensure_future(hook(app_id, user_id, reason))
+        self._gone_tasks.add(task)
+        task.add_done_callback(self._gone_tasks.discard)
+
+    async def aclose(self) -> None:
+        """Stop listening and close the user store."""
+        self.users.set_user_gone_listener(None)
+        tasks = list(self._gone_tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.users.close()
 
     def now(self) -> float:
         """The authenticator's current time (seconds since the epoch)."""
@@ -191,14 +210,14 @@ class Authenticator:
             "exp": round(now + ttl, 3),
             "jti": uuid.uuid4().hex,
         }
-        return jwt.encode(claims, self._secret, algorithm=_ALGORITHM)
+        return jwt.encode(claims, self._signing_key(), algorithm=_ALGORITHM)
 
     async def new_login(self, user_id: str, app_id: str, family: str | None = None) -> LoginResult:
         """Fresh access and refresh tokens; the refresh token's hash is stored."""
         access = self.issue(user_id, app_id, ACCESS)
         refresh = self.issue(user_id, app_id, REFRESH)
         expires = self._clock() + self._config.refresh_token_ttl
-        await asyncio.to_thread(self.users.add_refresh, app_id, user_id, refresh, expires, family)
+        await self.users.add_refresh(app_id, user_id, refresh, expires, family)
         return LoginResult(user_id, access, refresh)
 
     # -- verifying ------------------------------------------------------------------------
@@ -215,7 +234,7 @@ class Authenticator:
         try:
             raw: dict[str, Any] = jwt.decode(
                 token,
-                self._secret,
+                self._signing_key(),
                 algorithms=[_ALGORITHM],
                 options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
             )
@@ -234,41 +253,47 @@ class Authenticator:
 
     async def user_active(self, app_id: str, user_id: str) -> bool:
         """True if the user exists and is not disabled."""
-        status = await asyncio.to_thread(self.users.user_status, app_id, user_id)
+        status = await self.users.user_status(app_id, user_id)
         return status == "active"
 
     async def refresh(self, token: str, app_id: str) -> LoginResult:
         """Rotate a refresh token: new access and refresh tokens, the old one retired."""
         claims = self.verify(token, app_id, REFRESH)
-        record = await asyncio.to_thread(self.users.get_refresh, token)
-        if record is None or record.app_id != app_id or record.user_id != claims.user_id:
-            raise InvalidTokenError("the refresh token is unknown or was revoked")
-        if not await self.user_active(app_id, claims.user_id):
-            raise InvalidTokenError("the refresh token was revoked: the user is disabled")
-        if record.revoked:
-            raise InvalidTokenError("the refresh token was revoked (logged out)")
+        access = self.issue(claims.user_id, app_id, ACCESS)
+        new_refresh = self.issue(claims.user_id, app_id, REFRESH)
         now = self._clock()
-        if record.replaced_at is not None and now - record.replaced_at > (
-            self._config.refresh_reuse_grace
-        ):
-            await asyncio.to_thread(self.users.revoke_family, record.family)
+        # One transaction in the user store: correct with several server processes too.
+        outcome = await self.users.rotate_refresh(
+            app_id,
+            claims.user_id,
+            token,
+            new_refresh,
+            now + self._config.refresh_token_ttl,
+            now,
+            self._config.refresh_reuse_grace,
+        )
+        if outcome is RefreshOutcome.UNKNOWN:
+            raise InvalidTokenError("the refresh token is unknown or was revoked")
+        if outcome is RefreshOutcome.DISABLED:
+            raise InvalidTokenError("the refresh token was revoked: the user is disabled")
+        if outcome is RefreshOutcome.REVOKED:
+            raise InvalidTokenError("the refresh token was revoked (logged out)")
+        if outcome is RefreshOutcome.REUSED:
             log.warning("app %s: reused refresh token of user %s", app_id, claims.user_id)
             raise InvalidTokenError(
                 "the refresh token was revoked: it had been replaced and was used again, so "
                 "this login is revoked; log in again"
             )
-        result = await self.new_login(claims.user_id, app_id, record.family)
-        await asyncio.to_thread(self.users.mark_replaced, token, now)
-        return result
+        return LoginResult(claims.user_id, access, new_refresh)
 
     async def logout(self, token: str, app_id: str) -> None:
         """Revoke a refresh token."""
         self.verify(token, app_id, REFRESH)
-        await asyncio.to_thread(self.users.revoke_refresh, token)
+        await self.users.revoke_refresh(token)
 
-    def is_revoked(self, token: str) -> bool:
-        """True if the refresh token is unknown or revoked (blocking; for tests)."""
-        record = self.users.get_refresh(token)
+    async def is_revoked(self, token: str) -> bool:
+        """True if the refresh token is unknown or revoked."""
+        record = await self.users.get_refresh(token)
         return record is None or record.revoked
 
     # -- rate limiting --------------------------------------------------------------------
@@ -291,12 +316,12 @@ class Authenticator:
 
     async def login_anonymous(self, app_id: str) -> LoginResult:
         """A new anonymous user."""
-        user_id = await asyncio.to_thread(self.users.create_user, app_id, ANONYMOUS)
+        user_id = await self.users.create_user(app_id, ANONYMOUS)
         return await self.new_login(user_id, app_id)
 
     async def login_email(self, app_id: str, email: str, password: str) -> LoginResult:
         """Log in with email and password (one error for unknown user and wrong password)."""
-        user_id = await asyncio.to_thread(self.users.check_email_password, app_id, email, password)
+        user_id = await self.users.check_email_password(app_id, email, password)
         if user_id is None or not await self.user_active(app_id, user_id):
             raise AuthError(BAD_CREDENTIALS)
         return await self.new_login(user_id, app_id)
@@ -310,15 +335,14 @@ class Authenticator:
     async def login_api_key(self, app_id: str, key: str) -> LoginResult:
         """Log in with a user's API key or a server admin key (a "server" user per key)."""
         if self._admin_key(key):
-            user_id = await asyncio.to_thread(
-                self.users.user_for_identity,
+            user_id = await self.users.user_for_identity(
                 app_id,
                 "server_api_key",
                 token_hash(key)[:32],
                 {"name": "server"},
             )
         else:
-            found = await asyncio.to_thread(self.users.user_for_api_key, app_id, key)
+            found = await self.users.user_for_api_key(app_id, key)
             if found is None:
                 raise AuthError("invalid credentials: unknown or disabled API key")
             user_id = found
@@ -346,9 +370,7 @@ class Authenticator:
         if not isinstance(external, str | int) or isinstance(external, bool) or external == "":
             raise AuthError(f"the identity token has no {conf.user_id_claim!r} claim")
         data = {name: raw[claim] for name, claim in conf.fields.items() if claim in raw}
-        user_id = await asyncio.to_thread(
-            self.users.user_for_identity, app_id, JWT, str(external), data
-        )
+        user_id = await self.users.user_for_identity(app_id, JWT, str(external), data)
         if not await self.user_active(app_id, user_id):
             raise AuthError("the user is disabled")
         return await self.new_login(user_id, app_id)
@@ -359,9 +381,9 @@ class Authenticator:
         """Disable or delete a user: its refresh tokens are revoked and its live sync
         connections closed. False if there is no such user."""
         if delete:
-            found = await asyncio.to_thread(self.users.delete_user, app_id, user_id)
+            found = await self.users.delete_user(app_id, user_id)
         else:
-            found = await asyncio.to_thread(self.users.set_disabled, app_id, user_id, True)
+            found = await self.users.set_disabled(app_id, user_id, True)
         if found and self.on_user_gone is not None:
             what = "deleted" if delete else "disabled"
             await self.on_user_gone(app_id, user_id, f"the user was {what}")
@@ -582,13 +604,11 @@ async def _register(request: Request, auth: Authenticator, app_id: str) -> Respo
     auth.check_rate(app_id, "register:" + email.strip().lower(), _address(request))
     try:
         address = normalize_email(email)
-        await asyncio.to_thread(
-            auth.users.register_email, app_id, address, password, settings.auto_confirm
-        )
+        await auth.users.register_email(app_id, address, password, settings.auto_confirm)
     except AuthError as exc:
         raise _HttpError(400, str(exc), "bad_request") from None
     if not settings.auto_confirm:
-        token = await asyncio.to_thread(auth.users.add_pending, app_id, "confirm", address)
+        token = await auth.users.add_pending(app_id, "confirm", address)
         await auth.deliver(DeliveryMessage("confirm", app_id, address, token))
     return JSONResponse({"confirmed": settings.auto_confirm}, status_code=201)
 
@@ -597,8 +617,8 @@ async def _confirm(request: Request, auth: Authenticator, app_id: str) -> Respon
     _app_for(auth, app_id, EMAIL_PASSWORD)
     token = _field(await _body(request), "token")
     auth.check_rate(app_id, "confirm", _address(request))
-    email = await asyncio.to_thread(auth.users.take_pending, app_id, "confirm", token)
-    if email is None or not await asyncio.to_thread(auth.users.confirm_email, app_id, email):
+    email = await auth.users.take_pending(app_id, "confirm", token)
+    if email is None or not await auth.users.confirm_email(app_id, email):
         raise _HttpError(400, "the confirmation token is invalid or expired", "invalid_token")
     return Response(status_code=204)
 
@@ -612,8 +632,8 @@ async def _send_token(request: Request, auth: Authenticator, app_id: str, kind: 
     except AuthError as exc:
         raise _HttpError(400, str(exc), "bad_request") from None
     # The answer is the same whether or not the account exists (no enumeration).
-    if await asyncio.to_thread(auth.users.email_exists, app_id, address):
-        token = await asyncio.to_thread(auth.users.add_pending, app_id, kind, address)
+    if await auth.users.email_exists(app_id, address):
+        token = await auth.users.add_pending(app_id, kind, address)
         await auth.deliver(DeliveryMessage(kind, app_id, address, token))
     return Response(status_code=202)
 
@@ -631,12 +651,12 @@ async def _reset(request: Request, auth: Authenticator, app_id: str) -> Response
     body = await _body(request)
     token, password = _field(body, "token"), _field(body, "password")
     auth.check_rate(app_id, "reset", _address(request))
-    email = await asyncio.to_thread(auth.users.take_pending, app_id, "reset", token)
+    email = await auth.users.take_pending(app_id, "reset", token)
     if email is None:
         raise _HttpError(400, "the reset token is invalid or expired", "invalid_token")
     try:
-        await asyncio.to_thread(auth.users.set_password, app_id, email, password)
-        await asyncio.to_thread(auth.users.confirm_email, app_id, email)
+        await auth.users.set_password(app_id, email, password)
+        await auth.users.confirm_email(app_id, email)
     except AuthError as exc:
         raise _HttpError(400, str(exc), "bad_request") from None
     return Response(status_code=204)
@@ -674,7 +694,7 @@ async def _me(request: Request, auth: Authenticator, app_id: str) -> Response:
     if request.method == "DELETE":
         await auth.end_user(app_id, user_id, delete=True)
         return Response(status_code=204)
-    data = await asyncio.to_thread(auth.users.user_data, app_id, user_id)
+    data = await auth.users.user_data(app_id, user_id)
     return JSONResponse({"user_id": user_id, **(data or {})})
 
 
@@ -682,11 +702,11 @@ async def _api_keys(request: Request, auth: Authenticator, app_id: str) -> Respo
     _app_for(auth, app_id, API_KEY)
     user_id = await _access(request, auth, app_id)
     if request.method == "GET":
-        keys = await asyncio.to_thread(auth.users.list_api_keys, app_id, user_id)
+        keys = await auth.users.list_api_keys(app_id, user_id)
         return JSONResponse({"api_keys": [k.to_json() for k in keys]})
     name = _field(await _body(request), "name")
     try:
-        info, key = await asyncio.to_thread(auth.users.create_api_key, app_id, user_id, name)
+        info, key = await auth.users.create_api_key(app_id, user_id, name)
     except AuthError as exc:
         raise _HttpError(400, str(exc), "bad_request") from None
     return JSONResponse({**info.to_json(), "key": key}, status_code=201)
@@ -698,11 +718,9 @@ async def _api_key(request: Request, auth: Authenticator, app_id: str) -> Respon
     key_id = request.path_params["key_id"]
     action = request.path_params.get("action", "")
     if request.method == "DELETE":
-        found = await asyncio.to_thread(auth.users.delete_api_key, app_id, user_id, key_id)
+        found = await auth.users.delete_api_key(app_id, user_id, key_id)
     elif action in ("disable", "enable"):
-        found = await asyncio.to_thread(
-            auth.users.set_api_key_disabled, app_id, user_id, key_id, action == "disable"
-        )
+        found = await auth.users.set_api_key_disabled(app_id, user_id, key_id, action == "disable")
     else:
         raise _HttpError(404, f"unknown API key action {action!r}", "not_found")
     if not found:
@@ -725,7 +743,7 @@ async def _admin_user(request: Request, auth: Authenticator, app_id: str) -> Res
     elif action == "disable":
         found = await auth.end_user(app_id, user_id, delete=False)
     elif action == "enable":
-        found = await asyncio.to_thread(auth.users.set_disabled, app_id, user_id, False)
+        found = await auth.users.set_disabled(app_id, user_id, False)
     else:
         raise _HttpError(404, f"unknown user action {action!r}", "not_found")
     if not found:

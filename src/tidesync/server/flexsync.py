@@ -25,7 +25,10 @@ See docs/flexible-sync.md for the exact message sequence.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,11 +46,11 @@ from ..protocol.messages import (
     ObjectUpdate,
     compensating_message,
 )
-from .rules import Permissions, parse_rules, user_fields
+from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
 from .storage.base import ObjectKey, StoredObject
 
 if TYPE_CHECKING:
-    from .hub import SyncConnection, _Session
+    from .hub import SyncConnection, SyncHub, _Session
 
 log = logging.getLogger("tidesync.server.flexsync")
 
@@ -129,16 +132,76 @@ class FlexView:
         return self.subs is None or self.subs.matches(model, values)
 
 
+#: Per connection: ``(user id, the user's field values)``, looked up once (HELLO's user)
+#: and again on REFRESH.
+_USERS: weakref.WeakKeyDictionary[SyncConnection, tuple[str, dict[str, Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _load_user(conn: SyncConnection) -> dict[str, Any]:
+    """The connected user's field values, from the server's user records."""
+    assert conn.user_id is not None
+    users: Any = conn.hub.auth.users
+    fetch = users.user_data
+    if inspect.iscoroutinefunction(fetch):
+        record = await fetch(conn.app_id, conn.user_id)
+    else:  # a synchronous store: keep the disk off the event loop
+        record = await asyncio.to_thread(fetch, conn.app_id, conn.user_id)
+    return user_values(conn.user_id, record)
+
+
+async def user_of(conn: SyncConnection) -> dict[str, Any]:
+    """The field values rules see for the connection's user (cached per connection)."""
+    assert conn.user_id is not None
+    cached = _USERS.get(conn)
+    if cached is not None and cached[0] == conn.user_id:
+        return cached[1]
+    values = await _load_user(conn)
+    _USERS[conn] = (conn.user_id, values)
+    return values
+
+
+async def on_refresh(conn: SyncConnection) -> None:
+    """A new access token: look the user's fields up again. When they changed, every view
+    of the connection is rebound to them and owes its device a bootstrap (an object the
+    user may no longer read must leave the device)."""
+    if conn.user_id is None:
+        return
+    values = await _load_user(conn)
+    cached = _USERS.get(conn)
+    _USERS[conn] = (conn.user_id, values)
+    if cached is None or cached[1] == values:
+        return  # no view used the user's fields yet, or they did not change
+    for session in list(conn.sessions.values()):
+        view = session.flex
+        if view is None or not session.active:
+            continue
+        view.perms = Permissions(view.perms.rules, values, view.schemas)
+        view.bootstrap = view.subs.version if view.subs is not None else 0
+        session.wake.set()
+
+
+def app_rules(conn: SyncConnection) -> AppRules | None:
+    """The connection's app's rules (None: no restrictions)."""
+    hub = conn.hub
+    settings = hub.config.auth.app(conn.app_id, hub.config.development_mode)
+    if settings is None:
+        return None
+    jwt_fields = settings.jwt.fields if settings.jwt is not None else {}
+    return parse_rules(settings.rules, f"apps.{conn.app_id}.rules", jwt_fields)
+
+
 async def open_view(conn: SyncConnection, flexible: bool) -> FlexView | None:
     """The view of a new session, or None when nothing is filtered (no rules, no QUERY)."""
     hub = conn.hub
-    settings = hub.config.auth.app(conn.app_id, hub.config.development_mode)
-    rules = parse_rules(settings.rules, f"apps.{conn.app_id}.rules") if settings else None
+    rules = app_rules(conn)
     if rules is None and not flexible:
         return None
     schemas = await hub.storage.get_schemas(conn.app_id)
     assert conn.user_id is not None
-    perms = Permissions(rules, user_fields(conn.user_id), schemas)
+    user = await user_of(conn) if rules is not None else user_fields(conn.user_id)
+    perms = Permissions(rules, user, schemas)
     if flexible:
         return FlexView(perms, schemas, SubscriptionQueries(0, {}))
     return FlexView(perms, schemas, None, bootstrap=0)
@@ -394,6 +457,51 @@ async def _reconcile_uploads(
             objects.append(ObjectUpdate(key[0], pk, None))
             view.held.discard(key)
     return objects, refused
+
+
+#: Per hub and app: the lock that makes a rule check and its commit one step.
+_WRITE_LOCKS: weakref.WeakKeyDictionary[SyncHub, dict[str, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class WriteGuard:
+    """``async with flexsync.write_guard(conn, session) as guard:`` around checking and
+    submitting an upload; ``guard.until(future)`` keeps the app's lock until that commit is
+    done. So no other checked upload of the app is checked between this one's check and its
+    commit: a check never sees state another device's write is about to change. Sessions
+    without a view (nothing checked) pass through."""
+
+    def __init__(self, lock: asyncio.Lock | None) -> None:
+        self._lock = lock
+        self._future: asyncio.Future[Any] | None = None
+
+    def until(self, future: asyncio.Future[Any]) -> None:
+        """Hold the lock until ``future`` (the commit) is done."""
+        self._future = future
+
+    async def __aenter__(self) -> WriteGuard:
+        if self._lock is not None:
+            await self._lock.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._lock is None:
+            return
+        try:
+            if self._future is not None:
+                # the outcome is the done-callback's business; only the timing matters here
+                await asyncio.wait([self._future])
+        finally:
+            self._lock.release()
+
+
+def write_guard(conn: SyncConnection, session: _Session) -> WriteGuard:
+    """The guard of an upload of ``session`` (a no-op when the session has no view)."""
+    if session.flex is None:
+        return WriteGuard(None)
+    locks = _WRITE_LOCKS.setdefault(conn.hub, {})
+    return WriteGuard(locks.setdefault(conn.app_id, asyncio.Lock()))
 
 
 async def check_upload(

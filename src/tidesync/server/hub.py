@@ -567,6 +567,7 @@ class SyncConnection:
             await self._refuse_token(exc)
             return
         self.token_expires_at = claims.expires_at
+        await flexsync.on_refresh(self)  # rules see the user's fields as they are now
 
     async def _hello_deadline(self) -> None:
         await asyncio.sleep(self.hub.config.hello_timeout)
@@ -728,17 +729,20 @@ class SyncConnection:
             changesets.append(Changeset(session.file_ident, cs.version, instructions))
         if not changesets:
             return
-        if session.flex is not None:
-            changesets = await flexsync.check_upload(self, session, changesets)
-        batch = UploadBatch(self.app_id, session.file_ident, changesets)
-        try:
-            future = self.hub.committer.submit(batch)
-        except StorageError as exc:
-            await self._session_error(
-                event.session, ErrorCode.OTHER_SESSION_ERROR, str(exc), SyncAction.RETRY
-            )
-            return
-        future.add_done_callback(partial(_upload_done, session, changesets[-1].version))
+        # a rule check and its commit are one step per app (server/flexsync.py)
+        async with flexsync.write_guard(self, session) as guard:
+            if session.flex is not None:
+                changesets = await flexsync.check_upload(self, session, changesets)
+            batch = UploadBatch(self.app_id, session.file_ident, changesets)
+            try:
+                future = self.hub.committer.submit(batch)
+            except StorageError as exc:
+                await self._session_error(
+                    event.session, ErrorCode.OTHER_SESSION_ERROR, str(exc), SyncAction.RETRY
+                )
+                return
+            future.add_done_callback(partial(_upload_done, session, changesets[-1].version))
+            guard.until(future)
 
     async def _on_mark(self, event: MarkReceived) -> None:
         session = self.sessions.get(event.session)

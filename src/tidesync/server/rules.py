@@ -1,8 +1,9 @@
 """Permissions: the ``[apps.X.rules.Model]`` tables of the server configuration file.
 
 Each model's table holds a ``read`` and a ``write`` filter in the query language
-(``docs/query-language.md``), where ``$user.id`` (and the other :data:`USER_FIELDS`) stand
-for the connected user; ``true`` / ``false`` mean everything / nothing. Optional
+(``docs/query-language.md``), where ``$user.id`` (and the other user fields: the built-in
+:data:`USER_FIELDS` plus every name of the app's ``[apps.X.jwt] fields`` mapping) stand for
+the connected user; ``true`` / ``false`` mean everything / nothing. Optional
 ``[[apps.X.rules.Model.roles]]`` entries, tried in order, replace them for the users their
 ``when`` condition (a query over the user's fields) matches::
 
@@ -27,9 +28,10 @@ hub consults for every object it sends or accepts.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,14 +41,36 @@ from ..errors import ConfigurationError, QueryError
 
 log = logging.getLogger("tidesync.server.rules")
 
-#: The user fields rules may use, as ``$user.<name>`` in filters and ``<name>`` in ``when``.
-USER_FIELDS: tuple[str, ...] = ("id",)
-#: The pseudo-model ``when`` conditions are bound against.
-USER_SCHEMA = ModelSchema(
-    "User",
-    tuple(FieldSchema(n, Kind.STR, primary_key=(n == "id")) for n in USER_FIELDS),
-    "id",
-)
+#: The built-in user fields rules may use, as ``$user.<name>`` in filters and ``<name>`` in
+#: ``when``: the user's id, the provider that created it (``anonymous``, ``email_password``,
+#: ``jwt``, ``server_api_key``) and its email address (email/password accounts; JWT users
+#: when the app maps an ``email`` claim). An app's JWT ``fields`` add their names.
+USER_FIELDS: tuple[str, ...] = ("id", "provider", "email")
+
+
+def user_field_names(extra: Iterable[str] = ()) -> tuple[str, ...]:
+    """The user fields of an app: the built-in ones, then ``extra`` (its JWT field names)."""
+    names = list(USER_FIELDS)
+    for name in extra:
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def user_schema(names: Sequence[str] = USER_FIELDS) -> ModelSchema:
+    """The pseudo-model ``User`` that ``when`` conditions are bound against: one optional
+    string field per user field (``id`` is the primary key)."""
+    return ModelSchema(
+        "User",
+        tuple(
+            FieldSchema(n, Kind.STR, optional=(n != "id"), primary_key=(n == "id")) for n in names
+        ),
+        "id",
+    )
+
+
+#: The pseudo-model of the built-in user fields.
+USER_SCHEMA = user_schema()
 #: The name of the table that applies to models without one.
 ANY_MODEL = "*"
 
@@ -55,9 +79,10 @@ _RULE_KEYS = {"read", "write", "roles"}
 _ROLE_KEYS = {"name", "when", "read", "write"}
 
 
-def substitute_user(text: str) -> tuple[str, list[str]]:
+def substitute_user(text: str, known: Sequence[str] = USER_FIELDS) -> tuple[str, list[str]]:
     """Replace each ``$user.<field>`` outside string literals with ``$<n>``; return the new
-    text and the field names in argument order. Raises ``ValueError`` for an unknown field."""
+    text and the field names in argument order. Raises ``ValueError`` for a field not in
+    ``known``."""
     out: list[str] = []
     names: list[str] = []
     i, n = 0, len(text)
@@ -73,10 +98,8 @@ def substitute_user(text: str) -> tuple[str, list[str]]:
         m = _USER_REF.match(text, i)
         if m is not None:
             name = m.group(1)
-            if name not in USER_FIELDS:
-                raise ValueError(
-                    f"unknown user field $user.{name} (known: {', '.join(USER_FIELDS)})"
-                )
+            if name not in known:
+                raise ValueError(f"unknown user field $user.{name} (known: {', '.join(known)})")
             if name not in names:
                 names.append(name)
             out.append(f"${names.index(name)}")
@@ -87,7 +110,7 @@ def substitute_user(text: str) -> tuple[str, list[str]]:
     return "".join(out), names
 
 
-def _filter_text(value: Any, where: str) -> str:
+def _filter_text(value: Any, where: str, known: Sequence[str]) -> str:
     if value is True:
         return "TRUEPREDICATE"
     if value is False:
@@ -95,7 +118,7 @@ def _filter_text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigurationError(f"{where} must be a query string, true or false")
     try:
-        text, _ = substitute_user(value)
+        text, _ = substitute_user(value, known)
         q.parse(text)
     except (ValueError, QueryError) as exc:
         raise ConfigurationError(f"{where}: {exc}") from exc
@@ -119,18 +142,18 @@ class ModelRules:
     model: str
     roles: tuple[Role, ...]
 
-    def role_for(self, user: dict[str, Any]) -> Role | None:
+    def role_for(self, user: dict[str, Any], names: Sequence[str] = USER_FIELDS) -> Role | None:
         """The first role whose ``when`` matches ``user`` (None if none does)."""
         for role in self.roles:
-            if role.when is None or _user_matches(role.when, user):
+            if role.when is None or _user_matches(role.when, user, names):
                 return role
         return None
 
 
-def _user_matches(when: str, user: dict[str, Any]) -> bool:
+def _user_matches(when: str, user: dict[str, Any], names: Sequence[str]) -> bool:
     try:
-        bound = q.bind(q.parse(when), USER_SCHEMA, {}, ())
-        return q.evaluate(bound, {f: user.get(f) for f in USER_FIELDS}, lambda m, pk: None)
+        bound = q.bind(q.parse(when), user_schema(names), {}, ())
+        return q.evaluate(bound, {f: user.get(f) for f in names}, lambda m, pk: None)
     except QueryError:
         log.exception("role condition %r cannot be evaluated", when)
         return False
@@ -138,9 +161,10 @@ def _user_matches(when: str, user: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class AppRules:
-    """One app's rules: by model name (``"*"`` for the rest)."""
+    """One app's rules: by model name (``"*"`` for the rest), and its user field names."""
 
     models: dict[str, ModelRules]
+    user_fields: tuple[str, ...] = USER_FIELDS
 
     def rules_for(self, model: str) -> ModelRules | None:
         """The rules of ``model`` (its own table, else ``"*"``, else None: no access)."""
@@ -151,12 +175,17 @@ class AppRules:
         return Permissions(self, user, schemas)
 
 
-def parse_rules(raw: dict[str, Any], where: str = "rules") -> AppRules | None:
+def parse_rules(
+    raw: dict[str, Any], where: str = "rules", jwt_fields: Iterable[str] = ()
+) -> AppRules | None:
     """Check and parse an app's ``rules`` table (None when it is empty: no restrictions).
+    ``jwt_fields``: the names of the app's JWT ``fields`` mapping (extra user fields).
 
     Raises :class:`~tidesync.errors.ConfigurationError` naming the key at fault."""
     if not raw:
         return None
+    names = user_field_names(jwt_fields)
+    schema = user_schema(names)
     models: dict[str, ModelRules] = {}
     for model, body in raw.items():
         here = f"{where}.{model}"
@@ -180,7 +209,7 @@ def parse_rules(raw: dict[str, Any], where: str = "rules") -> AppRules | None:
             if not isinstance(when, str) or not when.strip():
                 raise ConfigurationError(f"{rwhere}.when must be a condition on the user")
             try:
-                q.bind(q.parse(when), USER_SCHEMA, {}, ())
+                q.bind(q.parse(when), schema, {}, ())
             except QueryError as exc:
                 raise ConfigurationError(f"{rwhere}.when: {exc}") from exc
             name = role.get("name", f"role{index}")
@@ -190,20 +219,20 @@ def parse_rules(raw: dict[str, Any], where: str = "rules") -> AppRules | None:
                 Role(
                     name,
                     when,
-                    _filter_text(role.get("read", False), f"{rwhere}.read"),
-                    _filter_text(role.get("write", False), f"{rwhere}.write"),
+                    _filter_text(role.get("read", False), f"{rwhere}.read", names),
+                    _filter_text(role.get("write", False), f"{rwhere}.write", names),
                 )
             )
         roles.append(
             Role(
                 "default",
                 None,
-                _filter_text(body.get("read", False), f"{here}.read"),
-                _filter_text(body.get("write", False), f"{here}.write"),
+                _filter_text(body.get("read", False), f"{here}.read", names),
+                _filter_text(body.get("write", False), f"{here}.write", names),
             )
         )
         models[model] = ModelRules(model, tuple(roles))
-    return AppRules(models)
+    return AppRules(models, names)
 
 
 class Permissions:
@@ -233,9 +262,10 @@ class Permissions:
         assert self.rules is not None
         rules = self.rules.rules_for(model)
         schema = self.schemas.get(model)
-        role = rules.role_for(self.user) if rules is not None else None
+        known = self.rules.user_fields
+        role = rules.role_for(self.user, known) if rules is not None else None
         if role is not None and schema is not None:
-            text, names = substitute_user(role.read if kind == "read" else role.write)
+            text, names = substitute_user(role.read if kind == "read" else role.write, known)
             try:
                 bound = q.bind(
                     q.parse(text), schema, self.schemas, [self.user.get(n) for n in names]
@@ -270,3 +300,23 @@ def user_fields(user_id: str, extra: Sequence[tuple[str, Any]] = ()) -> dict[str
     out: dict[str, Any] = {"id": user_id}
     out.update(extra)
     return out
+
+
+def user_values(user_id: str, record: dict[str, Any] | None) -> dict[str, Any]:
+    """The user values rules see, from the server's user record (``UserStore.user_data``:
+    ``provider`` plus the provider's fields, e.g. ``email`` or the mapped JWT claims).
+
+    Every value is a string or None: a JSON string stays as it is, ``true``/``false`` become
+    ``"true"``/``"false"``, numbers their decimal text, lists and tables their compact JSON."""
+    out: dict[str, Any] = {"id": user_id, "provider": None, "email": None}
+    for name, value in (record or {}).items():
+        if name == "id":
+            continue  # the id is the server's, never a provider's claim
+        out[name] = _as_text(value)
+    return out
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)

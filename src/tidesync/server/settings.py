@@ -235,7 +235,8 @@ def _app(app_id: str, raw: dict[str, Any], base: Path) -> AppSettings:
     rules = _table(raw.get("rules", {}), f"{where}.rules")
     from .rules import parse_rules
 
-    parse_rules(rules, f"{where}.rules")  # checked now: a typo must not start a server
+    # checked now: a typo must not start a server (JWT field names are user fields too)
+    parse_rules(rules, f"{where}.rules", jwt.fields if jwt is not None else ())
     return AppSettings(app_id, auth, auto_confirm, jwt, dict(rules))
 
 

@@ -1,27 +1,39 @@
-"""User records of the sync server: accounts, identities, API keys and refresh tokens.
+"""User records of the sync server: accounts, identities, API keys, refresh tokens, secret.
 
-Users live in their own small SQLite file, ``users.sqlite3`` in the data folder, next to
-the token secret, whatever the sync storage is (SQLite or PostgreSQL): auth stays one
-implementation, and the storage interface stays about synced data. Nothing secret is
+:class:`UserStore` is the interface the authenticator uses; two implementations exist:
+
+- :class:`SQLiteUserStore` (the default, with SQLite storage): ``users.sqlite3`` and the
+  token signing secret ``secret.key`` in the data folder, for one server process;
+- :class:`~tidesync.server.users_pg.PostgresUserStore` (with PostgreSQL storage): the same
+  records in the storage's PostgreSQL schema, so every server process on that database
+  shares users, tokens and the signing secret, and a user disabled or deleted through one
+  process loses its live connections on all of them.
+
+:func:`user_store_for` picks the one that matches the storage URL. Nothing secret is
 stored in clear:
 
 - passwords: argon2id hashes (``argon2-cffi``'s defaults, salted, tunable cost);
 - API keys, refresh tokens, confirmation and reset tokens: SHA-256 of the token. These
   are 256-bit random values, so a fast hash is enough and lookups stay indexed.
 
-Every method is synchronous and thread-safe (one connection behind a lock); the server
-calls them through ``asyncio.to_thread`` so the event loop never waits on disk or argon2.
+Every method is a coroutine; blocking work (SQLite, argon2) runs in worker threads so the
+event loop never waits on disk or on a password hash.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import hashlib
 import json
+import os
 import secrets
 import sqlite3
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,12 +44,23 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from ..errors import AuthError
 
 USERS_FILE = "users.sqlite3"
+#: The signing secret's file in the data folder (SQLite user store).
+SECRET_FILE = "secret.key"
+#: Bytes of a token signing secret.
+SECRET_BYTES = 32
 MAX_EMAIL_LENGTH = 254
 MIN_PASSWORD_LENGTH = 6
 MAX_PASSWORD_LENGTH = 256
 MAX_KEY_NAME_LENGTH = 128
 #: How long confirmation and reset tokens stay valid (seconds).
 PENDING_TOKEN_TTL = 24 * 3600.0
+#: Reasons given to live connections of a user that was disabled or deleted.
+DISABLED_REASON = "the user was disabled"
+DELETED_REASON = "the user was deleted"
+
+#: Called with (app_id, user_id, reason) when another server process disabled or deleted a
+#: user (only stores shared by several processes call it).
+UserGoneListener = Callable[[str, str, str], None]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -141,8 +164,388 @@ class RefreshRecord:
     replaced_at: float | None
 
 
-class UserStore:
-    """The users database of one server (``users.sqlite3``)."""
+class RefreshOutcome(enum.Enum):
+    """What :meth:`UserStore.rotate_refresh` did with a presented refresh token."""
+
+    #: Rotated: the new token is stored, the old one retired (usable for the grace period).
+    ROTATED = "rotated"
+    #: No such token (never issued, deleted with its user, or of another app or user).
+    UNKNOWN = "unknown"
+    #: The token's user is disabled (or gone).
+    DISABLED = "disabled"
+    #: The token was revoked (logged out, password changed, login revoked).
+    REVOKED = "revoked"
+    #: The token had been rotated and was presented again after the grace period: the
+    #: whole login (its token family) is now revoked.
+    REUSED = "reused"
+
+
+def load_or_create_secret(data_dir: Path) -> bytes:
+    """The signing secret in ``data_dir/secret.key``, created (mode 0600) on first use."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / SECRET_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fd = -1
+    if fd < 0:
+        secret = path.read_bytes()
+        if len(secret) < SECRET_BYTES:
+            raise AuthError(f"{path}: the signing secret is truncated; delete it to start over")
+        return secret
+    secret = os.urandom(SECRET_BYTES)
+    try:
+        os.write(fd, secret)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return secret
+
+
+def verify_password(hasher: PasswordHasher, stored: str, password: object) -> bool:
+    """True if ``password`` matches the argon2 hash ``stored`` (blocking: argon2)."""
+    if not isinstance(password, str):
+        return False
+    try:
+        return bool(hasher.verify(stored, password))
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+class UserStore(ABC):
+    """Where one server keeps its users, their credentials and the token signing secret.
+
+    Call :meth:`open` before anything else and :meth:`close` at shutdown. Every method is
+    safe to call concurrently from one event loop.
+    """
+
+    def __init__(self) -> None:
+        self._user_gone: UserGoneListener | None = None
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect (and create or migrate the tables)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release every connection and stop every background task."""
+
+    def set_user_gone_listener(self, listener: UserGoneListener | None) -> None:
+        """Be told when another server process disables or deletes a user (the stores
+        that are shared by several processes call it; this process's own changes do not)."""
+        self._user_gone = listener
+
+    @abstractmethod
+    async def signing_secret(self) -> bytes:
+        """The secret access and refresh tokens are signed with (created on first use)."""
+
+    # -- users ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_user(
+        self, app_id: str, provider: str, data: dict[str, Any] | None = None
+    ) -> str:
+        """A new user record; returns its id."""
+
+    @abstractmethod
+    async def user_for_identity(
+        self, app_id: str, provider: str, external_id: str, data: dict[str, Any]
+    ) -> str:
+        """The user linked to an external identity (created on first login); the
+        identity's fields are refreshed on every login."""
+
+    @abstractmethod
+    async def user_status(self, app_id: str, user_id: str) -> str | None:
+        """ "active", "disabled" or None (no such user)."""
+
+    @abstractmethod
+    async def user_data(self, app_id: str, user_id: str) -> dict[str, Any] | None:
+        """The user's profile fields (from its provider), or None."""
+
+    @abstractmethod
+    async def set_disabled(self, app_id: str, user_id: str, disabled: bool) -> bool:
+        """Disable (or enable) a user; disabling revokes every refresh token. False if the
+        user does not exist."""
+
+    @abstractmethod
+    async def delete_user(self, app_id: str, user_id: str) -> bool:
+        """Delete a user and everything that lets it log in; False if it did not exist."""
+
+    # -- email / password -------------------------------------------------------------------
+
+    @abstractmethod
+    async def register_email(self, app_id: str, email: str, password: str, confirmed: bool) -> str:
+        """Create an email/password account (and its user); returns the user id.
+
+        Raises :class:`AuthError` if the address is already registered or the password
+        is unacceptable."""
+
+    @abstractmethod
+    async def check_email_password(self, app_id: str, email: str, password: str) -> str | None:
+        """The user id if ``email`` has ``password`` and is confirmed; None otherwise
+        (unknown address and wrong password cost the same time). Raises
+        :class:`AuthError` only for an unconfirmed account with the right password."""
+
+    @abstractmethod
+    async def email_exists(self, app_id: str, email: str) -> bool:
+        """True if ``email`` has an account (confirmed or not)."""
+
+    @abstractmethod
+    async def set_password(self, app_id: str, email: str, password: str) -> bool:
+        """Set a new password; revokes the user's refresh tokens. False if no account."""
+
+    @abstractmethod
+    async def confirm_email(self, app_id: str, email: str) -> bool:
+        """Mark an account confirmed; False if there is no such account."""
+
+    @abstractmethod
+    async def add_pending(self, app_id: str, kind: str, email: str) -> str:
+        """A new confirmation or reset token for ``email`` (only its hash is stored)."""
+
+    @abstractmethod
+    async def take_pending(self, app_id: str, kind: str, token: str) -> str | None:
+        """Consume a pending token: the email it was issued for, or None if it is
+        unknown, of another kind or app, or expired. A token works once."""
+
+    # -- API keys ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_api_key(self, app_id: str, user_id: str, name: str) -> tuple[ApiKeyInfo, str]:
+        """A new key for ``user_id``: its info and the key itself (shown once)."""
+
+    @abstractmethod
+    async def list_api_keys(self, app_id: str, user_id: str) -> list[ApiKeyInfo]:
+        """The user's keys, oldest first."""
+
+    @abstractmethod
+    async def set_api_key_disabled(
+        self, app_id: str, user_id: str, key_id: str, disabled: bool
+    ) -> bool:
+        """Disable or enable one of the user's keys; False if it has no such key."""
+
+    @abstractmethod
+    async def delete_api_key(self, app_id: str, user_id: str, key_id: str) -> bool:
+        """Delete one of the user's keys; False if it has no such key."""
+
+    @abstractmethod
+    async def user_for_api_key(self, app_id: str, key: str) -> str | None:
+        """The owner of an enabled key of ``app_id``, or None."""
+
+    # -- refresh tokens ---------------------------------------------------------------------
+
+    @abstractmethod
+    async def add_refresh(
+        self, app_id: str, user_id: str, token: str, expires_at: float, family: str | None = None
+    ) -> None:
+        """Store a refresh token's hash (``family`` links the tokens of one login)."""
+
+    @abstractmethod
+    async def get_refresh(self, token: str) -> RefreshRecord | None:
+        """The stored record of a refresh token, or None."""
+
+    @abstractmethod
+    async def rotate_refresh(
+        self,
+        app_id: str,
+        user_id: str,
+        token: str,
+        new_token: str,
+        expires_at: float,
+        now: float,
+        grace: float,
+    ) -> RefreshOutcome:
+        """Exchange refresh ``token`` of ``user_id`` for ``new_token``, atomically.
+
+        The old token stays usable for ``grace`` seconds after its first rotation (two
+        concurrent refreshes of one client); presented later, it revokes its whole family
+        (every token of that login) and the answer is :attr:`RefreshOutcome.REUSED`. The
+        check and the change are one transaction, serialised with every other rotation,
+        disabling and deletion of the same user (across processes where the store is
+        shared), so a revoked login never gains a live token."""
+
+    @abstractmethod
+    async def revoke_refresh(self, token: str) -> None:
+        """Revoke one refresh token."""
+
+    @abstractmethod
+    async def purge_expired(self, now: float) -> int:
+        """Delete expired refresh and pending tokens; returns how many rows went."""
+
+
+def user_store_for(storage_url: str, data_dir: str | Path) -> UserStore:
+    """The user store that goes with a storage: PostgreSQL (the storage's schema) for a
+    ``postgresql://`` URL, else SQLite in ``data_dir``."""
+    if storage_url:
+        from .users_pg import PostgresUserStore  # needs the ``postgres`` extra
+
+        return PostgresUserStore.from_url(storage_url)
+    return SQLiteUserStore.in_folder(data_dir)
+
+
+class SQLiteUserStore(UserStore):
+    """Users in ``users.sqlite3`` and the signing secret in ``secret.key``, in one folder.
+
+    For one server process: a second process on another machine would not see them.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        secret_dir: str | Path | None = None,
+        hasher: PasswordHasher | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._secret_dir = Path(secret_dir) if secret_dir is not None else self.path.parent
+        self._hasher = hasher
+        self._db: _SQLiteUsers | None = None
+
+    @classmethod
+    def in_folder(cls, data_dir: str | Path, **kwargs: Any) -> SQLiteUserStore:
+        """The store in ``data_dir/users.sqlite3`` (secret in ``data_dir/secret.key``)."""
+        return cls(Path(data_dir) / USERS_FILE, **kwargs)
+
+    async def open(self) -> None:
+        """Open (and create) the database file."""
+        if self._db is None:
+            self._db = await asyncio.to_thread(_SQLiteUsers, self.path, hasher=self._hasher)
+
+    async def close(self) -> None:
+        """Close the database."""
+        db, self._db = self._db, None
+        if db is not None:
+            await asyncio.to_thread(db.close)
+
+    @property
+    def db(self) -> _SQLiteUsers:
+        """The blocking implementation (open only)."""
+        if self._db is None:
+            raise AuthError("the user store is not open")
+        return self._db
+
+    async def signing_secret(self) -> bytes:
+        """The secret in ``secret.key`` (created, mode 0600, on first use)."""
+        return await asyncio.to_thread(load_or_create_secret, self._secret_dir)
+
+    async def create_user(
+        self, app_id: str, provider: str, data: dict[str, Any] | None = None
+    ) -> str:
+        """A new user record; returns its id."""
+        return await asyncio.to_thread(self.db.create_user, app_id, provider, data)
+
+    async def user_for_identity(
+        self, app_id: str, provider: str, external_id: str, data: dict[str, Any]
+    ) -> str:
+        """The user linked to an external identity (created on first login)."""
+        return await asyncio.to_thread(
+            self.db.user_for_identity, app_id, provider, external_id, data
+        )
+
+    async def user_status(self, app_id: str, user_id: str) -> str | None:
+        """ "active", "disabled" or None (no such user)."""
+        return await asyncio.to_thread(self.db.user_status, app_id, user_id)
+
+    async def user_data(self, app_id: str, user_id: str) -> dict[str, Any] | None:
+        """The user's profile fields (from its provider), or None."""
+        return await asyncio.to_thread(self.db.user_data, app_id, user_id)
+
+    async def set_disabled(self, app_id: str, user_id: str, disabled: bool) -> bool:
+        """Disable (or enable) a user; disabling revokes every refresh token."""
+        return await asyncio.to_thread(self.db.set_disabled, app_id, user_id, disabled)
+
+    async def delete_user(self, app_id: str, user_id: str) -> bool:
+        """Delete a user and everything that lets it log in."""
+        return await asyncio.to_thread(self.db.delete_user, app_id, user_id)
+
+    async def register_email(self, app_id: str, email: str, password: str, confirmed: bool) -> str:
+        """Create an email/password account (and its user); returns the user id."""
+        return await asyncio.to_thread(self.db.register_email, app_id, email, password, confirmed)
+
+    async def check_email_password(self, app_id: str, email: str, password: str) -> str | None:
+        """The user id if ``email`` has ``password`` and is confirmed; None otherwise."""
+        return await asyncio.to_thread(self.db.check_email_password, app_id, email, password)
+
+    async def email_exists(self, app_id: str, email: str) -> bool:
+        """True if ``email`` has an account (confirmed or not)."""
+        return await asyncio.to_thread(self.db.email_exists, app_id, email)
+
+    async def set_password(self, app_id: str, email: str, password: str) -> bool:
+        """Set a new password; revokes the user's refresh tokens."""
+        return await asyncio.to_thread(self.db.set_password, app_id, email, password)
+
+    async def confirm_email(self, app_id: str, email: str) -> bool:
+        """Mark an account confirmed; False if there is no such account."""
+        return await asyncio.to_thread(self.db.confirm_email, app_id, email)
+
+    async def add_pending(self, app_id: str, kind: str, email: str) -> str:
+        """A new confirmation or reset token for ``email``."""
+        return await asyncio.to_thread(self.db.add_pending, app_id, kind, email)
+
+    async def take_pending(self, app_id: str, kind: str, token: str) -> str | None:
+        """Consume a pending token: the email it was issued for, or None."""
+        return await asyncio.to_thread(self.db.take_pending, app_id, kind, token)
+
+    async def create_api_key(self, app_id: str, user_id: str, name: str) -> tuple[ApiKeyInfo, str]:
+        """A new key for ``user_id``: its info and the key itself (shown once)."""
+        return await asyncio.to_thread(self.db.create_api_key, app_id, user_id, name)
+
+    async def list_api_keys(self, app_id: str, user_id: str) -> list[ApiKeyInfo]:
+        """The user's keys, oldest first."""
+        return await asyncio.to_thread(self.db.list_api_keys, app_id, user_id)
+
+    async def set_api_key_disabled(
+        self, app_id: str, user_id: str, key_id: str, disabled: bool
+    ) -> bool:
+        """Disable or enable one of the user's keys."""
+        return await asyncio.to_thread(
+            self.db.set_api_key_disabled, app_id, user_id, key_id, disabled
+        )
+
+    async def delete_api_key(self, app_id: str, user_id: str, key_id: str) -> bool:
+        """Delete one of the user's keys."""
+        return await asyncio.to_thread(self.db.delete_api_key, app_id, user_id, key_id)
+
+    async def user_for_api_key(self, app_id: str, key: str) -> str | None:
+        """The owner of an enabled key of ``app_id``, or None."""
+        return await asyncio.to_thread(self.db.user_for_api_key, app_id, key)
+
+    async def add_refresh(
+        self, app_id: str, user_id: str, token: str, expires_at: float, family: str | None = None
+    ) -> None:
+        """Store a refresh token's hash."""
+        await asyncio.to_thread(self.db.add_refresh, app_id, user_id, token, expires_at, family)
+
+    async def get_refresh(self, token: str) -> RefreshRecord | None:
+        """The stored record of a refresh token, or None."""
+        return await asyncio.to_thread(self.db.get_refresh, token)
+
+    async def rotate_refresh(
+        self,
+        app_id: str,
+        user_id: str,
+        token: str,
+        new_token: str,
+        expires_at: float,
+        now: float,
+        grace: float,
+    ) -> RefreshOutcome:
+        """Exchange a refresh token for a new one, atomically (see :class:`UserStore`)."""
+        return await asyncio.to_thread(
+            self.db.rotate_refresh, app_id, user_id, token, new_token, expires_at, now, grace
+        )
+
+    async def revoke_refresh(self, token: str) -> None:
+        """Revoke one refresh token."""
+        await asyncio.to_thread(self.db.revoke_refresh, token)
+
+    async def purge_expired(self, now: float) -> int:
+        """Delete expired refresh and pending tokens."""
+        return await asyncio.to_thread(self.db.purge_expired, now)
+
+
+class _SQLiteUsers:
+    """The blocking SQLite implementation behind :class:`SQLiteUserStore`."""
 
     def __init__(self, path: str | Path, *, hasher: PasswordHasher | None = None) -> None:
         self.path = Path(path)
@@ -158,11 +561,6 @@ class UserStore:
         # A hash of a random password: verifying against it costs what a real check costs,
         # so an unknown email takes as long as a wrong password.
         self._dummy_hash = self.hasher.hash(new_secret())
-
-    @classmethod
-    def in_folder(cls, data_dir: str | Path, **kwargs: Any) -> UserStore:
-        """The store in ``data_dir/users.sqlite3``."""
-        return cls(Path(data_dir) / USERS_FILE, **kwargs)
 
     def close(self) -> None:
         """Close the database."""
@@ -478,6 +876,66 @@ class UserStore:
         return RefreshRecord(
             str(row[0]), str(row[1]), str(row[2]), float(row[3]), bool(row[4]), row[5]
         )
+
+    def rotate_refresh(
+        self,
+        app_id: str,
+        user_id: str,
+        token: str,
+        new_token: str,
+        expires_at: float,
+        now: float,
+        grace: float,
+    ) -> RefreshOutcome:
+        """Exchange a refresh token for a new one in one transaction (see
+        :meth:`UserStore.rotate_refresh`)."""
+        digest = token_hash(token)
+        with self._lock:
+            self._run("BEGIN IMMEDIATE")
+            try:
+                outcome = self._rotate(app_id, user_id, digest, new_token, expires_at, now, grace)
+                self._run("COMMIT")
+            except BaseException:
+                self._run("ROLLBACK")
+                raise
+        return outcome
+
+    def _rotate(
+        self,
+        app_id: str,
+        user_id: str,
+        digest: str,
+        new_token: str,
+        expires_at: float,
+        now: float,
+        grace: float,
+    ) -> RefreshOutcome:
+        row = self._run(
+            "SELECT app_id, user_id, family, revoked, replaced_at FROM refresh_tokens "
+            "WHERE token_hash=?",
+            (digest,),
+        ).fetchone()
+        if row is None or row[0] != app_id or row[1] != user_id:
+            return RefreshOutcome.UNKNOWN
+        user = self._run(
+            "SELECT disabled FROM users WHERE app_id=? AND user_id=?", (app_id, user_id)
+        ).fetchone()
+        if user is None or user[0]:
+            return RefreshOutcome.DISABLED
+        if row[3]:
+            return RefreshOutcome.REVOKED
+        if row[4] is not None and now - float(row[4]) > grace:
+            self._run("UPDATE refresh_tokens SET revoked=1 WHERE family=?", (row[2],))
+            return RefreshOutcome.REUSED
+        self._run(
+            "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, 0, NULL)",
+            (token_hash(new_token), app_id, user_id, row[2], expires_at),
+        )
+        self._run(
+            "UPDATE refresh_tokens SET replaced_at=? WHERE token_hash=? AND replaced_at IS NULL",
+            (now, digest),
+        )
+        return RefreshOutcome.ROTATED
 
     def mark_replaced(self, token: str, now: float) -> None:
         """Record that a refresh token was rotated (it stays usable for a short grace)."""

@@ -137,7 +137,7 @@ class LocalDatabase:
                 self._local_version += 1
                 raise
             else:
-                self._engine.commit(self._pending)
+                self._engine.commit(self._pending, exact=True)
                 self._local_version += 1
             finally:
                 self._writer = None

@@ -53,12 +53,61 @@ def remove_waker(path: str, event: threading.Event) -> None:
             events.discard(event)
 
 
-def wake(path: str) -> None:
-    """Set every event registered for ``path``."""
+def wake(path: str, skip: object = None) -> None:
+    """Set every event registered for ``path`` (but ``skip``: a committer's own waker)."""
     with _WAKERS_LOCK:
         events = list(_WAKERS.get(path, ()))
     for event in events:
-        event.set()
+        if event is not skip:
+            event.set()
+
+
+#: What a commit changed, for notifiers: model -> the SQL primary keys of the objects it
+#: wrote, or ``None`` when there were too many to list (the notifier re-runs the query).
+Touched = dict[str, "set[Any] | None"]
+
+#: Most keys recorded per model and commit; bulk writes are reported as "many".
+TOUCHED_MAX_KEYS = 256
+#: Commits remembered per path (notifiers that fall further behind re-run their queries).
+_COMMITS_KEPT = 256
+#: Process-wide record of commits made through engines in this process:
+#: path -> commit sequence number (``_meta.commit_seq``) -> what it touched (``None``:
+#: not known exactly). A sequence number missing here was committed by another process.
+_COMMITS: dict[str, dict[int, Touched | None]] = {}
+
+
+def _record_commit(path: str, seq: int, touched: Touched | None) -> None:
+    with _WAKERS_LOCK:
+        commits = _COMMITS.setdefault(path, {})
+        commits[seq] = touched
+        while len(commits) > _COMMITS_KEPT:
+            del commits[next(iter(commits))]
+
+
+def touched_between(path: str, after: int, upto: int) -> Touched | None:
+    """What commits ``after + 1`` to ``upto`` of ``path`` touched, merged; ``None`` when any
+    of them is not known exactly (another process made it, or it is too old)."""
+    if upto - after > _COMMITS_KEPT:
+        return None
+    merged: Touched = {}
+    with _WAKERS_LOCK:
+        commits = _COMMITS.get(path)
+        if commits is None:
+            return None
+        for seq in range(after + 1, upto + 1):
+            touched = commits.get(seq)
+            if touched is None:
+                return None
+            for model, keys in touched.items():
+                if model in merged:
+                    have = merged[model]
+                    if have is None or keys is None:
+                        merged[model] = None
+                    else:
+                        merged[model] = have | keys
+                else:
+                    merged[model] = None if keys is None else set(keys)
+    return merged
 
 
 def now_ms() -> int:
@@ -83,8 +132,10 @@ class StoreEngine:
         self.origin = ""
         self._sql: dict[str, dict[str, str]] = {}
         self._encoders: dict[str, list[tuple[str, Any]]] = {}
+        self._pk_pos: dict[str, int] = {}
         self._dead_models: dict[str, bool] = {}  # per transaction: has the model erased objects
         self._relaxed = False  # synchronous = NORMAL for the current transaction
+        self._touched: Touched = {}  # per transaction: what it wrote, for notifiers
         try:
             self._setup()
         except BaseException:
@@ -232,6 +283,7 @@ class StoreEngine:
             "exists": f"SELECT 1 FROM {table} WHERE {pk} = ?",
             "row": f"SELECT {', '.join(fields)} FROM {table} WHERE {pk} = ?",
         }
+        self._pk_pos[model] = [f.name for f in schema.fields].index(schema.primary_key)
         self._encoders[model] = [
             (f.name, sv.column_encoder(f, self.schemas)) for f in schema.fields
         ]
@@ -277,6 +329,7 @@ class StoreEngine:
         try:
             self._tx_states.clear()
             self._dead_models.clear()
+            self._touched = {}
             raw = self.get_meta("hlc")
             last = None
             if raw:
@@ -287,13 +340,22 @@ class StoreEngine:
             self.rollback()
             raise
 
-    def commit(self, instructions: Sequence[Instruction]) -> int | None:
+    def commit(
+        self, instructions: Sequence[Instruction], *, exact: bool = False, skip: object = None
+    ) -> int | None:
         """Record the change log entry (if anything changed) and commit.
 
         Returns the new client version, or ``None`` when the transaction changed nothing.
+        ``exact=True`` promises that the transaction wrote model tables only through this
+        engine's methods (``create``, ``apply``, ``save_state``), so notifiers in this
+        process may look at just the objects it wrote; otherwise they re-run their queries.
+        ``skip`` is a waker (see :func:`add_waker`) not to wake: the committer's own.
         """
         version: int | None = None
+        seq = 0
         try:
+            seq = int(self.get_meta("commit_seq", 0) or 0) + 1
+            self.set_meta("commit_seq", seq)
             if instructions:
                 version = int(self.get_meta("last_version", 0)) + 1
                 data = pack_instructions(list(instructions))
@@ -312,8 +374,23 @@ class StoreEngine:
         finally:
             self._tx_states.clear()
             self._restore_sync()
-        wake(self.path)
+        _record_commit(self.path, seq, self._touched if exact else None)
+        self._touched = {}
+        wake(self.path, skip)
         return version
+
+    def _touch(self, model: str, key: Any) -> None:
+        """Note that the transaction wrote the object with SQL primary key ``key``."""
+        touched = self._touched
+        if model not in touched:
+            touched[model] = {key}
+            return
+        keys = touched[model]
+        if keys is not None:
+            if len(keys) >= TOUCHED_MAX_KEYS:
+                touched[model] = None
+            else:
+                keys.add(key)
 
     def rollback(self) -> None:
         """Abandon the current write transaction."""
@@ -392,6 +469,7 @@ class StoreEngine:
         """Write an object's state back: its table row if alive, ``_dead`` if erased."""
         schema = self.schemas[model]
         key_sql = sv.scalar_to_sql(schema.pk_field.kind, pk)
+        self._touch(model, key_sql)
         values = state.render(schema)
         blob = state.to_bytes()
         new_where: str | None
@@ -440,6 +518,7 @@ class StoreEngine:
         params = [enc(values.get(name)) for name, enc in self._encoders[model]]
         hlc = ins.hlc
         params.append(pack((hlc.wall, hlc.counter, hlc.origin)))
+        self._touch_row(model, params)
         try:
             self.conn.execute(self._sql[model]["insert_new"], params)
         except sqlite3.IntegrityError:
@@ -448,6 +527,11 @@ class StoreEngine:
             raise ValueTypeError(
                 f"{model}: an int value is outside the 64-bit range tidesync stores"
             ) from None
+
+    def _touch_row(self, model: str, params: list[Any]) -> None:
+        """:meth:`_touch` for an ``insert_new`` row (its primary key column's value)."""
+        if self._touched.get(model, ()) is not None:
+            self._touch(model, params[self._pk_pos[model]])
 
     @staticmethod
     def _duplicate(model: str, pk: Any) -> DuplicatePrimaryKeyError:
@@ -477,6 +561,7 @@ class StoreEngine:
                     params = [enc(values.get(name)) for name, enc in self._encoders[ins.model]]
                     hlc = ins.hlc
                     params.append(pack((hlc.wall, hlc.counter, hlc.origin)))
+                    self._touch_row(ins.model, params)
                     batch.setdefault(ins.model, []).append(params)
                     batched.add(key)
                     continue

@@ -5,11 +5,18 @@ once by commits made in this process, and polls ``PRAGMA data_version`` for comm
 processes), it re-runs each watched query and diffs the result against the last one it saw:
 inserted and deleted positions, and positions whose object changed. Object listeners diff one
 row. Callbacks run on the notifier thread; async streams hand changes to their event loop.
+
+When every commit since the last check was made in this process and recorded what it wrote
+(``engine.touched_between``: each commit numbers itself in ``_meta.commit_seq``), listeners
+skip commits that did not touch their model, and a query in insertion order over its own
+table only re-reads the written objects and patches its last result (same changes reported
+as a full re-run). Anything else (another process, a bulk write) re-runs the query.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import sqlite3
 import threading
@@ -18,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import sqlvalues as sv
-from .engine import add_waker, remove_waker
+from .engine import Touched, add_waker, remove_waker, touched_between
 from .sqlquery import register_functions
 
 if TYPE_CHECKING:
@@ -81,6 +88,10 @@ class _Listener:
     def check(self, conn: sqlite3.Connection) -> None:
         raise NotImplementedError
 
+    def check_touched(self, conn: sqlite3.Connection, touched: Touched) -> None:
+        """:meth:`check` after commits that wrote exactly ``touched`` (model -> SQL keys)."""
+        self.check(conn)
+
 
 class ResultsListener(_Listener):
     """Diffs a query's rows after each commit."""
@@ -91,27 +102,93 @@ class ResultsListener(_Listener):
         self._pks: list[Any] = []
         self._rows: dict[Any, tuple[Any, ...]] = {}
         schema = results._schema
+        self._model = schema.name
         self._pk_index = [f.name for f in schema.fields].index(schema.primary_key)
+        # Patching the last result is possible for a query in insertion order (rowid) on
+        # its own table only: no sort, limit or distinct, no link into another table.
+        self._rowids: list[int] | None = None  # parallel to _pks, ascending
+        self._rowid_of: dict[Any, int] = {}
+        sql, _ = results.snapshot_sql()
+        patchable = not any(
+            f.order_by or f.limit is not None or f.distinct for f in results._filters
+        )
+        self._patchable = patchable and sql.count('"t_') == 1
+        if self._patchable:
+            columns = f"{results._columns()}, t0.rowid"
+            self._sql, self._params = results._select(columns)
+            where, rest = self._sql.rsplit(" ORDER BY ", 1)
+            self._keyed_sql = (
+                f"{where} AND t0.{sv.quote(schema.primary_key)} IN ({{marks}}) ORDER BY {rest}"
+            )
+        else:
+            self._sql, self._params = sql, []
+            self._keyed_sql = ""
+            self._params = results.snapshot_sql()[1]
 
     def _load(self, conn: sqlite3.Connection) -> tuple[list[Any], dict[Any, tuple[Any, ...]]]:
-        sql, params = self.results.snapshot_sql()
-        rows = conn.execute(sql, params).fetchall()
+        rows = conn.execute(self._sql, self._params).fetchall()
         i = self._pk_index
+        if self._patchable:
+            self._rowids = [r[-1] for r in rows]
+            self._rowid_of = {r[i]: r[-1] for r in rows}
+            return [r[i] for r in rows], {r[i]: r[:-1] for r in rows}
         return [r[i] for r in rows], {r[i]: r for r in rows}
 
     def snapshot(self, conn: sqlite3.Connection) -> None:
         self._pks, self._rows = self._load(conn)
 
     def check(self, conn: sqlite3.Connection) -> None:
+        old_pks, old_rows = self._pks, self._rows
         pks, rows = self._load(conn)
-        old_rows = self._rows
-        if pks == self._pks and rows == old_rows:
+        if pks == old_pks and rows == old_rows:
             return
-        deleted = [i for i, pk in enumerate(self._pks) if pk not in rows]
+        deleted = [i for i, pk in enumerate(old_pks) if pk not in rows]
         inserted = [i for i, pk in enumerate(pks) if pk not in old_rows]
         modified = [i for i, pk in enumerate(pks) if pk in old_rows and old_rows[pk] != rows[pk]]
         self._pks, self._rows = pks, rows
         if deleted or inserted or modified:
+            self.callback(ResultsChange(self.results, inserted, deleted, modified))
+
+    def check_touched(self, conn: sqlite3.Connection, touched: Touched) -> None:
+        """Skip commits that did not write this model; patch the result with the written
+        objects' rows when the query allows it; else re-run the query."""
+        if self._model not in touched:
+            return
+        keys = touched[self._model]
+        if keys is None or not self._patchable or self._rowids is None:
+            self.check(conn)
+            return
+        marks = ",".join("?" * len(keys))
+        found = conn.execute(self._keyed_sql.format(marks=marks), [*self._params, *keys]).fetchall()
+        i = self._pk_index
+        new = {r[i]: r for r in found}
+        pks, rowids, rows, rowid_of = self._pks, self._rowids, self._rows, self._rowid_of
+        # old positions of the written objects, then take them out
+        at = sorted(bisect.bisect_left(rowids, rowid_of[pk]) for pk in keys if pk in rowid_of)
+        deleted = [p for p in at if pks[p] not in new]
+        old_rows = {pks[p]: rows[pks[p]] for p in at}
+        for p in reversed(at):
+            pk = pks[p]
+            del pks[p], rowids[p], rows[pk], rowid_of[pk]
+        # put the current rows back in rowid order
+        for pk, r in new.items():
+            rowid = r[-1]
+            p = bisect.bisect_left(rowids, rowid)
+            pks.insert(p, pk)
+            rowids.insert(p, rowid)
+            rows[pk] = r[:-1]
+            rowid_of[pk] = rowid
+        inserted: list[int] = []
+        modified: list[int] = []
+        for pk, r in new.items():
+            p = bisect.bisect_left(rowids, r[-1])
+            if pk not in old_rows:
+                inserted.append(p)
+            elif old_rows[pk] != r[:-1]:
+                modified.append(p)
+        if deleted or inserted or modified:
+            inserted.sort()
+            modified.sort()
             self.callback(ResultsChange(self.results, inserted, deleted, modified))
 
 
@@ -131,6 +208,12 @@ class ObjectListener(_Listener):
         )
         self._key = sv.scalar_to_sql(self._schema.pk_field.kind, obj._pk)
         self._row: tuple[Any, ...] | None = None
+
+    def check_touched(self, conn: sqlite3.Connection, touched: Touched) -> None:
+        """Skip commits that did not write this object."""
+        keys = touched.get(self._schema.name, ())
+        if keys is None or self._key in keys:
+            self.check(conn)
 
     def snapshot(self, conn: sqlite3.Connection) -> None:
         self._row = conn.execute(self._sql, (self._key,)).fetchone()
@@ -164,6 +247,11 @@ class Notifier:
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="tidesync-notifier", daemon=True)
         self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        self._seq = self._commit_seq()
+
+    def _commit_seq(self) -> int:
+        row = self._conn.execute("SELECT value FROM _meta WHERE key = 'commit_seq'").fetchone()
+        return int(row[0] or 0) if row is not None else 0
 
     def start(self) -> None:
         """Start the thread."""
@@ -214,17 +302,34 @@ class Notifier:
                     break
                 if version == self._data_version:
                     continue
-                self._data_version = version
-                listeners = list(self._listeners)
-                for listener in listeners:
-                    if listener.cancelled:
-                        continue
-                    try:
-                        listener.check(self._conn)
-                    except Exception:
-                        log.exception("a change listener failed")
-                    if listener.cancelled and listener in self._listeners:
-                        self._listeners.remove(listener)
+                try:
+                    self._check_all()
+                except sqlite3.Error:
+                    log.exception("the notifier could not read the database")
+
+    def _check_all(self) -> None:
+        """One pass over the listeners, in one read transaction (one snapshot)."""
+        conn = self._conn
+        conn.execute("BEGIN")
+        try:
+            seq = self._commit_seq()  # starts the snapshot; data_version as of it:
+            self._data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+            touched = touched_between(self._path, self._seq, seq) if seq > self._seq else None
+            self._seq = seq
+            for listener in list(self._listeners):
+                if listener.cancelled:
+                    continue
+                try:
+                    if touched is None:
+                        listener.check(conn)
+                    else:
+                        listener.check_touched(conn, touched)
+                except Exception:
+                    log.exception("a change listener failed")
+                if listener.cancelled and listener in self._listeners:
+                    self._listeners.remove(listener)
+        finally:
+            conn.execute("COMMIT")
 
 
 class ChangeStream(AsyncIterator[Any]):

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...core.changeset import Op
-from ...core.merge import ObjectState, created_state
+from ...core.merge import ObjectState, created_rows
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.schema import ModelSchema
 from .base import (
@@ -121,6 +121,11 @@ class SQLiteStorage(ServerStorage):
         self._pending: list[tuple[list[UploadBatch], asyncio.Future[list[UploadResult]]]] = []
         self._flush: asyncio.Future[list[UploadResult]] | None = None
         self._closing = False
+        #: the recent history of each app as committed, so a download of what was just
+        #: integrated is read on the event loop (no round trip to the worker thread).
+        #: Event loop only; the worker leaves each group's log rows in ``_group_log``.
+        self._tails: dict[str, _Tail] = {}
+        self._group_log: tuple[list[_LogRow], dict[str, list[int]]] | None = None
 
     @classmethod
     def in_folder(cls, folder: str | Path) -> SQLiteStorage:
@@ -331,6 +336,11 @@ class SQLiteStorage(ServerStorage):
             error = StorageError("the commit was cancelled")
         else:
             error = job.exception()
+        committed, self._group_log = self._group_log, None
+        if error is None and committed is not None:
+            self._extend_tails(*committed)
+        else:
+            self._tails.clear()
         start = 0
         for bs, waiter in group:
             if not waiter.done():
@@ -343,12 +353,37 @@ class SQLiteStorage(ServerStorage):
             self._start_flush()
 
     def _integrate_txn(self, conn: sqlite3.Connection, batches: list[UploadBatch]) -> list[Any]:
+        self._group_log = None
         group = _Group(conn)
         results: list[UploadResult] = []
         for batch in batches:
             results.append(self._integrate_batch(group, batch))
         group.write()
+        self._group_log = (group.log_rows, group.apps)  # used once the COMMIT succeeded
         return results
+
+    def _extend_tails(self, rows: list[_LogRow], apps: dict[str, list[int]]) -> None:
+        """Add a committed group's log rows to the apps' tails (event loop)."""
+        tails = self._tails
+        for row in rows:
+            app, version = row[0], row[1]
+            tail = tails.get(app)
+            if tail is None or tail.latest != version - 1:
+                tail = tails[app] = _Tail(version - 1)
+                while len(tails) > _TAIL_APPS:
+                    del tails[next(iter(tails))]
+            tail.rows.append(row)
+            tail.bytes += row[5]
+            tail.latest = version
+        for app, (latest, total) in apps.items():
+            tail = tails.get(app)
+            if tail is None:
+                continue
+            if tail.latest != latest:  # cannot happen; be safe
+                del tails[app]
+                continue
+            tail.total = total
+            tail.trim()
 
     def _integrate_batch(self, group: _Group, batch: UploadBatch) -> UploadResult:
         app = batch.app_id
@@ -386,6 +421,9 @@ class SQLiteStorage(ServerStorage):
         """Entries after ``after``, up to about ``max_bytes`` (see ``ServerStorage``)."""
         if after < 0 or max_bytes < 0:
             raise ValueError("after and max_bytes must not be negative")
+        tail = self._tails.get(app_id)
+        if tail is not None and tail.start <= after and self._executor is not None:
+            return tail.read(app_id, after, max_bytes, exclude_origin)
         return await self._run(
             self._transaction, _read_log, app_id, after, max_bytes, exclude_origin
         )
@@ -468,11 +506,19 @@ class SQLiteStorage(ServerStorage):
 
     async def trim_history(self, app_id: str, before_version: int) -> int:
         """Delete log entries ``<= before_version`` (clamped to the latest)."""
-        return await self._run(self._transaction, _trim, app_id, before_version)
+        self._tails.pop(app_id, None)
+        try:
+            return await self._run(self._transaction, _trim, app_id, before_version)
+        finally:
+            self._tails.pop(app_id, None)
 
     async def wipe_app(self, app_id: str) -> None:
         """Delete all of the app's data."""
-        await self._run(self._transaction, self._wipe_txn, app_id)
+        self._tails.pop(app_id, None)
+        try:
+            await self._run(self._transaction, self._wipe_txn, app_id)
+        finally:
+            self._tails.pop(app_id, None)
 
     def _wipe_txn(self, conn: sqlite3.Connection, app_id: str) -> None:
         for table in ("objects", "log", "clients", "schemas", "apps"):
@@ -485,7 +531,7 @@ def _fresh_creates(
 ) -> dict[ObjectKey, tuple[bytes, bytes]]:
     """The fast path for new objects: a key never stored (absent from ``overlay``) that this
     upload only CREATEs needs no merge; its state and values are encoded directly
-    (:func:`~tidesync.core.merge.created_state`). Such keys are removed from ``by_object``;
+    (:func:`~tidesync.core.merge.created_rows`). Such keys are removed from ``by_object``;
     returns key -> ``(state bytes, packed values)``."""
     fresh: dict[ObjectKey, tuple[bytes, bytes]] = {}
     for key, items in by_object.items():
@@ -495,13 +541,13 @@ def _fresh_creates(
         if ins.op is not Op.CREATE:
             continue
         try:
-            encoded = created_state(ins, schemas[key[0]])
+            encoded = created_rows(ins, schemas[key[0]])
         except (ValueError, TypeError) as exc:
             raise BatchRejectedError(
                 RejectReason.INVALID, f"changeset {cs.origin}#{cs.version}: {exc}"
             ) from exc
         if encoded is not None:
-            fresh[key] = (encoded[0], pack(encoded[1]))
+            fresh[key] = encoded
     for key in fresh:
         del by_object[key]
     return fresh
@@ -663,6 +709,63 @@ def _register_client(conn: sqlite3.Connection, app: str, origin: str, user_id: s
         (app, origin, user_id),
     )
     return 0
+
+
+#: A log row: app, server version, origin, client version, instructions, size, cum_size.
+_LogRow = tuple[str, int, str, int, bytes, int, int]
+#: Bytes of instructions a tail keeps (oldest rows are dropped first), and apps with a tail.
+_TAIL_BYTES = 1 << 20
+_TAIL_APPS = 64
+
+
+class _Tail:
+    """The latest log rows of one app, exactly as committed (versions ``start + 1`` to
+    ``latest``, contiguous), and the app's total bytes: enough to answer ``read_log``
+    for a cursor ``>= start`` as :func:`_read_log` would."""
+
+    __slots__ = ("bytes", "latest", "rows", "start", "total")
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self.latest = start
+        self.rows: list[_LogRow] = []
+        self.bytes = 0
+        self.total = 0
+
+    def trim(self) -> None:
+        """Drop the oldest rows beyond the byte budget (always keep the latest one)."""
+        drop = 0
+        size = self.bytes
+        while size > _TAIL_BYTES and drop < len(self.rows) - 1:
+            size -= self.rows[drop][5]
+            drop += 1
+        if drop:
+            del self.rows[:drop]
+            self.start += drop
+            self.bytes = size
+
+    def read(self, app: str, after: int, max_bytes: int, exclude: str | None) -> LogPage:
+        """:func:`_read_log` from memory (``after >= start``)."""
+        if after > self.latest:
+            raise CursorAheadError(
+                f"app {app}: cursor {after} is past the latest version {self.latest}"
+            )
+        entries: list[LogEntry] = []
+        used = scanned = 0
+        cursor, cursor_cum = after, self.total
+        rows = self.rows
+        for i in range(after - self.start, len(rows)):
+            _, version, origin, client_version, blob, size, cum = rows[i]
+            if origin != exclude:
+                if entries and used + size > max_bytes:
+                    break
+                entries.append(LogEntry(version, origin, client_version, blob))
+                used += size
+            cursor, cursor_cum = version, cum
+            scanned += 1
+            if scanned >= MAX_SCAN_ROWS or (entries and used >= max_bytes):
+                break
+        return LogPage(entries, cursor, self.latest, self.total - cursor_cum)
 
 
 def _read_log(
