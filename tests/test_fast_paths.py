@@ -218,3 +218,41 @@ async def test_server_fast_path_stores_what_the_merge_would(tmp_path: Path) -> N
                 if ins.pk == pk:
                     st.apply(ins, ITEM)
             assert stored[("Item", pack(pk))].state == st.to_bytes()
+
+
+def test_instruction_parse_fast_path_agrees_with_the_checked_one() -> None:
+    """The fast path of ``instruction_from_list`` accepts and builds exactly what the
+    checked parser does (plain tuples of the right types), and leaves the rest to it."""
+    from tidesync.core.packing import _instruction_from_list
+
+    good: list[Any] = [
+        [1, "Item", 1, 5, 0, None, {"id": 1}, None],
+        [2, "Item", "k", 5, 3, "note", "x", None],
+        [3, "Item", 1, 0, 0, "n", 4, None],
+        [4, "Item", 1, 7, 1, None, None, None],
+        [10, "Item", 1, 7, 1, "d", 2.5, "key"],
+        [11, "Item", 1, 7, 1, "d", None, "key"],
+        [5, "Item", 1, 7, 1, "l", 1, [3, 0, "o"]],
+        [8, "Item", 1, 7, 1, "s", 1, None],
+        [True, "Item", 1, 5, 0, None, {"id": 1}, None],
+        [1, "Item", 1, True, 0, None, {"id": 1}, None],
+    ]
+    bad: list[Any] = [
+        [1, "Item", 1, 5, 0, None, [1], None],
+        [1, "", 1, 5, 0, None, {}, None],
+        [1, "Item", 1, -1, 0, None, {}, None],
+        [2, "Item", 1, 5, 0, 3, 1, None],
+        [99, "Item", 1, 5, 0, None, {}, None],
+        [8, "Item", 1, 5, 0, "s", [1], None],
+        [1, "Item", 1, 5, 0, None, {}],
+        "not a list",
+    ]
+    for item in good:
+        fast = instruction_from_list(item, "o")
+        assert fast == _instruction_from_list(item, "o")
+        assert type(fast) is Instruction and type(fast.hlc) is HLC
+    for item in bad:
+        with pytest.raises(ValueError):
+            instruction_from_list(item, "o")
+        with pytest.raises(ValueError):
+            _instruction_from_list(item, "o")
