@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import uuid
+from collections.abc import Callable, Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -135,6 +136,23 @@ def pack_pair(first: Any, second: Any) -> tuple[bytes, bytes]:
     if len(_PACKERS) < 16:
         _PACKERS.append(packer)
     return data
+
+
+def pack_each(values: Iterable[Any]) -> list[bytes]:
+    """:func:`pack` of each value, all with one pooled packer (for hot loops)."""
+    try:
+        packer = _PACKERS.pop()
+    except IndexError:
+        packer = msgpack.Packer(**_PACKER_OPTS)
+    data = list(map(packer.pack, values))
+    if len(_PACKERS) < 16:
+        _PACKERS.append(packer)
+    return data
+
+
+def packer() -> Callable[[Any], bytes]:
+    """A private :func:`pack` for one caller's loop (not to be shared between threads)."""
+    return msgpack.Packer(**_PACKER_OPTS).pack  # type: ignore[no-any-return]
 
 
 def unpack(data: bytes) -> Any:
@@ -251,7 +269,32 @@ def unpack_instructions(data: bytes, origin: str) -> tuple[Instruction, ...]:
     items = unpack(data)
     if not isinstance(items, list):
         raise ValueError("instructions must be an array")
-    out = _Unpacked(instruction_from_list(i, origin) for i in items)
+    # instruction_from_list's fast path, inlined (one frame per upload, not per instruction)
+    parsed: list[Instruction] = []
+    add = parsed.append
+    plain_ops = _PLAIN_OPS
+    create = Op.CREATE
+    new = _tuple_new
+    for item in items:
+        if type(item) is list and len(item) == 8:
+            op_raw, model, pk, wall, counter, field, value, key = item
+            op = plain_ops.get(op_raw) if type(op_raw) is int else None
+            if (
+                op is not None
+                and type(model) is str
+                and model
+                and type(wall) is int
+                and type(counter) is int
+                and wall >= 0
+                and counter >= 0
+                and (field is None or type(field) is str)
+                and (op is not create or type(value) is dict)
+            ):
+                hlc = new(HLC, (wall, counter, origin))
+                add(new(Instruction, (op, model, pk, hlc, field, value, key)))
+                continue
+        add(_instruction_from_list(item, origin))
+    out = _Unpacked(parsed)
     out.packed = bytes(data)
     return out
 

@@ -72,6 +72,7 @@ from .storage.base import (
     StorageError,
     UploadBatch,
     UploadResult,
+    gc_paused,
 )
 
 log = logging.getLogger("tidesync.server.hub")
@@ -718,7 +719,8 @@ class SyncConnection:
                 )
                 return
             try:
-                instructions = unpack_instructions(cs.instructions, origin=session.file_ident)
+                with gc_paused:
+                    instructions = unpack_instructions(cs.instructions, origin=session.file_ident)
             except ValueError as exc:
                 await self._session_error(
                     event.session,

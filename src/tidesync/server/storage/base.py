@@ -26,6 +26,8 @@ Errors::
 from __future__ import annotations
 
 import abc
+import gc
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -34,7 +36,7 @@ from typing import Any, Self
 
 from ...core.changeset import Changeset, Instruction
 from ...core.merge import ObjectState
-from ...core.packing import pack
+from ...core.packing import pack_each
 from ...core.query import BoundQuery, evaluate
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
 from ...core.validate import validate_changeset
@@ -385,6 +387,37 @@ def select_new_changesets(
     return new
 
 
+class GCPause:
+    """A context manager pausing Python's cyclic garbage collector while allocation-heavy
+    work that creates no reference cycles runs (parsing and integrating an upload of
+    100,000 instructions otherwise runs dozens of collections over every live object,
+    about a third of the time). Re-entrant and shared across threads: the collector
+    runs again when the last pause ends (and only if it was enabled when the first
+    began); cyclic garbage made meanwhile is collected then."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._resume = False
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._depth == 0:
+                self._resume = gc.isenabled()
+                gc.disable()
+            self._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0 and self._resume:
+                gc.enable()
+
+
+#: The process's one :class:`GCPause` (server code shares it).
+gc_paused = GCPause()
+
+
 #: Instructions grouped by the object they change, each with its changeset (for messages).
 ByObject = dict[ObjectKey, list[tuple[Changeset, Instruction]]]
 
@@ -393,8 +426,10 @@ def instructions_by_object(changesets: Iterable[Changeset]) -> ByObject:
     """Group the changesets' instructions by object key, keeping their order."""
     grouped: ByObject = {}
     for cs in changesets:
-        for ins in cs.instructions:
-            key = (ins.model, pack(ins.pk))
+        instructions = cs.instructions
+        pks = pack_each([ins.pk for ins in instructions])
+        for ins, pk in zip(instructions, pks, strict=True):
+            key = (ins.model, pk)
             entry = grouped.get(key)
             if entry is None:
                 grouped[key] = [(cs, ins)]

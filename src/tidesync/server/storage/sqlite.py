@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...core.changeset import Op
-from ...core.merge import ObjectState, created_rows
+from ...core.merge import ObjectState, created_rows, created_rows_many
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.schema import ModelSchema
 from .base import (
@@ -39,6 +39,7 @@ from .base import (
     UploadBatch,
     UploadResult,
     apply_changesets,
+    gc_paused,
     instructions_by_object,
     merge_schemas,
     select_new_changesets,
@@ -356,9 +357,10 @@ class SQLiteStorage(ServerStorage):
         self._group_log = None
         group = _Group(conn)
         results: list[UploadResult] = []
-        for batch in batches:
-            results.append(self._integrate_batch(group, batch))
-        group.write()
+        with gc_paused:
+            for batch in batches:
+                results.append(self._integrate_batch(group, batch))
+            group.write()
         self._group_log = (group.log_rows, group.apps)  # used once the COMMIT succeeded
         return results
 
@@ -534,20 +536,32 @@ def _fresh_creates(
     (:func:`~tidesync.core.merge.created_rows`). Such keys are removed from ``by_object``;
     returns key -> ``(state bytes, packed values)``."""
     fresh: dict[ObjectKey, tuple[bytes, bytes]] = {}
+    by_model: dict[str, list[tuple[ObjectKey, Any, Any]]] = {}
     for key, items in by_object.items():
         if len(items) != 1 or key in overlay:
             continue
         cs, ins = items[0]
         if ins.op is not Op.CREATE:
             continue
+        entries = by_model.get(key[0])
+        if entries is None:
+            entries = by_model[key[0]] = []
+        entries.append((key, cs, ins))
+    for model, entries in by_model.items():
         try:
-            encoded = created_rows(ins, schemas[key[0]])
-        except (ValueError, TypeError) as exc:
-            raise BatchRejectedError(
-                RejectReason.INVALID, f"changeset {cs.origin}#{cs.version}: {exc}"
-            ) from exc
+            encoded = created_rows_many([ins for _, _, ins in entries], schemas[model])
+        except (ValueError, TypeError):
+            encoded = None
+            for _, cs, ins in entries:  # find the changeset to name (rare)
+                try:
+                    created_rows(ins, schemas[model])
+                except (ValueError, TypeError) as exc:
+                    raise BatchRejectedError(
+                        RejectReason.INVALID, f"changeset {cs.origin}#{cs.version}: {exc}"
+                    ) from exc
+            raise
         if encoded is not None:
-            fresh[key] = encoded
+            fresh.update(zip([key for key, _, _ in entries], encoded, strict=True))
     for key in fresh:
         del by_object[key]
     return fresh
