@@ -264,6 +264,27 @@ def pack_instructions(instructions: tuple[Instruction, ...] | list[Instruction])
     return pack([instruction_to_list(i) for i in instructions])
 
 
+def pack_instruction(ins: Instruction) -> bytes:
+    """One instruction's bytes; :func:`join_packed` of these equals :func:`pack_instructions`.
+
+    The local store keeps a transaction's instructions packed as it goes: bytes are not
+    tracked by the cyclic garbage collector, so a large transaction does not make every
+    collection walk all of its pending instructions."""
+    return pack(instruction_to_list(ins))
+
+
+def join_packed(parts: list[bytes]) -> bytes:
+    """A msgpack array of already packed items (the same bytes as packing the list)."""
+    n = len(parts)
+    if n < 16:
+        header = bytes((0x90 | n,))
+    elif n < 0x10000:
+        header = b"\xdc" + n.to_bytes(2, "big")
+    else:
+        header = b"\xdd" + n.to_bytes(4, "big")
+    return header + b"".join(parts)
+
+
 def unpack_instructions(data: bytes, origin: str) -> tuple[Instruction, ...]:
     """Decode :func:`pack_instructions` output."""
     items = unpack(data)

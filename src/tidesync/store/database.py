@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from ..core import query as q
 from ..core.changeset import Instruction, Op
+from ..core.packing import pack_instruction
 from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..core.validate import validate_value
 from ..errors import (
@@ -58,7 +59,7 @@ class LocalDatabase:
         self.path = self._engine.path
         self._lock = threading.RLock()
         self._writer: int | None = None
-        self._pending: list[Instruction] = []
+        self._pending: list[bytes] = []
         self._local_version = 0
         self._closed = False
         self._notifier: Notifier | None = None
@@ -137,7 +138,7 @@ class LocalDatabase:
                 self._local_version += 1
                 raise
             else:
-                self._engine.commit(self._pending, exact=True)
+                self._engine.commit((), exact=True, packed=self._pending)
                 self._local_version += 1
             finally:
                 self._writer = None
@@ -152,7 +153,8 @@ class LocalDatabase:
             raise WriteOutsideTransactionError("changes must be made inside `with db.write():`")
 
     def _record(self, ins: Instruction) -> None:
-        self._pending.append(ins)
+        # kept packed: bytes are not tracked by the garbage collector (see pack_instruction)
+        self._pending.append(pack_instruction(ins))
         self._local_version += 1
 
     def _check_value(self, fs: FieldSchema, value: Any, model: str) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 from ..core.changeset import Instruction, Op
 from ..core.hlc import HLC, HybridClock
 from ..core.merge import ObjectState
-from ..core.packing import pack, pack_instructions, unpack
+from ..core.packing import join_packed, pack, pack_instructions, unpack
 from ..core.schema import ModelSchema, check_compatible
 from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
 from . import sqlvalues as sv
@@ -341,7 +341,12 @@ class StoreEngine:
             raise
 
     def commit(
-        self, instructions: Sequence[Instruction], *, exact: bool = False, skip: object = None
+        self,
+        instructions: Sequence[Instruction],
+        *,
+        exact: bool = False,
+        skip: object = None,
+        packed: list[bytes] | None = None,
     ) -> int | None:
         """Record the change log entry (if anything changed) and commit.
 
@@ -350,15 +355,17 @@ class StoreEngine:
         engine's methods (``create``, ``apply``, ``save_state``), so notifiers in this
         process may look at just the objects it wrote; otherwise they re-run their queries.
         ``skip`` is a waker (see :func:`add_waker`) not to wake: the committer's own.
+        ``packed`` gives the instructions already packed one by one (see
+        :func:`~tidesync.core.packing.pack_instruction`) instead of ``instructions``.
         """
         version: int | None = None
         seq = 0
         try:
             seq = int(self.get_meta("commit_seq", 0) or 0) + 1
             self.set_meta("commit_seq", seq)
-            if instructions:
+            if instructions or packed:
                 version = int(self.get_meta("last_version", 0)) + 1
-                data = pack_instructions(list(instructions))
+                data = join_packed(packed) if packed else pack_instructions(list(instructions))
                 self.conn.execute(
                     "INSERT INTO _changelog(version, data, size) VALUES (?, ?, ?)",
                     (version, data, len(data)),
