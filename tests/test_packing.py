@@ -16,7 +16,9 @@ INSTRUCTION = st.builds(
     st.integers(0, 10**6),
     st.builds(HLC, st.integers(0, 2**40), st.integers(0, 1000), st.just("o")),
     st.sampled_from(["a", "b"]),
-    st.one_of(st.none(), st.integers(), st.text(max_size=5), st.binary(max_size=5)),
+    st.one_of(
+        st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=5), st.binary(max_size=5)
+    ),
     st.none(),
 )
 
