@@ -40,7 +40,7 @@ from argon2 import PasswordHasher
 
 from ..errors import AuthError
 from .storage.base import StorageError
-from .storage.postgres import DEFAULT_SCHEMA, split_storage_url
+from .storage.postgres import DEFAULT_SCHEMA, run_migrations, split_storage_url
 from .users import (
     DELETED_REASON,
     DISABLED_REASON,
@@ -236,29 +236,10 @@ class PostgresUserStore(UserStore):
         self._watcher = asyncio.create_task(self._watch_loop(), name="tidesync-users-watch")
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
-        key = f"tidesync-migrate:{self._schema}"  # the storage's lock: one migrator at a time
-        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
-        try:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS user_migrations ("
-                "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-            )
-            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM user_migrations")
-            if current > FORMAT_VERSION:
-                raise StorageError(
-                    f"PostgreSQL schema {self._schema!r} has user tables of format {current}; "
-                    f"this version of tidesync reads up to {FORMAT_VERSION} (upgrade tidesync)"
-                )
-            for version, ddl in MIGRATIONS:
-                if version <= current:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(ddl)
-                    await conn.execute("INSERT INTO user_migrations (version) VALUES ($1)", version)
-                log.info("schema %s: user tables migrated to format %d", self._schema, version)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        # the storage's lock and helper: one migrator of the schema at a time
+        await run_migrations(
+            conn, self._schema, "user_migrations", MIGRATIONS, "user tables of format"
+        )
 
     async def _connect_listener(self) -> None:
         try:

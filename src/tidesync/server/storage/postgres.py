@@ -248,31 +248,7 @@ class PostgresStorage(ServerStorage):
         self._poller = asyncio.create_task(self._poll_loop(), name="tidesync-pg-poll")
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
-        key = f"tidesync-migrate:{self._schema}"
-        await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
-        try:
-            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self._schema}"')
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_migrations ("
-                "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-            )
-            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
-            if current > FORMAT_VERSION:
-                raise StorageError(
-                    f"PostgreSQL schema {self._schema!r} has format {current}; this version "
-                    f"of tidesync reads up to {FORMAT_VERSION} (upgrade tidesync)"
-                )
-            for version, ddl in MIGRATIONS:
-                if version <= current:
-                    continue
-                async with conn.transaction():
-                    await conn.execute(ddl)
-                    await conn.execute(
-                        "INSERT INTO schema_migrations (version) VALUES ($1)", version
-                    )
-                log.info("schema %s: migrated to format %d", self._schema, version)
-        finally:
-            await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
+        await run_migrations(conn, self._schema, "schema_migrations", MIGRATIONS, "format")
 
     async def _connect_listener(self) -> None:
         try:
@@ -1002,4 +978,49 @@ async def _read_log(
     return LogPage(entries, cursor, latest, total - cursor_cum)
 
 
-__all__ = ["DEFAULT_SCHEMA", "FORMAT_VERSION", "MIGRATIONS", "PostgresStorage", "to_json"]
+__all__ = [
+    "DEFAULT_SCHEMA",
+    "FORMAT_VERSION",
+    "MIGRATIONS",
+    "PostgresStorage",
+    "run_migrations",
+    "to_json",
+]
+
+
+async def run_migrations(
+    conn: asyncpg.Connection,
+    schema: str,
+    table: str,
+    migrations: Sequence[tuple[int, str]],
+    what: str,
+) -> None:
+    """Apply the ``(version, ddl)`` steps newer than those recorded in ``schema.table``.
+
+    Every migrator of a schema (the storage's and the user store's) takes the same advisory
+    lock, so processes starting at once migrate one after the other; a schema newer than
+    this code knows (``what`` names it in the error) is refused."""
+    key = f"tidesync-migrate:{schema}"
+    newest = max((v for v, _ in migrations), default=0)
+    await conn.execute("SELECT pg_advisory_lock(hashtext($1))", key)
+    try:
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {table} ("
+            "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval(f"SELECT coalesce(max(version), 0) FROM {table}")
+        if current > newest:
+            raise StorageError(
+                f"PostgreSQL schema {schema!r} has {what} {current}; this version "
+                f"of tidesync reads up to {newest} (upgrade tidesync)"
+            )
+        for version, ddl in migrations:
+            if version <= current:
+                continue
+            async with conn.transaction():
+                await conn.execute(ddl)
+                await conn.execute(f"INSERT INTO {table} (version) VALUES ($1)", version)
+            log.info("schema %s: %s migrated to %d", schema, what, version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(hashtext($1))", key)
