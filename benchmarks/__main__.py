@@ -16,6 +16,7 @@ GROUPS = {
     "floor": "benchmarks.floor",
     "pouchdb": "benchmarks.pouchdb",
     "sync": "benchmarks.sync",
+    "e2e": "benchmarks.e2e",
     "fanout": "benchmarks.fanout",
     "bootstrap": "benchmarks.bootstrap",
     "scale": "benchmarks.scale",

@@ -49,8 +49,8 @@ def _push_pull(ctx: Context, n: int, run: int) -> tuple[float, float, float]:
         server.kill()
 
 
-def _end_to_end(ctx: Context, n: int, run: int) -> tuple[float, float]:
-    """A writes n objects in n/100 transactions while B is connected; until B holds all."""
+def _end_to_end(ctx: Context, n: int, run: int, per_tx: int = 100) -> tuple[float, float]:
+    """A writes n objects in n/per_tx transactions while B is connected; until B holds all."""
     root = ctx.workdir / f"e2e-{run}"
     shutil.rmtree(root, ignore_errors=True)
     server = start_server(root, "server")
@@ -63,7 +63,7 @@ def _end_to_end(ctx: Context, n: int, run: int) -> tuple[float, float]:
         b.wait_count(0, 60)
         assert a.db is not None
         start = time.perf_counter()
-        write_objects(a.db, rows(n), 100)
+        write_objects(a.db, rows(n), per_tx)
         b.wait_count(n, LIMIT)
         took = time.perf_counter() - start
         if a.errors or b.errors:
