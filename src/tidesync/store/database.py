@@ -22,7 +22,6 @@ from ..errors import (
     DatabaseClosedError,
     NestedWriteError,
     ObjectDeletedError,
-    QueryError,
     SchemaError,
     ValueTypeError,
     WriteOutsideTransactionError,
@@ -473,12 +472,6 @@ class LocalDatabase:
         parsed = q.parse(query)
         bound = q.bind(parsed, schema, self._schemas, args)
         return Results(self, model, parsed, args, bound)
-
-    def _bind(self, model: type[Model], parsed: q.Query, args: Sequence[Any]) -> q.BoundQuery:
-        try:
-            return q.bind(parsed, self._schemas[model.__name__], self._schemas, args)
-        except QueryError:
-            raise
 
     # --- notifications -------------------------------------------------------------------
 

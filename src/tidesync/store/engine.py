@@ -153,7 +153,8 @@ class StoreEngine:
             self._enable_wal()
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = OFF")
-        if plan or not stored:
+        definitions_changed = any(stored.get(n) != s for n, s in self.schemas.items())
+        if plan or definitions_changed:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 # Another process may have set the file up meanwhile: plan again under the lock.
@@ -242,8 +243,6 @@ class StoreEngine:
                     if f.indexed and not f.primary_key and not old.by_name.get(f.name, f).indexed
                 ]
                 added += [f for f in new_fields if f.indexed and f not in added]
-                if schema != old:
-                    statements.append("SELECT 1")  # record the new definition
             for f in added:
                 statements.append(
                     f'CREATE INDEX IF NOT EXISTS "i_{name}_{f.name}" ON {table}({sv.quote(f.name)})'
@@ -656,16 +655,3 @@ class StoreEngine:
             self.rollback()
         finally:
             self.conn.close()
-
-
-def op_is_element(op: Op) -> bool:
-    """True for instructions that address one element of a collection."""
-    return op in (
-        Op.LIST_INSERT,
-        Op.LIST_SET,
-        Op.LIST_ERASE,
-        Op.SET_ADD,
-        Op.SET_REMOVE,
-        Op.DICT_SET,
-        Op.DICT_ERASE,
-    )

@@ -26,7 +26,6 @@ objects. ``None`` is SQL NULL / JSON null.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import math
 import uuid
@@ -198,8 +197,3 @@ def from_column(f: FieldSchema, raw: Any, schemas: dict[str, ModelSchema]) -> An
     if coll is Collection.SET:
         return {scalar_from_json(kind, v) for v in data}
     return {k: scalar_from_json(kind, v) for k, v in data.items()}
-
-
-def is_utc_datetime(value: Any) -> bool:
-    """True for an aware datetime (any offset is converted to UTC) or a naive one (taken as UTC)."""
-    return isinstance(value, _dt.datetime)
