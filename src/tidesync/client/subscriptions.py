@@ -18,17 +18,27 @@ bootstrap, evicts what the server did not send. See docs/flexible-sync.md.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import enum
+import math
 import time
-from collections.abc import Iterator
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ..core import query as q
-from ..core.merge import ObjectState
+from ..core.changeset import Instruction
+from ..core.hlc import HLC
+from ..core.merge import ObjectState, simple_state
 from ..core.packing import pack, unpack, unpack_instructions
+from ..core.schema import Collection, Kind, ModelSchema
 from ..errors import CompensatingWriteError, OperationCancelledError, SubscriptionError
+from ..objectid import ObjectId
 from ..protocol.messages import BOOTSTRAP_LAST, BOOTSTRAP_NONE, ObjectUpdate, refused_of
 from ..store import sqlvalues as sv
 from ..store.model import Model
@@ -346,6 +356,140 @@ def set_state(
         )
 
 
+#: The Python types a column of each kind gives back exactly as they went in (None too).
+_EXACT_TYPES: dict[Kind, type] = {
+    Kind.BOOL: bool,
+    Kind.INT: int,
+    Kind.FLOAT: float,
+    Kind.STR: str,
+    Kind.BYTES: bytes,
+    Kind.DATETIME: dt.datetime,
+    Kind.DECIMAL: Decimal,
+    Kind.UUID: uuid.UUID,
+    Kind.OBJECTID: ObjectId,
+}
+
+
+#: Kinds whose column encoding is the value itself.
+_PLAIN_KINDS = frozenset((Kind.INT, Kind.FLOAT, Kind.STR, Kind.BYTES))
+
+
+class _FastSpec:
+    """What the fast path needs about one model without collection or counter fields: per
+    field (in column order) the value type its column gives back unchanged, and the
+    encoders of the columns that do not store the value itself."""
+
+    __slots__ = ("encoders", "floats", "get", "pk_name", "pk_pos", "types")
+
+    def __init__(self, engine: StoreEngine, schema: ModelSchema, kinds: list[Kind]) -> None:
+        names = [f.name for f in schema.fields]
+        self.get: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+            itemgetter(*names) if len(names) > 1 else lambda values: (values[names[0]],)
+        )
+        self.types = tuple(_EXACT_TYPES[k] for k in kinds)
+        self.floats = tuple(i for i, k in enumerate(kinds) if k is Kind.FLOAT)
+        self.encoders = tuple(
+            (i, enc)
+            for i, (_, enc) in enumerate(engine._encoders[schema.name])
+            if kinds[i] not in _PLAIN_KINDS
+        )
+        self.pk_name = schema.primary_key
+        self.pk_pos = engine._pk_pos[schema.name]
+
+    def row(self, obj: ObjectUpdate, schema: ModelSchema) -> tuple[list[Any], HLC] | None:
+        """The ``insert_new`` parameters and create HLC of ``obj`` if its state is a lone
+        create whose values survive the columns exactly (so the row alone implies it)."""
+        assert obj.state is not None
+        got = simple_state(obj.state, schema)
+        if got is None:
+            return None
+        created, values = got
+        pk = values[self.pk_name]
+        if type(pk) is not type(obj.pk) or pk != obj.pk:
+            return None  # the slow path would keep the state's own pk value
+        row = self.get(values)
+        if tuple(map(type, row)) != self.types:  # some None, or a value of another type
+            for v, typ in zip(row, self.types, strict=True):
+                if v is not None and type(v) is not typ:
+                    return None
+        for i in self.floats:  # SQLite stores NaN as NULL and -0.0 as 0.0
+            v = row[i]
+            if v is not None and (v != v or (v == 0.0 and math.copysign(1.0, v) < 0)):
+                return None
+        params = list(row)
+        for i, enc in self.encoders:
+            params[i] = enc(params[i])
+        params.append(pack((created.wall, created.counter, created.origin)))
+        return params, created
+
+
+def _fast_spec(engine: StoreEngine, schema: ModelSchema) -> _FastSpec | None:
+    """The model's :class:`_FastSpec`, or None if it has a collection or counter field."""
+    kinds: list[Kind] = []
+    for f in schema.fields:
+        if f.collection is not Collection.NONE:
+            return None
+        kind = sv.scalar_kind(f, engine.schemas)
+        if kind not in _EXACT_TYPES:
+            return None
+        kinds.append(kind)
+    return _FastSpec(engine, schema, kinds)
+
+
+class _PendingLog:
+    """This device's unacknowledged instructions by object, kept in step with the change
+    log: rows are appended with growing versions and dropped from the front as the server
+    acknowledges them, so each changeset is read and unpacked once."""
+
+    __slots__ = ("acked", "by_key", "newest", "versions")
+
+    def __init__(self, acked: int) -> None:
+        self.acked = acked
+        #: the cached changesets (version > acked), oldest first
+        self.versions: deque[tuple[int, Sequence[Instruction]]] = deque()
+        #: the greatest version read so far
+        self.newest = acked
+        self.by_key: dict[tuple[str, Any], list[Instruction]] = {}
+
+    def drop_upto(self, acked: int) -> None:
+        """Forget the changesets with version <= ``acked``."""
+        self.acked = max(self.acked, acked)
+        gone: Counter[tuple[str, Any]] = Counter()
+        versions = self.versions
+        while versions and versions[0][0] <= acked:
+            for ins in versions.popleft()[1]:
+                gone[(ins.model, ins.pk)] += 1
+        by_key = self.by_key
+        for key, n in gone.items():
+            rest = by_key[key]
+            del rest[:n]  # a key's instructions are in version order
+            if not rest:
+                del by_key[key]
+
+    def extend(self, rows: Iterable[tuple[int, bytes]], origin: str) -> None:
+        """Add changesets newer than every cached one, in version order."""
+        by_key = self.by_key
+        for version, data in rows:
+            instructions = unpack_instructions(data, origin)
+            self.versions.append((version, instructions))
+            self.newest = version
+            for ins in instructions:
+                key = (ins.model, ins.pk)
+                have = by_key.get(key)
+                if have is None:
+                    by_key[key] = [ins]
+                else:
+                    have.append(ins)
+
+    def matches(self, low: int | None, high: int | None, count: int) -> bool:
+        """True if the cached changesets are those the change log holds (``MIN``, ``MAX``
+        and ``COUNT`` of its versions above ``acked``)."""
+        versions = self.versions
+        if len(versions) != count:
+            return False
+        return count == 0 or (versions[0][0] == low and versions[-1][0] == high)
+
+
 class FlexApplier:
     """Applies flexible sync's whole objects and bootstraps to one local file (sync thread)."""
 
@@ -353,10 +497,14 @@ class FlexApplier:
         self.engine = engine
         #: Keys received by the bootstrap in progress (None: no bootstrap in progress).
         self.received: set[tuple[str, Any]] | None = None
+        self._log: _PendingLog | None = None
+        self._specs: dict[str, tuple[ModelSchema, _FastSpec | None]] = {}
 
     def reset(self) -> None:
-        """A new binding: a bootstrap cut short by a disconnect starts over."""
+        """A new binding: a bootstrap cut short by a disconnect starts over (and the change
+        log, which a client reset rewrites, is read again)."""
         self.received = None
+        self._log = None
 
     def flexible(self) -> bool:
         """True once the file has a subscription set: BIND then asks for flexible sync."""
@@ -391,7 +539,25 @@ class FlexApplier:
             if query_version:
                 set_state(engine.conn, query_version, SubscriptionSetState.BOOTSTRAPPING)
         pending = self._pending(upload_acked) if objects or bootstrap == BOOTSTRAP_LAST else {}
-        for obj in objects:
+        # New objects whose state the row alone implies, written first and in one go: each
+        # is the first update of its key here, so nothing before it touches that object.
+        fast = self._fast_rows(objects, pending)
+        greatest: HLC | None = None
+        if fast:
+            batch: dict[str, list[list[Any]]] = {}
+            received = self.received
+            for i, (params, created) in fast.items():
+                obj = objects[i]
+                engine._touch_row(obj.model, params)
+                batch.setdefault(obj.model, []).append(params)
+                if greatest is None or created > greatest:
+                    greatest = created
+                if received is not None:
+                    received.add((obj.model, obj.pk))
+            engine._insert_new(batch)
+        for i, obj in enumerate(objects):
+            if i in fast:
+                continue
             schema = engine.schemas.get(obj.model)
             if schema is None:
                 continue
@@ -403,10 +569,13 @@ class FlexApplier:
                 state.apply(ins, schema)
             _, where = engine.load_state(obj.model, obj.pk)
             engine.save_state(obj.model, obj.pk, state, where)
-            if state.last_hlc.wall:
-                engine.observe(state.last_hlc)
+            last = state.last_hlc
+            if greatest is None or last > greatest:
+                greatest = last
             if self.received is not None:
                 self.received.add((obj.model, obj.pk))
+        if greatest is not None and greatest.wall:
+            engine.observe(greatest)  # once: the clock only moves past the greatest
         if bootstrap == BOOTSTRAP_LAST:
             received = self.received or set()
             self.received = None
@@ -421,16 +590,82 @@ class FlexApplier:
             if query_version:
                 set_state(engine.conn, query_version, SubscriptionSetState.COMPLETE)
 
-    def _pending(self, upload_acked: int) -> dict[tuple[str, Any], list[Any]]:
-        """This device's instructions the server has not acknowledged, by object."""
-        out: dict[tuple[str, Any], list[Any]] = {}
+    def _pending(self, upload_acked: int) -> dict[tuple[str, Any], list[Instruction]]:
+        """This device's instructions the server has not acknowledged, by object (the
+        caller must not change it: it is cached, and only the changesets written or
+        acknowledged since the last call are read or dropped)."""
+        conn = self.engine.conn
+        low, high, count = conn.execute(
+            "SELECT MIN(version), MAX(version), COUNT(*) FROM _changelog WHERE version > ?",
+            (upload_acked,),
+        ).fetchone()
+        log = self._log
+        if log is None or upload_acked < log.acked:
+            log = self._log = _PendingLog(upload_acked)
+        log.drop_upto(upload_acked)
+        select = "SELECT version, data FROM _changelog WHERE version > ? ORDER BY version"
         origin = self.engine.origin
-        for (data,) in self.engine.conn.execute(
-            "SELECT data FROM _changelog WHERE version > ? ORDER BY version", (upload_acked,)
-        ):
-            for ins in unpack_instructions(data, origin):
-                out.setdefault((ins.model, ins.pk), []).append(ins)
-        return out
+        if high is not None and high > log.newest:
+            log.extend(conn.execute(select, (max(log.newest, upload_acked),)), origin)
+        if not log.matches(low, high, count):  # rewritten under us: read it all again
+            log = self._log = _PendingLog(upload_acked)
+            log.extend(conn.execute(select, (upload_acked,)), origin)
+        return log.by_key
+
+    def _fast_rows(
+        self, objects: list[ObjectUpdate], pending: dict[tuple[str, Any], list[Instruction]]
+    ) -> dict[int, tuple[list[Any], HLC]]:
+        """The objects (by index) that can be written as rows alone, like local creates:
+        the first update of a key in ``objects``, absent from the file and from the
+        transaction's states, without pending instructions, of a model without erased
+        objects, collection or counter fields, whose state is a lone create
+        (:func:`~tidesync.core.merge.simple_state`) with values the columns keep exactly.
+        Their ``insert_new`` parameters and create HLCs."""
+        engine = self.engine
+        tx_states = engine._tx_states
+        specs: dict[str, _FastSpec | None] = {}
+        seen: set[tuple[str, Any]] = set()
+        rows: dict[int, tuple[list[Any], HLC]] = {}
+        by_model: dict[str, dict[Any, int]] = {}
+        for i, obj in enumerate(objects):
+            schema = engine.schemas.get(obj.model)
+            if schema is None:
+                continue
+            key = (obj.model, obj.pk)
+            if key in seen:
+                continue
+            seen.add(key)
+            if obj.state is None or key in pending or key in tx_states:
+                continue
+            if obj.model in specs:
+                spec = specs[obj.model]
+            else:
+                spec = specs[obj.model] = (
+                    None if engine._has_dead(obj.model) else self._spec(obj.model, schema)
+                )
+            if spec is None:
+                continue
+            row = spec.row(obj, schema)
+            if row is None:
+                continue
+            keys = by_model.setdefault(obj.model, {})
+            sql_key = row[0][spec.pk_pos]
+            if sql_key in keys:
+                continue
+            keys[sql_key] = i
+            rows[i] = row
+        for model, keys in by_model.items():
+            for sql_key in engine.present_keys(model, list(keys)):
+                del rows[keys[sql_key]]
+        return rows
+
+    def _spec(self, model: str, schema: ModelSchema) -> _FastSpec | None:
+        cached = self._specs.get(model)
+        if cached is not None and cached[0] is schema:
+            return cached[1]
+        spec = _fast_spec(self.engine, schema)
+        self._specs[model] = (schema, spec)
+        return spec
 
     def _evict(self, model: str, pk: Any) -> None:
         """Drop an object and its merge state locally; nothing goes to the change log."""

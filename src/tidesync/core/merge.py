@@ -736,6 +736,74 @@ def created_state(ins: Instruction, schema: ModelSchema) -> tuple[bytes, dict[st
     return pack([_FORMAT, hlc, None, hlc, base, {}]), out
 
 
+def simple_state(data: bytes, schema: ModelSchema) -> tuple[HLC, dict[str, Any]] | None:
+    """``(created, values)`` if the state ``data`` is one that a lone CREATE gives, else None.
+
+    ``data`` is :meth:`ObjectState.to_bytes` output. The result is not None exactly when
+    the state is what ``ObjectState.empty()`` then ``apply`` of a CREATE at ``created``
+    with ``values`` gives (so :func:`created_state` of that CREATE is ``data``, up to map
+    order): no erase, nothing written after the create, ``values`` holding every field of
+    ``schema`` already normalised. Models with collection or counter fields, malformed
+    data and any other state give None (apply the merge then); nothing is raised.
+    """
+    plan = _plan(schema)
+    if plan.others:
+        return None
+    try:
+        raw = unpack(data)
+    except ValueError:
+        return None
+    if type(raw) is not list or len(raw) != 6:
+        return None
+    fmt, created_raw, erased, last, base, out = raw
+    if fmt != _FORMAT or erased is not None or out != {} or last != created_raw:
+        return None
+    if type(base) is not dict or base.keys() != plan.fields.keys():
+        return None
+    if type(created_raw) is not list or len(created_raw) != 3:
+        return None
+    wall, counter, origin = created_raw
+    if type(wall) is not int or type(counter) is not int or type(origin) is not str:
+        return None
+    if wall < 0 or counter < 0:
+        return None
+    # values a create would have normalised (an int in a float field, ...) are not its
+    for name in plan.floats:
+        if type(base[name]) is int:
+            return None
+    for name, norm in plan.normed:
+        v = base[name]
+        if norm(v) is not v:
+            return None
+    return HLC(wall, counter, origin), base
+
+
+def created_at(data: bytes | None) -> HLC | None:
+    """The HLC of the CREATE that alone made the state ``data`` (:meth:`ObjectState.to_bytes`
+    output), or None when anything else shows in it (an erase, a field written after the
+    create, a collection's history) or it is malformed.
+
+    A state with created == last HLC, no erase and every field in the create's plain
+    values is the state of that one CREATE: any write with a later HLC would have moved
+    ``last``, and anything older was reset by the create (HLCs are unique, so no other
+    write has the same one). Nothing is raised."""
+    if data is None:
+        return None
+    try:
+        raw = unpack(data)
+    except ValueError:
+        return None
+    if type(raw) is not list or len(raw) != 6 or raw[0] != _FORMAT:
+        return None
+    created, erased, last, out = raw[1], raw[2], raw[3], raw[5]
+    if erased is not None or out != {} or created is None or created != last:
+        return None
+    try:
+        return hlc_from_list(created)
+    except ValueError:
+        return None
+
+
 def created_rows(ins: Instruction, schema: ModelSchema) -> tuple[bytes, bytes] | None:
     """:func:`created_state` with the rendered values packed too: ``(state bytes, packed
     values)``, both encoded by one packer (what the server stores for a new object)."""

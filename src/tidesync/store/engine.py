@@ -613,6 +613,20 @@ class StoreEngine:
             absent.update(key for sql_pk, key in keys.items() if sql_pk not in present)
         return absent
 
+    def present_keys(self, model: str, keys: Sequence[Any]) -> set[Any]:
+        """Which of ``keys`` (SQL primary-key values of ``model``) have a row in its table;
+        one ``SELECT ... IN`` per 500 keys."""
+        table, pk_col = sv.table_name(model), sv.quote(self.schemas[model].primary_key)
+        present: set[Any] = set()
+        for i in range(0, len(keys), 500):
+            chunk = list(keys[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self.conn.execute(
+                f"SELECT {pk_col} FROM {table} WHERE {pk_col} IN ({marks})", chunk
+            )
+            present.update(r[0] for r in rows)
+        return present
+
     def _insert_new(self, batch: dict[str, list[list[Any]]]) -> None:
         """Write the rows :meth:`apply` batched (and empty ``batch``)."""
         for model, rows in batch.items():
