@@ -52,7 +52,13 @@ from .reset import (
     reset_file,
     too_many_error,
 )
-from .subscriptions import FlexApplier, SubscriptionSetState, compensating_error, query_error
+from .subscriptions import (
+    FlexApplier,
+    SubscriptionSetState,
+    compensating_error,
+    latest_row,
+    query_error,
+)
 
 if TYPE_CHECKING:
     from .app import App, User
@@ -448,7 +454,9 @@ class SessionWorker:
         version, queries, args = self.flex.latest_query()
         if version <= self.query_sent:
             return
-        conn.proto.query(self.session_no, version, queries, args)
+        # a set whose bootstrap this file applied in full: the server may skip sending it again
+        bootstrapped = latest_row(self.engine.conn)[1] == SubscriptionSetState.COMPLETE.value
+        conn.proto.query(self.session_no, version, queries, args, bootstrapped)
         self.query_sent = version
         conn.flush_soon()
 

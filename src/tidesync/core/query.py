@@ -46,6 +46,7 @@ __all__ = [
     "bind",
     "conjoin",
     "evaluate",
+    "is_always_true",
     "like_match",
     "parse",
     "render",
@@ -1067,3 +1068,25 @@ def evaluate(
     Same semantics as the SQL the store runs: the reference implementation.
     """
     return _eval(bound.predicate, values, lookup)
+
+
+def _always(p: BoundPredicate, value: bool) -> bool:
+    """Does ``p`` evaluate to ``value`` on every object, by its shape alone?"""
+    if isinstance(p, BoundNot):
+        return _always(p.term, not value)
+    if not isinstance(p, BoolOp):
+        return False  # a comparison depends on the object
+    if p.op in ("true", "false"):
+        return (p.op == "true") is value
+    # and: true when all terms are, false when one is; or: the other way round
+    every = (p.op == "and") is value
+    terms = (_always(t, value) for t in p.terms)
+    return all(terms) if every else any(terms)
+
+
+def is_always_true(bound: BoundQuery) -> bool:
+    """True when ``bound`` matches every object whatever its values (``TRUEPREDICATE``,
+    what ``db.all(Model)`` subscribes with, and constant combinations of it), so a caller
+    may skip :func:`evaluate`. Conservative: False for any comparison, even one that
+    happens to hold for every stored object."""
+    return _always(bound.predicate, True)

@@ -322,8 +322,10 @@ class ClientProtocol:
         query_version: int,
         queries: dict[str, list[str]],
         args: dict[str, list[list[Any]]] | None = None,
+        bootstrapped: bool = False,
     ) -> None:
-        """Queue QUERY: subscription set ``query_version`` (above any sent before)."""
+        """Queue QUERY: subscription set ``query_version`` (above any sent before);
+        ``bootstrapped``: the device already holds this set's complete bootstrap."""
         state = self._bound(session)
         if query_version <= state.query_version:
             raise LocalProtocolError(
@@ -335,6 +337,7 @@ class ClientProtocol:
                 query_version,
                 {k: list(v) for k, v in queries.items()},
                 {k: [list(a) for a in v] for k, v in (args or {}).items()},
+                bootstrapped,
             )
         )
         state.query_version = query_version

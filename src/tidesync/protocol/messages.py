@@ -317,6 +317,9 @@ class Query:
     queries: dict[str, list[str]]
     #: Per model, the arguments of each query (``$0``, ``$1`` ...), parallel to ``queries``.
     args: dict[str, list[list[Any]]] = field(default_factory=dict)
+    #: The device already holds this set's complete bootstrap (a QUERY re-sent after a
+    #: reconnect): the server may skip the bootstrap if it knows the view is unchanged.
+    bootstrapped: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -131,6 +131,8 @@ class QueryReceived:
     queries: dict[str, list[str]]
     #: Per model, each query's arguments (parallel to ``queries``).
     args: dict[str, list[list[Any]]] = field(default_factory=dict)
+    #: The device says it holds this set's complete bootstrap (see ``Query.bootstrapped``).
+    bootstrapped: bool = False
 
 
 #: Anything :meth:`ServerProtocol.receive_data` returns.
@@ -345,7 +347,9 @@ class ServerProtocol:
                 msg.session,
             )
         state.query_version = msg.query_version
-        return [QueryReceived(msg.session, msg.query_version, msg.queries, msg.args)]
+        return [
+            QueryReceived(msg.session, msg.query_version, msg.queries, msg.args, msg.bootstrapped)
+        ]
 
     def _known(self, session: int, what: str) -> _Session:
         state = self._sessions.get(session)

@@ -29,13 +29,15 @@ import asyncio
 import inspect
 import logging
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..core import query as q
 from ..core.changeset import Changeset, Instruction, Op
-from ..core.merge import ObjectState
-from ..core.packing import pack, pack_instructions, unpack, unpack_instructions
+from ..core.hlc import HLC
+from ..core.merge import ObjectState, created_at, created_state
+from ..core.packing import pack, pack_each, pack_instructions, unpack, unpack_instructions
 from ..core.schema import ModelSchema
 from ..errors import QueryError
 from ..protocol.messages import (
@@ -47,7 +49,7 @@ from ..protocol.messages import (
     compensating_message,
 )
 from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
-from .storage.base import ObjectKey, StoredObject
+from .storage.base import ObjectKey, StoredObject, gc_paused
 
 if TYPE_CHECKING:
     from .hub import SyncConnection, SyncHub, _Session
@@ -104,6 +106,25 @@ def bind_subscriptions(
 
 
 @dataclass
+class CheckedUpload:
+    """What :func:`check_upload` remembers of an upload until it is acknowledged."""
+
+    #: The upload's last client version (reconciled once the session's ack reaches it).
+    version: int
+    #: Every object the upload touched.
+    touched: set[ObjectKey]
+    #: ``(model, pk, reason)`` of each refused object.
+    refused: list[tuple[str, Any, str]]
+    #: Objects the upload touched with nothing but one CREATE: key -> ``(that CREATE's
+    #: HLC, visible to the device with the values it gives)``. When the stored state is
+    #: still that CREATE's alone (:func:`~tidesync.core.merge.created_at`), the device
+    #: holds the very same state (it made it), so reconciling sends nothing for it.
+    created: dict[ObjectKey, tuple[HLC, bool]] = field(default_factory=dict)
+    #: The subscriptions and permissions ``created``'s visibility was judged with.
+    judged_with: tuple[Any, Any] = (None, None)
+
+
+@dataclass
 class FlexView:
     """One session's view: permissions, subscriptions and what the device holds."""
 
@@ -112,12 +133,19 @@ class FlexView:
     #: None: every model (a session that sent no QUERY, under rules).
     subs: SubscriptionQueries | None
     held: set[ObjectKey] = field(default_factory=set)
+    #: False when ``held`` is not all the device holds (a bootstrap skipped on reconnect,
+    #: see :func:`on_query`): an object outside ``held`` may be on the device, so one that
+    #: is touched and no longer visible is evicted (a no-op on a device that lacks it).
+    held_complete: bool = True
+    #: A flexible BIND's view until its first QUERY: nothing is downloaded meanwhile (with
+    #: no subscriptions yet, the log would be filtered to nothing and the cursor moved on).
+    awaiting_query: bool = False
+    #: The QUERY's ``(queries, args)`` as received (None: no QUERY yet).
+    queries: tuple[Any, Any] | None = None
     #: A bootstrap is owed for this query version (None: none owed).
     bootstrap: int | None = None
-    #: Uploads to reconcile once acknowledged: (last client version, touched keys, refused).
-    uploads: list[tuple[int, set[ObjectKey], list[tuple[str, Any, str]]]] = field(
-        default_factory=list
-    )
+    #: Uploads to reconcile once acknowledged (:class:`CheckedUpload`).
+    uploads: list[CheckedUpload] = field(default_factory=list)
 
     def visible(self, model: str, values: dict[str, Any] | None) -> bool:
         """May the device hold this object now?"""
@@ -126,6 +154,13 @@ class FlexView:
         if self.subs is not None and not self.subs.matches(model, values):
             return False
         return self.perms.can_read(model, values)
+
+    def can_refuse(self, model: str) -> bool:
+        """Could a write to ``model`` be refused? Not when there are no rules and one of the
+        model's subscriptions matches every object (``db.all(Model)``)."""
+        if not self.perms.unrestricted or self.subs is None or model not in self.schemas:
+            return True
+        return not any(q.is_always_true(b) for b in self.subs.by_model.get(model, ()))
 
     def in_subscriptions(self, model: str, values: dict[str, Any]) -> bool:
         """Does the object fall inside the session's subscriptions?"""
@@ -203,7 +238,7 @@ async def open_view(conn: SyncConnection, flexible: bool) -> FlexView | None:
     user = await user_of(conn) if rules is not None else user_fields(conn.user_id)
     perms = Permissions(rules, user, schemas)
     if flexible:
-        return FlexView(perms, schemas, SubscriptionQueries(0, {}))
+        return FlexView(perms, schemas, SubscriptionQueries(0, {}), awaiting_query=True)
     return FlexView(perms, schemas, None, bootstrap=0)
 
 
@@ -213,9 +248,16 @@ async def on_query(
     version: int,
     queries: dict[str, list[str]],
     args: dict[str, list[list[Any]]],
+    bootstrapped: bool = False,
 ) -> None:
     """A new subscription set: bind it (QUERY_ERROR if it cannot be served), then owe the
-    device a bootstrap."""
+    device a bootstrap.
+
+    A set re-sent after a reconnect whose bootstrap the device says it applied
+    (``bootstrapped``) is not bootstrapped again when this process sent that bootstrap to
+    this device file under the same queries, rules and user fields (:func:`_remember`):
+    the device is consistent at its download cursor, so the log from there, filtered with
+    ``held_complete`` False, brings it up to date."""
     view = session.flex
     schemas = await conn.hub.storage.get_schemas(conn.app_id)
     if view is None:
@@ -225,6 +267,8 @@ async def on_query(
         subs = bind_subscriptions(version, queries, args, schemas)
     except (QueryError, ValueError, TypeError) as exc:
         message = str(exc)
+        view.awaiting_query = False  # serve the view as it is (the device keeps its old set)
+        session.wake.set()
         log.info("connection %s session %d: query refused: %s", conn.id, session.number, message)
         if conn._sendable(session):
             conn.proto.query_error(session.number, version, message)
@@ -233,10 +277,60 @@ async def on_query(
     view.schemas = schemas
     view.perms.schemas = schemas
     view.subs = subs
+    view.awaiting_query = False
+    view.queries = (queries, args)
+    owed = view.bootstrap is not None  # BIND found the history trimmed: the log cannot do
     view.bootstrap = version
+    if bootstrapped and not owed and _recalled(conn, session, view, queries, args):
+        view.bootstrap = None
+        view.held = set()
+        view.held_complete = False
+        session.sent_query_version = version
     session.flex = view
     session.query_version = version
     session.wake.set()
+
+
+#: Per hub: ``(app, device file) -> (bootstrap's target version, fingerprint)`` of the last
+#: complete bootstrap this process sent, newest last, at most ``_RECALL_LIMIT`` entries.
+_BOOTSTRAPS: weakref.WeakKeyDictionary[
+    SyncHub, OrderedDict[tuple[str, str], tuple[int, tuple[Any, ...]]]
+] = weakref.WeakKeyDictionary()
+_RECALL_LIMIT = 20_000
+
+
+def _fingerprint(view: FlexView, queries: Any, args: Any) -> tuple[Any, ...]:
+    """What the bootstrap depended on: set version, queries, arguments, rules, user fields."""
+    version = view.subs.version if view.subs is not None else 0
+    return (version, queries, args, view.perms.rules, view.perms.user)
+
+
+def _remember(conn: SyncConnection, file_ident: str, view: FlexView, target: int) -> None:
+    """Note that the device file was sent the complete bootstrap of ``view`` (up to log
+    version ``target``)."""
+    if view.subs is None or view.subs.version == 0 or view.queries is None:
+        return
+    known = _BOOTSTRAPS.setdefault(conn.hub, OrderedDict())
+    key = (conn.app_id, file_ident)
+    known.pop(key, None)
+    known[key] = (target, _fingerprint(view, *view.queries))
+    while len(known) > _RECALL_LIMIT:
+        known.popitem(last=False)
+
+
+def _recalled(
+    conn: SyncConnection, session: _Session, view: FlexView, queries: Any, args: Any
+) -> bool:
+    """Did this process send this device file the complete bootstrap of this very view,
+    and is the device's download cursor (from BIND) at or past that bootstrap's target?
+    (A device that applied the bootstrap is; one reset since holds nothing at cursor 0,
+    which the log from 0 also brings up to date when the target was 0.)"""
+    known = _BOOTSTRAPS.get(conn.hub)
+    entry = known.get((conn.app_id, session.file_ident)) if known is not None else None
+    if entry is None:
+        return False
+    target, fingerprint = entry
+    return target <= session.cursor and fingerprint == _fingerprint(view, queries, args)
 
 
 async def catch_up(conn: SyncConnection, session: _Session) -> None:
@@ -245,6 +339,8 @@ async def catch_up(conn: SyncConnection, session: _Session) -> None:
     assert view is not None
     hub, app = conn.hub, conn.app_id
     page_bytes = hub.config.page_bytes
+    if view.awaiting_query:
+        return
     for _ in range(1_000_000):
         if view.bootstrap is not None:
             await _bootstrap(conn, session, view)
@@ -310,16 +406,25 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
                 app, model, queries, rule, after, BOOTSTRAP_BATCH
             )
             sent = 0
-            for row in page.objects:
-                sent += len(row.state)
-                batch.append(ObjectUpdate(model, unpack(row.pk), row.state))
-                batch_bytes += len(row.state)
-                held.add((model, row.pk))
-                if batch_bytes >= page_bytes:
-                    remaining = total - scanned - sent
-                    if not await _send_bootstrap_page(conn, session, view, batch, remaining):
-                        return
-                    batch, batch_bytes = [], 0
+            queued = False
+            # Nothing here awaits, and the collector is paused: the thousands of objects
+            # made per page are encoded (and dropped) before any collection traverses
+            # them, instead of being promoted into the old generation and re-scanned.
+            with gc_paused:
+                for row in page.objects:
+                    state = row.state
+                    sent += len(state)
+                    batch.append(ObjectUpdate(model, unpack(row.pk), state))
+                    batch_bytes += len(state)
+                    held.add((model, row.pk))
+                    if batch_bytes >= page_bytes:
+                        remaining = total - scanned - sent
+                        if not _send_bootstrap_page(conn, session, view, batch, remaining):
+                            return
+                        queued = True
+                        batch, batch_bytes = [], 0
+            if queued:
+                await conn._flush()
             scanned += page.scanned_bytes
             if page.done or page.cursor is None or page.cursor == after:
                 break
@@ -328,6 +433,7 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
         return
     rest = await hub.storage.read_log(app, target, 1, exclude_origin=session.file_ident)
     view.held = held
+    view.held_complete = True
     latest = max(rest.latest_version, session.latest, target)
     acked = session.acked
     conn.proto.download(
@@ -346,6 +452,7 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
     session.sent_query_version = version
     session.first_sent = True
     await conn._flush()
+    _remember(conn, session.file_ident, view, target)
 
 
 def _read_rule(perms: Permissions, model: str) -> tuple[bool, q.BoundQuery | None]:
@@ -356,14 +463,15 @@ def _read_rule(perms: Permissions, model: str) -> tuple[bool, q.BoundQuery | Non
     return bound is not None, bound
 
 
-async def _send_bootstrap_page(
+def _send_bootstrap_page(
     conn: SyncConnection,
     session: _Session,
     view: FlexView,
     batch: list[ObjectUpdate],
     remaining: int,
 ) -> bool:
-    """One BOOTSTRAP_PAGE; False when the bootstrap must stop (session gone or a newer set)."""
+    """Queue one BOOTSTRAP_PAGE (the caller flushes); False when the bootstrap must stop
+    (session gone or a newer set)."""
     if not conn._sendable(session) or view.bootstrap is not None:
         return False
     version = session.query_version if view.subs is not None else 0
@@ -379,7 +487,6 @@ async def _send_bootstrap_page(
         BOOTSTRAP_PAGE,
     )
     session.sent_query_version = version
-    await conn._flush()
     return True
 
 
@@ -414,7 +521,7 @@ async def _filter_page(
         elif now and row is not None:
             objects.append(ObjectUpdate(key[0], keys_of[key], row.state))
             view.held.add(key)
-        elif key in view.held:
+        elif key in view.held or not view.held_complete:
             objects.append(ObjectUpdate(key[0], keys_of[key], None))
             view.held.discard(key)
     out: list[DownloadChangeset] = []
@@ -432,19 +539,36 @@ async def _reconcile_uploads(
     conn: SyncConnection, view: FlexView, acked: int
 ) -> tuple[list[ObjectUpdate], list[tuple[str, Any, str]]]:
     """After an upload is acknowledged: the authoritative state of what it touched (or an
-    eviction), and ERROR 231 for what was refused."""
-    due = [u for u in view.uploads if u[0] <= acked]
+    eviction), and ERROR 231 for what was refused.
+
+    An object the upload only CREATEd whose stored state is still exactly that CREATE's
+    is on the device already, byte for byte: it only joins ``held``.
+    (Anything another device wrote to it, before or after this commit, shows in the
+    stored state, so such an object takes the general path and is sent whole.)"""
+    due = [u for u in view.uploads if u.version <= acked]
     if not due:
         return [], []
-    view.uploads = [u for u in view.uploads if u[0] > acked]
+    view.uploads = [u for u in view.uploads if u.version > acked]
     keys: set[ObjectKey] = set()
     refused: list[tuple[str, Any, str]] = []
     refused_keys: set[ObjectKey] = set()
-    for _, touched, ref in due:
-        keys |= touched
-        refused += ref
-        refused_keys |= {(m, pack(pk)) for m, pk, _ in ref}
-    stored = await conn.hub.storage.get_states(conn.app_id, keys)
+    created: dict[ObjectKey, tuple[HLC, bool]] = {}
+    current = (view.subs, view.perms)
+    for upload in due:
+        keys |= upload.touched
+        refused += upload.refused
+        refused_keys |= {(m, pack(pk)) for m, pk, _ in upload.refused}
+        if upload.judged_with[0] is current[0] and upload.judged_with[1] is current[1]:
+            created.update(upload.created)
+    if created:
+        candidates = [k for k in created if k not in refused_keys]
+        states = await conn.hub.storage.get_state_bytes(conn.app_id, candidates)
+        for key in candidates:
+            hlc, visible = created[key]
+            if visible and created_at(states.get(key)) == hlc:
+                view.held.add(key)
+                keys.discard(key)
+    stored = await conn.hub.storage.get_states(conn.app_id, keys) if keys else {}
     objects: list[ObjectUpdate] = []
     for key in keys:
         row = stored.get(key)
@@ -513,45 +637,105 @@ async def check_upload(
     assert view is not None
     schemas = view.schemas
     keys: dict[ObjectKey, Any] = {}
+    seen: dict[ObjectKey, int] = {}  # instructions per object in the whole upload
+    keyed: list[list[ObjectKey]] = []  # each changeset's instructions' keys
     for cs in changesets:
-        for ins in cs.instructions:
-            keys[(ins.model, pack(ins.pk))] = ins.pk
+        cs_keys = list(
+            zip([i.model for i in cs.instructions], pack_each([i.pk for i in cs.instructions]))
+        )
+        keyed.append(cs_keys)
+        for key, ins in zip(cs_keys, cs.instructions):
+            keys[key] = ins.pk
+            seen[key] = seen.get(key, 0) + 1
     if any(k[0] not in schemas for k in keys):
         schemas = view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
         view.perms.schemas = schemas
-    stored: dict[ObjectKey, StoredObject] = await conn.hub.storage.get_states(conn.app_id, keys)
-    states: dict[ObjectKey, ObjectState] = {}
-    for key in keys:
-        row = stored.get(key)
-        states[key] = ObjectState.from_bytes(row.state) if row is not None else ObjectState()
     refused: list[tuple[str, Any, str]] = []
     refused_keys: set[ObjectKey] = set()
+    created: dict[ObjectKey, tuple[HLC, bool]] = {}
+    judged_with = (view.subs, view.perms)
+    if not any(view.can_refuse(model) for model in {k[0] for k in keys}):
+        # no rules and only always-true subscriptions of these models: nothing is refused;
+        # remember each lone CREATE so that reconciling need not send the object back
+        for cs, cs_keys in zip(changesets, keyed):
+            for key, ins in zip(cs_keys, cs.instructions):
+                if ins.op is Op.CREATE and seen[key] == 1:
+                    created[key] = (ins.hlc, True)
+        view.uploads.append(
+            CheckedUpload(changesets[-1].version, set(keys), [], created, judged_with)
+        )
+        return changesets
+    stored: dict[ObjectKey, StoredObject] = await conn.hub.storage.get_states(conn.app_id, keys)
+    states: dict[ObjectKey, ObjectState] = {}
     out: list[Changeset] = []
-    for cs in changesets:
+    for cs, cs_keys in zip(changesets, keyed):
         groups: dict[ObjectKey, list[Instruction]] = {}
-        for ins in cs.instructions:
-            groups.setdefault((ins.model, pack(ins.pk)), []).append(ins)
+        for key, ins in zip(cs_keys, cs.instructions):
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [ins]
+            else:
+                group.append(ins)
         allowed: set[ObjectKey] = set()
         for key, inss in groups.items():
             schema = schemas.get(key[0])
             if key in refused_keys or schema is None:
                 continue  # unknown model: the storage's validation refuses the batch
-            reason = _refusal(view, schema, states[key], inss)
+            new = None
+            if seen[key] == 1 and key not in stored and inss[0].op is Op.CREATE:
+                new = _created(schema, inss[0])
+            if new is not None:  # a new object made by one CREATE: no state to build
+                after = new[1]
+                reason = _refusal_of_new(view, schema.name, after)
+                if reason is None:
+                    allowed.add(key)
+                    created[key] = (inss[0].hlc, view.visible(schema.name, after))
+                else:
+                    refused.append((key[0], keys[key], reason))
+                    refused_keys.add(key)
+                continue
+            state = states.get(key)
+            if state is None:
+                row = stored.get(key)
+                state = ObjectState.from_bytes(row.state) if row is not None else ObjectState()
+                states[key] = state
+            reason = _refusal(view, schema, state, inss)
             if reason is None:
                 allowed.add(key)
                 for ins in inss:
-                    states[key].apply(ins, schema)
+                    state.apply(ins, schema)
             else:
                 refused.append((key[0], keys[key], reason))
                 refused_keys.add(key)
         if len(allowed) == len(groups):
             out.append(cs)
         else:
-            kept = tuple(i for i in cs.instructions if (i.model, pack(i.pk)) in allowed)
+            kept = tuple(i for k, i in zip(cs_keys, cs.instructions) if k in allowed)
             out.append(Changeset(cs.origin, cs.version, kept))
     if changesets:
-        view.uploads.append((changesets[-1].version, set(keys), refused))
+        view.uploads.append(
+            CheckedUpload(changesets[-1].version, set(keys), refused, created, judged_with)
+        )
     return out
+
+
+def _created(schema: ModelSchema, ins: Instruction) -> tuple[bytes, dict[str, Any]] | None:
+    """``(state bytes, values)`` of a new object after its CREATE ``ins`` alone, or None
+    when the general path must judge it (collection fields, a malformed value)."""
+    try:
+        return created_state(ins, schema)
+    except (ValueError, TypeError, KeyError):
+        return None  # the general path leaves malformed input to the storage's validation
+
+
+def _refusal_of_new(view: FlexView, model: str, after: dict[str, Any]) -> str | None:
+    """:func:`_refusal` for an object that did not exist, created by one CREATE giving
+    ``after`` (the same rules: the write rule on the new values, then the subscriptions)."""
+    if not view.perms.can_write(model, after):
+        return "the write rule does not allow creating this object"
+    if view.subs is not None and not view.in_subscriptions(model, after):
+        return "the object is outside the session's subscriptions"
+    return None
 
 
 def _refusal(

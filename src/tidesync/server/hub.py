@@ -770,7 +770,9 @@ class SyncConnection:
             )
             self._spawn(self._flush(), "flush")
             return
-        await flexsync.on_query(self, session, event.query_version, event.queries, event.args)
+        await flexsync.on_query(
+            self, session, event.query_version, event.queries, event.args, event.bootstrapped
+        )
 
     # -- downloading ----------------------------------------------------------------------
 

@@ -36,8 +36,8 @@ from typing import Any, Self
 
 from ...core.changeset import Changeset, Instruction
 from ...core.merge import ObjectState
-from ...core.packing import pack_each
-from ...core.query import BoundQuery, evaluate
+from ...core.packing import pack_each, unpack
+from ...core.query import BoundQuery, evaluate, is_always_true
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
 from ...core.validate import validate_changeset
 from ...errors import SchemaMismatchError, TidesyncError
@@ -159,6 +159,36 @@ class StoredObject:
     values: dict[str, Any] | None
 
 
+_setattr = object.__setattr__
+_getattribute = object.__getattribute__
+
+
+class PackedStoredObject(StoredObject):
+    """A :class:`StoredObject` read with its values still packed (``core.packing``): they
+    are unpacked on first read of ``values`` (and kept). Reads, compares and prints like
+    the eagerly unpacked object; a backend returns it where the values are likely unused
+    (a bootstrap of every object only sends the states)."""
+
+    def __init__(self, pk: bytes, state: bytes, vals: bytes) -> None:
+        _setattr(self, "pk", pk)  # the dataclass is frozen
+        _setattr(self, "state", state)
+        _setattr(self, "_vals", vals)
+
+    def __getattr__(self, name: str) -> Any:  # only called for an attribute not set yet
+        if name != "values":
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        values = unpack(_getattribute(self, "_vals"))
+        _setattr(self, "values", values)
+        return values
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StoredObject):
+            return NotImplemented
+        return (self.pk, self.state, self.values) == (other.pk, other.state, other.values)
+
+    __hash__ = StoredObject.__hash__
+
+
 @dataclass(frozen=True)
 class MatchPage:
     """One page of :meth:`ServerStorage.read_matching`.
@@ -182,6 +212,16 @@ def object_matches(
     if rule is not None and not evaluate(rule, values, _no_lookup):
         return False
     return queries is None or any(evaluate(b, values, _no_lookup) for b in queries)
+
+
+def matches_everything(queries: Sequence[BoundQuery] | None, rule: BoundQuery | None) -> bool:
+    """True when :func:`object_matches` holds for every object whatever its values: the read
+    ``rule`` is None (or always true) and ``queries`` is None or holds a query that always
+    matches (``TRUEPREDICATE``, see :func:`~tidesync.core.query.is_always_true`). A backend
+    need not evaluate anything, nor decode the objects' values, then."""
+    if rule is not None and not is_always_true(rule):
+        return False
+    return queries is None or any(is_always_true(b) for b in queries)
 
 
 def _no_lookup(model: str, pk: Any) -> dict[str, Any] | None:
@@ -284,6 +324,13 @@ class ServerStorage(abc.ABC):
     ) -> dict[ObjectKey, StoredObject]:
         """The stored objects (alive or erased) of ``keys``; keys never stored are absent."""
         raise StorageError(f"{type(self).__name__} does not support flexible sync yet")
+
+    async def get_state_bytes(
+        self, app_id: str, keys: Iterable[ObjectKey]
+    ) -> dict[ObjectKey, bytes]:
+        """Just the merge state bytes of ``keys`` (alive or erased; keys never stored are
+        absent). This default reads :meth:`get_states`; a backend may skip the values."""
+        return {key: obj.state for key, obj in (await self.get_states(app_id, keys)).items()}
 
     async def objects_size(self, app_id: str, model: str) -> tuple[int, int]:
         """``(count, total state bytes)`` of the alive objects of ``model``."""

@@ -511,6 +511,9 @@ class StorageConformance:
         many = [("Task", pack(f"m{i}")) for i in range(1200)]
         assert await storage.get_states(app, many) == {}
         assert await storage.get_states(app, []) == {}
+        raw = await storage.get_state_bytes(app, [*keys, *many])
+        assert raw == {key: obj.state for key, obj in states.items()}
+        assert await storage.get_state_bytes(app, []) == {}
 
     async def test_objects_size_counts_alive_objects(
         self, storage: ServerStorage, app: str

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from ...core.changeset import Op
 from ...core.merge import ObjectState, created_rows, created_rows_many
 from ...core.packing import pack, pack_instructions, unpack
+from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
 from .base import (
     BatchRejectedError,
@@ -31,7 +32,9 @@ from .base import (
     HistoryTrimmedError,
     LogEntry,
     LogPage,
+    MatchPage,
     ObjectKey,
+    PackedStoredObject,
     RejectReason,
     ServerStorage,
     StorageError,
@@ -41,6 +44,7 @@ from .base import (
     apply_changesets,
     gc_paused,
     instructions_by_object,
+    matches_everything,
     merge_schemas,
     select_new_changesets,
 )
@@ -466,6 +470,36 @@ class SQLiteStorage(ServerStorage):
         ).fetchall()
         return [StoredObject(pk, state, unpack(vals)) for pk, state, vals in rows]
 
+    async def read_matching(
+        self,
+        app_id: str,
+        model: str,
+        queries: Sequence[BoundQuery] | None,
+        rule: BoundQuery | None,
+        after: bytes | None,
+        limit: int,
+    ) -> MatchPage:
+        """The next objects after ``after`` matching ``queries`` and ``rule`` (see
+        ``ServerStorage.read_matching``). When every object matches (no read rule, and no
+        query or a ``TRUEPREDICATE`` one: :func:`~.base.matches_everything`), nothing is
+        evaluated and each object's values stay packed until first read (a bootstrap of
+        everything only sends the states)."""
+        if not matches_everything(queries, rule):
+            return await super().read_matching(app_id, model, queries, rule, after, limit)
+        return await self._run(self._read_all_sync, app_id, model, after, limit)
+
+    def _read_all_sync(self, app_id: str, model: str, after: bytes | None, limit: int) -> MatchPage:
+        limit = max(1, limit)
+        with gc_paused:  # thousands of short-lived objects that form no cycles
+            rows = self._db.execute(
+                "SELECT pk, state, vals FROM objects WHERE app = ? AND model = ? AND alive = 1 "
+                "AND pk > ? ORDER BY pk LIMIT ?",
+                (app_id, model, after if after is not None else b"", limit),
+            ).fetchall()
+            hits: list[StoredObject] = [PackedStoredObject(pk, st, vals) for pk, st, vals in rows]
+        scanned = sum(len(row.state) for row in hits)
+        return MatchPage(hits, rows[-1][0] if rows else after, scanned, len(rows) < limit)
+
     async def get_states(
         self, app_id: str, keys: Iterable[ObjectKey]
     ) -> dict[ObjectKey, StoredObject]:
@@ -490,6 +524,30 @@ class SQLiteStorage(ServerStorage):
                     out[(model, pk)] = StoredObject(
                         pk, state, unpack(vals) if vals is not None else None
                     )
+        return out
+
+    async def get_state_bytes(
+        self, app_id: str, keys: Iterable[ObjectKey]
+    ) -> dict[ObjectKey, bytes]:
+        """The state bytes of ``keys`` (the values are not read)."""
+        return await self._run(self._get_state_bytes_sync, app_id, list(keys))
+
+    def _get_state_bytes_sync(self, app_id: str, keys: list[ObjectKey]) -> dict[ObjectKey, bytes]:
+        by_model: dict[str, list[bytes]] = {}
+        for model, pk in keys:
+            by_model.setdefault(model, []).append(pk)
+        out: dict[ObjectKey, bytes] = {}
+        for model, pks in by_model.items():
+            for i in range(0, len(pks), _CHUNK):
+                chunk = pks[i : i + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = self._db.execute(
+                    "SELECT pk, state FROM objects WHERE app = ? AND model = ? "
+                    f"AND pk IN ({marks})",
+                    (app_id, model, *chunk),
+                )
+                for pk, state in rows:
+                    out[(model, pk)] = state
         return out
 
     async def objects_size(self, app_id: str, model: str) -> tuple[int, int]:

@@ -1,0 +1,181 @@
+"""Reconciling a flexible-sync upload: objects the device created from nothing are not sent
+back to it (it holds them byte for byte), yet every device still converges when another
+device writes to such an object before the reconciliation (server/flexsync.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tidesync as ts
+from tidesync.server import flexsync
+from tidesync.testing import TestServer
+
+FAST = ts.SyncTimeoutOptions(
+    connect_timeout=5,
+    reconnect_initial_delay=0.1,
+    reconnect_max_delay=0.5,
+    ping_keep_alive_period=2,
+    pong_keep_alive_timeout=4,
+    connection_linger_time=1,
+)
+T = ts.TimeoutCancellationToken
+
+
+class Item(ts.Model):
+    id: str = ts.primary_key()
+    label: str = ""
+    n: int = 0
+
+
+class Bag(ts.Model):  # collection fields (the general path under narrower subscriptions)
+    id: str = ts.primary_key()
+    tags: list[str] = ts.field(default_factory=list)
+
+
+class Device:
+    def __init__(self, root: Path, name: str, url: str) -> None:
+        self.app = ts.App(
+            ts.AppConfiguration("rec", base_url=url, base_path=root / name, sync_timeouts=FAST)
+        )
+        self.errors: list[Exception] = []
+        self.db: ts.Database | None = None
+        #: every ObjectUpdate this device received: (model, pk, state is None)
+        self.objects: list[tuple[str, Any, bool]] = []
+
+    async def open(self, query: str = "TRUEPREDICATE") -> ts.Database:
+        user = await self.app.log_in(ts.Credentials.anonymous())
+        config = ts.Configuration.flexible_sync(
+            user, [Item, Bag], sync_error_handler=lambda s, e: self.errors.append(e)
+        )
+        db = self.db = ts.Database(config)
+        worker = db.sync_session._worker
+        original = worker.on_download
+
+        def record(ev: Any) -> None:
+            self.objects += [(o.model, o.pk, o.state is None) for o in ev.objects]
+            original(ev)
+
+        worker.on_download = record
+        with db.subscriptions.update() as subs:
+            subs.add(db.query(Item, query), name="items")
+            subs.add(db.all(Bag), name="bags")
+        await db.subscriptions.wait_for_synchronization(T(20))
+        return db
+
+    async def settle(self) -> None:
+        assert self.db is not None
+        await self.db.sync_session.wait_for_upload(T(20))
+        await self.db.sync_session.wait_for_download(T(20))
+
+    def items(self) -> dict[str, tuple[str, int]]:
+        assert self.db is not None
+        return {i.id: (i.label, i.n) for i in self.db.all(Item)}
+
+
+async def eventually(check: Callable[[], bool], limit: float = 20) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[TestServer]:
+    with TestServer(tmp_path / "server") as s:
+        yield s
+
+
+@pytest.fixture
+async def devices(tmp_path: Path, server: TestServer) -> AsyncIterator[Any]:
+    made: list[Device] = []
+
+    async def make(name: str, query: str = "TRUEPREDICATE") -> Device:
+        d = Device(tmp_path, name, server.url)
+        await d.open(query)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        if d.db is not None:
+            d.db.close()
+        d.app.close()
+
+
+async def test_created_objects_are_not_sent_back(devices: Any) -> None:
+    a, b = await devices("a"), await devices("b")
+    assert a.db is not None and b.db is not None
+    with a.db.write():
+        for i in range(200):
+            a.db.add(Item(id=f"i{i}", label="a", n=i))
+        a.db.add(Bag(id="bag", tags=["x"]))
+    await a.settle()
+    await eventually(lambda: len(b.items()) == 200)
+    assert a.objects == []  # nothing was sent back
+    # A holds them on the server's books too: B's later change reaches A as an instruction
+    b.objects.clear()
+    with b.db.write():
+        b.db.add(Item(id="i7", label="b", n=7), update=True)
+    await b.settle()
+    await eventually(lambda: a.items().get("i7") == ("b", 7))
+    await a.settle()
+    assert a.items() == b.items()
+    assert not a.errors and not b.errors
+
+
+async def test_created_objects_outside_the_subscription_are_refused(devices: Any) -> None:
+    a = await devices("a", "n < 10")
+    assert a.db is not None
+    with a.db.write():
+        a.db.add(Item(id="in", n=1))
+        a.db.add(Item(id="out", n=50))
+    await a.settle()
+    await eventually(lambda: bool(a.errors))
+    assert isinstance(a.errors[0], ts.CompensatingWriteError)
+    await eventually(lambda: set(a.items()) == {"in"})
+    assert ("Item", "out", True) in a.objects  # the refused object is dropped from A
+    assert ("Item", "in", False) not in a.objects  # the allowed one is not sent back
+
+
+async def test_a_write_before_the_reconciliation_still_converges(
+    devices: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """B changes A's new object after A's commit but before A's upload is reconciled: the
+    stored state is no longer what A's CREATE alone gives, so A gets it whole."""
+    a, b = await devices("a"), await devices("b")
+    assert a.db is not None and b.db is not None
+    release = threading.Event()
+    original = flexsync._reconcile_uploads
+    held_back = threading.Event()
+
+    async def slow(conn: Any, view: Any, acked: int) -> Any:
+        if any(u.created for u in view.uploads if u.version <= acked) and not release.is_set():
+            held_back.set()
+            for _ in range(400):  # bounded: at most 20 s
+                if release.is_set():
+                    break
+                await asyncio.sleep(0.05)
+        return await original(conn, view, acked)
+
+    monkeypatch.setattr(flexsync, "_reconcile_uploads", slow)
+    with a.db.write():
+        a.db.add(Item(id="x", label="a", n=1))
+    await eventually(held_back.is_set)
+    await eventually(lambda: "x" in b.items())
+    with b.db.write():
+        b.db.add(Item(id="x", label="b", n=2), update=True)
+    await b.db.sync_session.wait_for_upload(T(20))
+    release.set()
+    await eventually(lambda: a.items().get("x") == ("b", 2))
+    await a.settle()
+    await b.settle()
+    assert a.items() == b.items() == {"x": ("b", 2)}
+    assert not a.errors and not b.errors
