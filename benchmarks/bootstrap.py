@@ -5,15 +5,12 @@ the bootstrap (VmHWM, reset just before via ``/proc/self/clear_refs``)."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import time
 from pathlib import Path
 
-import tidesync as ts
-
-from .common import Bench, Device, peak_mib, proc_status, rows, start_server, write_objects
+from .common import Device, peak_mib, proc_status, rows, start_server, write_objects
 from .harness import Context, Measurement
 
 GROUP = "bootstrap"
@@ -45,10 +42,7 @@ def _run(ctx: Context, n: int, run: int) -> tuple[float, float, float, int]:
         b.log_in()
         reset = _reset_peak()
         start = time.perf_counter()
-        bdb = b.open()
-        with bdb.subscriptions.update() as subs:
-            subs.add(bdb.all(Bench), name="all")
-        asyncio.run(bdb.subscriptions.wait_for_synchronization(ts.TimeoutCancellationToken(LIMIT)))
+        b.open()  # subscribes to all Bench objects and waits until the set is COMPLETE
         elapsed = time.perf_counter() - start
         held = b.count()
         if held != n or b.errors:

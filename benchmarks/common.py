@@ -81,13 +81,27 @@ class Device:
         self.user = asyncio.run(self.app.log_in(ts.Credentials.anonymous()))
         return self.user
 
-    def open(self) -> ts.Database:
-        """Open the synced database (the session starts at once)."""
+    def open(self, subscribe: bool = True) -> ts.Database:
+        """Open the synced database (the session starts at once). With ``subscribe`` (what
+        a flexible-sync app does) the device subscribes to every Bench object and waits
+        until the subscription is COMPLETE; without it the file stays in whole-app mode (no
+        subscription set: it syncs everything its user may read)."""
         user = self.user or self.log_in()
+
+        def initial(db: ts.Database) -> None:  # before the session starts, as apps do
+            with db.subscriptions.update() as subs:
+                subs.add(db.all(Bench), name="all")
+
         config = ts.Configuration.flexible_sync(
-            user, [Bench], sync_error_handler=lambda s, e: self.errors.append(e)
+            user,
+            [Bench],
+            sync_error_handler=lambda s, e: self.errors.append(e),
+            initial_subscriptions=initial if subscribe else None,
         )
         self.db = ts.Database(config)
+        if subscribe:
+            token = ts.TimeoutCancellationToken(900)
+            asyncio.run(self.db.subscriptions.wait_for_synchronization(token))
         return self.db
 
     def count(self) -> int:

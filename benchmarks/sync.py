@@ -17,16 +17,19 @@ GROUP = "sync"
 LIMIT = 600.0
 
 
-def _push_pull(ctx: Context, n: int, run: int) -> tuple[float, float, float]:
+def _push_pull(
+    ctx: Context, n: int, run: int, subscribe: bool = True
+) -> tuple[float, float, float]:
     """One run: A writes n objects while paused; time to acknowledgement; then a fresh B
-    pulls them all. Returns (push s, pull s, server peak MiB)."""
-    root = ctx.workdir / f"pushpull-{run}"
+    pulls them all (subscribing to all of them, or in whole-app mode without
+    subscriptions). Returns (push s, pull s, server peak MiB)."""
+    root = ctx.workdir / f"pushpull-{run}-{'sub' if subscribe else 'all'}"
     shutil.rmtree(root, ignore_errors=True)
     server = start_server(root, "server")
     a = Device(root, "a", server.url)
     b = Device(root, "b", server.url)
     try:
-        db = a.open()
+        db = a.open(subscribe)
         a.wait_upload(60)  # connected and bound, nothing to upload yet
         db.sync_session.pause()
         # changesets are capped at 4 MiB by the server: 10,000 objects per transaction
@@ -37,7 +40,7 @@ def _push_pull(ctx: Context, n: int, run: int) -> tuple[float, float, float]:
         push = time.perf_counter() - start
         b.log_in()
         start = time.perf_counter()
-        b.open()
+        b.open(subscribe)
         b.wait_count(n, LIMIT)
         pull = time.perf_counter() - start
         if a.errors or b.errors:
@@ -122,25 +125,33 @@ def run(ctx: Context) -> None:
     """Record the sync benchmarks."""
     n = 10_000 if ctx.quick else 100_000
     ctx.log(f"{GROUP}: N = {n:,}")
-    push: list[float] = []
-    pull: list[float] = []
-    mem: list[float] = []
-    for r in range(ctx.repeats):
-        p, q, m = _push_pull(ctx, n, r)
-        ctx.log(f"  push {p:.3f} s, pull {q:.3f} s, server peak {m:.1f} MiB")
-        push.append(p)
-        pull.append(q)
-        mem.append(m)
     floor = f"floor: sqlite3 insert + websocket transfer {n:,}"
-    ctx.record(Measurement(GROUP, f"tidesync push {n:,}", "s", push, floor, "until acknowledged"))
-    ctx.record(
-        Measurement(GROUP, f"tidesync push {n:,} vs PouchDB", "s", push, f"PouchDB push {n:,}")
-    )
-    ctx.record(Measurement(GROUP, f"tidesync pull {n:,}", "s", pull, floor, "fresh device"))
-    ctx.record(
-        Measurement(GROUP, f"tidesync pull {n:,} vs PouchDB", "s", pull, f"PouchDB pull {n:,}")
-    )
-    ctx.record(Measurement(GROUP, "server peak RSS, push + pull", "MiB", mem))
+    for subscribe in (True, False):
+        push: list[float] = []
+        pull: list[float] = []
+        mem: list[float] = []
+        for r in range(ctx.repeats):
+            p, q, m = _push_pull(ctx, n, r, subscribe)
+            mode = "subscribed" if subscribe else "whole-app mode"
+            ctx.log(f"  {mode}: push {p:.3f} s, pull {q:.3f} s, server peak {m:.1f} MiB")
+            push.append(p)
+            pull.append(q)
+            mem.append(m)
+        # the headline figures: devices subscribe, as a flexible-sync app does
+        tag = "" if subscribe else ", whole-app mode"
+        how = "subscribed to all" if subscribe else "no subscription: syncs everything"
+        pouch_push, pouch_pull = f"PouchDB push {n:,}", f"PouchDB pull {n:,}"
+        ctx.record(
+            Measurement(GROUP, f"tidesync push {n:,}{tag}", "s", push, floor, f"{how}; acked")
+        )
+        ctx.record(
+            Measurement(GROUP, f"tidesync push {n:,}{tag} vs PouchDB", "s", push, pouch_push)
+        )
+        ctx.record(Measurement(GROUP, f"tidesync pull {n:,}{tag}", "s", pull, floor, how))
+        ctx.record(
+            Measurement(GROUP, f"tidesync pull {n:,}{tag} vs PouchDB", "s", pull, pouch_pull)
+        )
+        ctx.record(Measurement(GROUP, f"server peak RSS, push + pull{tag}", "MiB", mem))
     e2e: list[float] = []
     mem = []
     for r in range(ctx.repeats):
