@@ -72,7 +72,12 @@ class Device:
 
     def cards(self) -> dict[str, tuple[int, str]]:
         assert self.db is not None
-        return {c.id: (c.n, c.text) for c in self.db.all(Card)}
+        for _ in range(50):  # the sync thread may drop an object while it is being read
+            try:
+                return {c.id: (c.n, c.text) for c in self.db.all(Card)}
+            except ts.ObjectDeletedError:
+                continue
+        raise AssertionError("the objects kept changing while being read")
 
 
 async def eventually(check: Callable[[], bool], limit: float = 20) -> None:

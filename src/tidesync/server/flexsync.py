@@ -49,7 +49,7 @@ from ..protocol.messages import (
     compensating_message,
 )
 from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
-from .storage.base import ObjectKey, StoredObject, gc_paused
+from .storage.base import ObjectKey, StoredObject, UploadResult, gc_paused
 
 if TYPE_CHECKING:
     from .hub import SyncConnection, SyncHub, _Session
@@ -122,6 +122,20 @@ class CheckedUpload:
     created: dict[ObjectKey, tuple[HLC, bool]] = field(default_factory=dict)
     #: The subscriptions and permissions ``created``'s visibility was judged with.
     judged_with: tuple[Any, Any] = (None, None)
+    #: Objects the device held when it wrote them, of models the view shows whole, that
+    #: the upload does not ERASE: still visible, nothing to send (unless refused).
+    stay_visible: frozenset[ObjectKey] = frozenset()
+    #: Once committed: the objects the storage integrated as made by one CREATE alone
+    #: (``UploadResult.created``; see :func:`note_committed`).
+    committed: frozenset[ObjectKey] | None = None
+
+
+def note_committed(view: FlexView, version: int, result: UploadResult) -> None:
+    """Record an upload's commit on the upload checked for it (``version``: its last)."""
+    for upload in reversed(view.uploads):
+        if upload.version == version:
+            upload.committed = frozenset(result.created)
+            return
 
 
 @dataclass
@@ -510,16 +524,28 @@ async def _filter_page(
     if any(ins.model not in view.schemas for _, inss in decoded for ins in inss):
         view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
         view.perms.schemas = view.schemas
-    stored = await conn.hub.storage.get_states(conn.app_id, touched)
     keep: set[ObjectKey] = set()
+    known = _known_states(conn, view, decoded)
+    for key, (known_bytes, _) in known.items():
+        if known_bytes is None:
+            keep.add(key)  # held, still visible: its instructions go as they are
+    to_read = [key for key in touched if key not in known]
+    stored = await conn.hub.storage.get_states(conn.app_id, to_read) if to_read else {}
     objects: list[ObjectUpdate] = []
     for key in touched:
-        row = stored.get(key)
-        now = row is not None and view.visible(key[0], row.values)
+        if key in keep:
+            continue
+        known_state = known.get(key)
+        if known_state is not None:
+            state, values = known_state
+        else:
+            row = stored.get(key)
+            state, values = (row.state, row.values) if row is not None else (None, None)
+        now = state is not None and view.visible(key[0], values)
         if now and key in view.held:
             keep.add(key)
-        elif now and row is not None:
-            objects.append(ObjectUpdate(key[0], keys_of[key], row.state))
+        elif now and state is not None:
+            objects.append(ObjectUpdate(key[0], keys_of[key], state))
             view.held.add(key)
         elif key in view.held or not view.held_complete:
             objects.append(ObjectUpdate(key[0], keys_of[key], None))
@@ -535,16 +561,66 @@ async def _filter_page(
     return out, objects
 
 
+def _known_states(
+    conn: SyncConnection, view: FlexView, decoded: list[tuple[Any, tuple[Instruction, ...]]]
+) -> dict[ObjectKey, tuple[bytes | None, dict[str, Any] | None]]:
+    """The objects of a log page whose state the filter need not read:
+
+    - held objects of models the view shows whole (no rules, an always-true subscription)
+      that the page does not ERASE stay visible: ``(None, None)``, keep the instructions;
+    - objects the page touches only with the CREATE that made them alone (the hub's
+      ``recent_creates`` has that CREATE's server version): their state as of that
+      version is the CREATE's (``created_state``), ``(state bytes, values)``; anything
+      written to them later is in later log entries, which they are sent as instructions
+      once held.
+    """
+    recent = conn.hub.recent_creates.get(conn.app_id)
+    counts: dict[ObjectKey, int] = {}
+    erased: set[ObjectKey] = set()
+    single: dict[ObjectKey, tuple[int, Instruction]] = {}
+    for e, instructions in decoded:
+        for ins in instructions:
+            key = (ins.model, pack(ins.pk))
+            counts[key] = counts.get(key, 0) + 1
+            if ins.op is Op.ERASE:
+                erased.add(key)
+            single[key] = (e.server_version, ins)
+    out: dict[ObjectKey, tuple[bytes | None, dict[str, Any] | None]] = {}
+    shows_all: dict[str, bool] = {}
+    for key, count in counts.items():
+        model = key[0]
+        if key in view.held:
+            whole = shows_all.get(model)
+            if whole is None:
+                whole = shows_all[model] = not view.can_refuse(model)
+            if whole and key not in erased:
+                out[key] = (None, None)
+            continue
+        if count != 1 or recent is None:
+            continue
+        version, ins = single[key]
+        schema = view.schemas.get(model)
+        if ins.op is not Op.CREATE or schema is None or recent.get(key) != version:
+            continue
+        made = _created(schema, ins)
+        if made is not None:
+            out[key] = made
+    return out
+
+
 async def _reconcile_uploads(
     conn: SyncConnection, view: FlexView, acked: int
 ) -> tuple[list[ObjectUpdate], list[tuple[str, Any, str]]]:
     """After an upload is acknowledged: the authoritative state of what it touched (or an
     eviction), and ERROR 231 for what was refused.
 
-    An object the upload only CREATEd whose stored state is still exactly that CREATE's
-    is on the device already, byte for byte: it only joins ``held``.
-    (Anything another device wrote to it, before or after this commit, shows in the
-    stored state, so such an object takes the general path and is sent whole.)"""
+    An object the upload only CREATEd is on the device already, byte for byte, when the
+    storage integrated it as made by that CREATE alone (``UploadResult.created``) or,
+    failing that, when its stored state is still that CREATE's alone
+    (:func:`~tidesync.core.merge.created_at`): it only joins ``held``. Whatever another
+    device writes to it after this commit is in the log at a later version, which the
+    device is sent as instructions (the object is held) or, when the page is filtered
+    before this, whole (visible and not held yet)."""
     due = [u for u in view.uploads if u.version <= acked]
     if not due:
         return [], []
@@ -558,8 +634,18 @@ async def _reconcile_uploads(
         keys |= upload.touched
         refused += upload.refused
         refused_keys |= {(m, pack(pk)) for m, pk, _ in upload.refused}
-        if upload.judged_with[0] is current[0] and upload.judged_with[1] is current[1]:
-            created.update(upload.created)
+        if upload.judged_with[0] is not current[0] or upload.judged_with[1] is not current[1]:
+            continue
+        for key in upload.stay_visible:
+            if key in view.held and key not in refused_keys:
+                keys.discard(key)
+        confirmed = upload.committed or frozenset()
+        for key, (hlc, visible) in upload.created.items():
+            if key not in confirmed:
+                created[key] = (hlc, visible)
+            elif visible and key not in refused_keys:
+                view.held.add(key)
+                keys.discard(key)
     if created:
         candidates = [k for k in created if k not in refused_keys]
         states = await conn.hub.storage.get_state_bytes(conn.app_id, candidates)
@@ -620,10 +706,20 @@ class WriteGuard:
             self._lock.release()
 
 
-def write_guard(conn: SyncConnection, session: _Session) -> WriteGuard:
-    """The guard of an upload of ``session`` (a no-op when the session has no view)."""
-    if session.flex is None:
+def write_guard(
+    conn: SyncConnection, session: _Session, changesets: list[Changeset] | None = None
+) -> WriteGuard:
+    """The guard of an upload of ``session``: a no-op when the session has no view, or
+    when nothing in ``changesets`` can be refused (no rules, and an always-true
+    subscription of every model they write: the check reads no stored state, and without
+    rules no other check's outcome guards anything but the soft subscription bounds)."""
+    view = session.flex
+    if view is None:
         return WriteGuard(None)
+    if changesets is not None:
+        models = {ins.model for cs in changesets for ins in cs.instructions}
+        if not any(view.can_refuse(model) for model in models):
+            return WriteGuard(None)
     locks = _WRITE_LOCKS.setdefault(conn.hub, {})
     return WriteGuard(locks.setdefault(conn.app_id, asyncio.Lock()))
 
@@ -657,12 +753,16 @@ async def check_upload(
     if not any(view.can_refuse(model) for model in {k[0] for k in keys}):
         # no rules and only always-true subscriptions of these models: nothing is refused;
         # remember each lone CREATE so that reconciling need not send the object back
+        erased: set[ObjectKey] = set()
         for cs, cs_keys in zip(changesets, keyed):
             for key, ins in zip(cs_keys, cs.instructions):
                 if ins.op is Op.CREATE and seen[key] == 1:
                     created[key] = (ins.hlc, True)
+                elif ins.op is Op.ERASE:
+                    erased.add(key)
+        stay = frozenset(k for k in keys if k in view.held and k not in erased)
         view.uploads.append(
-            CheckedUpload(changesets[-1].version, set(keys), [], created, judged_with)
+            CheckedUpload(changesets[-1].version, set(keys), [], created, judged_with, stay)
         )
         return changesets
     stored: dict[ObjectKey, StoredObject] = await conn.hub.storage.get_states(conn.app_id, keys)

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
@@ -68,6 +69,7 @@ from .storage.base import (
     ClientOwnershipError,
     CursorAheadError,
     HistoryTrimmedError,
+    ObjectKey,
     ServerStorage,
     StorageError,
     UploadBatch,
@@ -76,6 +78,9 @@ from .storage.base import (
 )
 
 log = logging.getLogger("tidesync.server.hub")
+
+#: How many recently created objects the hub remembers per app (``SyncHub.recent_creates``).
+RECENT_CREATES = 50_000
 
 #: WebSocket close codes.
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
@@ -209,6 +214,11 @@ class SyncHub:
         self._sessions: dict[str, set[_Session]] = {}
         self._unwatch: dict[str, Callable[[], None]] = {}  # app -> stop watching storage
         self._accepting = True
+        #: Per app, the objects recent uploads made with one CREATE alone (newest last, at
+        #: most ``RECENT_CREATES`` per app): key -> the server version of that CREATE
+        #: (``UploadResult.created``). Flexible sync sends such an object whole without
+        #: reading it (``flexsync._filter_page``).
+        self.recent_creates: dict[str, OrderedDict[ObjectKey, int]] = {}
         #: Trims history older than ``config.history_retention`` (None when off).
         self.trimmer: HistoryTrimmer | None = None
         if config.history_retention > 0:
@@ -275,6 +285,12 @@ class SyncHub:
         self.notify(app_id)
 
     def _committed(self, batches: list[UploadBatch], results: list[UploadResult]) -> None:
+        for batch, result in zip(batches, results):
+            if result.created:
+                recent = self.recent_creates.setdefault(batch.app_id, OrderedDict())
+                recent.update(result.created)
+                while len(recent) > RECENT_CREATES:
+                    recent.popitem(last=False)
         for app_id in {b.app_id for b, r in zip(batches, results) if r.server_versions}:
             self.notify(app_id)
 
@@ -732,7 +748,7 @@ class SyncConnection:
         if not changesets:
             return
         # a rule check and its commit are one step per app (server/flexsync.py)
-        async with flexsync.write_guard(self, session) as guard:
+        async with flexsync.write_guard(self, session, changesets) as guard:
             if session.flex is not None:
                 changesets = await flexsync.check_upload(self, session, changesets)
             batch = UploadBatch(self.app_id, session.file_ident, changesets)
@@ -906,6 +922,8 @@ def _upload_done(
     else:
         result = future.result()
         if result.ok:
+            if session.flex is not None:
+                flexsync.note_committed(session.flex, last_version, result)
             session.acked = max(session.acked, min(result.acked_version, last_version))
         elif session.error is None:
             session.error = (ErrorCode.BAD_CHANGESET, f"upload refused: {result.error}", None)

@@ -28,13 +28,13 @@ from __future__ import annotations
 import abc
 import gc
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Container, Iterable, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
 
-from ...core.changeset import Changeset, Instruction
+from ...core.changeset import Changeset, Instruction, Op
 from ...core.merge import ObjectState
 from ...core.packing import pack_each, unpack
 from ...core.query import BoundQuery, evaluate, is_always_true
@@ -111,6 +111,11 @@ class UploadResult:
     server_versions: list[int]
     error: str | None = None
     reason: RejectReason | None = None
+    #: Objects this batch made from nothing with one CREATE and nothing else (never stored
+    #: before, in this same commit), each with the server version of the changeset holding
+    #: that CREATE: the object's state as of that version is the CREATE's alone
+    #: (flexible sync need neither send it back to its writer nor read it to send it).
+    created: dict[ObjectKey, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -467,6 +472,23 @@ gc_paused = GCPause()
 
 #: Instructions grouped by the object they change, each with its changeset (for messages).
 ByObject = dict[ObjectKey, list[tuple[Changeset, Instruction]]]
+
+
+def lone_creates(
+    by_object: ByObject, stored: Container[ObjectKey], new: Sequence[Changeset], versions: list[int]
+) -> dict[ObjectKey, int]:
+    """:attr:`UploadResult.created`: the keys of ``by_object`` (grouped from the dense
+    changesets ``new`` before they were applied) that are not in ``stored`` (the states
+    the transaction found) and that only one CREATE touches, each with the server version
+    ``versions`` gave its changeset."""
+    if not new:
+        return {}
+    first = new[0].version
+    return {
+        key: versions[items[0][0].version - first]
+        for key, items in by_object.items()
+        if len(items) == 1 and items[0][1].op is Op.CREATE and key not in stored
+    }
 
 
 def instructions_by_object(changesets: Iterable[Changeset]) -> ByObject:

@@ -166,6 +166,30 @@ class StorageConformance:
         assert await storage.client_version(app, "B") == 2
         assert await storage.integrate([]) == []
 
+    async def test_created_names_objects_made_by_one_create_alone(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        a, b = Writer("A"), Writer("B")
+        first = await storage.integrate([batch(app, a.cs(a.create("old")))])
+        assert first[0].created == {("Task", pack("old")): 1}
+        res = await storage.integrate(
+            [
+                batch(
+                    app,
+                    a.cs(a.create("new"), a.create("edited"), a.set("edited", "title", "t")),
+                    a.cs(a.create("old"), a.create("later")),
+                ),
+                batch(app, b.cs(b.create("later"), b.create("mine"))),  # in the same commit
+            ]
+        )
+        # "edited" had more than its CREATE, "old" was stored, "later" was stored by A's batch
+        assert res[0].created == {("Task", pack("new")): 2, ("Task", pack("later")): 3}
+        assert res[1].created == {("Task", pack("mine")): 4}
+        again = b.cs(b.create("y"))
+        assert (await storage.integrate([batch(app, again)]))[0].created == {("Task", pack("y")): 5}
+        duplicate = (await storage.integrate([batch(app, again)]))[0]
+        assert duplicate.ok and duplicate.server_versions == [] and duplicate.created == {}
+
     async def test_duplicates_are_skipped(self, storage: ServerStorage, app: str) -> None:
         a = Writer("A")
         c1, c2, c3 = a.cs(a.create("x")), a.cs(a.set("x", "title", "u")), a.cs(a.add("x", 1))

@@ -64,6 +64,7 @@ from .base import (
     UploadResult,
     apply_changesets,
     instructions_by_object,
+    lone_creates,
     matches_everything,
     merge_schemas,
     object_matches,
@@ -790,6 +791,7 @@ class _Group:
                 return UploadResult(batch.origin, last, [])
             by_object = instructions_by_object(new)
             overlay = await self.working_copies(app, by_object.keys())
+            lone = {k: v for k, v in by_object.items() if len(v) == 1 and k not in overlay}
             apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
             return UploadResult(batch.origin, last, [], str(exc), exc.reason)
@@ -802,12 +804,13 @@ class _Group:
             self.log_rows.append((app, latest, batch.origin, cs.version, blob, len(blob), total))
             versions.append(latest)
         self.apps[app] = (latest, total)
+        created = lone_creates(lone, (), new, versions)
         self.clients[(app, batch.origin)] = last + len(new)
         self.dirty_clients.add((app, batch.origin))
         for (model, pk), state in overlay.items():
             self.states[(app, model, pk)] = state
             self.schemas[(app, model, pk)] = schemas[model]
-        return UploadResult(batch.origin, last + len(new), versions)
+        return UploadResult(batch.origin, last + len(new), versions, created=created)
 
     async def working_copies(
         self, app: str, keys: Iterable[ObjectKey]

@@ -44,6 +44,7 @@ from .base import (
     apply_changesets,
     gc_paused,
     instructions_by_object,
+    lone_creates,
     matches_everything,
     merge_schemas,
     select_new_changesets,
@@ -409,15 +410,17 @@ class SQLiteStorage(ServerStorage):
                 return UploadResult(batch.origin, last, [])
             by_object = instructions_by_object(new)
             overlay = group.working_copies(app, by_object.keys())
+            lone = {k: v for k, v in by_object.items() if len(v) == 1 and k not in overlay}
             fresh = _fresh_creates(by_object, schemas, overlay)
             apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
             return UploadResult(batch.origin, last, [], str(exc), exc.reason)
         versions = group.append_log(app, batch.origin, new)
+        created = lone_creates(lone, (), new, versions)
         group.set_client_last(app, batch.origin, last + len(new))
         group.keep(app, schemas, overlay)
         group.keep_fresh(app, fresh)
-        return UploadResult(batch.origin, last + len(new), versions)
+        return UploadResult(batch.origin, last + len(new), versions, created=created)
 
     # -- reading --------------------------------------------------------------------------
 
