@@ -195,6 +195,31 @@ def test_queries_and_live_results(db: ts.Database) -> None:
     ]
 
 
+def test_len_counts_without_fetching_and_agrees_with_iteration(db: ts.Database) -> None:
+    with db.write():
+        for i in range(30):
+            db.add(Task(summary=f"s{i % 4}", priority=i % 7, done=i % 3 == 0))
+    queries = [
+        "TRUEPREDICATE",
+        "done == true",
+        "priority > 3 AND done == false",
+        "TRUEPREDICATE SORT(priority DESC) LIMIT(5)",
+        "TRUEPREDICATE DISTINCT(summary)",
+        "priority < 5 DISTINCT(priority) LIMIT(3)",
+        "summary == 'none'",
+    ]
+    for text in queries:
+        fresh = db.query(Task, text)
+        counted = len(fresh)  # COUNT(*) (nothing loaded yet)
+        assert counted == len(list(db.query(Task, text))), text
+        assert len(fresh) == counted  # stable
+    res = db.query(Task, "done == true")
+    before = len(res)
+    with db.write():
+        db.add(Task(summary="late", done=True))
+    assert len(res) == before + 1  # live: counted again at the new version
+
+
 def test_query_errors_point_at_position(db: ts.Database) -> None:
     with pytest.raises(ts.QueryError) as info:
         db.query(Task, "summary == 'x' AND nosuch == 1")

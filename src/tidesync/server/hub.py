@@ -79,8 +79,11 @@ from .storage.base import (
 
 log = logging.getLogger("tidesync.server.hub")
 
-#: How many recently created objects the hub remembers per app (``SyncHub.recent_creates``).
+#: How many recently created objects the hub remembers per app (``SyncHub.recent_creates``),
+#: from uploads that created at most ``RECENT_BATCH`` (interactive writes; a bulk upload
+#: would only push the others out and cost more to remember than the reads it saves).
 RECENT_CREATES = 50_000
+RECENT_BATCH = 2_000
 
 #: WebSocket close codes.
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
@@ -286,7 +289,7 @@ class SyncHub:
 
     def _committed(self, batches: list[UploadBatch], results: list[UploadResult]) -> None:
         for batch, result in zip(batches, results):
-            if result.created:
+            if result.created and len(result.created) <= RECENT_BATCH:
                 recent = self.recent_creates.setdefault(batch.app_id, OrderedDict())
                 recent.update(result.created)
                 while len(recent) > RECENT_CREATES:

@@ -101,7 +101,16 @@ class Results(Generic[M]):
     # --- sequence protocol ---------------------------------------------------------------
 
     def __len__(self) -> int:
-        return len(self._rows())
+        """How many objects match, counted by SQLite (no row is fetched) unless this
+        version's rows are already loaded."""
+        db = self._db
+        db._check_open()
+        with db._lock:
+            if self._cache is not None and self._cache_version == db._version():
+                return len(self._cache)
+            sql, params = self._select("1")
+            row = db._engine.conn.execute(f"SELECT COUNT(*) FROM ({sql})", params).fetchone()
+        return int(row[0])
 
     def __bool__(self) -> bool:
         return len(self) > 0

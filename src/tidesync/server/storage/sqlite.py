@@ -105,6 +105,9 @@ CREATE TABLE IF NOT EXISTS objects (
 );
 """
 
+_INSERT_OBJECT = (
+    "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES (?, ?, ?, ?, ?, ?)"
+)
 _UPSERT_OBJECT = (
     "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES (?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (app, model, pk) DO UPDATE SET "
@@ -717,9 +720,9 @@ class _Group:
         conn = self.conn
         if self.log_rows:
             conn.executemany("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", self.log_rows)
-        if self.fresh:
+        if self.fresh:  # never stored (checked in this transaction): a plain INSERT
             conn.executemany(
-                _UPSERT_OBJECT, [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()]
+                _INSERT_OBJECT, [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()]
             )
         if self.states:
             conn.executemany(
