@@ -1,10 +1,10 @@
 """Client worker processes for the fan-out and scale benchmarks (driven over stdin/stdout).
 
-``python -m benchmarks.worker fanout URL ROOT COUNT``: COUNT users, one synced database each,
-all in one App (one sync thread, one WebSocket per user). Prints ``ready``; then for each
-``round`` line read, waits until every database was notified of a new object and prints
-``done T`` (T: ``time.perf_counter()`` when the last one was notified; CLOCK_MONOTONIC, so
-comparable across processes).
+``python -m benchmarks.worker fanout URL ROOT COUNT``: COUNT users, one synced database each
+(subscribed to all Bench objects), all in one App (one sync thread, one WebSocket per
+user). Prints ``ready``; then for each ``round`` line read, waits until every database was
+notified of a new object and prints ``done T`` (T: ``time.perf_counter()`` when the last
+one was notified; CLOCK_MONOTONIC, so comparable across processes).
 
 ``python -m benchmarks.worker scale URL COUNT``: logs in COUNT anonymous users, prints
 ``ready``; on ``go`` opens one WebSocket per user and binds one session on each (the
@@ -47,11 +47,18 @@ def fanout(url: str, root: Path, count: int) -> None:
     state: dict[str, Any] = {"seen": set(), "last": 0.0}
     everyone = threading.Event()
     try:
+
+        def initial(db: ts.Database) -> None:  # every device subscribes, as apps do
+            with db.subscriptions.update() as subs:
+                subs.add(db.all(Bench), name="all")
+
         for _ in range(count):
             user = asyncio.run(app.log_in(ts.Credentials.anonymous()))
-            dbs.append(ts.Database(ts.Configuration.flexible_sync(user, [Bench])))
+            config = ts.Configuration.flexible_sync(user, [Bench], initial_subscriptions=initial)
+            dbs.append(ts.Database(config))
         for db in dbs:
-            asyncio.run(db.sync_session.wait_for_download(ts.TimeoutCancellationToken(LIMIT)))
+            token = ts.TimeoutCancellationToken(LIMIT)
+            asyncio.run(db.subscriptions.wait_for_synchronization(token))
 
         def listener(k: int) -> Any:
             def on_change(change: Any) -> None:
