@@ -233,3 +233,45 @@ async def test_new_and_updated_objects_reach_other_devices_without_reading_them(
     await b.settle()
     assert a.items() == b.items()
     assert not a.errors and not b.errors
+
+
+async def test_notifications_of_whole_objects_and_evictions_match_full_reruns(
+    devices: Any,
+) -> None:
+    """A DOWNLOAD that writes whole objects and evictions records every row it writes, so
+    a listener may patch its results; what it reports equals a full re-run's report."""
+    import random
+
+    from tidesync.store import notify
+
+    a, b = await devices("a"), await devices("b", "n >= 10")
+    assert a.db is not None and b.db is not None
+    got: dict[bool, list[Any]] = {True: [], False: []}
+    tokens = []
+    for patch in (True, False):
+        res = b.db.all(Item)
+        token = res.add_listener(
+            lambda c, p=patch: got[p].append((c.inserted, c.deleted, c.modified))
+        )
+        listener = token._listener
+        assert isinstance(listener, notify.ResultsListener)
+        if not patch:
+            listener._patchable = False
+        tokens.append(token)
+    rnd = random.Random(5)
+    for step in range(25):
+        with a.db.write():
+            for _ in range(rnd.randint(1, 3)):
+                pk = f"r{rnd.randint(0, 11)}"
+                obj = a.db.find(Item, pk)
+                if obj is not None and rnd.random() < 0.25:
+                    a.db.delete(obj)
+                else:  # create, or move in or out of B's view (n >= 10)
+                    a.db.add(Item(id=pk, label=f"s{step}", n=rnd.randint(0, 20)), update=True)
+        await a.settle()
+    await b.settle()
+    await eventually(lambda: b.items() == {k: v for k, v in a.items().items() if v[1] >= 10})
+    await asyncio.sleep(0.3)  # the last notifications
+    for token in tokens:
+        token.cancel()
+    assert got[True] and got[True] == got[False]

@@ -672,6 +672,7 @@ class FlexApplier:
         engine = self.engine
         schema = engine.schemas[model]
         key_sql = sv.scalar_to_sql(schema.pk_field.kind, pk)
+        engine._touch(model, key_sql)  # notifiers see the row go
         engine.conn.execute(engine.sql(model, "delete"), (key_sql,))
         engine.conn.execute("DELETE FROM _dead WHERE model = ? AND pk = ?", (model, pack(pk)))
         engine._tx_states.pop((model, pk), None)

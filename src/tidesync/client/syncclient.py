@@ -532,9 +532,10 @@ class SessionWorker:
             engine.set_meta("download_cursor", ev.cursor)
             if ev.upload_acked > self.upload_acked:
                 engine.set_meta("upload_acked", ev.upload_acked)
-            # exact: the flex applier writes rows directly only for objects / bootstrap;
+            # exact: every row written (engine.apply, the flex applier's rows, saves and
+            # evictions) was recorded with the engine's _touch, so notifiers may patch;
             # skip: this worker pumps uploads and progress below, no need to wake itself
-            engine.commit((), exact=not ev.objects and not ev.bootstrap, skip=self._waker)
+            engine.commit((), exact=True, skip=self._waker)
         except BaseException:
             engine.rollback()
             raise
