@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +16,8 @@ import tidesync as ts
 from tidesync.server import flexsync
 from tidesync.testing import TestServer
 
-FAST = ts.SyncTimeoutOptions(
-    connect_timeout=5,
-    reconnect_initial_delay=0.1,
-    reconnect_max_delay=0.5,
-    ping_keep_alive_period=2,
-    pong_keep_alive_timeout=4,
-    connection_linger_time=1,
-)
+from .flex_helpers import FlexDevice, eventually
+
 T = ts.TimeoutCancellationToken
 
 
@@ -39,57 +32,15 @@ class Bag(ts.Model):  # collection fields (the general path under narrower subsc
     tags: list[str] = ts.field(default_factory=list)
 
 
-class Device:
+class Device(FlexDevice):
     def __init__(self, root: Path, name: str, url: str) -> None:
-        self.app = ts.App(
-            ts.AppConfiguration("rec", base_url=url, base_path=root / name, sync_timeouts=FAST)
-        )
-        self.errors: list[Exception] = []
-        self.db: ts.Database | None = None
-        #: every ObjectUpdate this device received: (model, pk, state is None)
-        self.objects: list[tuple[str, Any, bool]] = []
+        super().__init__(root, name, url, "rec", [Item, Bag])
 
-    async def open(self, query: str = "TRUEPREDICATE") -> ts.Database:
-        user = await self.app.log_in(ts.Credentials.anonymous())
-        config = ts.Configuration.flexible_sync(
-            user, [Item, Bag], sync_error_handler=lambda s, e: self.errors.append(e)
-        )
-        db = self.db = ts.Database(config)
-        worker = db.sync_session._worker
-        original = worker.on_download
-
-        def record(ev: Any) -> None:
-            self.objects += [(o.model, o.pk, o.state is None) for o in ev.objects]
-            original(ev)
-
-        worker.on_download = record
-        with db.subscriptions.update() as subs:
-            subs.add(db.query(Item, query), name="items")
-            subs.add(db.all(Bag), name="bags")
-        await db.subscriptions.wait_for_synchronization(T(20))
-        return db
-
-    async def settle(self) -> None:
-        assert self.db is not None
-        await self.db.sync_session.wait_for_upload(T(20))
-        await self.db.sync_session.wait_for_download(T(20))
+    async def open(self, query: str = "TRUEPREDICATE") -> ts.Database:  # type: ignore[override]
+        return await super().open({"items": (Item, query), "bags": (Bag, "TRUEPREDICATE")})
 
     def items(self) -> dict[str, tuple[str, int]]:
-        assert self.db is not None
-        for _ in range(50):  # the sync thread may drop an object while it is being read
-            try:
-                return {i.id: (i.label, i.n) for i in self.db.all(Item)}
-            except ts.ObjectDeletedError:
-                continue
-        raise AssertionError("the objects kept changing while being read")
-
-
-async def eventually(check: Callable[[], bool], limit: float = 20) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
+        return self.read(Item, lambda i: (i.label, i.n))
 
 
 @pytest.fixture
@@ -110,9 +61,7 @@ async def devices(tmp_path: Path, server: TestServer) -> AsyncIterator[Any]:
 
     yield make
     for d in made:
-        if d.db is not None:
-            d.db.close()
-        d.app.close()
+        d.shutdown()
 
 
 @pytest.mark.parametrize("confirmed", [True, False], ids=["storage-confirmed", "read-back"])

@@ -5,28 +5,16 @@ one after forgetting) bootstraps as before (server/flexsync.py ``on_query``)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import tidesync as ts
-from tidesync.protocol.messages import BOOTSTRAP_NONE
 from tidesync.server import flexsync
 from tidesync.testing import TestServer
 
-FAST = ts.SyncTimeoutOptions(
-    connect_timeout=5,
-    reconnect_initial_delay=0.1,
-    reconnect_max_delay=0.5,
-    ping_keep_alive_period=2,
-    pong_keep_alive_timeout=4,
-    connection_linger_time=1,
-)
-T = ts.TimeoutCancellationToken
+from .flex_helpers import FlexDevice, eventually
 
 
 class Card(ts.Model):
@@ -35,57 +23,15 @@ class Card(ts.Model):
     text: str = ""
 
 
-class Device:
+class Device(FlexDevice):
     def __init__(self, root: Path, name: str, url: str) -> None:
-        self.app = ts.App(
-            ts.AppConfiguration("resume", base_url=url, base_path=root / name, sync_timeouts=FAST)
-        )
-        self.errors: list[Exception] = []
-        self.db: ts.Database | None = None
-        self.pages: list[int] = []  # bootstrap flags of the DOWNLOADs received
+        super().__init__(root, name, url, "resume", [Card])
 
-    async def open(self, query: str | None) -> ts.Database:
-        user = self.app.current_user or await self.app.log_in(ts.Credentials.anonymous())
-        config = ts.Configuration.flexible_sync(
-            user, [Card], sync_error_handler=lambda s, e: self.errors.append(e)
-        )
-        db = self.db = ts.Database(config)
-        worker = db.sync_session._worker
-        original = worker.on_download
-
-        def record(ev: Any) -> None:
-            if ev.bootstrap != BOOTSTRAP_NONE:
-                self.pages.append(ev.bootstrap)
-            original(ev)
-
-        worker.on_download = record
-        if query is not None:
-            with db.subscriptions.update() as subs:
-                subs.add(db.query(Card, query), name="q", update=True)
-        await db.subscriptions.wait_for_synchronization(T(20))
-        return db
-
-    async def settle(self) -> None:
-        assert self.db is not None
-        await self.db.sync_session.wait_for_upload(T(20))
-        await self.db.sync_session.wait_for_download(T(20))
+    async def open(self, query: str | None) -> ts.Database:  # type: ignore[override]
+        return await super().open({"q": (Card, query)} if query is not None else {})
 
     def cards(self) -> dict[str, tuple[int, str]]:
-        assert self.db is not None
-        for _ in range(50):  # the sync thread may drop an object while it is being read
-            try:
-                return {c.id: (c.n, c.text) for c in self.db.all(Card)}
-            except ts.ObjectDeletedError:
-                continue
-        raise AssertionError("the objects kept changing while being read")
-
-
-async def eventually(check: Callable[[], bool], limit: float = 20) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
+        return self.read(Card, lambda c: (c.n, c.text))
 
 
 @pytest.fixture
@@ -99,9 +45,7 @@ async def pair(tmp_path: Path, server: TestServer) -> AsyncIterator[tuple[Device
     writer, reader = Device(tmp_path, "w", server.url), Device(tmp_path, "r", server.url)
     yield writer, reader
     for d in (writer, reader):
-        if d.db is not None:
-            d.db.close()
-        d.app.close()
+        d.shutdown()
 
 
 def _seed(db: ts.Database) -> None:
@@ -116,7 +60,9 @@ def _change_while_away(db: ts.Database) -> None:
         db.add(Card(id="c12", n=12, text="edited"), update=True)  # stays in view
         db.add(Card(id="c11", n=1, text="left"), update=True)  # leaves the view
         db.add(Card(id="c3", n=30, text="joined"), update=True)  # enters the view
-        db.delete(db.find(Card, "c15"))  # deleted
+        gone = db.find(Card, "c15")
+        assert gone is not None
+        db.delete(gone)  # deleted
         db.add(Card(id="new-in", n=99, text="new"))
         db.add(Card(id="new-out", n=0, text="new"))
 

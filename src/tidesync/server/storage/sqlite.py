@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -513,24 +513,10 @@ class SQLiteStorage(ServerStorage):
         return await self._run(self._get_states_sync, app_id, list(keys))
 
     def _get_states_sync(self, app_id: str, keys: list[ObjectKey]) -> dict[ObjectKey, StoredObject]:
-        by_model: dict[str, list[bytes]] = {}
-        for model, pk in keys:
-            by_model.setdefault(model, []).append(pk)
-        out: dict[ObjectKey, StoredObject] = {}
-        for model, pks in by_model.items():
-            for i in range(0, len(pks), _CHUNK):
-                chunk = pks[i : i + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    "SELECT pk, state, vals FROM objects WHERE app = ? AND model = ? "
-                    f"AND pk IN ({marks})",
-                    (app_id, model, *chunk),
-                )
-                for pk, state, vals in rows:
-                    out[(model, pk)] = StoredObject(
-                        pk, state, unpack(vals) if vals is not None else None
-                    )
-        return out
+        return {
+            (model, pk): StoredObject(pk, state, unpack(vals) if vals is not None else None)
+            for model, pk, state, vals in self._rows_of(app_id, keys, "state, vals")
+        }
 
     async def get_state_bytes(
         self, app_id: str, keys: Iterable[ObjectKey]
@@ -539,22 +525,22 @@ class SQLiteStorage(ServerStorage):
         return await self._run(self._get_state_bytes_sync, app_id, list(keys))
 
     def _get_state_bytes_sync(self, app_id: str, keys: list[ObjectKey]) -> dict[ObjectKey, bytes]:
+        return {(model, pk): state for model, pk, state in self._rows_of(app_id, keys, "state")}
+
+    def _rows_of(self, app_id: str, keys: list[ObjectKey], columns: str) -> Iterator[Any]:
+        """``(model, pk, *columns)`` of the stored objects among ``keys``, by chunks."""
         by_model: dict[str, list[bytes]] = {}
         for model, pk in keys:
             by_model.setdefault(model, []).append(pk)
-        out: dict[ObjectKey, bytes] = {}
         for model, pks in by_model.items():
             for i in range(0, len(pks), _CHUNK):
                 chunk = pks[i : i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = self._db.execute(
-                    "SELECT pk, state FROM objects WHERE app = ? AND model = ? "
+                yield from self._db.execute(
+                    f"SELECT ?, pk, {columns} FROM objects WHERE app = ? AND model = ? "
                     f"AND pk IN ({marks})",
-                    (app_id, model, *chunk),
+                    (model, app_id, model, *chunk),
                 )
-                for pk, state in rows:
-                    out[(model, pk)] = state
-        return out
 
     async def objects_size(self, app_id: str, model: str) -> tuple[int, int]:
         """``(count, total state bytes)`` of the alive objects of ``model``."""
