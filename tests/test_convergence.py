@@ -49,15 +49,17 @@ async def _server_state(
     return log, objects
 
 
-def run_chaos(root: Path, seed: int, seconds: float) -> dict[str, Any]:
-    """One seeded run; returns the counts. Raises AssertionError on any violation."""
+def run_chaos(root: Path, seed: int, seconds: float, subscribe: bool = False) -> dict[str, Any]:
+    """One seeded run; returns the counts. Raises AssertionError on any violation.
+    ``subscribe``: the devices subscribe to everything (flexible sync) instead of keeping
+    files without a subscription set."""
     rng = random.Random(seed)
     faults: collections.Counter[str] = collections.Counter()
     server = ServerProcess(root / "server").start()
     proxies: list[FaultProxy] = []
     devices: list[DeviceProcess] = []
     try:
-        setup = DeviceProcess(root, "setup", server.url, seed, setup=True)
+        setup = DeviceProcess(root, "setup", server.url, seed, setup=True, subscribe=subscribe)
         setup.start()
         setup.wait_phase("setup", 60)
         setup.stop()
@@ -65,7 +67,7 @@ def run_chaos(root: Path, seed: int, seconds: float) -> dict[str, Any]:
             proxy = FaultProxy("127.0.0.1", server.port, seed=seed * 31 + i)
             proxy.start_in_thread()
             proxies.append(proxy)
-            device = DeviceProcess(root, f"dev{i}", proxy.url, seed * 100 + i)
+            device = DeviceProcess(root, f"dev{i}", proxy.url, seed * 100 + i, subscribe=subscribe)
             device.start()
             devices.append(device)
         pending: list[tuple[float, str, int]] = []  # (when, what to undo, device index)
@@ -177,10 +179,10 @@ def _seed() -> int:
     return int(os.environ.get("TIDESYNC_SEED") or random.SystemRandom().randrange(1, 1 << 31))
 
 
-def _run(root: Path, seconds: float) -> None:
+def _run(root: Path, seconds: float, subscribe: bool = False) -> None:
     seed = _seed()
     try:
-        run_chaos(root, seed, seconds)
+        run_chaos(root, seed, seconds, subscribe)
     except BaseException as exc:
         raise AssertionError(
             f"convergence run failed with seed {seed}; replay with TIDESYNC_SEED={seed}: {exc}"
@@ -188,14 +190,16 @@ def _run(root: Path, seconds: float) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_convergence_short(tmp_path: Path) -> None:
-    _run(tmp_path, SHORT_SECONDS)
+@pytest.mark.parametrize("subscribe", [False, True], ids=["whole-app", "subscribed"])
+def test_convergence_short(tmp_path: Path, subscribe: bool) -> None:
+    _run(tmp_path, SHORT_SECONDS, subscribe)
 
 
 @pytest.mark.soak
 @pytest.mark.timeout(int(float(os.environ.get("TIDESYNC_SOAK_SECONDS", "1800"))) + 900)
-def test_convergence_soak(tmp_path: Path) -> None:
-    _run(tmp_path, float(os.environ.get("TIDESYNC_SOAK_SECONDS", "1800")))
+@pytest.mark.parametrize("subscribe", [False, True], ids=["whole-app", "subscribed"])
+def test_convergence_soak(tmp_path: Path, subscribe: bool) -> None:
+    _run(tmp_path, float(os.environ.get("TIDESYNC_SOAK_SECONDS", "1800")), subscribe)
 
 
 def test_checker_catches_lost_writes_and_divergence() -> None:

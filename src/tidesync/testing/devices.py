@@ -150,11 +150,19 @@ class _Device:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.5)
+            models = list(self.models.values())
+
+            def everything(db: Any) -> None:
+                with db.subscriptions.update() as subs:
+                    for model in models:
+                        subs.add(db.all(model), name=model.__name__)
+
             config = ts.Configuration.flexible_sync(
                 user,
-                list(self.models.values()),
+                models,
                 path=self.root / "data.tidesync",
                 sync_error_handler=lambda s, e: self.errors.append(repr(e)),
+                initial_subscriptions=everything if self.opts.subscribe else None,
             )
             db = ts.Database(config)
             try:
@@ -372,8 +380,20 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 class DeviceProcess:
     """One device process: start, ``kill -9``, restart, command, read its log."""
 
-    def __init__(self, root: Path, name: str, url: str, seed: int, *, setup: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        name: str,
+        url: str,
+        seed: int,
+        *,
+        setup: bool = False,
+        subscribe: bool = False,
+    ) -> None:
         self.root = Path(root) / name
+        #: The device subscribes to every object of every model (flexible sync) instead of
+        #: keeping a file without a subscription set (whole-app mode).
+        self.subscribe = subscribe
         self.root.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.url = url
@@ -396,6 +416,8 @@ class DeviceProcess:
         cmd += ["--dir", str(self.root), "--seed", str(self.seed)]
         if self.setup:
             cmd.append("--setup")
+        if self.subscribe:
+            cmd.append("--subscribe")
         out = open(self.root / "output.txt", "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -613,6 +635,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--setup", action="store_true")
+    parser.add_argument("--subscribe", action="store_true", help="subscribe to everything")
     opts = parser.parse_args(argv)
     asyncio.run(_Device(opts).main())
 
