@@ -723,6 +723,25 @@ def created_state(ins: Instruction, schema: ModelSchema) -> tuple[bytes, dict[st
     without building the state (the hot path of integrating and downloading new objects).
     Returns None for a model with collection or counter fields (build the state then).
     """
+    parts = _created_parts(ins, schema)
+    if parts is None:
+        return None
+    state, out = parts
+    return pack(state), out
+
+
+def created_values(ins: Instruction, schema: ModelSchema) -> dict[str, Any] | None:
+    """Just the rendered values of :func:`created_state` (nothing is encoded)."""
+    parts = _created_parts(ins, schema)
+    return None if parts is None else parts[1]
+
+
+def _created_parts(
+    ins: Instruction, schema: ModelSchema
+) -> tuple[list[Any], dict[str, Any]] | None:
+    """The state array (what :meth:`ObjectState.to_bytes` packs) and the rendered values
+    of an object made by the CREATE ``ins`` alone; None for a model with collection or
+    counter fields."""
     plan = _plan(schema)
     if plan.others:
         return None
@@ -733,7 +752,7 @@ def created_state(ins: Instruction, schema: ModelSchema) -> tuple[bytes, dict[st
     out = {name: get(name) if norm is None else norm(get(name)) for name, norm in plan.scalars}
     hlc = ins.hlc
     base = {name: out[name] for name in plan.sorted_names}
-    return pack([_FORMAT, hlc, None, hlc, base, {}]), out
+    return [_FORMAT, hlc, None, hlc, base, {}], out
 
 
 def simple_state(data: bytes, schema: ModelSchema) -> tuple[HLC, dict[str, Any]] | None:
@@ -807,17 +826,8 @@ def created_at(data: bytes | None) -> HLC | None:
 def created_rows(ins: Instruction, schema: ModelSchema) -> tuple[bytes, bytes] | None:
     """:func:`created_state` with the rendered values packed too: ``(state bytes, packed
     values)``, both encoded by one packer (what the server stores for a new object)."""
-    plan = _plan(schema)
-    if plan.others:
-        return None
-    values = ins.value
-    if not isinstance(values, dict):
-        raise ValueError("a CREATE instruction's value must be a dict")
-    get = values.get
-    out = {name: get(name) if norm is None else norm(get(name)) for name, norm in plan.scalars}
-    hlc = ins.hlc
-    base = {name: out[name] for name in plan.sorted_names}
-    return pack_pair([_FORMAT, hlc, None, hlc, base, {}], out)
+    parts = _created_parts(ins, schema)
+    return None if parts is None else pack_pair(*parts)
 
 
 def created_rows_many(

@@ -30,13 +30,14 @@ import inspect
 import logging
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core import query as q
 from ..core.changeset import Changeset, Instruction, Op
 from ..core.hlc import HLC
-from ..core.merge import ObjectState, created_at, created_state
+from ..core.merge import ObjectState, created_at, created_state, created_values
 from ..core.packing import pack, pack_each, pack_instructions, unpack, unpack_instructions
 from ..core.schema import ModelSchema
 from ..errors import QueryError
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from .hub import SyncConnection, SyncHub, _Session
 
 log = logging.getLogger("tidesync.server.flexsync")
+
+T = TypeVar("T")
 
 #: Objects read from storage per bootstrap batch.
 BOOTSTRAP_BATCH = 2000
@@ -602,7 +605,7 @@ def _known_states(
         schema = view.schemas.get(model)
         if ins.op is not Op.CREATE or schema is None or recent.get(key) != version:
             continue
-        made = _created(schema, ins)
+        made = _created(created_state, schema, ins)
         if made is not None:
             out[key] = made
     return out
@@ -781,11 +784,10 @@ async def check_upload(
             schema = schemas.get(key[0])
             if key in refused_keys or schema is None:
                 continue  # unknown model: the storage's validation refuses the batch
-            new = None
+            after = None
             if seen[key] == 1 and key not in stored and inss[0].op is Op.CREATE:
-                new = _created(schema, inss[0])
-            if new is not None:  # a new object made by one CREATE: no state to build
-                after = new[1]
+                after = _created(created_values, schema, inss[0])
+            if after is not None:  # a new object made by one CREATE: no state to build
                 reason = _refusal_of_new(view, schema.name, after)
                 if reason is None:
                     allowed.add(key)
@@ -819,11 +821,14 @@ async def check_upload(
     return out
 
 
-def _created(schema: ModelSchema, ins: Instruction) -> tuple[bytes, dict[str, Any]] | None:
-    """``(state bytes, values)`` of a new object after its CREATE ``ins`` alone, or None
-    when the general path must judge it (collection fields, a malformed value)."""
+def _created(
+    how: Callable[[Instruction, ModelSchema], T | None], schema: ModelSchema, ins: Instruction
+) -> T | None:
+    """``how(ins, schema)`` (:func:`created_state` or :func:`created_values` of a new
+    object after its CREATE ``ins`` alone), or None when the general path must judge it
+    (collection fields, a malformed value)."""
     try:
-        return created_state(ins, schema)
+        return how(ins, schema)
     except (ValueError, TypeError, KeyError):
         return None  # the general path leaves malformed input to the storage's validation
 
