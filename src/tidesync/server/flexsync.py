@@ -507,24 +507,28 @@ def _send_bootstrap_page(
     return True
 
 
+#: A log entry of a page, its instructions and their object keys.
+_Decoded = tuple[Any, tuple[Instruction, ...], list[ObjectKey]]
+
+
 async def _filter_page(
     conn: SyncConnection, view: FlexView, entries: list[Any]
 ) -> tuple[list[DownloadChangeset], list[ObjectUpdate]]:
     """Keep the instructions on objects the device holds and may still see; send objects
     that became visible whole and evict those that stopped being visible."""
-    decoded: list[tuple[Any, tuple[Instruction, ...]]] = []
+    decoded: list[_Decoded] = []
     touched: set[ObjectKey] = set()
     keys_of: dict[ObjectKey, Any] = {}
     for e in entries:
         instructions = unpack_instructions(e.instructions, e.origin)
-        decoded.append((e, instructions))
-        for ins in instructions:
-            key = (ins.model, pack(ins.pk))
+        keys = list(zip([i.model for i in instructions], pack_each([i.pk for i in instructions])))
+        decoded.append((e, instructions, keys))
+        for key, ins in zip(keys, instructions):
             touched.add(key)
             keys_of[key] = ins.pk
     if not touched:
         return [], []
-    if any(ins.model not in view.schemas for _, inss in decoded for ins in inss):
+    if any(key[0] not in view.schemas for key in touched):
         view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
         view.perms.schemas = view.schemas
     keep: set[ObjectKey] = set()
@@ -554,8 +558,8 @@ async def _filter_page(
             objects.append(ObjectUpdate(key[0], keys_of[key], None))
             view.held.discard(key)
     out: list[DownloadChangeset] = []
-    for e, instructions in decoded:
-        kept = [i for i in instructions if (i.model, pack(i.pk)) in keep]
+    for e, instructions, keys in decoded:
+        kept = [i for i, key in zip(instructions, keys) if key in keep]
         if len(kept) == len(instructions):
             data = e.instructions
         else:
@@ -565,7 +569,7 @@ async def _filter_page(
 
 
 def _known_states(
-    conn: SyncConnection, view: FlexView, decoded: list[tuple[Any, tuple[Instruction, ...]]]
+    conn: SyncConnection, view: FlexView, decoded: list[_Decoded]
 ) -> dict[ObjectKey, tuple[bytes | None, dict[str, Any] | None]]:
     """The objects of a log page whose state the filter need not read:
 
@@ -581,9 +585,8 @@ def _known_states(
     counts: dict[ObjectKey, int] = {}
     erased: set[ObjectKey] = set()
     single: dict[ObjectKey, tuple[int, Instruction]] = {}
-    for e, instructions in decoded:
-        for ins in instructions:
-            key = (ins.model, pack(ins.pk))
+    for e, instructions, keys in decoded:
+        for key, ins in zip(keys, instructions):
             counts[key] = counts.get(key, 0) + 1
             if ins.op is Op.ERASE:
                 erased.add(key)
