@@ -16,6 +16,7 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -814,22 +815,13 @@ class _Tail:
             raise CursorAheadError(
                 f"app {app}: cursor {after} is past the latest version {self.latest}"
             )
-        entries: list[LogEntry] = []
-        used = scanned = 0
-        cursor, cursor_cum = after, self.total
-        rows = self.rows
-        for i in range(after - self.start, len(rows)):
-            _, version, origin, client_version, blob, size, cum = rows[i]
-            if origin != exclude:
-                if entries and used + size > max_bytes:
-                    break
-                entries.append(LogEntry(version, origin, client_version, blob))
-                used += size
-            cursor, cursor_cum = version, cum
-            scanned += 1
-            if scanned >= MAX_SCAN_ROWS or (entries and used >= max_bytes):
-                break
-        return LogPage(entries, cursor, self.latest, self.total - cursor_cum)
+        rows = (
+            (version, origin, client_version, None if origin == exclude else blob, size, cum)
+            for _, version, origin, client_version, blob, size, cum in islice(
+                self.rows, after - self.start, None
+            )
+        )
+        return _page(rows, after, self.latest, self.total, max_bytes)
 
 
 def _read_log(
@@ -848,6 +840,22 @@ def _read_log(
         "FROM log WHERE app = ? AND server_version > ? ORDER BY server_version",
         (exclude, app, after),
     )
+    try:
+        return _page(rows, after, latest, total, max_bytes)
+    finally:
+        rows.close()
+
+
+def _page(
+    rows: Iterable[tuple[int, str, int, bytes | None, int, int]],
+    after: int,
+    latest: int,
+    total: int,
+    max_bytes: int,
+) -> LogPage:
+    """A :class:`LogPage` from log rows after ``after`` in version order, each
+    ``(version, origin, client version, instructions or None when excluded, size,
+    cumulative size)``: about ``max_bytes`` of entries, at most ``MAX_SCAN_ROWS`` rows."""
     entries: list[LogEntry] = []
     used = scanned = 0
     cursor, cursor_cum = after, total
@@ -861,7 +869,6 @@ def _read_log(
         scanned += 1
         if scanned >= MAX_SCAN_ROWS or (entries and used >= max_bytes):
             break
-    rows.close()
     return LogPage(entries, cursor, latest, total - cursor_cum)
 
 
