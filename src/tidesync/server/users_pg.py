@@ -384,15 +384,7 @@ class PostgresUserStore(UserStore):
         """A new user record; returns its id."""
         user_id = uuid.uuid4().hex
         async with self._conn() as conn:
-            await conn.execute(
-                "INSERT INTO users (app_id, user_id, provider, created_at, data) "
-                "VALUES ($1, $2, $3, $4, $5)",
-                app_id,
-                user_id,
-                provider,
-                time.time(),
-                json.dumps(data or {}),
-            )
+            await _insert_user(conn, app_id, user_id, provider, data or {})
         return user_id
 
     async def user_for_identity(
@@ -415,15 +407,7 @@ class PostgresUserStore(UserStore):
             )
             if found is None:
                 user_id = uuid.uuid4().hex
-                await conn.execute(
-                    "INSERT INTO users (app_id, user_id, provider, created_at, data) "
-                    "VALUES ($1, $2, $3, $4, $5)",
-                    app_id,
-                    user_id,
-                    provider,
-                    time.time(),
-                    json.dumps(data),
-                )
+                await _insert_user(conn, app_id, user_id, provider, data)
                 await conn.execute(
                     "INSERT INTO identities VALUES ($1, $2, $3, $4)",
                     app_id,
@@ -528,14 +512,7 @@ class PostgresUserStore(UserStore):
                     hashed,
                     confirmed,
                 )
-                await conn.execute(
-                    "INSERT INTO users (app_id, user_id, provider, created_at, data) "
-                    "VALUES ($1, $2, 'email_password', $3, $4)",
-                    app_id,
-                    user_id,
-                    time.time(),
-                    json.dumps({"email": address}),
-                )
+                await _insert_user(conn, app_id, user_id, "email_password", {"email": address})
         except asyncpg.UniqueViolationError:
             raise AuthError("this email address is already registered") from None
         return user_id
@@ -874,6 +851,21 @@ class PostgresUserStore(UserStore):
                 "user_migrations",
             ):
                 await conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+async def _insert_user(
+    conn: asyncpg.Connection, app_id: str, user_id: str, provider: str, data: dict[str, Any]
+) -> None:
+    """Add a user record, created now."""
+    await conn.execute(
+        "INSERT INTO users (app_id, user_id, provider, created_at, data) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        app_id,
+        user_id,
+        provider,
+        time.time(),
+        json.dumps(data),
+    )
 
 
 __all__ = ["FORMAT_VERSION", "MIGRATIONS", "PostgresUserStore"]
