@@ -4,10 +4,8 @@ process for the rules), real SQLite files and real WebSockets."""
 
 from __future__ import annotations
 
-import asyncio
 import textwrap
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +15,8 @@ import tidesync as ts
 from tidesync.protocol.messages import BOOTSTRAP_NONE
 from tidesync.testing import ServerProcess, TestServer
 
-FAST = ts.SyncTimeoutOptions(
-    connect_timeout=5,
-    reconnect_initial_delay=0.1,
-    reconnect_max_delay=0.5,
-    ping_keep_alive_period=2,
-    pong_keep_alive_timeout=4,
-    connection_linger_time=1,
-)
+from .flex_helpers import FAST, eventually
+
 T = ts.TimeoutCancellationToken
 S = ts.SubscriptionSetState
 
@@ -75,14 +67,6 @@ class Device:
     def shutdown(self) -> None:
         self.close()
         self.app.close()
-
-
-async def eventually(check: Callable[[], bool], limit: float = 20) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def subscribe(d: Device, query: str, *args: Any, name: str = "main") -> None:
