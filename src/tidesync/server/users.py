@@ -105,6 +105,15 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+def address_or_empty(email: str) -> str:
+    """:func:`normalize_email`, or "" for something that is not an address (a login with
+    it then fails like a wrong password, in the same time)."""
+    try:
+        return normalize_email(email)
+    except AuthError:
+        return ""
+
+
 def normalize_email(email: str) -> str:
     """``email`` trimmed and lower-cased; raises :class:`AuthError` if it is not an address."""
     if not isinstance(email, str):
@@ -703,10 +712,7 @@ class _SQLiteUsers:
         """The user id if ``email`` has ``password`` and is confirmed; None otherwise
         (unknown address and wrong password cost the same time). Raises
         :class:`AuthError` only for an unconfirmed account with the right password."""
-        try:
-            address = normalize_email(email)
-        except AuthError:
-            address = ""
+        address = address_or_empty(email)
         with self._lock:
             row = self._run(
                 "SELECT user_id, password_hash, confirmed FROM email_accounts "

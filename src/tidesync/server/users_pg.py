@@ -51,6 +51,7 @@ from .users import (
     RefreshOutcome,
     RefreshRecord,
     UserStore,
+    address_or_empty,
     check_password,
     new_secret,
     normalize_email,
@@ -521,10 +522,7 @@ class PostgresUserStore(UserStore):
         """The user id if ``email`` has ``password`` and is confirmed; None otherwise
         (unknown address and wrong password cost the same time). Raises
         :class:`AuthError` only for an unconfirmed account with the right password."""
-        try:
-            address = normalize_email(email)
-        except AuthError:
-            address = ""
+        address = address_or_empty(email)
         row = None
         if address and not _has_nul(app_id):
             async with self._conn() as conn:
