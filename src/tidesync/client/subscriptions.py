@@ -196,26 +196,18 @@ class SubscriptionSet:
         yield mutable
         db = self._db
         db._check_open()
-        with db._lock:
-            conn = db._engine.conn
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                ensure_table(conn)
-                row = conn.execute("SELECT MAX(version) FROM _sub_sets").fetchone()
-                new_version = int(row[0] or 0) + 1
-                conn.execute(
-                    "INSERT INTO _sub_sets(version, state, error, subs) VALUES (?, ?, NULL, ?)",
-                    (
-                        new_version,
-                        SubscriptionSetState.PENDING.value,
-                        pack([s._row() for s in mutable._subs]),
-                    ),
-                )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+        with db._lock, db._engine.transaction() as conn:
+            ensure_table(conn)
+            row = conn.execute("SELECT MAX(version) FROM _sub_sets").fetchone()
+            new_version = int(row[0] or 0) + 1
+            conn.execute(
+                "INSERT INTO _sub_sets(version, state, error, subs) VALUES (?, ?, NULL, ?)",
+                (
+                    new_version,
+                    SubscriptionSetState.PENDING.value,
+                    pack([s._row() for s in mutable._subs]),
+                ),
+            )
         session = db._session
         if session is not None:
             worker = session._worker
@@ -685,15 +677,8 @@ def compensating_error(message: str) -> CompensatingWriteError:
 
 def query_error(engine: StoreEngine, version: int, message: str) -> None:
     """Record the server's refusal of set ``version``."""
-    conn = engine.conn
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with engine.transaction() as conn:
         set_state(conn, version, SubscriptionSetState.ERROR, message)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 __all__ = [

@@ -495,19 +495,18 @@ class SessionWorker:
 
     def _persist(self, **values: int) -> None:
         engine = self.engine
-        engine.conn.execute("BEGIN IMMEDIATE")
-        try:
+        with engine.transaction():
             for k, v in values.items():
                 engine.set_meta(k, v)
-            engine.conn.execute("COMMIT")
-        except BaseException:
-            engine.conn.execute("ROLLBACK")
-            raise
 
     def _set_acked(self, acked: int) -> None:
         if acked <= self.upload_acked:
             return
         self._persist(upload_acked=acked)
+        self._acked(acked)
+
+    def _acked(self, acked: int) -> None:
+        """Everything up to ``acked`` (already persisted) is acknowledged: resolve waits."""
         self.upload_acked = acked
         self.in_flight = [(v, s) for v, s in self.in_flight if v > acked]
         self.update_progress()
@@ -546,9 +545,7 @@ class SessionWorker:
         self.down_remaining = ev.downloadable_bytes
         self.down_known = True
         if ev.upload_acked > self.upload_acked:
-            self.upload_acked = ev.upload_acked - 1  # _set_acked persists & resolves
-            self.upload_acked = int(engine.get_meta("upload_acked", 0) or 0) - 1
-            self._set_acked(ev.upload_acked)
+            self._acked(ev.upload_acked)  # persisted by the transaction above
         self.pump_upload()
         self.update_progress()
         self._emit("progress")
@@ -649,9 +646,7 @@ class SessionWorker:
         uploaded): renumber those changesets to follow the server's acknowledged version."""
         self.gap_check = False
         acked = self.upload_acked
-        conn = self.engine.conn
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with self.engine.transaction() as conn:
             first = conn.execute(
                 "SELECT MIN(version) FROM _changelog WHERE version > ?", (acked,)
             ).fetchone()[0]
@@ -664,10 +659,6 @@ class SessionWorker:
                 )
                 conn.execute("UPDATE _changelog SET version = -version WHERE version < 0")
                 self.engine.set_meta("last_version", last - gap)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         if gap <= 0:
             return
         log.info("client reset: %s renumbered its changesets by -%d", self.path, gap)
