@@ -326,3 +326,32 @@ async def test_pause_then_resume_at_once_rebinds_after_unbound(tmp_path: Path) -
         finally:
             app.close()
             other.close()
+
+
+async def test_a_session_resumed_as_the_linger_expires_keeps_the_connection(
+    device: Any,
+) -> None:
+    # the linger timer fired and its drop is queued when the session comes back: the
+    # drop must neither cut the connection the session now uses nor report an error
+    d = device("a")
+    db = await d.open()
+    s = db.sync_session
+    await wait_connected(s)
+    client = d.app._sync_client
+    conn = client._connections[d.user.id]
+    worker = s._worker
+    s.pause()
+    ws = conn.ws
+    assert ws is not None and conn._linger is not None
+
+    def expire_then_resume() -> None:
+        conn._linger.cancel()
+        conn._linger_expired()  # spawns the drop; it runs after this callback
+        worker.activate()
+
+    client.call(expire_then_resume)
+    with db.write():
+        db.add(Item(id="after-resume"))
+    await s.wait_for_upload(T(10))
+    assert conn.ws is ws  # the same connection
+    assert d.errors == []

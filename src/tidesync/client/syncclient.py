@@ -896,7 +896,7 @@ class Connection:
     def _linger_expired(self) -> None:
         self._linger = None
         if not self.workers:
-            self._spawn(self._drop("no sessions left"))
+            self._spawn(self._drop_idle())
 
     def rebind_later(self, worker: SessionWorker, delay: float) -> None:
         """Re-bind a session after a session-level error (a new session number);
@@ -1275,11 +1275,15 @@ class Connection:
                 except websockets.ConnectionClosed:
                     return
 
-    async def _drop(self, reason: str) -> None:
-        log.info("dropping the sync connection: %s", reason)
+    async def _drop_idle(self) -> None:
+        """Close a connection no session used for the linger time. A session that attached
+        meanwhile keeps it; a drop on purpose is not reported as a failed connection."""
         ws = self.ws
-        if ws is not None:
-            ws.transport.abort()
+        if ws is None or self.workers:
+            return
+        log.info("dropping the sync connection: no sessions left")
+        self._error_reported = True
+        ws.transport.abort()
 
     async def close(self) -> None:
         """Close the socket and stop every task of this connection."""
