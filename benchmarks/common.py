@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,33 @@ def write_objects(
         with db.write():
             for i, owner, title, qty, price, done in data[start : start + per_tx]:
                 db.add(Bench(id=i, owner=owner, title=title, qty=qty, price=price, done=done))
+
+
+def worker_process(*args: str) -> subprocess.Popen[str]:
+    """``python -m benchmarks.worker ARGS...``, driven over its stdin and stdout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.worker", *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+
+
+def read_line(proc: subprocess.Popen[str], want: str, limit: float) -> str:
+    """The next line of a worker's output that starts with ``want`` (a line starting with
+    ``error`` raises; so does silence for ``limit`` seconds)."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith(want):
+            return line
+        if line.startswith("error"):
+            raise RuntimeError(line.strip())
+    raise RuntimeError(f"a benchmark worker did not say {want!r} (exit {proc.poll()})")
 
 
 def start_server(root: Path, name: str) -> ServerProcess:

@@ -3,33 +3,17 @@ the time until the last one was notified, and the server's peak memory."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 
-from .common import Bench, Device, peak_mib, start_server
+from .common import Bench, Device, peak_mib, read_line, start_server, worker_process
 from .harness import Context, Measurement
 
 GROUP = "fan-out"
 DEVICES = 100
 PROCESSES = 4
 ROUNDS = 5  # the first is a warm-up
-
-
-def _read(proc: subprocess.Popen[str], want: str, limit: float) -> str:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith(want):
-            return line
-        if line.startswith("error"):
-            raise RuntimeError(line.strip())
-    raise RuntimeError(f"a fan-out worker did not say {want!r} (exit {proc.poll()})")
 
 
 def run(ctx: Context) -> None:
@@ -43,27 +27,10 @@ def run(ctx: Context) -> None:
         db = writer.open()
         writer.wait_upload(60)
         per = DEVICES // PROCESSES
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         for w in range(PROCESSES):
-            workers.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "benchmarks.worker",
-                        "fanout",
-                        server.url,
-                        str(root / f"w{w}"),
-                        str(per),
-                    ],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                )
-            )
+            workers.append(worker_process("fanout", server.url, str(root / f"w{w}"), str(per)))
         for p in workers:
-            _read(p, "ready", 300)
+            read_line(p, "ready", 300)
         ctx.log(f"  {DEVICES} devices connected in {PROCESSES} processes")
         took: list[float] = []
         for r in range(ROUNDS):
@@ -74,7 +41,7 @@ def run(ctx: Context) -> None:
             start = time.perf_counter()
             with db.write():
                 db.add(Bench(id=r, owner="fan", title=f"round {r}", qty=r, price=0.5, done=False))
-            last = max(float(_read(p, "done", 120).split()[1]) for p in workers)
+            last = max(float(read_line(p, "done", 120).split()[1]) for p in workers)
             ctx.log(f"  round {r}: {(last - start) * 1e3:.1f} ms")
             if r:
                 took.append(last - start)

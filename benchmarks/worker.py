@@ -6,6 +6,10 @@ user). Prints ``ready``; then for each ``round`` line read, waits until every da
 notified of a new object and prints ``done T`` (T: ``time.perf_counter()`` when the last
 one was notified; CLOCK_MONOTONIC, so comparable across processes).
 
+``python -m benchmarks.worker listen URL ROOT``: one device (subscribed to all Bench objects).
+Prints ``ready``, then ``seen T`` each time a notification shows new objects (T as above),
+until stdin closes. B of the latency benchmark in a process of its own.
+
 ``python -m benchmarks.worker scale URL COUNT``: logs in COUNT anonymous users, prints
 ``ready``; on ``go`` opens one WebSocket per user and binds one session on each (the
 protocol client only: no local database), prints ``connected T``, then keeps them idle
@@ -159,10 +163,46 @@ async def _scale(url: str, count: int) -> None:
     await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
+def listen(url: str, root: Path) -> None:
+    """The latency benchmark's B in a process of its own."""
+    app = ts.App(ts.AppConfiguration("bench", base_url=url, base_path=root, sync_timeouts=TIMEOUTS))
+    token: Any = None
+    db: ts.Database | None = None
+    try:
+
+        def initial(db: ts.Database) -> None:
+            with db.subscriptions.update() as subs:
+                subs.add(db.all(Bench), name="all")
+
+        user = asyncio.run(app.log_in(ts.Credentials.anonymous()))
+        config = ts.Configuration.flexible_sync(user, [Bench], initial_subscriptions=initial)
+        db = ts.Database(config)
+        asyncio.run(db.subscriptions.wait_for_synchronization(ts.TimeoutCancellationToken(LIMIT)))
+        ready = threading.Event()
+
+        def on_change(change: Any) -> None:
+            if change.inserted and ready.is_set():
+                _say(f"seen {time.perf_counter()!r}")  # the time first, then the report
+
+        token = db.all(Bench).add_listener(on_change)
+        time.sleep(1.0)  # the initial notification
+        ready.set()
+        _say("ready")
+        sys.stdin.read()  # until the driver closes stdin
+    finally:
+        if token is not None:
+            token.cancel()
+        if db is not None:
+            db.close()
+        app.close()
+
+
 def main(argv: list[str]) -> int:
     """Dispatch on the mode."""
     if argv[0] == "fanout":
         fanout(argv[1], Path(argv[2]), int(argv[3]))
+    elif argv[0] == "listen":
+        listen(argv[1], Path(argv[2]))
     elif argv[0] == "scale":
         asyncio.run(_scale(argv[1], int(argv[2])))
     else:
