@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 from ..core import query as q
 from ..core.changeset import Instruction
 from ..core.hlc import HLC
-from ..core.merge import ObjectState, simple_state
-from ..core.packing import pack, unpack, unpack_instructions
+from ..core.merge import ObjectState, SimpleState, simple_state_reader
+from ..core.packing import pack, packer, unpack, unpack_instructions
 from ..core.schema import Collection, Kind, ModelSchema
 from ..errors import CompensatingWriteError, OperationCancelledError, SubscriptionError
 from ..objectid import ObjectId
@@ -371,9 +371,17 @@ class _FastSpec:
     field (in column order) the value type its column gives back unchanged, and the
     encoders of the columns that do not store the value itself."""
 
-    __slots__ = ("encoders", "floats", "get", "pk_name", "pk_pos", "types")
+    __slots__ = ("encoders", "floats", "get", "pack", "pk_name", "pk_pos", "read", "types")
 
-    def __init__(self, engine: StoreEngine, schema: ModelSchema, kinds: list[Kind]) -> None:
+    def __init__(
+        self,
+        engine: StoreEngine,
+        schema: ModelSchema,
+        kinds: list[Kind],
+        read: Callable[[bytes], SimpleState | None],
+    ) -> None:
+        self.read = read
+        self.pack = packer()  # the spec is its applier's, used by one sync thread
         names = [f.name for f in schema.fields]
         self.get: Callable[[dict[str, Any]], tuple[Any, ...]] = (
             itemgetter(*names) if len(names) > 1 else lambda values: (values[names[0]],)
@@ -388,11 +396,12 @@ class _FastSpec:
         self.pk_name = schema.primary_key
         self.pk_pos = engine._pk_pos[schema.name]
 
-    def row(self, obj: ObjectUpdate, schema: ModelSchema) -> tuple[list[Any], HLC] | None:
-        """The ``insert_new`` parameters and create HLC of ``obj`` if its state is a lone
-        create whose values survive the columns exactly (so the row alone implies it)."""
+    def row(self, obj: ObjectUpdate) -> tuple[list[Any], list[Any]] | None:
+        """The ``insert_new`` parameters and create HLC (as ``[wall, counter, origin]``) of
+        ``obj`` if its state is a lone create whose values survive the columns exactly (so
+        the row alone implies it)."""
         assert obj.state is not None
-        got = simple_state(obj.state, schema)
+        got = self.read(obj.state)
         if got is None:
             return None
         created, values = got
@@ -411,7 +420,7 @@ class _FastSpec:
         params = list(row)
         for i, enc in self.encoders:
             params[i] = enc(params[i])
-        params.append(pack((created.wall, created.counter, created.origin)))
+        params.append(self.pack(created))  # a list packs as the HLC tuple does
         return params, created
 
 
@@ -425,7 +434,8 @@ def _fast_spec(engine: StoreEngine, schema: ModelSchema) -> _FastSpec | None:
         if kind not in _EXACT_TYPES:
             return None
         kinds.append(kind)
-    return _FastSpec(engine, schema, kinds)
+    read = simple_state_reader(schema)
+    return None if read is None else _FastSpec(engine, schema, kinds, read)
 
 
 class _PendingLog:
@@ -538,15 +548,18 @@ class FlexApplier:
         if fast:
             batch: dict[str, list[list[Any]]] = {}
             received = self.received
+            newest: list[Any] | None = None
             for i, (params, created) in fast.items():
                 obj = objects[i]
                 engine._touch_row(obj.model, params)
                 batch.setdefault(obj.model, []).append(params)
-                if greatest is None or created > greatest:
-                    greatest = created
+                if newest is None or created > newest:
+                    newest = created
                 if received is not None:
                     received.add((obj.model, obj.pk))
             engine._insert_new(batch)
+            if newest is not None:
+                greatest = HLC(*newest)
         for i, obj in enumerate(objects):
             if i in fast:
                 continue
@@ -606,41 +619,43 @@ class FlexApplier:
 
     def _fast_rows(
         self, objects: list[ObjectUpdate], pending: dict[tuple[str, Any], list[Instruction]]
-    ) -> dict[int, tuple[list[Any], HLC]]:
+    ) -> dict[int, tuple[list[Any], list[Any]]]:
         """The objects (by index) that can be written as rows alone, like local creates:
         the first update of a key in ``objects``, absent from the file and from the
         transaction's states, without pending instructions, of a model without erased
         objects, collection or counter fields, whose state is a lone create
         (:func:`~tidesync.core.merge.simple_state`) with values the columns keep exactly.
-        Their ``insert_new`` parameters and create HLCs."""
+        Their ``insert_new`` parameters and create HLCs (as ``[wall, counter, origin]``)."""
         engine = self.engine
         tx_states = engine._tx_states
+        schemas = engine.schemas
         specs: dict[str, _FastSpec | None] = {}
         seen: set[tuple[str, Any]] = set()
-        rows: dict[int, tuple[list[Any], HLC]] = {}
+        rows: dict[int, tuple[list[Any], list[Any]]] = {}
         by_model: dict[str, dict[Any, int]] = {}
         for i, obj in enumerate(objects):
-            schema = engine.schemas.get(obj.model)
-            if schema is None:
-                continue
-            key = (obj.model, obj.pk)
+            model = obj.model
+            key = (model, obj.pk)
             if key in seen:
                 continue
             seen.add(key)
             if obj.state is None or key in pending or key in tx_states:
                 continue
-            if obj.model in specs:
-                spec = specs[obj.model]
+            if model in specs:
+                spec = specs[model]
             else:
-                spec = specs[obj.model] = (
-                    None if engine._has_dead(obj.model) else self._spec(obj.model, schema)
+                schema = schemas.get(model)
+                spec = specs[model] = (
+                    None if schema is None or engine._has_dead(model) else self._spec(model, schema)
                 )
             if spec is None:
                 continue
-            row = spec.row(obj, schema)
+            row = spec.row(obj)
             if row is None:
                 continue
-            keys = by_model.setdefault(obj.model, {})
+            keys = by_model.get(model)
+            if keys is None:
+                keys = by_model[model] = {}
             sql_key = row[0][spec.pk_pos]
             if sql_key in keys:
                 continue

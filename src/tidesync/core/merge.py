@@ -765,36 +765,62 @@ def simple_state(data: bytes, schema: ModelSchema) -> tuple[HLC, dict[str, Any]]
     ``schema`` already normalised. Models with collection or counter fields, malformed
     data and any other state give None (apply the merge then); nothing is raised.
     """
+    read = simple_state_reader(schema)
+    got = None if read is None else read(data)
+    if got is None:
+        return None
+    wall, counter, origin = got[0]
+    return HLC(wall, counter, origin), got[1]
+
+
+#: What :func:`simple_state_reader`'s function gives: ``[wall, counter, origin]`` of the
+#: create (the packed HLC as decoded) and the values.
+SimpleState = tuple[list[Any], dict[str, Any]]
+
+
+def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | None] | None:
+    """:func:`simple_state` for the many states of one model: a function of the state bytes
+    that gives the create's HLC as the list ``[wall, counter, origin]`` (no HLC is built)
+    and the values, or None exactly when :func:`simple_state` is None. None for a model
+    with collection or counter fields."""
     plan = _plan(schema)
     if plan.others:
         return None
-    try:
-        raw = unpack(data)
-    except ValueError:
-        return None
-    if type(raw) is not list or len(raw) != 6:
-        return None
-    fmt, created_raw, erased, last, base, out = raw
-    if fmt != _FORMAT or erased is not None or out != {} or last != created_raw:
-        return None
-    if type(base) is not dict or base.keys() != plan.fields.keys():
-        return None
-    if type(created_raw) is not list or len(created_raw) != 3:
-        return None
-    wall, counter, origin = created_raw
-    if type(wall) is not int or type(counter) is not int or type(origin) is not str:
-        return None
-    if wall < 0 or counter < 0:
-        return None
-    # values a create would have normalised (an int in a float field, ...) are not its
-    for name in plan.floats:
-        if type(base[name]) is int:
+    fields = plan.fields.keys()
+    floats = tuple(plan.floats)
+    normed = tuple(plan.normed)
+    fmt_ok = _FORMAT
+
+    def read(data: bytes) -> SimpleState | None:
+        try:
+            raw = unpack(data)
+        except ValueError:
             return None
-    for name, norm in plan.normed:
-        v = base[name]
-        if norm(v) is not v:
+        if type(raw) is not list or len(raw) != 6:
             return None
-    return HLC(wall, counter, origin), base
+        fmt, created, erased, last, base, out = raw
+        if fmt != fmt_ok or erased is not None or out != {} or last != created:
+            return None
+        if type(base) is not dict or base.keys() != fields:
+            return None
+        if type(created) is not list or len(created) != 3:
+            return None
+        wall, counter, origin = created
+        if type(wall) is not int or type(counter) is not int or type(origin) is not str:
+            return None
+        if wall < 0 or counter < 0:
+            return None
+        # values a create would have normalised (an int in a float field, ...) are not its
+        for name in floats:
+            if type(base[name]) is int:
+                return None
+        for name, norm in normed:
+            v = base[name]
+            if norm(v) is not v:
+                return None
+        return created, base
+
+    return read
 
 
 def created_at(data: bytes | None) -> HLC | None:
