@@ -7,11 +7,15 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tidesync.core.changeset import Instruction, Op
+from tidesync.core.packing import pack
 from tidesync.server.storage import SQLiteStorage, StorageError, UploadBatch, UploadResult
 from tidesync.server.storage.conformance import (
+    ALL_MODELS,
     TASK,
     StorageConformance,
     StorageFactory,
@@ -144,3 +148,39 @@ async def test_log_tail_in_memory_answers_like_the_file(tmp_path: Path) -> None:
         assert storage._tails["app"].start == 30
         page = await storage.read_log("app", 30, 1 << 20)
         assert [e.server_version for e in page.entries] == [31]
+
+
+async def test_a_create_guessed_new_but_stored_is_integrated_again_looking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # new objects are first written without a look; a stored one makes the plain INSERT
+    # fail, and the whole group is integrated again with every object looked up
+    tries: list[bool] = []
+    original = SQLiteStorage._integrate_group
+
+    def spy(self: SQLiteStorage, conn: sqlite3.Connection, batches: Any, guess: bool) -> Any:
+        tries.append(guess)
+        return original(self, conn, batches, guess)
+
+    monkeypatch.setattr(SQLiteStorage, "_integrate_group", spy)
+    a, b = Writer("A"), Writer("B")
+
+    def note(w: Writer, pk: int, text: str, at: int) -> Instruction:
+        return Instruction(Op.CREATE, "NoteI", pk, w.hlc(at), value={"id": pk, "text": text})
+
+    async with SQLiteStorage(tmp_path / "s.sqlite3") as storage:
+        await storage.put_schemas("app", ALL_MODELS)
+        for origin in ("A", "B"):
+            await storage.register_client("app", origin, "u")
+        await storage.integrate([batch("app", a.cs(note(a, 1, "a", 1_000)))])
+        assert tries == [True]
+        res = await storage.integrate(
+            [batch("app", b.cs(note(b, 2, "new", 2_000), note(b, 1, "b", 2_001)))]
+        )
+        assert tries == [True, True, False]
+        assert res[0].ok and res[0].server_versions == [2]
+        assert res[0].created == {("NoteI", pack(2)): 2}
+        objects = await storage.get_objects("app", "NoteI")
+        assert {k: v["text"] for k, v in objects.items()} == {1: "b", 2: "new"}
+        page = await storage.read_log("app", 0, 1 << 20)
+        assert [e.server_version for e in page.entries] == [1, 2]

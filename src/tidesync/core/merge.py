@@ -856,6 +856,12 @@ def created_rows(ins: Instruction, schema: ModelSchema) -> tuple[bytes, bytes] |
     return None if parts is None else pack_pair(*parts)
 
 
+def rows_of_creates(schema: ModelSchema) -> bool:
+    """True if :func:`created_rows_many` encodes CREATEs of ``schema`` (no collection or
+    counter fields), i.e. it does not give None for them."""
+    return not _plan(schema).others
+
+
 def created_rows_many(
     instructions: Iterable[Instruction], schema: ModelSchema
 ) -> list[tuple[bytes, bytes]] | None:

@@ -319,6 +319,46 @@ class StorageConformance:
         assert (await storage.get_objects(app, "NoteO"))[o]["text"] == "oid"
         assert set(await storage.get_objects(app, "Task")) == {"5"}
 
+    async def test_creates_of_stored_objects_merge(self, storage: ServerStorage, app: str) -> None:
+        # NoteI has no counter or collection: its new objects are written with a plain
+        # INSERT, which a storage may try before it looks (it must then look and merge)
+        a, b, c = Writer("A"), Writer("B"), Writer("C")
+
+        def note(w: Writer, pk: int, text: str, at: int) -> Instruction:
+            value = {"id": pk, "text": text}
+            return Instruction(Op.CREATE, "NoteI", pk, w.hlc(at), value=value)
+
+        await storage.integrate(
+            [batch(app, a.cs(note(a, 1, "a", 1_000), note(a, 2, "two", 1_001)))]
+        )
+        res = await storage.integrate(
+            [batch(app, b.cs(note(b, 1, "b", 2_000), note(b, 3, "three", 2_001)))]
+        )
+        assert res[0].ok and res[0].created == {("NoteI", pack(3)): 2}
+        older = await storage.integrate([batch(app, a.cs(note(a, 1, "older", 500)))])
+        assert older[0].ok and older[0].created == {}
+        erase = Instruction(Op.ERASE, "NoteI", 2, c.hlc(3_000))
+        await storage.integrate([batch(app, c.cs(erase))])
+        # one commit: a new object, a stored one, an erased one created again
+        res = await storage.integrate(
+            [
+                batch(app, c.cs(note(c, 4, "four", 4_000), note(c, 2, "again", 4_001))),
+                batch(app, b.cs(note(b, 5, "five", 4_002), note(b, 3, "THREE", 4_003))),
+            ]
+        )
+        assert [r.ok for r in res] == [True, True]
+        assert res[0].created == {("NoteI", pack(4)): 5}
+        assert res[1].created == {("NoteI", pack(5)): 6}
+        objects = await storage.get_objects(app, "NoteI")
+        assert {k: v["text"] for k, v in objects.items()} == {
+            1: "b",
+            2: "again",
+            3: "THREE",
+            4: "four",
+            5: "five",
+        }
+        assert await storage.latest_version(app) == 6
+
     # -- the log --------------------------------------------------------------------------
 
     async def test_log_entries_are_stored_exactly(self, storage: ServerStorage, app: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...core.changeset import Op
-from ...core.merge import ObjectState, created_rows, created_rows_many
+from ...core.merge import ObjectState, created_rows, created_rows_many, rows_of_creates
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
@@ -364,14 +364,29 @@ class SQLiteStorage(ServerStorage):
 
     def _integrate_txn(self, conn: sqlite3.Connection, batches: list[UploadBatch]) -> list[Any]:
         self._group_log = None
+        # First on the guess that the objects the uploads only CREATE are new (they are,
+        # but for two devices creating one primary key): they are not looked up, and
+        # their plain INSERT fails if one is stored after all. Then it is all undone and
+        # done again, looking every object up.
+        conn.execute("SAVEPOINT integrate")
+        try:
+            group = self._integrate_group(conn, batches, guess=True)
+        except _GuessedWrong:
+            conn.execute("ROLLBACK TO integrate")
+            group = self._integrate_group(conn, batches, guess=False)
+        conn.execute("RELEASE integrate")
+        self._group_log = (group.log_rows, group.apps)  # used once the COMMIT succeeded
+        return group.results
+
+    def _integrate_group(
+        self, conn: sqlite3.Connection, batches: list[UploadBatch], guess: bool
+    ) -> _Group:
         group = _Group(conn)
-        results: list[UploadResult] = []
         with gc_paused:
             for batch in batches:
-                results.append(self._integrate_batch(group, batch))
+                group.results.append(self._integrate_batch(group, batch, guess))
             group.write()
-        self._group_log = (group.log_rows, group.apps)  # used once the COMMIT succeeded
-        return results
+        return group
 
     def _extend_tails(self, rows: list[_LogRow], apps: dict[str, list[int]]) -> None:
         """Add a committed group's log rows to the apps' tails (event loop)."""
@@ -396,7 +411,7 @@ class SQLiteStorage(ServerStorage):
             tail.total = total
             tail.trim()
 
-    def _integrate_batch(self, group: _Group, batch: UploadBatch) -> UploadResult:
+    def _integrate_batch(self, group: _Group, batch: UploadBatch, guess: bool) -> UploadResult:
         app = batch.app_id
         last = group.client_last(app, batch.origin)
         if last is None:
@@ -413,9 +428,13 @@ class SQLiteStorage(ServerStorage):
             if not new:
                 return UploadResult(batch.origin, last, [])
             by_object = instructions_by_object(new)
-            overlay = group.working_copies(app, by_object.keys())
+            guessed = _guessed_new(by_object, schemas) if guess else set()
+            overlay = group.working_copies(app, by_object.keys(), guessed)
             lone = {k: v for k, v in by_object.items() if len(v) == 1 and k not in overlay}
             fresh = _fresh_creates(by_object, schemas, overlay)
+            unsure = [k for k in guessed if k not in fresh]  # not written by INSERT: look
+            if unsure:
+                overlay.update(group.working_copies(app, unsure))
             apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
             return UploadResult(batch.origin, last, [], str(exc), exc.reason)
@@ -579,6 +598,21 @@ class SQLiteStorage(ServerStorage):
         self._schemas.pop(app_id, None)
 
 
+class _GuessedWrong(Exception):
+    """An object guessed new was stored already (see ``_integrate_txn``)."""
+
+
+def _guessed_new(by_object: ByObject, schemas: dict[str, ModelSchema]) -> set[ObjectKey]:
+    """The objects guessed new without a look: those the upload only CREATEs, of models
+    whose creates are written with a plain INSERT (:func:`_fresh_creates`)."""
+    plain = {name for name, schema in schemas.items() if rows_of_creates(schema)}
+    return {
+        key
+        for key, items in by_object.items()
+        if len(items) == 1 and key[0] in plain and items[0][1].op is Op.CREATE
+    }
+
+
 def _fresh_creates(
     by_object: ByObject, schemas: dict[str, ModelSchema], overlay: dict[ObjectKey, ObjectState]
 ) -> dict[ObjectKey, tuple[bytes, bytes]]:
@@ -632,6 +666,7 @@ class _Group:
         #: new objects (one CREATE): encoded states and values, no ObjectState built
         self.fresh: dict[tuple[str, str, bytes], tuple[bytes, bytes]] = {}
         self.log_rows: list[tuple[str, int, str, int, bytes, int, int]] = []
+        self.results: list[UploadResult] = []
 
     def client_last(self, app: str, origin: str) -> int | None:
         key = (app, origin)
@@ -646,13 +681,21 @@ class _Group:
         self.clients[(app, origin)] = version
         self.dirty_clients.add((app, origin))
 
-    def working_copies(self, app: str, keys: Iterable[ObjectKey]) -> dict[ObjectKey, ObjectState]:
-        """Private copies of the touched objects' states (absent = never stored)."""
+    def working_copies(
+        self,
+        app: str,
+        keys: Iterable[ObjectKey],
+        guessed: set[ObjectKey] | frozenset[Any] = frozenset(),
+    ) -> dict[ObjectKey, ObjectState]:
+        """Private copies of the touched objects' states (absent = never stored). Objects
+        in ``guessed`` are not looked up in the file (guessed new, see ``_integrate_txn``)."""
         missing: dict[str, list[bytes]] = {}
-        for model, pk in keys:
+        for key in keys:
+            model, pk = key
             full = (app, model, pk)
             if full not in self.states and full not in self.raw and full not in self.fresh:
-                missing.setdefault(model, []).append(pk)
+                if key not in guessed:
+                    missing.setdefault(model, []).append(pk)
         for model, pks in missing.items():
             for i in range(0, len(pks), _CHUNK):
                 chunk = pks[i : i + _CHUNK]
@@ -707,10 +750,13 @@ class _Group:
         conn = self.conn
         if self.log_rows:
             conn.executemany("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", self.log_rows)
-        if self.fresh:  # never stored (checked in this transaction): a plain INSERT
-            conn.executemany(
-                _INSERT_OBJECT, [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()]
-            )
+        if self.fresh:  # never stored (looked up, or guessed): a plain INSERT
+            try:
+                conn.executemany(
+                    _INSERT_OBJECT, [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()]
+                )
+            except sqlite3.IntegrityError as exc:  # one guessed new is stored already
+                raise _GuessedWrong from exc
         if self.states:
             conn.executemany(
                 _UPSERT_OBJECT, [_object_row(k, s, self.schemas[k]) for k, s in self.states.items()]
