@@ -131,6 +131,9 @@ class CheckedUpload:
     #: Once committed: the objects the storage integrated as made by one CREATE alone
     #: (``UploadResult.created``; see :func:`note_committed`).
     committed: frozenset[ObjectKey] | None = None
+    #: Every object in ``created`` is visible (its flag is True): reconciling may take
+    #: them all at once.
+    all_visible: bool = False
 
 
 def note_committed(view: FlexView, version: int, result: UploadResult) -> None:
@@ -637,15 +640,38 @@ async def _reconcile_uploads(
     created: dict[ObjectKey, tuple[HLC, bool]] = {}
     current = (view.subs, view.perms)
     for upload in due:
-        keys |= upload.touched
         refused += upload.refused
         refused_keys |= {(m, pack(pk)) for m, pk, _ in upload.refused}
-        if upload.judged_with[0] is not current[0] or upload.judged_with[1] is not current[1]:
+        judged = upload.judged_with[0] is current[0] and upload.judged_with[1] is current[1]
+        confirmed = upload.committed or frozenset()
+        if (
+            judged
+            and upload.all_visible
+            and not refused_keys
+            and len(confirmed) == len(upload.touched)
+        ):
+            # the storage made every object it touched from its CREATE alone (its keys
+            # are among those touched): all are on the device as they are, and held
+            view.held |= confirmed
+            if keys:
+                keys -= confirmed
+            continue
+        keys |= upload.touched
+        if not judged:
             continue
         for key in upload.stay_visible:
             if key in view.held and key not in refused_keys:
                 keys.discard(key)
-        confirmed = upload.committed or frozenset()
+        if upload.all_visible:  # the same as below, with set operations
+            mine = upload.created.keys()
+            done = mine & confirmed
+            if refused_keys:
+                done -= refused_keys
+            view.held |= done
+            keys -= done
+            for key in mine - confirmed:
+                created[key] = upload.created[key]
+            continue
         for key, (hlc, visible) in upload.created.items():
             if key not in confirmed:
                 created[key] = (hlc, visible)
@@ -768,7 +794,9 @@ async def check_upload(
                     erased.add(key)
         stay = frozenset(k for k in keys if k in view.held and k not in erased)
         view.uploads.append(
-            CheckedUpload(changesets[-1].version, set(keys), [], created, judged_with, stay)
+            CheckedUpload(
+                changesets[-1].version, set(keys), [], created, judged_with, stay, None, True
+            )
         )
         return changesets
     stored: dict[ObjectKey, StoredObject] = await conn.hub.storage.get_states(conn.app_id, keys)
