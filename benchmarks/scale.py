@@ -4,14 +4,11 @@ server's memory per session."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import sys
 import time
 
-from .common import proc_status, server_pid, start_server
-from .fanout import _read
+from .common import proc_status, read_line, server_pid, start_server, worker_process
 from .harness import Context, Measurement
 
 GROUP = "scale"
@@ -26,22 +23,13 @@ def _once(ctx: Context, sessions: int, run: int) -> tuple[float, float, float, f
     pid = server_pid(server)
     procs: list[subprocess.Popen[str]] = []
     try:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
         left = sessions
         while left:
             k = min(PER_PROCESS, left)
             left -= k
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "benchmarks.worker", "scale", server.url, str(k)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                )
-            )
+            procs.append(worker_process("scale", server.url, str(k)))
         for p in procs:
-            _read(p, "ready", 300)
+            read_line(p, "ready", 300)
         time.sleep(0.5)
         base_rss = proc_status(pid, "VmRSS")
         start = time.perf_counter()
@@ -49,7 +37,7 @@ def _once(ctx: Context, sessions: int, run: int) -> tuple[float, float, float, f
             assert p.stdin is not None
             p.stdin.write("go\n")
             p.stdin.flush()
-        end = max(float(_read(p, "connected", 300).split()[1]) for p in procs)
+        end = max(float(read_line(p, "connected", 300).split()[1]) for p in procs)
         took = end - start
         time.sleep(1.0)
         rss = proc_status(pid, "VmRSS")
