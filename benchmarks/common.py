@@ -156,6 +156,20 @@ def worker_process(*args: str) -> subprocess.Popen[str]:
     )
 
 
+def stop_workers(procs: list[subprocess.Popen[str]]) -> None:
+    """Close the workers' stdin (their signal to finish), then wait for them (bounded:
+    a worker that does not exit within 60 s is killed)."""
+    for p in procs:
+        if p.stdin is not None:
+            p.stdin.close()
+    for p in procs:
+        try:
+            p.wait(60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+
 def read_line(proc: subprocess.Popen[str], want: str, limit: float) -> str:
     """The next line of a worker's output that starts with ``want`` (a line starting with
     ``error`` raises; so does silence for ``limit`` seconds)."""

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import time
 
-from .common import Bench, Device, peak_mib, read_line, start_server, worker_process
+from .common import Bench, Device, peak_mib, read_line, start_server, stop_workers, worker_process
 from .harness import Context, Measurement
 
 GROUP = "fan-out"
@@ -56,14 +56,6 @@ def run(ctx: Context) -> None:
         )
         ctx.record(Measurement(GROUP, "server peak RSS, fan-out", "MiB", [peak_mib(server)]))
     finally:
-        for p in workers:
-            if p.stdin is not None:
-                p.stdin.close()
-        for p in workers:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
+        stop_workers(workers)
         writer.close()
         server.kill()

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import time
 
-from .common import proc_status, read_line, server_pid, start_server, worker_process
+from .common import proc_status, read_line, server_pid, start_server, stop_workers, worker_process
 from .harness import Context, Measurement
 
 GROUP = "scale"
@@ -52,15 +52,7 @@ def _once(ctx: Context, sessions: int, run: int) -> tuple[float, float, float, f
             raise RuntimeError("the server died")
         return took, per, per_peak, peak / 2**20
     finally:
-        for p in procs:
-            if p.stdin is not None:
-                p.stdin.close()
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
+        stop_workers(procs)
         server.kill()
 
 

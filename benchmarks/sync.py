@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
 import time
 from typing import Any
@@ -18,6 +17,7 @@ from .common import (
     read_line,
     rows,
     start_server,
+    stop_workers,
     worker_process,
     write_objects,
 )
@@ -158,13 +158,7 @@ def _latency_apart(ctx: Context, count: int, warmup: int) -> list[float]:
                 ctx.log(f"  latency, B apart: {k}/{count + warmup}")
         return lat
     finally:
-        if b.stdin is not None:
-            b.stdin.close()
-        try:
-            b.wait(60)
-        except subprocess.TimeoutExpired:
-            b.kill()
-            b.wait(10)
+        stop_workers([b])
         a.close()
         server.kill()
 
