@@ -18,16 +18,9 @@ from tidesync.server.config import ServerConfig
 from tidesync.server.runner import InProcessServer
 from tidesync.server.settings import AuthSettings
 
+from .flex_helpers import FAST, T
+
 ADMIN_KEY = "admin-key-for-tests-0123456789"
-FAST = ts.SyncTimeoutOptions(
-    connect_timeout=5,
-    reconnect_initial_delay=0.1,
-    reconnect_max_delay=0.5,
-    ping_keep_alive_period=2,
-    pong_keep_alive_timeout=4,
-    connection_linger_time=1,
-)
-T = ts.TimeoutCancellationToken
 
 
 class Note(ts.Model):

@@ -24,16 +24,10 @@ from tidesync.server.storage import SQLiteStorage
 from tidesync.server.storage.base import HistoryTrimmedError, LogPage
 from tidesync.testing import ServerProcess
 
+from .flex_helpers import FAST
+
 T = ts.TimeoutCancellationToken
 APP = "resets"
-FAST = ts.SyncTimeoutOptions(
-    connect_timeout=5,
-    reconnect_initial_delay=0.1,
-    reconnect_max_delay=0.5,
-    ping_keep_alive_period=2,
-    pong_keep_alive_timeout=4,
-    connection_linger_time=1,
-)
 #: Two seconds, in days: history older than that is trimmed.
 RETENTION_DAYS = 2 / 86400
 

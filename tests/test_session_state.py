@@ -14,16 +14,10 @@ import pytest
 import tidesync as ts
 from tidesync.testing import ServerProcess
 
+from .flex_helpers import FAST
+
 T = ts.TimeoutCancellationToken
 CS = ts.ConnectionState
-FAST = ts.SyncTimeoutOptions(
-    connect_timeout=5,
-    reconnect_initial_delay=0.1,
-    reconnect_max_delay=0.5,
-    ping_keep_alive_period=2,
-    pong_keep_alive_timeout=4,
-    connection_linger_time=1,
-)
 
 
 class Item(ts.Model):

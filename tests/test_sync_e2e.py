@@ -18,17 +18,9 @@ import tidesync as ts
 from tidesync.testing import ServerProcess
 
 from .conftest import Person, Task
+from .flex_helpers import FAST, T
 
 ROOT = Path(__file__).parent.parent
-FAST = ts.SyncTimeoutOptions(
-    connect_timeout=5,
-    reconnect_initial_delay=0.1,
-    reconnect_max_delay=0.5,
-    ping_keep_alive_period=2,
-    pong_keep_alive_timeout=4,
-    connection_linger_time=1,
-)
-T = ts.TimeoutCancellationToken
 
 
 class Item(ts.Model):
