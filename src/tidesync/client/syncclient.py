@@ -37,7 +37,13 @@ from ..errors import (
     TidesyncError,
 )
 from ..protocol import client as pc
-from ..protocol.messages import ErrorCode, PongReceived, UploadChangeset, error_code_of
+from ..protocol.messages import (
+    BOOTSTRAP_NONE,
+    ErrorCode,
+    PongReceived,
+    UploadChangeset,
+    error_code_of,
+)
 from ..store.engine import StoreEngine, add_waker, remove_waker
 from .reset import (
     DiscardUnsyncedChanges,
@@ -73,6 +79,9 @@ T = TypeVar("T")
 UPLOAD_BATCH_BYTES = 256 * 1024
 #: Keep at most this many bytes uploaded but not yet acknowledged.
 UPLOAD_WINDOW_BYTES = 4 * 1024 * 1024
+#: Seconds a DOWNLOAD that only moves the cursors (an acknowledgement of this device's own
+#: upload) waits before they are written to the file; sooner if another transaction comes.
+CURSOR_SAVE_DELAY = 0.5
 
 
 class ConnectionState(enum.Enum):
@@ -213,6 +222,9 @@ class SessionWorker:
         self.upload_acked = int(self.engine.get_meta("upload_acked", 0) or 0)
         self.download_cursor = int(self.engine.get_meta("download_cursor", 0) or 0)
         self.upload_sent = self.upload_acked
+        # the cursors as the file holds them; memory may be ahead (see _note_cursors)
+        self._saved_cursor, self._saved_acked = self.download_cursor, self.upload_acked
+        self._save_timer: asyncio.TimerHandle | None = None
         self.in_flight: list[tuple[int, int]] = []  # (version, size) uploaded, not acked
         self.active = False
         self.closed = False
@@ -261,6 +273,7 @@ class SessionWorker:
         if not self.active:
             return
         self.active = False
+        self.save_cursors()
         if self.connection is not None:
             self.connection.detach(self)
         self.bound = False
@@ -503,10 +516,41 @@ class SessionWorker:
         if acked <= self.upload_acked:
             return
         self._persist(upload_acked=acked)
+        self._saved_acked = acked
         self._acked(acked)
 
+    def save_cursors(self) -> None:
+        """Write the cursors that only memory holds (see :meth:`_note_cursors`) now."""
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
+        if self.closed:
+            return
+        cursor, acked = self.download_cursor, self.upload_acked
+        if cursor == self._saved_cursor and acked <= self._saved_acked:
+            return
+        engine = self.engine
+        with engine.transaction(durable=False):
+            engine.set_meta("download_cursor", cursor)
+            if acked > self._saved_acked:
+                engine.set_meta("upload_acked", acked)
+        self._saved_cursor, self._saved_acked = cursor, max(acked, self._saved_acked)
+
+    def _note_cursors(self, ev: pc.DownloadReceived) -> None:
+        """A DOWNLOAD with nothing to apply (the acknowledgement of this device's upload):
+        its cursors are taken in memory and written later, with the next download's
+        transaction or after ``CURSOR_SAVE_DELAY``. A write transaction per
+        acknowledgement would take the file's write lock just as the app writes next.
+        Losing them (a crash first) is harmless: the server is asked again from the
+        older cursor and sends nothing new, and uploads it already integrated are
+        acknowledged again without being applied twice."""
+        self.download_cursor = ev.cursor
+        if self._save_timer is None and not self.closed:
+            self._save_timer = self.loop.call_later(CURSOR_SAVE_DELAY, self.save_cursors)
+
     def _acked(self, acked: int) -> None:
-        """Everything up to ``acked`` (already persisted) is acknowledged: resolve waits."""
+        """Everything up to ``acked`` is acknowledged: resolve waits. (``acked`` is in the
+        file already, or will be soon: see :meth:`_note_cursors`.)"""
         self.upload_acked = acked
         self.in_flight = [(v, s) for v, s in self.in_flight if v > acked]
         self.update_progress()
@@ -517,7 +561,12 @@ class SessionWorker:
 
     def on_download(self, ev: pc.DownloadReceived) -> None:
         """Apply a DOWNLOAD's changesets and cursors in one local transaction."""
+        if not ev.changesets and not ev.objects and ev.bootstrap == BOOTSTRAP_NONE:
+            self._note_cursors(ev)
+            self._downloaded(ev)
+            return
         engine = self.engine
+        acked = max(ev.upload_acked, self.upload_acked)
         engine.begin(durable=False)  # no fsync: see docs/local-database.md
         try:
             for cs in ev.changesets:
@@ -525,12 +574,10 @@ class SessionWorker:
                 engine.apply(instructions)
                 if instructions:
                     engine.observe(max(i.hlc for i in instructions))
-            self.flex.apply(
-                ev.objects, ev.bootstrap, ev.query_version, max(ev.upload_acked, self.upload_acked)
-            )
+            self.flex.apply(ev.objects, ev.bootstrap, ev.query_version, acked)
             engine.set_meta("download_cursor", ev.cursor)
-            if ev.upload_acked > self.upload_acked:
-                engine.set_meta("upload_acked", ev.upload_acked)
+            if acked > self._saved_acked:
+                engine.set_meta("upload_acked", acked)
             # exact: every row written (engine.apply, the flex applier's rows, saves and
             # evictions) was recorded with the engine's _touch, so notifiers may patch;
             # skip: this worker pumps uploads and progress below, no need to wake itself
@@ -539,13 +586,21 @@ class SessionWorker:
             engine.rollback()
             raise
         self.download_cursor = ev.cursor
+        self._saved_cursor, self._saved_acked = ev.cursor, max(acked, self._saved_acked)
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
+        self._downloaded(ev)
+
+    def _downloaded(self, ev: pc.DownloadReceived) -> None:
+        """After a DOWNLOAD was applied: progress, acknowledgements, the next upload."""
         self.server_latest = ev.latest_server_version
         self.downloadable_bytes = ev.downloadable_bytes
         self.down_transferred += ev.size
         self.down_remaining = ev.downloadable_bytes
         self.down_known = True
         if ev.upload_acked > self.upload_acked:
-            self._acked(ev.upload_acked)  # persisted by the transaction above
+            self._acked(ev.upload_acked)  # in the file, or soon (_note_cursors)
         self.pump_upload()
         self.update_progress()
         self._emit("progress")
@@ -590,6 +645,7 @@ class SessionWorker:
             self.deactivate(f"client reset needed (manual recovery): {message}")
             return
         log.warning("client reset of %s (%s): %s", self.path, type(mode).__name__, message)
+        self.save_cursors()  # the reset reads which changes were acknowledged from the file
         copy: tuple[Database, str] | None = None
         try:
             if mode.on_before is not None or mode.on_after is not None:
@@ -672,6 +728,7 @@ class SessionWorker:
         self.gap_check = True
         self.download_cursor = 0
         self.upload_acked = 0
+        self._saved_cursor = self._saved_acked = 0
         self.upload_sent = 0
         self.in_flight.clear()
         self.flex.reset()

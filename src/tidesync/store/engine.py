@@ -399,12 +399,20 @@ class StoreEngine:
             self._file_lock.release()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         """A plain write transaction on the connection: ``BEGIN IMMEDIATE`` (under this
         process's lock of the file), ``COMMIT`` when the block ends, ``ROLLBACK`` if it
-        raises. For bookkeeping tables; model writes use :meth:`begin`/:meth:`commit`."""
+        raises. For bookkeeping tables; model writes use :meth:`begin`/:meth:`commit`.
+        ``durable=False`` as for :meth:`begin` (for bookkeeping whose loss is harmless)."""
         conn = self.conn
-        self._begin_immediate()
+        if not durable:
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._relaxed = True
+        try:
+            self._begin_immediate()
+        except BaseException:
+            self._restore_sync()
+            raise
         try:
             yield conn
             conn.execute("COMMIT")
@@ -413,6 +421,7 @@ class StoreEngine:
                 conn.execute("ROLLBACK")
             raise
         finally:
+            self._restore_sync()
             self._unlock()
 
     def commit(
