@@ -14,8 +14,8 @@ ALLOWED = {
     "core": {"core", "errors", "objectid"},
     "protocol": {"core", "protocol", "errors", "objectid"},
     "store": {"core", "protocol", "store", "errors", "objectid"},
-    "server": {"core", "protocol", "store", "server", "errors", "objectid"},
-    "client": {"core", "protocol", "store", "client", "errors", "objectid"},
+    "server": {"core", "protocol", "store", "server", "errors", "objectid", "eventloop"},
+    "client": {"core", "protocol", "store", "client", "errors", "objectid", "eventloop"},
 }
 
 

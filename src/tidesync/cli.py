@@ -73,6 +73,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run the sync server (development mode) until SIGINT or SIGTERM."""
+    from .eventloop import new_event_loop
     from .server.config import ServerConfig
     from .server.runner import ServerStartError, print_url, serve_forever
 
@@ -103,7 +104,8 @@ def serve(
 
     configure_logging(log_level, log_format)
     try:
-        asyncio.run(serve_forever(data, host, port, config, announce=print_url))
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(serve_forever(data, host, port, config, announce=print_url))
     except ServerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

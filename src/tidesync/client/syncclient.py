@@ -36,6 +36,7 @@ from ..errors import (
     SyncError,
     TidesyncError,
 )
+from ..eventloop import new_event_loop
 from ..protocol import client as pc
 from ..protocol.messages import (
     BOOTSTRAP_NONE,
@@ -112,7 +113,7 @@ class SyncClient:
     def __init__(self, app: App) -> None:
         self.app = app
         self.timeouts = app.config.sync_timeouts
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self._connections: dict[str, Connection] = {}
         self._closed = False
         self._ready = threading.Event()

@@ -26,6 +26,7 @@ from typing import Any, Self
 import uvicorn
 
 from ..errors import TidesyncError
+from ..eventloop import new_event_loop
 from .app import StorageFactory, create_app
 from .config import ServerConfig
 from .hub import SyncHub
@@ -282,9 +283,11 @@ class InProcessServer:
                 await asyncio.gather(stopper, watcher, return_exceptions=True)
                 await self.stop()
 
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(body()), name="tidesync-server", daemon=True
-        )
+        def run() -> None:
+            with asyncio.Runner(loop_factory=new_event_loop) as runner:
+                runner.run(body())
+
+        self._thread = threading.Thread(target=run, name="tidesync-server", daemon=True)
         self._thread.start()
         if not ready.wait(timeout):
             raise ServerStartError(f"the server did not start within {timeout} s")
