@@ -16,7 +16,6 @@ import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -862,10 +861,13 @@ class _Tail:
             raise CursorAheadError(
                 f"app {app}: cursor {after} is past the latest version {self.latest}"
             )
+        # by index: islice would step over every row before ``after`` (the whole tail, for
+        # a device that is up to date), and a slice would copy all that follow it
+        tail = self.rows
         rows = (
             (version, origin, client_version, None if origin == exclude else blob, size, cum)
-            for _, version, origin, client_version, blob, size, cum in islice(
-                self.rows, after - self.start, None
+            for _, version, origin, client_version, blob, size, cum in map(
+                tail.__getitem__, range(after - self.start, len(tail))
             )
         )
         return _page(rows, after, self.latest, self.total, max_bytes)
