@@ -274,9 +274,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+#: Each message class's field names, in order (``dataclasses.fields`` is slow per call).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
 def encode_message(msg: Message) -> bytes:
     """The uncompressed bytes of a message."""
-    values = [_plain(getattr(msg, f.name)) for f in dataclass_fields(msg)]
+    cls = type(msg)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclass_fields(msg))
+    values = [_plain(getattr(msg, name)) for name in names]
     return pack([int(msg.TYPE), *values])
 
 
