@@ -290,6 +290,8 @@ async def test_an_ownership_change_cannot_race_a_write_check(tmp_path: Path) -> 
             first, second = (owner, other) if round_ % 2 else (other, owner)
             assert first.db is not None and second.db is not None
             first.db.sync_session.resume()
+            if round_ == 0:  # in order once: the other user's edits land while shared
+                await first.settle()
             second.db.sync_session.resume()
             await owner.settle()
             await other.settle()
