@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from tidesync.core.packing import pack
 from tidesync.server.storage import SQLiteStorage, StorageError, UploadBatch, UploadResult
 from tidesync.server.storage.conformance import (
     ALL_MODELS,
+    NOTE_INT,
+    NOTE_UUID,
     TASK,
     StorageConformance,
     StorageFactory,
@@ -184,3 +187,65 @@ async def test_a_create_guessed_new_but_stored_is_integrated_again_looking(
         assert {k: v["text"] for k, v in objects.items()} == {1: "b", 2: "new"}
         page = await storage.read_log("app", 0, 1 << 20)
         assert [e.server_version for e in page.entries] == [1, 2]
+
+
+def _scenario() -> list[list[UploadBatch]]:
+    """Uploads of new objects the one-pass path takes, and neighbours it must leave to the
+    general path: a key already in the group, a key twice, an update beside a create, a
+    stored key created again, a bad value, a model with a counter field."""
+    a, b, c = Writer("A"), Writer("B"), Writer("C")
+    n = NOTE_INT
+    update = Instruction(Op.SET, "NoteI", 1, b.hlc(), field="text", value="uno")
+    return [
+        [batch("app", a.cs(a.note(n, 1, "one"), a.note(n, 2, "two")), a.cs(a.note(n, 3, "x")))],
+        [batch("app", a.cs(a.note(n, 4, "a4"))), batch("app", b.cs(b.note(n, 4, "b4")))],
+        [batch("app", b.cs(b.note(n, 5, "five"), update))],
+        [batch("app", c.cs(c.note(n, 6, "six"), c.note(n, 6, "again")))],
+        [batch("app", c.cs(c.note(n, 1, "stored")))],
+        [batch("app", a.cs(a.create("t1"), a.note(n, 8, "eight")))],
+        [batch("app", b.cs(b.note(NOTE_UUID, uuid.UUID(int=9), "nine")))],
+        [batch("app", c.cs(c.note(n, 7, 7)))],  # type: ignore[arg-type]
+    ]
+
+
+async def _run_scenario(path: Path) -> list[Any]:
+    seen: list[Any] = []
+    async with SQLiteStorage(path) as storage:
+        await storage.put_schemas("app", ALL_MODELS)
+        for origin in ("A", "B", "C"):
+            await storage.register_client("app", origin, "u")
+        for batches in _scenario():
+            for r in await storage.integrate(batches):
+                seen.append((r.ok, r.server_versions, r.created, r.error, r.reason))
+        for model in ("NoteI", "NoteU", "Task"):
+            objects = await storage.get_objects("app", model)
+            seen.append(sorted(objects.items(), key=repr))
+            keys = [(model, pack(pk)) for pk in objects]
+            seen.append(sorted((await storage.get_state_bytes("app", keys)).items()))
+        page = await storage.read_log("app", 0, 1 << 20)
+        seen.append([(e.server_version, e.origin, e.client_version) for e in page.entries])
+    return seen
+
+
+async def test_uploads_of_new_objects_end_as_the_general_path_makes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tidesync.server.storage import sqlite as module
+
+    taken: list[bool] = []
+    original = module._only_new_creates
+
+    def spy(*args: Any) -> Any:
+        made = original(*args)
+        taken.append(made is not None)
+        return made
+
+    monkeypatch.setattr(module, "_only_new_creates", spy)
+    fast = await _run_scenario(tmp_path / "fast.sqlite3")
+    # the first pass of each upload that passed validation; the stored key is guessed new
+    assert taken == [True, True, False, False, False, True, False, True]
+    monkeypatch.setattr(module, "_only_new_creates", lambda *args: None)
+    general = await _run_scenario(tmp_path / "general.sqlite3")
+    assert fast == general
+    assert all(r[0] for r in fast[:8]) and not fast[8][0]  # only the bad value is refused
+    assert fast[5][1] == [7] and fast[5][2] == {}  # the stored key: merged, not created

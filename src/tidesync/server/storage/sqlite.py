@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ...core.changeset import Op
+from ...core.changeset import Changeset, Instruction, Op
 from ...core.merge import ObjectState, created_rows, created_rows_many, rows_of_creates
-from ...core.packing import pack, pack_instructions, unpack
+from ...core.packing import pack, pack_each, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
 from .base import (
@@ -427,6 +427,14 @@ class SQLiteStorage(ServerStorage):
             new = select_new_changesets(batch, last, schemas)
             if not new:
                 return UploadResult(batch.origin, last, [])
+            made = _only_new_creates(group, app, new, schemas) if guess else None
+            if made is not None:  # the same outcome as below, without the general passes
+                fresh, keyed = made
+                versions = group.append_log(app, batch.origin, new)
+                created = {key: v for keys, v in zip(keyed, versions) for key in keys}
+                group.set_client_last(app, batch.origin, last + len(new))
+                group.keep_fresh(app, fresh)
+                return UploadResult(batch.origin, last + len(new), versions, created=created)
             by_object = instructions_by_object(new)
             guessed = _guessed_new(by_object, schemas) if guess else set()
             overlay = group.working_copies(app, by_object.keys(), guessed)
@@ -611,6 +619,60 @@ def _guessed_new(by_object: ByObject, schemas: dict[str, ModelSchema]) -> set[Ob
         for key, items in by_object.items()
         if len(items) == 1 and key[0] in plain and items[0][1].op is Op.CREATE
     }
+
+
+def _only_new_creates(
+    group: _Group, app: str, new: list[Changeset], schemas: dict[str, ModelSchema]
+) -> tuple[dict[ObjectKey, tuple[bytes, bytes]], list[list[ObjectKey]]] | None:
+    """The common upload of new objects, in one pass: when every instruction of ``new`` is
+    a CREATE of its own object (no key twice), of a model whose creates are plain rows
+    (:func:`~tidesync.core.merge.rows_of_creates`), and no key is in the group already,
+    it is what :func:`_guessed_new` + :func:`_fresh_creates` + :func:`lone_creates` make
+    of it: ``(key -> (state bytes, packed values), each changeset's keys)``. ``None``
+    otherwise, and for anything :func:`_fresh_creates` would refuse (the general path
+    then names the error)."""
+    create = Op.CREATE
+    plain: dict[str, bool] = {}
+    keyed: list[list[ObjectKey]] = []
+    by_model: dict[str, tuple[list[ObjectKey], list[Instruction]]] = {}
+    count = 0
+    for cs in new:
+        instructions = cs.instructions
+        keys = list(zip([i.model for i in instructions], pack_each([i.pk for i in instructions])))
+        for key, ins in zip(keys, instructions):
+            if ins.op is not create:
+                return None
+            model = key[0]
+            ok = plain.get(model)
+            if ok is None:
+                schema = schemas.get(model)
+                ok = plain[model] = schema is not None and rows_of_creates(schema)
+            if not ok:
+                return None
+            entry = by_model.get(model)
+            if entry is None:
+                entry = by_model[model] = ([], [])
+            entry[0].append(key)
+            entry[1].append(ins)
+        keyed.append(keys)
+        count += len(keys)
+    states, raw, fresh_in_group = group.states, group.raw, group.fresh
+    fresh: dict[ObjectKey, tuple[bytes, bytes]] = {}
+    for model, (keys, creates) in by_model.items():
+        for _, pk in keys:
+            full = (app, model, pk)
+            if full in states or full in raw or full in fresh_in_group:
+                return None
+        try:
+            encoded = created_rows_many(creates, schemas[model])
+        except (ValueError, TypeError):
+            return None
+        if encoded is None:
+            return None
+        fresh.update(zip(keys, encoded, strict=True))
+    if len(fresh) != count:  # a key twice
+        return None
+    return fresh, keyed
 
 
 def _fresh_creates(
