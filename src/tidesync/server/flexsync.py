@@ -31,7 +31,9 @@ import logging
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core import query as q
@@ -130,7 +132,7 @@ class CheckedUpload:
     stay_visible: frozenset[ObjectKey] = frozenset()
     #: Once committed: the objects the storage integrated as made by one CREATE alone
     #: (``UploadResult.created``; see :func:`note_committed`).
-    committed: frozenset[ObjectKey] | None = None
+    committed: AbstractSet[ObjectKey] | None = None
     #: Every object in ``created`` is visible (its flag is True): reconciling may take
     #: them all at once.
     all_visible: bool = False
@@ -140,7 +142,7 @@ def note_committed(view: FlexView, version: int, result: UploadResult) -> None:
     """Record an upload's commit on the upload checked for it (``version``: its last)."""
     for upload in reversed(view.uploads):
         if upload.version == version:
-            upload.committed = frozenset(result.created)
+            upload.committed = result.created.keys()  # a view: no copy of 10,000s of keys
             return
 
 
@@ -652,9 +654,9 @@ async def _reconcile_uploads(
         ):
             # the storage made every object it touched from its CREATE alone (its keys
             # are among those touched): all are on the device as they are, and held
-            view.held |= confirmed
+            view.held.update(confirmed)
             if keys:
-                keys -= confirmed
+                keys.difference_update(confirmed)
             continue
         keys |= upload.touched
         if not judged:
@@ -764,41 +766,30 @@ async def check_upload(
     view = session.flex
     assert view is not None
     schemas = view.schemas
+    keyed: list[list[ObjectKey]] = []  # each changeset's instructions' keys
+    models: set[str] = set()
+    for cs in changesets:
+        instructions = cs.instructions
+        models.update(map(_model_of, instructions))
+        keyed.append(list(zip(map(_model_of, instructions), pack_each(map(_pk_of, instructions)))))
+    if not models <= schemas.keys():
+        schemas = view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
+        view.perms.schemas = schemas
+    judged_with = (view.subs, view.perms)
+    if not any(view.can_refuse(model) for model in models):
+        # no rules and only always-true subscriptions of these models: nothing is refused;
+        # remember each lone CREATE so that reconciling need not send the object back
+        view.uploads.append(_unrefused(view, changesets, keyed, judged_with))
+        return changesets
     keys: dict[ObjectKey, Any] = {}
     seen: dict[ObjectKey, int] = {}  # instructions per object in the whole upload
-    keyed: list[list[ObjectKey]] = []  # each changeset's instructions' keys
-    for cs in changesets:
-        cs_keys = list(
-            zip([i.model for i in cs.instructions], pack_each([i.pk for i in cs.instructions]))
-        )
-        keyed.append(cs_keys)
+    for cs, cs_keys in zip(changesets, keyed):
         for key, ins in zip(cs_keys, cs.instructions):
             keys[key] = ins.pk
             seen[key] = seen.get(key, 0) + 1
-    if any(k[0] not in schemas for k in keys):
-        schemas = view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
-        view.perms.schemas = schemas
     refused: list[tuple[str, Any, str]] = []
     refused_keys: set[ObjectKey] = set()
     created: dict[ObjectKey, tuple[HLC, bool]] = {}
-    judged_with = (view.subs, view.perms)
-    if not any(view.can_refuse(model) for model in {k[0] for k in keys}):
-        # no rules and only always-true subscriptions of these models: nothing is refused;
-        # remember each lone CREATE so that reconciling need not send the object back
-        erased: set[ObjectKey] = set()
-        for cs, cs_keys in zip(changesets, keyed):
-            for key, ins in zip(cs_keys, cs.instructions):
-                if ins.op is Op.CREATE and seen[key] == 1:
-                    created[key] = (ins.hlc, True)
-                elif ins.op is Op.ERASE:
-                    erased.add(key)
-        stay = frozenset(k for k in keys if k in view.held and k not in erased)
-        view.uploads.append(
-            CheckedUpload(
-                changesets[-1].version, set(keys), [], created, judged_with, stay, None, True
-            )
-        )
-        return changesets
     stored: dict[ObjectKey, StoredObject] = await conn.hub.storage.get_states(conn.app_id, keys)
     states: dict[ObjectKey, ObjectState] = {}
     out: list[Changeset] = []
@@ -850,6 +841,42 @@ async def check_upload(
             CheckedUpload(changesets[-1].version, set(keys), refused, created, judged_with)
         )
     return out
+
+
+_model_of = attrgetter("model")
+_pk_of = attrgetter("pk")
+
+
+def _unrefused(
+    view: FlexView,
+    changesets: list[Changeset],
+    keyed: list[list[ObjectKey]],
+    judged_with: tuple[Any, Any],
+) -> CheckedUpload:
+    """What :func:`check_upload` remembers of an upload nothing of which can be refused:
+    every object it touched, its lone CREATEs (a key CREATEd once and touched by nothing
+    else), and the held objects it does not ERASE."""
+    touched: set[ObjectKey] = set()
+    twice: set[ObjectKey] = set()
+    erased: set[ObjectKey] = set()
+    created: dict[ObjectKey, tuple[HLC, bool]] = {}
+    create, erase = Op.CREATE, Op.ERASE
+    for cs, cs_keys in zip(changesets, keyed):
+        for key, ins in zip(cs_keys, cs.instructions):
+            if key in touched:
+                twice.add(key)
+            else:
+                touched.add(key)
+            if ins.op is create:
+                created[key] = (ins.hlc, True)
+            elif ins.op is erase:
+                erased.add(key)
+    for key in twice:
+        created.pop(key, None)
+    stay = frozenset((touched & view.held) - erased)
+    return CheckedUpload(
+        changesets[-1].version, touched, [], created, judged_with, stay, None, True
+    )
 
 
 def _created(
