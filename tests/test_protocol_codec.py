@@ -283,3 +283,28 @@ def test_error_codes_levels_and_actions() -> None:
 def test_changeset_size_counts_instruction_bytes() -> None:
     assert m.changeset_size(m.UploadChangeset(3, b"abcd")) == 4
     assert m.changeset_size(m.DownloadChangeset(1, "o", 1, b"")) == 0
+
+
+@pytest.mark.parametrize(
+    ("item", "says"),
+    [
+        ("Task", "array of 3 items"),
+        (["Task", 1], "array of 3 items"),
+        (["", 1, None], "needs a model name"),
+        ([7, 1, None], "needs a model name"),
+        (["Task", 1, "state"], "bytes or nil"),
+    ],
+)
+def test_bad_object_update_is_named_with_its_index(item: Any, says: str) -> None:
+    good = ["Task", 1, b"\x90"]
+    frame = [int(MessageType.DOWNLOAD), 1, [], 1, 1, 0, 0, 1, [good, None, good], 1]
+    frame[8][1] = item
+    with pytest.raises(MalformedMessageError, match=f"DOWNLOAD.objects.*item 1: .*{says}"):
+        decode_frame(pack(frame))
+
+
+def test_object_updates_decode_as_given() -> None:
+    objects = [m.ObjectUpdate("Task", 1, b"\x90"), m.ObjectUpdate("Note", "k", None)]
+    msg = m.Download(1, [], 1, 1, 0, 0, 1, objects, 2)
+    back = decode_frame(encode_frame(msg))
+    assert back == msg and type(back.objects[0]) is m.ObjectUpdate  # type: ignore[attr-defined]

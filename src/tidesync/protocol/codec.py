@@ -193,6 +193,35 @@ def _object_update(value: Any) -> ObjectUpdate:
     return ObjectUpdate(model, pk, state)
 
 
+_new_update = ObjectUpdate.__new__
+_set_field = object.__setattr__
+
+
+def _object_updates(value: Any) -> list[ObjectUpdate]:
+    """``_list(_object_update)`` in one loop: a bootstrap page holds thousands. The usual
+    item is checked inline and the frozen dataclass filled without its ``__init__``; any
+    other goes through :func:`_object_update`, which names what is wrong with it."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array, got {type(value).__name__}")
+    out: list[ObjectUpdate] = []
+    add = out.append
+    for index, item in enumerate(value):
+        if type(item) is list and len(item) == 3:
+            model, pk, state = item
+            if type(model) is str and model and (type(state) is bytes or state is None):
+                obj = _new_update(ObjectUpdate)
+                _set_field(obj, "model", model)
+                _set_field(obj, "pk", pk)
+                _set_field(obj, "state", state)
+                add(obj)
+                continue
+        try:
+            add(_object_update(item))
+        except ValueError as exc:
+            raise ValueError(f"item {index}: {exc}") from exc
+    return out
+
+
 def _query_args(value: Any) -> dict[str, list[list[Any]]]:
     if not isinstance(value, dict):
         raise ValueError(f"expected a map, got {type(value).__name__}")
@@ -237,7 +266,7 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
             _int(0),
             _version,
             _version,
-            _list(_object_update),
+            _object_updates,
             _int(0, 2),
         ),
     ),
