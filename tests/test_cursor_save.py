@@ -15,6 +15,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 import tidesync as ts
 from tidesync.client.syncclient import CURSOR_SAVE_DELAY
 from tidesync.server.storage import SQLiteStorage
@@ -150,3 +152,35 @@ def test_lost_acknowledgement_is_harmless(tmp_path: Path) -> None:
             assert len(ids) == len(set(ids)) == 3
 
     asyncio.run(stored())
+
+
+async def test_a_failed_save_is_logged_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The file refuses the write (locked past the busy timeout, say): the session goes
+    on, says so in the log, and the next save writes the cursors."""
+    server = ServerProcess(tmp_path / "server").start()
+    try:
+        app, db = await _open(tmp_path, "a", server.url)
+        try:
+            worker = db.sync_session._worker
+            real = worker.engine.transaction
+
+            def locked(**_: object) -> None:
+                raise sqlite3.OperationalError("database is locked")
+
+            monkeypatch.setattr(worker.engine, "transaction", locked)
+            with db.write():
+                db.add(Tally(id="x"))
+            await db.sync_session.wait_for_upload(T(20))
+            worker.client.call(worker.save_cursors)
+            assert "could not save the sync cursors" in caplog.text
+            assert _meta(db.path)["upload_acked"] == 0
+            monkeypatch.setattr(worker.engine, "transaction", real)
+            worker.client.call(worker.save_cursors)
+            assert _meta(db.path)["upload_acked"] == 1
+        finally:
+            db.close()
+            app.close()
+    finally:
+        server.stop()

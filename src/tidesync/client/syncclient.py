@@ -15,6 +15,7 @@ import concurrent.futures
 import enum
 import logging
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -531,10 +532,16 @@ class SessionWorker:
         if cursor == self._saved_cursor and acked <= self._saved_acked:
             return
         engine = self.engine
-        with engine.transaction(durable=False):
-            engine.set_meta("download_cursor", cursor)
-            if acked > self._saved_acked:
-                engine.set_meta("upload_acked", acked)
+        try:
+            with engine.transaction(durable=False):
+                engine.set_meta("download_cursor", cursor)
+                if acked > self._saved_acked:
+                    engine.set_meta("upload_acked", acked)
+        except (sqlite3.Error, TidesyncError):
+            # harmless to lose (see _note_cursors); the next download's transaction or
+            # the next save writes them
+            log.warning("could not save the sync cursors of %s", self.path, exc_info=True)
+            return
         self._saved_cursor, self._saved_acked = cursor, max(acked, self._saved_acked)
 
     def _note_cursors(self, ev: pc.DownloadReceived) -> None:
