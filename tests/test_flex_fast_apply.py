@@ -648,3 +648,71 @@ def test_many_pages_with_many_pending_writes_read_the_log_once(
         assert engine.conn.execute('SELECT COUNT(*) FROM "t_Item"').fetchone()[0] == 200
     finally:
         engine.close()
+
+
+KEYED = {
+    s.name: s
+    for s in (
+        ModelSchema(
+            "ByUuid",
+            (FieldSchema("id", Kind.UUID, primary_key=True), FieldSchema("n", Kind.INT)),
+            "id",
+        ),
+        ModelSchema(
+            "ByOid",
+            (FieldSchema("id", Kind.OBJECTID, primary_key=True), FieldSchema("n", Kind.INT)),
+            "id",
+        ),
+        ModelSchema(
+            "ByStr",
+            (FieldSchema("id", Kind.STR, primary_key=True), FieldSchema("n", Kind.INT)),
+            "id",
+        ),
+    )
+}
+
+
+def _keyed_state(model: str, pk: Any, n: int, slow: bool) -> ObjectUpdate:
+    st_ = ObjectState.empty()
+    st_.apply(Instruction(Op.CREATE, model, pk, _hlc(n), value={"id": pk, "n": n}), KEYED[model])
+    if slow:  # a later SET: not a lone create, so the merge path applies it
+        st_.apply(Instruction(Op.SET, model, pk, _hlc(n + 1), field="n", value=n + 1), KEYED[model])
+    return ObjectUpdate(model, pk, st_.to_bytes())
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_the_last_page_evicts_only_what_it_did_not_bring(tmp_path: Path, slow: bool) -> None:
+    """Keys of every column type: what the bootstrap brought (fast or merged) and what is
+    pending stay; what the file held before and the bootstrap left out goes."""
+    keys = {
+        "ByUuid": [uuid.UUID(int=i) for i in range(1, 5)],
+        "ByOid": [ObjectId(bytes([i]) * 12) for i in range(1, 5)],
+        "ByStr": ["k1", "k2", "k3", "k4"],
+    }
+    engine = StoreEngine(tmp_path / "keyed.db", KEYED)
+    try:
+        applier = FlexApplier(engine)
+        engine.begin()  # two objects of each model held from an earlier set
+        for model, pks in keys.items():
+            for n, pk in enumerate(pks[:2]):
+                engine.create(Instruction(Op.CREATE, model, pk, _hlc(n), value={"id": pk, "n": n}))
+        engine.commit([])  # no change log entry: as downloaded
+        engine.begin()  # a local write not yet uploaded: pending, never evicted
+        local = [
+            Instruction(Op.CREATE, m, pks[3], engine.tick(), value={"id": pks[3], "n": 9})
+            for m, pks in keys.items()
+        ]
+        for ins in local:
+            engine.create(ins)
+        assert engine.commit(local) is not None
+        engine.begin(durable=False)
+        page = [_keyed_state(m, pks[i], i, slow) for m, pks in keys.items() for i in (1, 2)]
+        applier.apply(page, BOOTSTRAP_LAST, 0, 0)
+        engine.commit((), exact=True)
+        for model, pks in keys.items():
+            table, col = sv.table_name(model), sv.quote("id")
+            raws = {r[0] for r in engine.conn.execute(f"SELECT {col} FROM {table}")}
+            held = {sv.from_column(KEYED[model].pk_field, raw, KEYED) for raw in raws}
+            assert held == {pks[1], pks[2], pks[3]}, model  # pks[0] evicted
+    finally:
+        engine.close()

@@ -497,7 +497,8 @@ class FlexApplier:
 
     def __init__(self, engine: StoreEngine) -> None:
         self.engine = engine
-        #: Keys received by the bootstrap in progress (None: no bootstrap in progress).
+        #: Keys received by the bootstrap in progress, as ``(model, the primary key as its
+        #: column holds it)`` (None: no bootstrap in progress).
         self.received: set[tuple[str, Any]] | None = None
         self._log: _PendingLog | None = None
         self._specs: dict[str, tuple[ModelSchema, _FastSpec | None]] = {}
@@ -549,14 +550,15 @@ class FlexApplier:
             batch: dict[str, list[list[Any]]] = {}
             received = self.received
             newest: list[Any] | None = None
+            pk_pos = engine._pk_pos
             for i, (params, created) in fast.items():
-                obj = objects[i]
-                engine._touch_row(obj.model, params)
-                batch.setdefault(obj.model, []).append(params)
+                model = objects[i].model
+                engine._touch_row(model, params)
+                batch.setdefault(model, []).append(params)
                 if newest is None or created > newest:
                     newest = created
                 if received is not None:
-                    received.add((obj.model, obj.pk))
+                    received.add((model, params[pk_pos[model]]))
             engine._insert_new(batch)
             if newest is not None:
                 greatest = HLC(*newest)
@@ -578,20 +580,26 @@ class FlexApplier:
             if greatest is None or last > greatest:
                 greatest = last
             if self.received is not None:
-                self.received.add((obj.model, obj.pk))
+                self.received.add((obj.model, sv.scalar_to_sql(schema.pk_field.kind, obj.pk)))
         if greatest is not None and greatest.wall:
             engine.observe(greatest)  # once: the clock only moves past the greatest
         if bootstrap == BOOTSTRAP_LAST:
             received = self.received or set()
             self.received = None
-            for model, schema in engine.schemas.items():
+            # compared as the columns hold the keys: only an evicted key is converted
+            schemas = engine.schemas
+            mine = {
+                (m, sv.scalar_to_sql(schemas[m].pk_field.kind, pk))
+                for m, pk in pending
+                if m in schemas
+            }
+            for model, schema in schemas.items():
                 table = sv.table_name(model)
                 pk_col = sv.quote(schema.primary_key)
                 rows = engine.conn.execute(f"SELECT {pk_col} FROM {table}").fetchall()
                 for (raw,) in rows:
-                    pk = sv.from_column(schema.pk_field, raw, engine.schemas)
-                    if (model, pk) not in received and (model, pk) not in pending:
-                        self._evict(model, pk)
+                    if (model, raw) not in received and (model, raw) not in mine:
+                        self._evict(model, sv.from_column(schema.pk_field, raw, schemas))
             if query_version:
                 set_state(engine.conn, query_version, SubscriptionSetState.COMPLETE)
 
