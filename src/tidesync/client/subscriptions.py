@@ -562,9 +562,13 @@ class FlexApplier:
             engine._insert_new(batch)
             if newest is not None:
                 greatest = HLC(*newest)
-        for i, obj in enumerate(objects):
-            if i in fast:
-                continue
+        if not fast:
+            rest = objects
+        elif len(fast) == len(objects):
+            rest = []  # a bootstrap page of new objects: all written above
+        else:
+            rest = [o for i, o in enumerate(objects) if i not in fast]
+        for obj in rest:
             schema = engine.schemas.get(obj.model)
             if schema is None:
                 continue
