@@ -359,14 +359,7 @@ class StoreEngine:
         harmless: the sync client's download transactions (their changes and the download
         cursor are lost together, so they are simply downloaded again). Local writes are
         always durable."""
-        if not durable:
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self._relaxed = True
-        try:
-            self._begin_immediate()
-        except BaseException:
-            self._restore_sync()
-            raise
+        self._begin_write(durable)
         try:
             self._tx_states.clear()
             self._dead_models.clear()
@@ -379,6 +372,17 @@ class StoreEngine:
             self.clock = HybridClock(self.origin, last)
         except BaseException:
             self.rollback()
+            raise
+
+    def _begin_write(self, durable: bool) -> None:
+        """``BEGIN IMMEDIATE``, with ``synchronous = NORMAL`` for it unless ``durable``."""
+        if not durable:
+            self.conn.execute("PRAGMA synchronous = NORMAL")
+            self._relaxed = True
+        try:
+            self._begin_immediate()
+        except BaseException:
+            self._restore_sync()
             raise
 
     def _begin_immediate(self) -> None:
@@ -405,14 +409,7 @@ class StoreEngine:
         raises. For bookkeeping tables; model writes use :meth:`begin`/:meth:`commit`.
         ``durable=False`` as for :meth:`begin` (for bookkeeping whose loss is harmless)."""
         conn = self.conn
-        if not durable:
-            conn.execute("PRAGMA synchronous = NORMAL")
-            self._relaxed = True
-        try:
-            self._begin_immediate()
-        except BaseException:
-            self._restore_sync()
-            raise
+        self._begin_write(durable)
         try:
             yield conn
             conn.execute("COMMIT")
