@@ -40,7 +40,7 @@ from ..core import query as q
 from ..core.changeset import Changeset, Instruction, Op
 from ..core.hlc import HLC
 from ..core.merge import ObjectState, created_at, created_state, created_values
-from ..core.packing import pack, pack_each, pack_instructions, unpack, unpack_instructions
+from ..core.packing import pack, pack_instructions, unpack, unpack_instructions
 from ..core.schema import ModelSchema
 from ..errors import QueryError
 from ..protocol.messages import (
@@ -52,7 +52,7 @@ from ..protocol.messages import (
     compensating_message,
 )
 from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
-from .storage.base import ObjectKey, StoredObject, UploadResult, gc_paused
+from .storage.base import ObjectKey, StoredObject, UploadResult, gc_paused, object_keys
 
 if TYPE_CHECKING:
     from .hub import SyncConnection, SyncHub, _Session
@@ -526,7 +526,7 @@ async def _filter_page(
     keys_of: dict[ObjectKey, Any] = {}
     for e in entries:
         instructions = unpack_instructions(e.instructions, e.origin)
-        keys = list(zip([i.model for i in instructions], pack_each([i.pk for i in instructions])))
+        keys = object_keys(instructions)
         decoded.append((e, instructions, keys))
         for key, ins in zip(keys, instructions):
             touched.add(key)
@@ -771,7 +771,7 @@ async def check_upload(
     for cs in changesets:
         instructions = cs.instructions
         models.update(map(_model_of, instructions))
-        keyed.append(list(zip(map(_model_of, instructions), pack_each(map(_pk_of, instructions)))))
+        keyed.append(object_keys(instructions))
     if not models <= schemas.keys():
         schemas = view.schemas = await conn.hub.storage.get_schemas(conn.app_id)
         view.perms.schemas = schemas
@@ -844,7 +844,6 @@ async def check_upload(
 
 
 _model_of = attrgetter("model")
-_pk_of = attrgetter("pk")
 
 
 def _unrefused(

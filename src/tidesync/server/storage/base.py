@@ -491,14 +491,17 @@ def lone_creates(
     }
 
 
+def object_keys(instructions: Sequence[Instruction]) -> list[ObjectKey]:
+    """Each instruction's object key ``(model, packed pk)``, in order (one pooled packer)."""
+    return list(zip([i.model for i in instructions], pack_each([i.pk for i in instructions])))
+
+
 def instructions_by_object(changesets: Iterable[Changeset]) -> ByObject:
     """Group the changesets' instructions by object key, keeping their order."""
     grouped: ByObject = {}
     for cs in changesets:
         instructions = cs.instructions
-        pks = pack_each([ins.pk for ins in instructions])
-        for ins, pk in zip(instructions, pks, strict=True):
-            key = (ins.model, pk)
+        for ins, key in zip(instructions, object_keys(instructions), strict=True):
             entry = grouped.get(key)
             if entry is None:
                 grouped[key] = [(cs, ins)]

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from ...core.changeset import Changeset, Instruction, Op
 from ...core.merge import ObjectState, created_rows, created_rows_many, rows_of_creates
-from ...core.packing import pack, pack_each, pack_instructions, unpack
+from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
 from .base import (
@@ -47,6 +47,7 @@ from .base import (
     lone_creates,
     matches_everything,
     merge_schemas,
+    object_keys,
     select_new_changesets,
 )
 
@@ -638,7 +639,7 @@ def _only_new_creates(
     count = 0
     for cs in new:
         instructions = cs.instructions
-        keys = list(zip([i.model for i in instructions], pack_each([i.pk for i in instructions])))
+        keys = object_keys(instructions)
         for key, ins in zip(keys, instructions):
             if ins.op is not create:
                 return None
