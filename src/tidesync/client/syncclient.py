@@ -508,9 +508,9 @@ class SessionWorker:
             self._send_mark()
         self._emit("progress")
 
-    def _persist(self, **values: int) -> None:
+    def _persist(self, *, durable: bool = True, **values: int) -> None:
         engine = self.engine
-        with engine.transaction():
+        with engine.transaction(durable=durable):
             for k, v in values.items():
                 engine.set_meta(k, v)
 
@@ -523,26 +523,28 @@ class SessionWorker:
 
     def save_cursors(self) -> None:
         """Write the cursors that only memory holds (see :meth:`_note_cursors`) now."""
-        if self._save_timer is not None:
-            self._save_timer.cancel()
-            self._save_timer = None
+        self._cancel_save()
         if self.closed:
             return
         cursor, acked = self.download_cursor, self.upload_acked
         if cursor == self._saved_cursor and acked <= self._saved_acked:
             return
-        engine = self.engine
+        values = {"download_cursor": cursor}
+        if acked > self._saved_acked:
+            values["upload_acked"] = acked
         try:
-            with engine.transaction(durable=False):
-                engine.set_meta("download_cursor", cursor)
-                if acked > self._saved_acked:
-                    engine.set_meta("upload_acked", acked)
+            self._persist(durable=False, **values)
         except (sqlite3.Error, TidesyncError):
             # harmless to lose (see _note_cursors); the next download's transaction or
             # the next save writes them
             log.warning("could not save the sync cursors of %s", self.path, exc_info=True)
             return
         self._saved_cursor, self._saved_acked = cursor, max(acked, self._saved_acked)
+
+    def _cancel_save(self) -> None:
+        if self._save_timer is not None:
+            self._save_timer.cancel()
+            self._save_timer = None
 
     def _note_cursors(self, ev: pc.DownloadReceived) -> None:
         """A DOWNLOAD with nothing to apply (the acknowledgement of this device's upload):
@@ -595,9 +597,7 @@ class SessionWorker:
             raise
         self.download_cursor = ev.cursor
         self._saved_cursor, self._saved_acked = ev.cursor, max(acked, self._saved_acked)
-        if self._save_timer is not None:
-            self._save_timer.cancel()
-            self._save_timer = None
+        self._cancel_save()
         self._downloaded(ev)
 
     def _downloaded(self, ev: pc.DownloadReceived) -> None:
