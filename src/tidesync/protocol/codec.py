@@ -307,13 +307,16 @@ def _plain(value: Any) -> Any:
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
-def encode_message(msg: Message) -> bytes:
-    """The uncompressed bytes of a message."""
-    cls = type(msg)
+def _field_names(cls: type) -> tuple[str, ...]:
     names = _FIELD_NAMES.get(cls)
     if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclass_fields(msg))
-    values = [_plain(getattr(msg, name)) for name in names]
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclass_fields(cls))
+    return names
+
+
+def encode_message(msg: Message) -> bytes:
+    """The uncompressed bytes of a message."""
+    values = [_plain(getattr(msg, name)) for name in _field_names(type(msg))]
     return pack([int(msg.TYPE), *values])
 
 
@@ -338,7 +341,7 @@ def decode_message(body: bytes) -> Message:
             f"unknown message type {raw_type}", code=ErrorCode.UNKNOWN_MESSAGE
         ) from None
     cls, checks = _SPECS[mtype]
-    names = [f.name for f in dataclass_fields(cls)]
+    names = _field_names(cls)
     # Fields added later (flexible sync) have defaults and may be left off by older peers.
     required = len(checks) - _OPTIONAL_TAIL.get(mtype, 0)
     if not required <= len(items) - 1 <= len(checks):
