@@ -153,6 +153,55 @@ async def test_log_tail_in_memory_answers_like_the_file(tmp_path: Path) -> None:
         assert [e.server_version for e in page.entries] == [31]
 
 
+async def test_log_tail_past_its_byte_budget_keeps_rows_without_instructions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the byte budget the oldest rows keep all but their instructions: reads that
+    exclude their origin (a device's acknowledgement) are still answered from memory, the
+    others by the file, and every answer is what the file gives; past the row budget the
+    oldest rows go."""
+    from tidesync.server.storage import sqlite as sqlite_mod
+    from tidesync.server.storage.conformance import Writer
+
+    monkeypatch.setattr(sqlite_mod, "_TAIL_BYTES", 300)
+    monkeypatch.setattr(sqlite_mod, "_TAIL_ROWS", 20)
+    file_reads: list[int] = []
+    read_file = sqlite_mod._read_log
+
+    def counting(conn: sqlite3.Connection, *args: Any) -> Any:
+        file_reads.append(args[1])
+        return read_file(conn, *args)
+
+    async with SQLiteStorage(tmp_path / "bare.sqlite3") as storage:
+        await storage.put_schemas("app", [TASK])
+        writers = [Writer("A"), Writer("B")]
+        for w in writers:
+            await storage.register_client("app", w.origin, "u")
+        for i in range(25):
+            w = writers[1 if i in (9, 16) else 0]  # B wrote versions 10 and 17
+            await storage.integrate([batch("app", w.cs(w.create(f"k{i}", "x" * 40)))])
+        tail = storage._tails["app"]
+        assert (tail.start, tail.latest) == (5, 25)
+        assert 0 < tail.bare < len(tail.rows) and tail.bytes <= 300
+        assert all(row[4] == b"" for row in tail.rows[: tail.bare])
+        monkeypatch.setattr(sqlite_mod, "_read_log", counting)
+        from_memory_past_bare = 0
+        for after in range(5, 26):
+            for max_bytes in (0, 100, 1 << 20):
+                for exclude in (None, "A", "B"):
+                    file_reads.clear()
+                    got = await storage.read_log("app", after, max_bytes, exclude)
+                    expected = await storage._run(
+                        storage._transaction, read_file, "app", after, max_bytes, exclude
+                    )
+                    assert got == expected, (after, max_bytes, exclude)
+                    needs_bare = any(row[2] != exclude for row in tail.rows[after - 5 : tail.bare])
+                    assert bool(file_reads) == needs_bare, (after, max_bytes, exclude)
+                    if after - 5 < tail.bare and not needs_bare:
+                        from_memory_past_bare += 1
+        assert from_memory_past_bare > 0
+
+
 async def test_a_create_guessed_new_but_stored_is_integrated_again_looking(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -464,7 +464,10 @@ class SQLiteStorage(ServerStorage):
             raise ValueError("after and max_bytes must not be negative")
         tail = self._tails.get(app_id)
         if tail is not None and tail.start <= after and self._executor is not None:
-            return tail.read(app_id, after, max_bytes, exclude_origin)
+            try:
+                return tail.read(app_id, after, max_bytes, exclude_origin)
+            except _NotInMemory:
+                pass
         return await self._run(
             self._transaction, _read_log, app_id, after, max_bytes, exclude_origin
         )
@@ -887,53 +890,77 @@ def _register_client(conn: sqlite3.Connection, app: str, origin: str, user_id: s
 
 #: A log row: app, server version, origin, client version, instructions, size, cum_size.
 _LogRow = tuple[str, int, str, int, bytes, int, int]
-#: Bytes of instructions a tail keeps (oldest rows are dropped first), and apps with a tail.
+#: Bytes of instructions a tail keeps (the oldest rows' are dropped first), rows a tail
+#: keeps (past the byte budget without their instructions), and apps with a tail.
 _TAIL_BYTES = 1 << 20
+_TAIL_ROWS = 4096
 _TAIL_APPS = 64
+
+
+class _NotInMemory(Exception):
+    """A tail read needs the instructions of a row the tail keeps without them."""
 
 
 class _Tail:
     """The latest log rows of one app, exactly as committed (versions ``start + 1`` to
     ``latest``, contiguous), and the app's total bytes: enough to answer ``read_log``
-    for a cursor ``>= start`` as :func:`_read_log` would."""
+    for a cursor ``>= start`` as :func:`_read_log` would.
 
-    __slots__ = ("bytes", "latest", "rows", "start", "total")
+    Past :data:`_TAIL_BYTES` the oldest rows keep everything but their instructions (the
+    first ``bare`` rows): a read that excludes their origin (a device catching up on its
+    own upload, i.e. its acknowledgement) is still answered from memory; one that needs
+    their instructions raises :class:`_NotInMemory` and the file answers it."""
+
+    __slots__ = ("bare", "bytes", "latest", "rows", "start", "total")
 
     def __init__(self, start: int) -> None:
         self.start = start
         self.latest = start
         self.rows: list[_LogRow] = []
+        self.bare = 0
         self.bytes = 0
         self.total = 0
 
     def trim(self) -> None:
-        """Drop the oldest rows beyond the byte budget (always keep the latest one)."""
-        drop = 0
-        size = self.bytes
-        while size > _TAIL_BYTES and drop < len(self.rows) - 1:
-            size -= self.rows[drop][5]
-            drop += 1
-        if drop:
-            del self.rows[:drop]
+        """Drop the oldest rows' instructions beyond the byte budget (always keep the
+        latest one's), and the oldest rows beyond the row budget."""
+        rows = self.rows
+        bare, size = self.bare, self.bytes
+        while size > _TAIL_BYTES and bare < len(rows) - 1:
+            app, version, origin, client_version, _, row_size, cum = rows[bare]
+            rows[bare] = (app, version, origin, client_version, b"", row_size, cum)
+            size -= row_size
+            bare += 1
+        self.bare, self.bytes = bare, size
+        drop = len(rows) - _TAIL_ROWS
+        if drop > 0:
+            del rows[:drop]
             self.start += drop
-            self.bytes = size
+            self.bare = max(0, bare - drop)
 
     def read(self, app: str, after: int, max_bytes: int, exclude: str | None) -> LogPage:
-        """:func:`_read_log` from memory (``after >= start``)."""
+        """:func:`_read_log` from memory (``after >= start``); raises :class:`_NotInMemory`
+        when it needs instructions the tail no longer keeps."""
         if after > self.latest:
             raise CursorAheadError(
                 f"app {app}: cursor {after} is past the latest version {self.latest}"
             )
+        return _page(self._rows(after, exclude), after, self.latest, self.total, max_bytes)
+
+    def _rows(
+        self, after: int, exclude: str | None
+    ) -> Iterator[tuple[int, str, int, bytes | None, int, int]]:
         # by index: islice would step over every row before ``after`` (the whole tail, for
         # a device that is up to date), and a slice would copy all that follow it
-        tail = self.rows
-        rows = (
-            (version, origin, client_version, None if origin == exclude else blob, size, cum)
-            for _, version, origin, client_version, blob, size, cum in map(
-                tail.__getitem__, range(after - self.start, len(tail))
-            )
-        )
-        return _page(rows, after, self.latest, self.total, max_bytes)
+        tail, bare = self.rows, self.bare
+        for index in range(after - self.start, len(tail)):
+            _, version, origin, client_version, blob, size, cum = tail[index]
+            if origin == exclude:
+                yield version, origin, client_version, None, size, cum
+            elif index < bare:
+                raise _NotInMemory
+            else:
+                yield version, origin, client_version, blob, size, cum
 
 
 def _read_log(
