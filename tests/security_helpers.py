@@ -84,7 +84,7 @@ class Raw:
                 return msg
 
     async def hello(self, token: str) -> Any:
-        await self.send(m.Hello([1], token, False))
+        await self.send(m.Hello([2], token, False))
         return await self.recv()
 
     @property

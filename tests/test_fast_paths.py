@@ -16,7 +16,13 @@ import pytest
 
 from tidesync.core.changeset import Changeset, Instruction, Op
 from tidesync.core.hlc import HLC
-from tidesync.core.merge import ObjectState, created_rows, created_state
+from tidesync.core.merge import (
+    LONE_HEAD,
+    ObjectState,
+    created_rows,
+    created_state,
+    stored_state,
+)
 from tidesync.core.packing import instruction_from_list, pack, unpack
 from tidesync.core.schema import FieldSchema, Kind, ModelSchema
 from tidesync.server.storage import SQLiteStorage, UploadBatch
@@ -56,10 +62,16 @@ def test_created_state_matches_the_merge() -> None:
         st.apply(ins, ITEM)
         got = created_state(ins, ITEM)
         assert got is not None
-        assert got[0] == st.to_bytes()
+        # the compact lone-create form, read back as the very state the merge made
+        assert got[0][:2] == LONE_HEAD
+        assert ObjectState.from_bytes(got[0]).to_bytes() == st.to_bytes()
         assert got[1] == st.render(ITEM)
         assert list(got[1]) == list(st.render(ITEM) or {})
-        assert created_rows(ins, ITEM) == (st.to_bytes(), pack(st.render(ITEM)))
+        # what the server stores: the head (format and HLC) beside the packed values
+        head, vals = created_rows(ins, ITEM) or (b"", b"")
+        assert vals == pack(st.render(ITEM))
+        assert stored_state(head, vals) == got[0]
+        assert ObjectState.from_bytes(stored_state(head, vals)).to_bytes() == st.to_bytes()
     assert (
         created_rows(Instruction(Op.CREATE, "Bag", 1, HLC(1, 0, "o"), value={"id": 1}), BAG) is None
     )
@@ -217,7 +229,8 @@ async def test_server_fast_path_stores_what_the_merge_would(tmp_path: Path) -> N
             for ins in (*first.instructions, *second.instructions):
                 if ins.pk == pk:
                     st.apply(ins, ITEM)
-            assert stored[("Item", pack(pk))].state == st.to_bytes()
+            got = ObjectState.from_bytes(stored[("Item", pack(pk))].state)
+            assert got.to_bytes() == st.to_bytes()
 
 
 def test_instruction_parse_fast_path_agrees_with_the_checked_one() -> None:

@@ -25,7 +25,15 @@ import tidesync.client.subscriptions as subs_mod
 from tidesync.client.subscriptions import FlexApplier
 from tidesync.core.changeset import Instruction, Op
 from tidesync.core.hlc import HLC
-from tidesync.core.merge import ObjectState, created_state, simple_state
+from tidesync.core.merge import (
+    LONE_HEAD,
+    ObjectState,
+    created_at,
+    created_rows,
+    created_state,
+    simple_state,
+    stored_state,
+)
 from tidesync.core.packing import pack, unpack_instructions
 from tidesync.core.schema import Collection, FieldSchema, Kind, ModelSchema
 from tidesync.objectid import ObjectId
@@ -294,7 +302,8 @@ def test_simple_state_recognises_lone_creates_only() -> None:
     assert got[0] == ins.hlc and type(got[0]) is HLC
     assert got[1] == _item_values(3)
     cs = created_state(ins, ITEM)
-    assert cs is not None and cs[0] == data
+    assert cs is not None and ObjectState.from_bytes(cs[0]).to_bytes() == data
+    assert simple_state(cs[0], ITEM) == got  # the compact lone-create form
     later = _hlc(9)
     not_simple = [
         _state(ins, Instruction(Op.SET, "Item", 3, later, field="name", value="x")),  # out
@@ -312,6 +321,13 @@ def test_simple_state_recognises_lone_creates_only() -> None:
         pack([1, ins.hlc, None, ins.hlc, _item_values(3)]),  # 5 items
         pack({"not": "a list"}),
         b"\xc1",  # not msgpack
+        # the compact lone-create form ([2, created, values]) with the same defects
+        pack([2, ins.hlc, _item_values(3, price=2)]),
+        pack([2, ins.hlc, {k: v for k, v in _item_values(3).items() if k != "blob"}]),
+        pack([2, ins.hlc, {**_item_values(3), "extra": 1}]),
+        pack([2, [-1, 0, "x"], _item_values(3)]),
+        pack([2, None, _item_values(3)]),
+        pack([3, ins.hlc, _item_values(3)]),  # another format
     ]
     for data in not_simple:
         assert simple_state(data, ITEM) is None, data
@@ -375,6 +391,49 @@ def test_simple_state_is_exactly_the_state_of_its_lone_create(ops: list[Instruct
     assert ObjectState.from_bytes(data).to_bytes() == data
     assert lone.last_hlc == state.last_hlc
     assert lone.render(_SCALAR) == state.render(_SCALAR)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_hlcs, _values_st)
+def test_the_lone_create_form_reads_as_the_merge_state_of_that_create(
+    hlc: HLC, values: dict[str, Any]
+) -> None:
+    """A lone CREATE's compact state (what the server stores and sends for new objects)
+    decodes to exactly the state the merge makes, and every reader of states gives for
+    it what it gives for the full form."""
+    ins = Instruction(Op.CREATE, "S", 1, hlc, value=values)
+    state = ObjectState.empty()
+    state.apply(ins, _SCALAR)
+    full = state.to_bytes()
+    made = created_state(ins, _SCALAR)
+    assert made is not None
+    lone = made[0]
+    assert lone[:2] == LONE_HEAD and lone != full
+    assert ObjectState.from_bytes(lone).to_bytes() == full
+    assert ObjectState.from_bytes(lone).render(_SCALAR) == state.render(_SCALAR) == made[1]
+    assert simple_state(lone, _SCALAR) == simple_state(full, _SCALAR) is not None
+    assert created_at(lone) == created_at(full) == hlc
+    head, vals = created_rows(ins, _SCALAR) or (b"", b"")
+    assert stored_state(head, vals) == lone
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        [2, None, {"id": 1}],  # no create HLC
+        [2, [1, 0, "p"], [1, 2]],  # values not a map
+        [2, [1, 0, "p"]],  # too short
+        [2, [1, 0, "p"], {"id": 1}, None],  # too long
+        [2, "x", {"id": 1}],  # HLC not an array
+        [2, [1, 0, "p"], {1: 1}],  # a field name that is not a string
+    ],
+)
+def test_a_malformed_lone_create_state_is_refused(raw: list[Any]) -> None:
+    data = pack(raw)
+    with pytest.raises(ValueError):
+        ObjectState.from_bytes(data)
+    assert simple_state(data, _SCALAR) is None
+    assert created_at(data) is None or raw[1] == [1, 0, "p"]
 
 
 # --- the fast path against the merge path --------------------------------------------------

@@ -51,7 +51,7 @@ def sample_frames() -> list[bytes]:
     return [
         encode_frame(msg)
         for msg in (
-            m.Hello([1], "token", True),
+            m.Hello([2], "token", True),
             m.Bind(1, "file", [schema], 0, 0),
             m.Upload(1, [valid_changeset("file", "pk", "text")], 0),
             m.Mark(1, 7),
@@ -165,7 +165,7 @@ class Target:
         self.victim_token = self.login(VICTIM_APP)
         for app, token in ((VICTIM_APP, self.victim_token), (FUZZ_APP, self.fuzz_token)):
             with self.connect(app) as ws:
-                ws.send(encode_frame(m.Hello([1], token, False)))
+                ws.send(encode_frame(m.Hello([2], token, False)))
                 ws.recv(10)
                 ws.send(encode_frame(m.Bind(1, f"seed-{app}", [note_schema()], 0, 0)))
                 changesets = [valid_changeset(f"seed-{app}", f"pk{i}", f"t{i}", i) for i in (1, 2)]
@@ -268,7 +268,7 @@ def session_script(draw: st.DrawFn) -> tuple[str, list[bytes]]:
             msg = draw(
                 st.sampled_from(
                     [
-                        m.Hello([1], "again", False),
+                        m.Hello([2], "again", False),
                         m.Upload(session, [], 0),
                         m.Mark(session, 1),
                         m.Unbind(session),
@@ -309,7 +309,7 @@ def _safe_frame(msg: Any) -> bytes:
 def run_script(target: Target, authenticate: bool, frames: list[bytes]) -> None:
     with target.connect() as ws:
         if authenticate:
-            ws.send(encode_frame(m.Hello([1], target.fuzz_token, False)))
+            ws.send(encode_frame(m.Hello([2], target.fuzz_token, False)))
         for frame in frames:
             try:
                 ws.send(frame)

@@ -83,9 +83,9 @@ class Link:
 
 def test_connect_and_welcome() -> None:
     link = Link()
-    assert link.welcomed == [Welcomed(1, m.DEFAULT_MAX_FRAME_SIZE, 1_000, "conn-1")]
+    assert link.welcomed == [Welcomed(2, m.DEFAULT_MAX_FRAME_SIZE, 1_000, "conn-1")]
     assert link.client.state is ClientState.OPEN
-    assert link.client.protocol_version == 1
+    assert link.client.protocol_version == 2
 
 
 def test_full_session_sequence() -> None:
@@ -208,7 +208,7 @@ def test_connection_error_closes() -> None:
 def bound_client(*, local_version: int | None = None, server_version: int = 10) -> ClientProtocol:
     client = ClientProtocol()
     client.start("t")
-    client.receive_data(encode_frame(m.Welcome(1, 1 << 20, 0, "c")))
+    client.receive_data(encode_frame(m.Welcome(2, 1 << 20, 0, "c")))
     client.bind(1, "A", SCHEMA, 2, 1, local_version=local_version)
     client.receive_data(encode_frame(m.Bound(1, server_version, 1)))
     client.data_to_send()
@@ -239,11 +239,11 @@ def test_wrong_version_and_second_welcome() -> None:
     client = ClientProtocol()
     client.start("t", versions=[1])
     assert violation(client, m.Welcome(2, 1 << 20, 0, "c")) is ErrorCode.WRONG_PROTOCOL_VERSION
-    assert violation(bound_client(), m.Welcome(1, 1 << 20, 0, "c")) is ErrorCode.BAD_MESSAGE_ORDER
+    assert violation(bound_client(), m.Welcome(2, 1 << 20, 0, "c")) is ErrorCode.BAD_MESSAGE_ORDER
 
 
 def test_client_message_from_server_refused() -> None:
-    assert violation(bound_client(), m.Hello([1], "t", True)) is ErrorCode.UNKNOWN_MESSAGE
+    assert violation(bound_client(), m.Hello([2], "t", True)) is ErrorCode.UNKNOWN_MESSAGE
 
 
 @pytest.mark.parametrize(
@@ -264,7 +264,7 @@ def test_messages_for_unknown_session(msg: m.Message) -> None:
 def test_messages_for_a_session_not_yet_bound() -> None:
     client = ClientProtocol()
     client.start("t")
-    client.receive_data(encode_frame(m.Welcome(1, 1 << 20, 0, "c")))
+    client.receive_data(encode_frame(m.Welcome(2, 1 << 20, 0, "c")))
     client.bind(1, "A", SCHEMA, 0, 0)
     assert violation(client, m.Download(1, [], 0, 0, 0, 0, 0)) is ErrorCode.BAD_MESSAGE_ORDER
 
@@ -327,7 +327,7 @@ def test_mark_reply_must_not_precede_its_downloads() -> None:
 def test_bound_checks(bound: m.Bound, local_version: int | None) -> None:
     client = ClientProtocol()
     client.start("t")
-    client.receive_data(encode_frame(m.Welcome(1, 1 << 20, 0, "c")))
+    client.receive_data(encode_frame(m.Welcome(2, 1 << 20, 0, "c")))
     client.bind(1, "A", SCHEMA, 2, 1, local_version=local_version)
     assert violation(client, bound) is ErrorCode.BAD_SERVER_VERSION
 
@@ -347,7 +347,7 @@ def test_garbage_and_oversize_frames() -> None:
     small = ClientProtocol(max_frame_size=4096)
     small.start("t")
     with pytest.raises(FrameTooLargeError):
-        small.receive_data(encode_frame(m.Welcome(1, 1 << 20, 0, "c" * 5000)))
+        small.receive_data(encode_frame(m.Welcome(2, 1 << 20, 0, "c" * 5000)))
 
 
 def test_violation_carries_session() -> None:
@@ -371,7 +371,7 @@ def test_local_misuse() -> None:
         client.start("t")
     with pytest.raises(LocalProtocolError):  # before WELCOME
         client.bind(1, "A", SCHEMA, 0, 0)
-    client.receive_data(encode_frame(m.Welcome(1, m.MIN_MAX_FRAME_SIZE, 0, "c")))
+    client.receive_data(encode_frame(m.Welcome(2, m.MIN_MAX_FRAME_SIZE, 0, "c")))
     client.bind(1, "A", SCHEMA, 0, 0)
     with pytest.raises(LocalProtocolError):  # upload before BOUND
         client.upload(1, [], 0)

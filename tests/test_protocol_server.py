@@ -48,7 +48,7 @@ def frame(msg: m.Message) -> bytes:
 
 def open_server(**kwargs: Any) -> ServerProtocol:
     server = ServerProtocol(**kwargs)
-    server.receive_data(frame(m.Hello([1], "t", False)))
+    server.receive_data(frame(m.Hello([2], "t", False)))
     server.welcome(0, "c")
     server.data_to_send()
     return server
@@ -75,7 +75,7 @@ def sent(server: ServerProtocol) -> list[m.Message]:
 
 
 def test_supported_versions_and_negotiation() -> None:
-    assert SUPPORTED_VERSIONS == (1,)
+    assert SUPPORTED_VERSIONS == (2,)
     assert negotiate_version([1, 2, 3], [2, 3, 4]) == 3
     assert negotiate_version([5], [1]) is None
     server = ServerProtocol(supported_versions=(1, 2, 3))
@@ -109,8 +109,8 @@ def test_no_common_version_is_error_105_sent_to_the_client() -> None:
         (b"", ErrorCode.BAD_SYNTAX),
         (m.MAX_INT.to_bytes(8, "big"), ErrorCode.BAD_SYNTAX),
         (frame(m.Bind(1, "A", SCHEMA, 0, 0)), ErrorCode.BAD_MESSAGE_ORDER),  # before HELLO
-        (frame(m.Welcome(1, 1 << 20, 0, "c")), ErrorCode.UNKNOWN_MESSAGE),  # a server message
-        (encode_frame(m.Hello([1], "t" * 20_000, True), compress=True), ErrorCode.BAD_SYNTAX),
+        (frame(m.Welcome(2, 1 << 20, 0, "c")), ErrorCode.UNKNOWN_MESSAGE),  # a server message
+        (encode_frame(m.Hello([2], "t" * 20_000, True), compress=True), ErrorCode.BAD_SYNTAX),
     ],
 )
 def test_first_frame_checks(data: bytes, code: ErrorCode) -> None:
@@ -131,10 +131,10 @@ def test_unknown_type_code() -> None:
 
 def test_frames_before_welcome_and_second_hello() -> None:
     server = ServerProtocol()
-    server.receive_data(frame(m.Hello([1], "t", False)))
+    server.receive_data(frame(m.Hello([2], "t", False)))
     assert error_code_of(violation(server, frame(m.Ping(1)))) is ErrorCode.BAD_MESSAGE_ORDER
     server = open_server()
-    exc = violation(server, frame(m.Hello([1], "t", False)))
+    exc = violation(server, frame(m.Hello([2], "t", False)))
     assert error_code_of(exc) is ErrorCode.BAD_MESSAGE_ORDER
 
 
@@ -229,7 +229,7 @@ def test_upload_versions_must_keep_increasing_across_messages() -> None:
 
 def test_compressed_frames_only_after_negotiation() -> None:
     server = ServerProtocol()
-    server.receive_data(frame(m.Hello([1], "t", True)))
+    server.receive_data(frame(m.Hello([2], "t", True)))
     server.welcome(0, "c")
     big = m.Refresh("r" * 40_000)
     assert server.receive_data(encode_frame(big, compress=True)) == [RefreshReceived(big.token)]
@@ -247,7 +247,7 @@ def test_local_misuse_of_the_handshake() -> None:
         server.welcome(0, "c")
     with pytest.raises(LocalProtocolError):
         server.ping(0)
-    server.receive_data(frame(m.Hello([1], "t", False)))
+    server.receive_data(frame(m.Hello([2], "t", False)))
     server.welcome(0, "c")
     with pytest.raises(LocalProtocolError):
         server.welcome(0, "c")

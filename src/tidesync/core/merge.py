@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable, Iterable
-from operator import itemgetter
 from typing import Any
 
 from .changeset import Changeset, Instruction, Op
@@ -30,6 +29,16 @@ from .schema import Collection, Kind, ModelSchema
 from .validate import validate_changeset
 
 _FORMAT = 1
+#: The format of the compact state of an object a lone CREATE made: ``[_LONE, created,
+#: values]`` with every field's normalised value, in the schema's order (what the server
+#: stores as the object's values). :meth:`ObjectState.from_bytes` reads it as the state
+#: ``[_FORMAT, created, None, created, values, {}]``; :meth:`ObjectState.to_bytes` never
+#: writes it.
+_LONE = 2
+#: How a :data:`_LONE` state begins (msgpack: an array of 3, then the format). Storage
+#: keeps ``LONE_HEAD + packed created HLC`` beside the packed values, and the state is the
+#: two joined (:func:`stored_state`): a new object's values are encoded and written once.
+LONE_HEAD = b"\x93\x02"
 # Field codes of a schema's merge plan.
 _SCALAR, _COUNTER, _LIST, _SET, _DICT = range(5)
 
@@ -60,8 +69,6 @@ class _Plan:
         "order",
         "others",
         "scalars",
-        "sorted_get",
-        "sorted_names",
     )
 
     def __init__(self, schema: ModelSchema) -> None:
@@ -86,12 +93,10 @@ class _Plan:
         self.scalars = tuple((n, norm) for n, code, norm in order if code == _SCALAR)
         self.others = tuple(entry for entry in order if entry[1] != _SCALAR)
         self.fields = {name: (code, norm) for name, code, norm in order}
-        self.sorted_names = tuple(sorted(self.fields))
         #: for :func:`created_rows_many`: the scalar names, those normalised as floats, and
         #: those with another normalisation
         self.names = tuple(n for n, _ in self.scalars)
         self.floats = tuple(n for n, norm in self.scalars if norm is _norm_float)
-        self.sorted_get = itemgetter(*self.sorted_names) if len(self.sorted_names) > 1 else None
         self.normed = tuple(
             (n, norm) for n, norm in self.scalars if norm is not None and norm is not _norm_float
         )
@@ -682,6 +687,10 @@ class ObjectState:
     def from_bytes(cls, data: bytes) -> ObjectState:
         """Decode :meth:`to_bytes` output; raises ``ValueError`` if malformed."""
         raw = unpack(data)
+        if type(raw) is list and len(raw) == 3 and raw[0] == _LONE:
+            if raw[1] is None or not isinstance(raw[2], dict):
+                raise ValueError("malformed object state: a lone create without its values")
+            raw = [_FORMAT, raw[1], None, raw[1], raw[2], {}]
         if not isinstance(raw, list) or len(raw) != 6 or raw[0] != _FORMAT:
             raise ValueError("malformed object state")
         if not isinstance(raw[4], dict) or not isinstance(raw[5], dict):
@@ -718,10 +727,12 @@ class ObjectState:
 def created_state(ins: Instruction, schema: ModelSchema) -> tuple[bytes, dict[str, Any]] | None:
     """The state of an object that has received nothing but the CREATE ``ins``, cheaply.
 
-    Returns ``(state bytes, rendered values)``: exactly what ``ObjectState.empty()``, then
-    ``apply(ins)``, then :meth:`ObjectState.to_bytes` and :meth:`ObjectState.render` give,
-    without building the state (the hot path of integrating and downloading new objects).
-    Returns None for a model with collection or counter fields (build the state then).
+    Returns ``(state bytes, rendered values)``: the state in its compact lone-create form
+    (:data:`_LONE`), which :meth:`ObjectState.from_bytes` reads as the state that
+    ``ObjectState.empty()`` then ``apply(ins)`` gives, and what :meth:`ObjectState.render`
+    gives, without building the state (the hot path of integrating and downloading new
+    objects). Returns None for a model with collection or counter fields (build the
+    state then).
     """
     parts = _created_parts(ins, schema)
     if parts is None:
@@ -739,9 +750,9 @@ def created_values(ins: Instruction, schema: ModelSchema) -> dict[str, Any] | No
 def _created_parts(
     ins: Instruction, schema: ModelSchema
 ) -> tuple[list[Any], dict[str, Any]] | None:
-    """The state array (what :meth:`ObjectState.to_bytes` packs) and the rendered values
-    of an object made by the CREATE ``ins`` alone; None for a model with collection or
-    counter fields."""
+    """The lone-create state array (:data:`_LONE`) and the rendered values of an object
+    made by the CREATE ``ins`` alone; None for a model with collection or counter
+    fields."""
     plan = _plan(schema)
     if plan.others:
         return None
@@ -750,9 +761,7 @@ def _created_parts(
         raise ValueError("a CREATE instruction's value must be a dict")
     get = values.get
     out = {name: get(name) if norm is None else norm(get(name)) for name, norm in plan.scalars}
-    hlc = ins.hlc
-    base = {name: out[name] for name in plan.sorted_names}
-    return [_FORMAT, hlc, None, hlc, base, {}], out
+    return [_LONE, ins.hlc, out], out
 
 
 def simple_state(data: bytes, schema: ModelSchema) -> tuple[HLC, dict[str, Any]] | None:
@@ -789,17 +798,24 @@ def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | 
     fields = plan.fields.keys()
     floats = tuple(plan.floats)
     normed = tuple(plan.normed)
-    fmt_ok = _FORMAT
+    fmt_ok, lone = _FORMAT, _LONE
 
     def read(data: bytes) -> SimpleState | None:
         try:
             raw = unpack(data)
         except ValueError:
             return None
-        if type(raw) is not list or len(raw) != 6:
+        if type(raw) is not list:
             return None
-        fmt, created, erased, last, base, out = raw
-        if fmt != fmt_ok or erased is not None or out != {} or last != created:
+        if len(raw) == 3:
+            fmt, created, base = raw
+            if fmt != lone:
+                return None
+        elif len(raw) == 6:
+            fmt, created, erased, last, base, out = raw
+            if fmt != fmt_ok or erased is not None or out != {} or last != created:
+                return None
+        else:
             return None
         if type(base) is not dict or base.keys() != fields:
             return None
@@ -838,11 +854,14 @@ def created_at(data: bytes | None) -> HLC | None:
         raw = unpack(data)
     except ValueError:
         return None
-    if type(raw) is not list or len(raw) != 6 or raw[0] != _FORMAT:
+    if type(raw) is list and len(raw) == 3 and raw[0] == _LONE and type(raw[2]) is dict:
+        created = raw[1]
+    elif type(raw) is not list or len(raw) != 6 or raw[0] != _FORMAT:
         return None
-    created, erased, last, out = raw[1], raw[2], raw[3], raw[5]
-    if erased is not None or out != {} or created is None or created != last:
-        return None
+    else:
+        created, erased, last, out = raw[1], raw[2], raw[3], raw[5]
+        if erased is not None or out != {} or created is None or created != last:
+            return None
     try:
         return hlc_from_list(created)
     except ValueError:
@@ -850,10 +869,26 @@ def created_at(data: bytes | None) -> HLC | None:
 
 
 def created_rows(ins: Instruction, schema: ModelSchema) -> tuple[bytes, bytes] | None:
-    """:func:`created_state` with the rendered values packed too: ``(state bytes, packed
-    values)``, both encoded by one packer (what the server stores for a new object)."""
-    parts = _created_parts(ins, schema)
-    return None if parts is None else pack_pair(*parts)
+    """What the server stores for a new object made by the CREATE ``ins`` alone: ``(state
+    head, packed values)``, the head being :data:`LONE_HEAD` and the packed HLC (the state
+    is the two joined, see :func:`stored_state`). None for a model with collection or
+    counter fields."""
+    values = created_values(ins, schema)
+    return None if values is None else pack_pair_lone(ins.hlc, values)
+
+
+def pack_pair_lone(hlc: HLC, values: dict[str, Any]) -> tuple[bytes, bytes]:
+    """``(LONE_HEAD + packed hlc, packed values)``."""
+    head, vals = pack_pair(hlc, values)
+    return LONE_HEAD + head, vals
+
+
+def stored_state(state: bytes, vals: bytes | None) -> bytes:
+    """The state bytes of an object stored as ``(state, vals)`` (:func:`created_rows`): a
+    lone-create head joined to the values, any other state as it is."""
+    if vals is not None and state[:2] == LONE_HEAD:
+        return state + vals
+    return state
 
 
 def rows_of_creates(schema: ModelSchema) -> bool:
@@ -871,8 +906,8 @@ def created_rows_many(
     plan = _plan(schema)
     if plan.others:
         return None
-    names, floats, normed, sorted_names = plan.names, plan.floats, plan.normed, plan.sorted_names
-    sorted_get = plan.sorted_get
+    names, floats, normed = plan.names, plan.floats, plan.normed
+    head = LONE_HEAD
     rows: list[tuple[bytes, bytes]] = []
     add = rows.append
     encode = packer()
@@ -890,12 +925,7 @@ def created_rows_many(
                 out[name] = float(value)
         for name, norm in normed:
             out[name] = norm(out[name])
-        hlc = ins.hlc
-        if sorted_get is not None:
-            base = dict(zip(sorted_names, sorted_get(out), strict=True))
-        else:
-            base = {name: out[name] for name in sorted_names}
-        add((encode([_FORMAT, hlc, None, hlc, base, {}]), encode(out)))
+        add((head + encode(ins.hlc), encode(out)))
     return rows
 
 

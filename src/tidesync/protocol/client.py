@@ -208,7 +208,9 @@ class ClientProtocol:
 
     # -- sending ------------------------------------------------------------------------
 
-    def start(self, token: str, versions: Sequence[int] = (1,), compression: bool = True) -> None:
+    def start(
+        self, token: str, versions: Sequence[int] = m.SUPPORTED_VERSIONS, compression: bool = True
+    ) -> None:
         """Queue HELLO, the connection's first frame."""
         if self.state is not ClientState.IDLE:
             raise LocalProtocolError("start() was already called")

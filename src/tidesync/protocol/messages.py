@@ -24,7 +24,7 @@ from ..errors import (
 )
 
 #: Protocol versions this implementation speaks (see the version log in docs/protocol.md).
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
 #: Largest integer any numeric field may hold (msgpack int64).
 MAX_INT = 2**63 - 1
 #: Default hard limit on a frame, raw and decompressed.
@@ -325,8 +325,10 @@ class Query:
 @dataclass(frozen=True, slots=True)
 class ObjectUpdate:
     """A whole object sent outside the changesets (flexible sync): ``state`` is its
-    :meth:`~tidesync.core.merge.ObjectState.to_bytes`, or None to drop it from the device
-    (a local eviction, never a delete)."""
+    :meth:`~tidesync.core.merge.ObjectState.to_bytes` or, for an object a lone CREATE
+    made, the compact form :meth:`~tidesync.core.merge.ObjectState.from_bytes` also reads
+    (docs/protocol.md, "Object states"); or None to drop it from the device (a local
+    eviction, never a delete)."""
 
     model: str
     pk: Any

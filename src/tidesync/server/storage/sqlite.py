@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...core.changeset import Changeset, Instruction, Op
-from ...core.merge import ObjectState, created_rows, created_rows_many, rows_of_creates
+from ...core.merge import (
+    LONE_HEAD,
+    ObjectState,
+    created_rows,
+    created_rows_many,
+    rows_of_creates,
+    stored_state,
+)
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
@@ -506,7 +513,7 @@ class SQLiteStorage(ServerStorage):
             "AND pk > ? ORDER BY pk LIMIT ?",
             (app_id, model, after if after is not None else b"", max(1, limit)),
         ).fetchall()
-        return [StoredObject(pk, state, unpack(vals)) for pk, state, vals in rows]
+        return [StoredObject(pk, stored_state(st, vals), unpack(vals)) for pk, st, vals in rows]
 
     async def read_matching(
         self,
@@ -534,7 +541,11 @@ class SQLiteStorage(ServerStorage):
                 "AND pk > ? ORDER BY pk LIMIT ?",
                 (app_id, model, after if after is not None else b"", limit),
             ).fetchall()
-            hits: list[StoredObject] = [PackedStoredObject(pk, st, vals) for pk, st, vals in rows]
+            head = LONE_HEAD
+            hits: list[StoredObject] = [
+                PackedStoredObject(pk, st + vals if st[:2] == head else st, vals)
+                for pk, st, vals in rows
+            ]
         scanned = sum(len(row.state) for row in hits)
         return MatchPage(hits, rows[-1][0] if rows else after, scanned, len(rows) < limit)
 
@@ -546,7 +557,9 @@ class SQLiteStorage(ServerStorage):
 
     def _get_states_sync(self, app_id: str, keys: list[ObjectKey]) -> dict[ObjectKey, StoredObject]:
         return {
-            (model, pk): StoredObject(pk, state, unpack(vals) if vals is not None else None)
+            (model, pk): StoredObject(
+                pk, stored_state(state, vals), unpack(vals) if vals is not None else None
+            )
             for model, pk, state, vals in self._rows_of(app_id, keys, "state, vals")
         }
 
@@ -557,7 +570,10 @@ class SQLiteStorage(ServerStorage):
         return await self._run(self._get_state_bytes_sync, app_id, list(keys))
 
     def _get_state_bytes_sync(self, app_id: str, keys: list[ObjectKey]) -> dict[ObjectKey, bytes]:
-        return {(model, pk): state for model, pk, state in self._rows_of(app_id, keys, "state")}
+        return {
+            (model, pk): stored_state(state, vals)
+            for model, pk, state, vals in self._rows_of(app_id, keys, "state, vals")
+        }
 
     def _rows_of(self, app_id: str, keys: list[ObjectKey], columns: str) -> Iterator[Any]:
         """``(model, pk, *columns)`` of the stored objects among ``keys``, by chunks."""
@@ -580,7 +596,9 @@ class SQLiteStorage(ServerStorage):
 
     def _objects_size_sync(self, app_id: str, model: str) -> tuple[int, int]:
         row = self._db.execute(
-            "SELECT COUNT(*), COALESCE(SUM(LENGTH(state)), 0) FROM objects "
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(state) + "
+            f"CASE WHEN substr(state, 1, 2) = x'{LONE_HEAD.hex()}' THEN LENGTH(vals) ELSE 0 END"
+            "), 0) FROM objects "
             "WHERE app = ? AND model = ? AND alive = 1",
             (app_id, model),
         ).fetchone()
@@ -632,7 +650,7 @@ def _only_new_creates(
     a CREATE of its own object (no key twice), of a model whose creates are plain rows
     (:func:`~tidesync.core.merge.rows_of_creates`), and no key is in the group already,
     it is what :func:`_guessed_new` + :func:`_fresh_creates` + :func:`lone_creates` make
-    of it: ``(key -> (state bytes, packed values), each changeset's keys)``. ``None``
+    of it: ``(key -> (state head, packed values), each changeset's keys)``. ``None``
     otherwise, and for anything :func:`_fresh_creates` would refuse (the general path
     then names the error)."""
     create = Op.CREATE
@@ -685,7 +703,7 @@ def _fresh_creates(
     """The fast path for new objects: a key never stored (absent from ``overlay``) that this
     upload only CREATEs needs no merge; its state and values are encoded directly
     (:func:`~tidesync.core.merge.created_rows`). Such keys are removed from ``by_object``;
-    returns key -> ``(state bytes, packed values)``."""
+    returns key -> ``(state head, packed values)``."""
     fresh: dict[ObjectKey, tuple[bytes, bytes]] = {}
     by_model: dict[str, list[tuple[ObjectKey, Any, Any]]] = {}
     for key, items in by_object.items():
@@ -767,18 +785,19 @@ class _Group:
                 chunk = pks[i : i + _CHUNK]
                 marks = ",".join("?" * len(chunk))
                 sql = (
-                    f"SELECT pk, state FROM objects WHERE app = ? AND model = ? AND pk IN ({marks})"
+                    "SELECT pk, state, vals FROM objects "
+                    f"WHERE app = ? AND model = ? AND pk IN ({marks})"
                 )
                 rows = self.conn.execute(sql, (app, model, *chunk))
-                for pk, state in rows:
-                    self.raw[(app, model, pk)] = state
+                for pk, state, vals in rows:
+                    self.raw[(app, model, pk)] = stored_state(state, vals)
         copies: dict[ObjectKey, ObjectState] = {}
         for model, pk in keys:
             full = (app, model, pk)
             if full in self.states:
                 copies[(model, pk)] = ObjectState.from_bytes(self.states[full].to_bytes())
             elif full in self.fresh:
-                copies[(model, pk)] = ObjectState.from_bytes(self.fresh[full][0])
+                copies[(model, pk)] = ObjectState.from_bytes(stored_state(*self.fresh[full]))
             elif full in self.raw:
                 copies[(model, pk)] = ObjectState.from_bytes(self.raw[full])
         return copies
@@ -850,13 +869,15 @@ def _object_row(
 def _rerender(conn: sqlite3.Connection, app: str, schema: ModelSchema) -> None:
     """Render a model's stored objects again after its schema gained fields."""
     rows = conn.execute(
-        "SELECT pk, state FROM objects WHERE app = ? AND model = ?", (app, schema.name)
+        "SELECT pk, state, vals FROM objects WHERE app = ? AND model = ?", (app, schema.name)
     ).fetchall()
     conn.executemany(
         _UPSERT_OBJECT,
         [
-            _object_row((app, schema.name, pk), ObjectState.from_bytes(st), schema)
-            for pk, st in rows
+            _object_row(
+                (app, schema.name, pk), ObjectState.from_bytes(stored_state(st, vals)), schema
+            )
+            for pk, st, vals in rows
         ],
     )
 
