@@ -362,8 +362,9 @@ _EXACT_TYPES: dict[Kind, type] = {
 }
 
 
-#: Kinds whose column encoding is the value itself.
-_PLAIN_KINDS = frozenset((Kind.INT, Kind.FLOAT, Kind.STR, Kind.BYTES))
+#: Kinds whose column encoding is the value itself, as sqlite3 binds it (a bool binds as
+#: the integer 1 or 0, which is what the column encoder of a bool gives).
+_PLAIN_KINDS = frozenset((Kind.INT, Kind.FLOAT, Kind.STR, Kind.BYTES, Kind.BOOL))
 
 
 class _FastSpec:
