@@ -19,6 +19,7 @@ import pytest
 
 import tidesync as ts
 from tidesync.core import query as q
+from tidesync.core.changeset import Instruction, Op
 from tidesync.core.packing import pack, unpack
 from tidesync.protocol import messages as m
 from tidesync.protocol.codec import (
@@ -319,6 +320,64 @@ async def test_bootstrap_pages_hold_every_object_once(storage: SQLiteStorage) ->
     remaining = [d.downloadable_bytes for d in sent]
     assert remaining == sorted(remaining, reverse=True) and remaining[-1] == 0
     assert view.held == {("Task", r.pk) for r in rows}
+
+
+async def test_bootstrap_sends_new_objects_as_rows_and_the_others_whole(
+    tmp_path: Path,
+) -> None:
+    """Objects a lone CREATE made go as row blocks (the states they stand for are the
+    stored ones, byte for byte); an object written since goes whole; each exactly once."""
+    st = SQLiteStorage(tmp_path / "rows.sqlite3")
+    await st.open()
+    try:
+        await st.put_schemas(APP, ALL_MODELS)
+        await st.register_client(APP, "A", "user-A")
+        w = Writer("A")
+        creates = [
+            Instruction(Op.CREATE, "NoteI", i, w.hlc(), value={"id": i, "text": f"n{i}"})
+            for i in range(40)
+        ]
+        await st.integrate([batch(APP, w.cs(*creates))])
+        later = Instruction(Op.SET, "NoteI", 7, w.hlc(), field="text", value="changed")
+        await st.integrate([batch(APP, w.cs(later))])
+        conn, session, view = _fake(st, sendable=1_000, page_bytes=300)
+        view.subs = flexsync.bind_subscriptions(1, {"NoteI": ["TRUEPREDICATE"]}, {}, view.schemas)
+        await flexsync._bootstrap(conn, session, view)
+        sent = conn.proto.downloads
+        assert len(sent) >= 3 and sent[-1].bootstrap == m.BOOTSTRAP_LAST
+        whole = [(o.model, o.pk) for d in sent for o in d.objects]
+        assert whole == [("NoteI", 7)]
+        blocks = [b for d in sent for b in d.rows]
+        assert {b.model for b in blocks} == {"NoteI"}
+        assert all(b.fields == ["id", "text"] and b.pk == 0 for b in blocks)
+        updates = [u for b in blocks for u in b.updates()]
+        assert sorted(u.pk for u in updates) == [i for i in range(40) if i != 7]
+        stored = await st.read_objects(APP, "NoteI", None, 100)
+        by_pk = {unpack(r.pk): r.state for r in stored}
+        assert {u.pk: u.state for u in updates} == {k: v for k, v in by_pk.items() if k != 7}
+        assert [b.size for b in blocks] == [sum(len(by_pk[r[1]]) for r in b.rows) for b in blocks]
+        remaining = [d.downloadable_bytes for d in sent]
+        assert remaining == sorted(remaining, reverse=True) and remaining[-1] == 0
+        assert view.held == {("NoteI", r.pk) for r in stored}
+    finally:
+        await st.close()
+
+
+def test_lone_parts_of_a_stored_object() -> None:
+    """``lone_parts`` gives the create's packed HLC and the values of a compact state, the
+    same whether sliced (values still packed) or decoded, and None for any other state."""
+    from tidesync.core.merge import LONE_HEAD
+
+    values = {"id": 1, "text": "x"}
+    head, vals = LONE_HEAD + pack([5, 0, "o"]), pack(values)
+    lazy = PackedStoredObject(pack(1), head + vals, vals)
+    plain = StoredObject(pack(1), head + vals, values)
+    assert lazy.lone_parts() == plain.lone_parts() == (pack([5, 0, "o"]), values)
+    full = pack([1, [5, 0, "o"], None, [5, 0, "o"], values, {}])
+    assert StoredObject(pack(1), full, values).lone_parts() is None
+    assert PackedStoredObject(pack(1), full, vals).lone_parts() is None
+    assert StoredObject(pack(1), LONE_HEAD + b"\xc1", values).lone_parts() is None
+    assert StoredObject(pack(1), LONE_HEAD + pack(1) + pack([1]), values).lone_parts() is None
 
 
 # -- end to end -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tidesync.core.changeset import Instruction, Op
+from tidesync.core.hlc import HLC
 from tidesync.core.packing import pack
 from tidesync.core.schema import Collection, FieldSchema, Kind, ModelSchema
 from tidesync.errors import (
@@ -75,6 +77,27 @@ session_error = st.builds(
     session,
 )
 
+name = st.text(min_size=1, max_size=10)
+scalar = st.none() | st.booleans() | st.integers(-(2**63), m.MAX_INT) | text | st.binary(max_size=8)
+object_update = st.builds(m.ObjectUpdate, name, scalar, st.none() | st.binary(max_size=40))
+
+
+@st.composite
+def object_rows(draw: st.DrawFn) -> m.ObjectRows:
+    fields = draw(st.lists(name, min_size=1, max_size=4, unique=True))
+    rows = draw(
+        st.lists(
+            st.tuples(
+                st.binary(max_size=12), st.lists(scalar, min_size=len(fields), max_size=len(fields))
+            ),
+            max_size=4,
+        )
+    )
+    pk = draw(st.integers(0, len(fields) - 1))
+    size = draw(st.integers(0, m.MAX_INT))
+    return m.ObjectRows(draw(name), fields, pk, size, [[hlc, *values] for hlc, values in rows])
+
+
 MESSAGES: dict[MessageType, st.SearchStrategy[Any]] = {
     MessageType.HELLO: st.builds(
         m.Hello, st.lists(st.integers(1, m.MAX_INT), min_size=1, max_size=5), text, st.booleans()
@@ -105,7 +128,17 @@ MESSAGES: dict[MessageType, st.SearchStrategy[Any]] = {
     MessageType.BOUND: st.builds(m.Bound, session, big, big),
     MessageType.UNBOUND: st.builds(m.Unbound, session),
     MessageType.DOWNLOAD: st.builds(
-        m.Download, session, st.lists(download_cs, max_size=4), big, big, big, big, big
+        m.Download,
+        session,
+        st.lists(download_cs, max_size=4),
+        big,
+        big,
+        big,
+        big,
+        big,
+        st.lists(object_update, max_size=3),
+        st.integers(0, 2),
+        st.lists(object_rows(), max_size=3),
     ),
     MessageType.MARK_REPLY: st.builds(m.MarkReply, session, st.integers(1, m.MAX_INT), big),
     MessageType.QUERY_ERROR: st.builds(m.QueryError, session, big, text),
@@ -301,6 +334,53 @@ def test_bad_object_update_is_named_with_its_index(item: Any, says: str) -> None
     frame[8][1] = item
     with pytest.raises(MalformedMessageError, match=f"DOWNLOAD.objects.*item 1: .*{says}"):
         decode_frame(pack(frame))
+
+
+@pytest.mark.parametrize(
+    ("block", "says"),
+    [
+        ("rows", "array of 5 items"),
+        (["Task", ["id"], 0, 0], "array of 5 items"),
+        (["", ["id"], 0, 0, []], "needs a model name"),
+        (["Task", [], 0, 0, []], "distinct non-empty strings"),
+        (["Task", ["id", "id"], 0, 0, []], "distinct non-empty strings"),
+        (["Task", ["id", 3], 0, 0, []], "distinct non-empty strings"),
+        (["Task", ["id"], 1, 0, []], "primary key index 1 names none"),
+        (["Task", ["id"], True, 0, []], "primary key index True"),
+        (["Task", ["id"], 0, -1, []], "size must be a non-negative integer"),
+        (["Task", ["id"], 0, 0, {}], "rows must be an array"),
+        (["Task", ["id"], 0, 0, [[b"h", 1], [b"h"]]], "row 1: expected an array"),
+        (["Task", ["id"], 0, 0, [["h", 1]]], "row 0: expected an array"),
+    ],
+)
+def test_bad_object_rows_are_named_with_their_index(block: Any, says: str) -> None:
+    good = ["Task", ["id", "name"], 0, 10, [[b"\x93\x01\x00\xa1o", 1, "x"]]]
+    frame = [int(MessageType.DOWNLOAD), 1, [], 1, 1, 0, 0, 1, [], 1, [good, block]]
+    with pytest.raises(MalformedMessageError, match=f"DOWNLOAD.rows.*item 1: .*{says}"):
+        decode_frame(pack(frame))
+
+
+def test_object_rows_stand_for_lone_create_updates() -> None:
+    """A row is the object update whose state is the compact lone-create form."""
+    from tidesync.core.merge import ObjectState, created_state
+
+    schema = ModelSchema(
+        "Task",
+        (FieldSchema("id", Kind.INT, primary_key=True), FieldSchema("name", Kind.STR)),
+        "id",
+    )
+    ins = Instruction(Op.CREATE, "Task", 7, HLC(5, 1, "o"), value={"id": 7, "name": "x"})
+    made = created_state(ins, schema)
+    assert made is not None
+    block = m.ObjectRows("Task", ["id", "name"], 0, len(made[0]), [[pack(ins.hlc), 7, "x"]])
+    assert block.updates() == [m.ObjectUpdate("Task", 7, made[0])]
+    msg = m.Download(1, [], 1, 1, 0, 0, 1, [], 1, [block])
+    back = decode_frame(encode_frame(msg))
+    assert back == msg
+    (update,) = back.rows[0].updates()  # type: ignore[attr-defined]
+    state = ObjectState.empty()
+    state.apply(ins, schema)
+    assert ObjectState.from_bytes(update.state).to_bytes() == state.to_bytes()
 
 
 def test_object_updates_decode_as_given() -> None:

@@ -34,12 +34,18 @@ from typing import TYPE_CHECKING, Any
 from ..core import query as q
 from ..core.changeset import Instruction
 from ..core.hlc import HLC
-from ..core.merge import ObjectState, SimpleState, simple_state_reader
+from ..core.merge import ObjectState, SimpleState, simple_row_check, simple_state_reader
 from ..core.packing import pack, packer, unpack, unpack_instructions
 from ..core.schema import Collection, Kind, ModelSchema
 from ..errors import CompensatingWriteError, OperationCancelledError, SubscriptionError
 from ..objectid import ObjectId
-from ..protocol.messages import BOOTSTRAP_LAST, BOOTSTRAP_NONE, ObjectUpdate, refused_of
+from ..protocol.messages import (
+    BOOTSTRAP_LAST,
+    BOOTSTRAP_NONE,
+    ObjectRows,
+    ObjectUpdate,
+    refused_of,
+)
 from ..store import sqlvalues as sv
 from ..store.model import Model
 from ..store.results import Results
@@ -372,7 +378,18 @@ class _FastSpec:
     field (in column order) the value type its column gives back unchanged, and the
     encoders of the columns that do not store the value itself."""
 
-    __slots__ = ("encoders", "floats", "get", "pack", "pk_name", "pk_pos", "read", "types")
+    __slots__ = (
+        "check",
+        "encoders",
+        "floats",
+        "get",
+        "names",
+        "pack",
+        "pk_name",
+        "pk_pos",
+        "read",
+        "types",
+    )
 
     def __init__(
         self,
@@ -380,10 +397,13 @@ class _FastSpec:
         schema: ModelSchema,
         kinds: list[Kind],
         read: Callable[[bytes], SimpleState | None],
+        check: Callable[[Any, Sequence[Any]], bool],
     ) -> None:
         self.read = read
+        self.check = check
         self.pack = packer()  # the spec is its applier's, used by one sync thread
         names = [f.name for f in schema.fields]
+        self.names = names
         self.get: Callable[[dict[str, Any]], tuple[Any, ...]] = (
             itemgetter(*names) if len(names) > 1 else lambda values: (values[names[0]],)
         )
@@ -409,7 +429,12 @@ class _FastSpec:
         pk = values[self.pk_name]
         if type(pk) is not type(obj.pk) or pk != obj.pk:
             return None  # the slow path would keep the state's own pk value
-        row = self.get(values)
+        return self.params(created, self.get(values))
+
+    def params(self, created: list[Any], row: Sequence[Any]) -> tuple[list[Any], list[Any]] | None:
+        """The ``insert_new`` parameters of the values ``row`` (column order) of an object
+        created at ``created`` (checked already), and ``created``; None if a column would
+        not give a value back exactly."""
         if tuple(map(type, row)) != self.types:  # some None, or a value of another type
             for v, typ in zip(row, self.types, strict=True):
                 if v is not None and type(v) is not typ:
@@ -436,7 +461,10 @@ def _fast_spec(engine: StoreEngine, schema: ModelSchema) -> _FastSpec | None:
             return None
         kinds.append(kind)
     read = simple_state_reader(schema)
-    return None if read is None else _FastSpec(engine, schema, kinds, read)
+    check = simple_row_check(schema)
+    if read is None or check is None:
+        return None
+    return _FastSpec(engine, schema, kinds, read, check)
 
 
 class _PendingLog:
@@ -534,19 +562,34 @@ class FlexApplier:
         return version, queries, args
 
     def apply(
-        self, objects: list[ObjectUpdate], bootstrap: int, query_version: int, upload_acked: int
+        self,
+        objects: list[ObjectUpdate],
+        bootstrap: int,
+        query_version: int,
+        upload_acked: int,
+        rows: Sequence[ObjectRows] = (),
     ) -> None:
-        """Apply a DOWNLOAD's objects and bootstrap flag (inside the caller's transaction)."""
+        """Apply a DOWNLOAD's rows, objects and bootstrap flag (inside the caller's
+        transaction)."""
         engine = self.engine
         if bootstrap != BOOTSTRAP_NONE and self.received is None:
             self.received = set()
             if query_version:
                 set_state(engine.conn, query_version, SubscriptionSetState.BOOTSTRAPPING)
-        pending = self._pending(upload_acked) if objects or bootstrap == BOOTSTRAP_LAST else {}
+        if objects or rows or bootstrap == BOOTSTRAP_LAST:
+            pending = self._pending(upload_acked)
+        else:
+            pending = {}
+        greatest: HLC | None = None
+        if rows:
+            slow, newest_row = self._apply_rows(rows, pending)
+            if slow:
+                objects = slow + objects  # the rows come first
+            if newest_row is not None:
+                greatest = HLC(*newest_row)
         # New objects whose state the row alone implies, written first and in one go: each
         # is the first update of its key here, so nothing before it touches that object.
         fast = self._fast_rows(objects, pending)
-        greatest: HLC | None = None
         if fast:
             batch: dict[str, list[list[Any]]] = {}
             received = self.received
@@ -561,7 +604,7 @@ class FlexApplier:
                 if received is not None:
                     received.add((model, params[pk_pos[model]]))
             engine._insert_new(batch)
-            if newest is not None:
+            if newest is not None and (greatest is None or HLC(*newest) > greatest):
                 greatest = HLC(*newest)
         if not fast:
             rest = objects
@@ -629,6 +672,60 @@ class FlexApplier:
             log = self._log = _PendingLog(upload_acked)
             log.extend(conn.execute(select, (upload_acked,)), origin)
         return log.by_key
+
+    def _apply_rows(
+        self, blocks: Sequence[ObjectRows], pending: dict[tuple[str, Any], list[Instruction]]
+    ) -> tuple[list[ObjectUpdate], list[Any] | None]:
+        """Write the rows of ``blocks`` that are new objects the row alone implies, as
+        :meth:`_fast_rows` does for object updates: absent from the file and from the
+        transaction's states, first of their key, without pending instructions, of a model
+        without erased objects whose columns are the block's fields and keep its values
+        exactly. Returns the object updates the other rows stand for (to apply as such,
+        in order, before the DOWNLOAD's objects) and the greatest create HLC written (as
+        ``[wall, counter, origin]``), if any."""
+        engine = self.engine
+        tx_states = engine._tx_states
+        received = self.received
+        newest: list[Any] | None = None
+        slow: list[ObjectUpdate] = []
+        for block in blocks:
+            model = block.model
+            schema = engine.schemas.get(model)
+            if schema is None:
+                continue  # as an object update of a model this file does not have
+            spec = None if engine._has_dead(model) else self._spec(model, schema)
+            if spec is None or block.fields != spec.names or block.pk != spec.pk_pos:
+                slow += block.updates()
+                continue
+            pk_at, pk_pos, check, params_of = block.pk + 1, spec.pk_pos, spec.check, spec.params
+            fresh: dict[Any, tuple[list[Any], list[Any], int]] = {}
+            later: list[int] = []  # the rows to apply as object updates, by index
+            for index, row in enumerate(block.rows):
+                key = (model, row[pk_at])
+                try:
+                    mine = key in pending or key in tx_states
+                    created = unpack(row[0])
+                except (TypeError, ValueError):  # an unhashable key, a malformed HLC
+                    mine, created = True, None
+                values = row[1:]
+                made = None if mine or not check(created, values) else params_of(created, values)
+                if made is None or made[0][pk_pos] in fresh:
+                    later.append(index)
+                    continue
+                fresh[made[0][pk_pos]] = (made[0], created, index)
+            for sql_key in engine.present_keys(model, list(fresh)):
+                later.append(fresh.pop(sql_key)[2])
+            slow += [block.update(block.rows[index]) for index in sorted(later)]
+            batch: list[list[Any]] = []
+            for params, created, _ in fresh.values():
+                engine._touch_row(model, params)
+                batch.append(params)
+                if newest is None or created > newest:
+                    newest = created
+                if received is not None:
+                    received.add((model, params[pk_pos]))
+            engine._insert_new({model: batch})
+        return slow, newest
 
     def _fast_rows(
         self, objects: list[ObjectUpdate], pending: dict[tuple[str, Any], list[Instruction]]

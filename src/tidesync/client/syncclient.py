@@ -584,7 +584,7 @@ class SessionWorker:
                 engine.apply(instructions)
                 if instructions:
                     engine.observe(max(i.hlc for i in instructions))
-            self.flex.apply(ev.objects, ev.bootstrap, ev.query_version, acked)
+            self.flex.apply(ev.objects, ev.bootstrap, ev.query_version, acked, ev.rows)
             engine.set_meta("download_cursor", ev.cursor)
             if acked > self._saved_acked:
                 engine.set_meta("upload_acked", acked)

@@ -19,7 +19,7 @@ dropped; what remains depends only on the instruction set, which makes the state
 from __future__ import annotations
 
 import datetime as _dt
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from .changeset import Changeset, Instruction, Op
@@ -792,12 +792,11 @@ def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | 
     that gives the create's HLC as the list ``[wall, counter, origin]`` (no HLC is built)
     and the values, or None exactly when :func:`simple_state` is None. None for a model
     with collection or counter fields."""
-    plan = _plan(schema)
-    if plan.others:
+    check = simple_row_check(schema)
+    if check is None:
         return None
-    fields = plan.fields.keys()
-    floats = tuple(plan.floats)
-    normed = tuple(plan.normed)
+    names = _plan(schema).names
+    fields = _plan(schema).fields.keys()
     fmt_ok, lone = _FORMAT, _LONE
 
     def read(data: bytes) -> SimpleState | None:
@@ -819,24 +818,45 @@ def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | 
             return None
         if type(base) is not dict or base.keys() != fields:
             return None
-        if type(created) is not list or len(created) != 3:
+        if not check(created, [base[name] for name in names]):
             return None
-        wall, counter, origin = created
-        if type(wall) is not int or type(counter) is not int or type(origin) is not str:
-            return None
-        if wall < 0 or counter < 0:
-            return None
-        # values a create would have normalised (an int in a float field, ...) are not its
-        for name in floats:
-            if type(base[name]) is int:
-                return None
-        for name, norm in normed:
-            v = base[name]
-            if norm(v) is not v:
-                return None
         return created, base
 
     return read
+
+
+def simple_row_check(schema: ModelSchema) -> Callable[[Any, Sequence[Any]], bool] | None:
+    """For the lone creates of one model given as rows: a function of the create's HLC as
+    decoded (``[wall, counter, origin]``) and the values in the schema's field order, True
+    exactly when that is what a CREATE at that HLC gives (a valid HLC, every value as the
+    create normalises it: no int in a float field, ...). None for a model with collection
+    or counter fields."""
+    plan = _plan(schema)
+    if plan.others:
+        return None
+    index = {name: i for i, name in enumerate(plan.names)}
+    floats = tuple(index[name] for name in plan.floats)
+    normed = tuple((index[name], norm) for name, norm in plan.normed)
+
+    def check(created: Any, values: Sequence[Any]) -> bool:
+        if type(created) is not list or len(created) != 3:
+            return False
+        wall, counter, origin = created
+        if type(wall) is not int or type(counter) is not int or type(origin) is not str:
+            return False
+        if wall < 0 or counter < 0:
+            return False
+        # values a create would have normalised (an int in a float field, ...) are not its
+        for i in floats:
+            if type(values[i]) is int:
+                return False
+        for i, norm in normed:
+            v = values[i]
+            if norm(v) is not v:
+                return False
+        return True
+
+    return check
 
 
 def created_at(data: bytes | None) -> HLC | None:

@@ -97,13 +97,17 @@ class DownloadReceived:
     objects: list[m.ObjectUpdate] = field(default_factory=list)
     #: ``m.BOOTSTRAP_NONE`` / ``BOOTSTRAP_PAGE`` / ``BOOTSTRAP_LAST``.
     bootstrap: int = 0
+    #: New objects as rows (flexible sync's bootstrap), applied before ``objects``.
+    rows: list[m.ObjectRows] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         """Bytes in this batch, in :func:`changeset_size` units (whole objects count their
-        state bytes)."""
-        return sum(changeset_size(cs) for cs in self.changesets) + sum(
-            len(o.state) for o in self.objects if o.state is not None
+        state bytes, rows the bytes of the states they stand for)."""
+        return (
+            sum(changeset_size(cs) for cs in self.changesets)
+            + sum(len(o.state) for o in self.objects if o.state is not None)
+            + sum(block.size for block in self.rows)
         )
 
 
@@ -537,6 +541,7 @@ class ClientProtocol:
                 msg.query_version,
                 msg.objects,
                 msg.bootstrap,
+                msg.rows,
             )
         ]
 

@@ -40,6 +40,7 @@ from .messages import (
     MarkReply,
     Message,
     MessageType,
+    ObjectRows,
     ObjectUpdate,
     OversizedFrameError,
     Ping,
@@ -222,6 +223,49 @@ def _object_updates(value: Any) -> list[ObjectUpdate]:
     return out
 
 
+def _object_rows(value: Any) -> list[ObjectRows]:
+    """DOWNLOAD's ``rows``: blocks of ``[model, fields, pk, size, rows]``, each row an array
+    of the packed create HLC (bytes) and one value per field."""
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array, got {type(value).__name__}")
+    out: list[ObjectRows] = []
+    for index, block in enumerate(value):
+        try:
+            out.append(_object_rows_block(block))
+        except ValueError as exc:
+            raise ValueError(f"item {index}: {exc}") from exc
+    return out
+
+
+def _object_rows_block(block: Any) -> ObjectRows:
+    if not isinstance(block, list) or len(block) != 5:
+        raise ValueError("a block of object rows must be an array of 5 items")
+    model, fields, pk, size, rows = block
+    if not isinstance(model, str) or not model:
+        raise ValueError("a block of object rows needs a model name")
+    if (
+        not isinstance(fields, list)
+        or not fields
+        or not all(isinstance(f, str) and f for f in fields)
+        or len(set(fields)) != len(fields)
+    ):
+        raise ValueError("a block's fields must be distinct non-empty strings")
+    if type(pk) is not int or not 0 <= pk < len(fields):
+        raise ValueError(f"a block's primary key index {pk!r} names none of its fields")
+    if type(size) is not int or not 0 <= size <= MAX_INT:
+        raise ValueError(f"a block's size must be a non-negative integer, got {size!r}")
+    if not isinstance(rows, list):
+        raise ValueError("a block's rows must be an array")
+    width = len(fields) + 1
+    for index, row in enumerate(rows):
+        if type(row) is not list or len(row) != width or type(row[0]) is not bytes:
+            raise ValueError(
+                f"row {index}: expected an array of the create's HLC (bytes) and "
+                f"{len(fields)} values"
+            )
+    return ObjectRows(model, fields, pk, size, rows)
+
+
 def _query_args(value: Any) -> dict[str, list[list[Any]]]:
     if not isinstance(value, dict):
         raise ValueError(f"expected a map, got {type(value).__name__}")
@@ -268,6 +312,7 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
             _version,
             _object_updates,
             _int(0, 2),
+            _object_rows,
         ),
     ),
     MessageType.MARK_REPLY: (MarkReply, (_session, _int(1), _version)),
@@ -283,7 +328,7 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
 _OPTIONAL_TAIL: dict[MessageType, int] = {
     MessageType.BIND: 1,
     MessageType.QUERY: 2,
-    MessageType.DOWNLOAD: 2,
+    MessageType.DOWNLOAD: 3,
 }
 
 # -- messages ------------------------------------------------------------------------------
@@ -296,6 +341,8 @@ def _plain(value: Any) -> Any:
         return [value.server_version, value.origin, value.client_version, value.instructions]
     if isinstance(value, ObjectUpdate):
         return [value.model, value.pk, value.state]
+    if isinstance(value, ObjectRows):
+        return [value.model, value.fields, value.pk, value.size, value.rows]
     if isinstance(value, SyncAction):
         return value.value
     if isinstance(value, list):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, ClassVar
 
+from ..core.merge import LONE_HEAD
+from ..core.packing import pack
 from ..errors import (
     FrameTooLargeError,
     MalformedMessageError,
@@ -335,6 +337,33 @@ class ObjectUpdate:
     state: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectRows:
+    """Objects of one model that a lone CREATE each made, as rows (a bootstrap page's usual
+    content, in less space and decoding than :class:`ObjectUpdate` each). A row is the
+    packed HLC of the CREATE (``[wall, counter, origin]``), then the object's values in
+    ``fields`` order; ``fields[pk]`` is the primary key. Each row stands for the
+    :class:`ObjectUpdate` whose state is the compact lone-create form ``[2, created,
+    values]`` (docs/protocol.md, "Object states"; :meth:`updates` makes them), and ``size``
+    is those states' bytes (for progress)."""
+
+    model: str
+    fields: list[str]
+    pk: int
+    size: int
+    rows: list[list[Any]]
+
+    def updates(self) -> list[ObjectUpdate]:
+        """The object updates these rows stand for."""
+        return [self.update(row) for row in self.rows]
+
+    def update(self, row: list[Any]) -> ObjectUpdate:
+        """The object update ``row`` (one of :attr:`rows`) stands for."""
+        values = dict(zip(self.fields, row[1:], strict=True))
+        state = LONE_HEAD + row[0] + pack(values)
+        return ObjectUpdate(self.model, row[1 + self.pk], state)
+
+
 #: ``Download.bootstrap`` values: not a bootstrap page, a page, the last page.
 BOOTSTRAP_NONE, BOOTSTRAP_PAGE, BOOTSTRAP_LAST = 0, 1, 2
 
@@ -400,6 +429,8 @@ class Download:
     objects: list[ObjectUpdate] = field(default_factory=list)
     #: BOOTSTRAP_NONE, BOOTSTRAP_PAGE or BOOTSTRAP_LAST (see docs/flexible-sync.md).
     bootstrap: int = 0
+    #: New objects as rows (flexible sync's bootstrap), applied before ``objects``.
+    rows: list[ObjectRows] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

@@ -418,9 +418,11 @@ class ServerProtocol:
         query_version: int = 0,
         objects: Sequence[m.ObjectUpdate] = (),
         bootstrap: int = m.BOOTSTRAP_NONE,
+        rows: Sequence[m.ObjectRows] = (),
     ) -> None:
         """Queue DOWNLOAD (an empty one acknowledges uploads up to ``upload_acked``);
-        ``objects`` and ``bootstrap`` carry flexible sync's whole objects and pages."""
+        ``objects``, ``bootstrap`` and ``rows`` carry flexible sync's whole objects and
+        pages."""
         state = self._own(session, ServerSessionState.BOUND)
         if downloadable_bytes < 0:
             raise LocalProtocolError("downloadable_bytes must not be negative")
@@ -434,6 +436,7 @@ class ServerProtocol:
             query_version,
             list(objects),
             bootstrap,
+            list(rows),
         )
         before = DownloadProgress(
             cursor=state.sent_cursor,

@@ -48,6 +48,7 @@ from ..protocol.messages import (
     BOOTSTRAP_PAGE,
     DownloadChangeset,
     ErrorCode,
+    ObjectRows,
     ObjectUpdate,
     compensating_message,
 )
@@ -416,11 +417,11 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
         total += (await hub.storage.objects_size(app, model))[1]
     scanned = 0
     held: set[ObjectKey] = set()
-    batch: list[ObjectUpdate] = []
-    batch_bytes = 0
+    batch = _Page()
     for model in models:
         queries = None if view.subs is None else view.subs.by_model.get(model, [])
         readable, rule = _read_rule(view.perms, model)
+        batch.model(model, schemas.get(model))
         after: bytes | None = None
         # the storage filters (PostgreSQL in SQL); progress counts every object scanned
         while readable:
@@ -434,17 +435,13 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
             # them, instead of being promoted into the old generation and re-scanned.
             with gc_paused:
                 for row in page.objects:
-                    state = row.state
-                    sent += len(state)
-                    batch.append(ObjectUpdate(model, unpack(row.pk), state))
-                    batch_bytes += len(state)
+                    sent += batch.add(row)
                     held.add((model, row.pk))
-                    if batch_bytes >= page_bytes:
+                    if batch.bytes >= page_bytes:
                         remaining = total - scanned - sent
                         if not _send_bootstrap_page(conn, session, view, batch, remaining):
                             return
                         queued = True
-                        batch, batch_bytes = [], 0
             if queued:
                 await conn._flush()
             scanned += page.scanned_bytes
@@ -458,6 +455,7 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
     view.held_complete = True
     latest = max(rest.latest_version, session.latest, target)
     acked = session.acked
+    objects, blocks = batch.take()
     conn.proto.download(
         session.number,
         [],
@@ -466,8 +464,9 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
         rest.remaining_bytes,
         acked,
         version,
-        batch,
+        objects,
         BOOTSTRAP_LAST,
+        blocks,
     )
     session.cursor = max(target, session.cursor)
     session.latest, session.sent_acked = latest, acked
@@ -485,18 +484,84 @@ def _read_rule(perms: Permissions, model: str) -> tuple[bool, q.BoundQuery | Non
     return bound is not None, bound
 
 
+class _Page:
+    """A bootstrap page being filled: the objects a lone CREATE made go as rows
+    (:class:`~tidesync.protocol.messages.ObjectRows`, one block per model), the others
+    as whole objects; ``bytes`` counts the states of both."""
+
+    __slots__ = (
+        "_fields",
+        "_model",
+        "_names",
+        "_pk",
+        "_rows",
+        "_size",
+        "blocks",
+        "bytes",
+        "objects",
+    )
+
+    def __init__(self) -> None:
+        self.objects: list[ObjectUpdate] = []
+        self.blocks: list[ObjectRows] = []
+        self.bytes = 0
+        self._model = ""
+        self._fields: list[str] = []
+        self._names: tuple[str, ...] | None = None
+        self._pk = 0
+        self._rows: list[list[Any]] = []
+        self._size = 0
+
+    def model(self, model: str, schema: ModelSchema | None) -> None:
+        """The objects added next are of ``model``."""
+        self._close_block()
+        self._model = model
+        self._names = None
+        if schema is not None:
+            self._fields = [f.name for f in schema.fields]
+            self._names = tuple(self._fields)
+            self._pk = self._fields.index(schema.primary_key)
+
+    def add(self, row: StoredObject) -> int:
+        """Add one stored object; returns its state's bytes."""
+        state = row.state
+        parts = row.lone_parts() if self._names is not None else None
+        if parts is not None and tuple(parts[1]) == self._names:
+            self._rows.append([parts[0], *parts[1].values()])
+            self._size += len(state)
+        else:
+            self.objects.append(ObjectUpdate(self._model, unpack(row.pk), state))
+        self.bytes += len(state)
+        return len(state)
+
+    def take(self) -> tuple[list[ObjectUpdate], list[ObjectRows]]:
+        """The page's objects and row blocks; the page starts empty again."""
+        self._close_block()
+        out = (self.objects, self.blocks)
+        self.objects, self.blocks, self.bytes = [], [], 0
+        return out
+
+    def _close_block(self) -> None:
+        if self._rows:
+            self.blocks.append(
+                ObjectRows(self._model, self._fields, self._pk, self._size, self._rows)
+            )
+            self._rows, self._size = [], 0
+
+
 def _send_bootstrap_page(
     conn: SyncConnection,
     session: _Session,
     view: FlexView,
-    batch: list[ObjectUpdate],
+    batch: _Page,
     remaining: int,
 ) -> bool:
-    """Queue one BOOTSTRAP_PAGE (the caller flushes); False when the bootstrap must stop
-    (session gone or a newer set)."""
+    """Queue one BOOTSTRAP_PAGE of ``batch`` (the caller flushes; the page starts empty
+    again); False when the bootstrap must stop (session gone or a newer set)."""
     if not conn._sendable(session) or view.bootstrap is not None:
         return False
     version = session.query_version if view.subs is not None else 0
+    objects, blocks = batch.take()
     conn.proto.download(
         session.number,
         [],
@@ -505,8 +570,9 @@ def _send_bootstrap_page(
         max(remaining, 1),
         session.sent_acked,
         version,
-        batch,
+        objects,
         BOOTSTRAP_PAGE,
+        blocks,
     )
     session.sent_query_version = version
     return True

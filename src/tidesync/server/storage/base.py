@@ -35,8 +35,8 @@ from types import TracebackType
 from typing import Any, Self
 
 from ...core.changeset import Changeset, Instruction, Op
-from ...core.merge import ObjectState
-from ...core.packing import pack_each, unpack
+from ...core.merge import LONE_HEAD, ObjectState
+from ...core.packing import pack, pack_each, unpack
 from ...core.query import BoundQuery, evaluate, is_always_true
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
 from ...core.validate import validate_changeset
@@ -163,6 +163,19 @@ class StoredObject:
     state: bytes
     values: dict[str, Any] | None
 
+    def lone_parts(self) -> tuple[bytes, dict[str, Any]] | None:
+        """``(packed HLC of the create, values)`` when the state is the compact form of an
+        object a lone CREATE made (:data:`~tidesync.core.merge.LONE_HEAD`), else None."""
+        if self.state[:2] != LONE_HEAD:
+            return None
+        try:
+            raw = unpack(self.state)
+        except ValueError:
+            return None
+        if type(raw) is not list or len(raw) != 3 or type(raw[2]) is not dict:
+            return None
+        return pack(raw[1]), raw[2]
+
 
 _setattr = object.__setattr__
 _getattribute = object.__getattribute__
@@ -178,6 +191,15 @@ class PackedStoredObject(StoredObject):
         _setattr(self, "pk", pk)  # the dataclass is frozen
         _setattr(self, "state", state)
         _setattr(self, "_vals", vals)
+
+    def lone_parts(self) -> tuple[bytes, dict[str, Any]] | None:
+        """:meth:`StoredObject.lone_parts`, sliced out of the state (which ends with the
+        packed values) instead of decoding it."""
+        state, vals = self.state, _getattribute(self, "_vals")
+        if state[:2] != LONE_HEAD or len(state) <= len(vals) + 2 or not state.endswith(vals):
+            return super().lone_parts()
+        values = self.values
+        return None if values is None else (state[2 : len(state) - len(vals)], values)
 
     def __getattr__(self, name: str) -> Any:  # only called for an attribute not set yet
         if name != "values":
