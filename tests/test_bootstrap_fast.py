@@ -365,14 +365,16 @@ async def test_bootstrap_sends_new_objects_as_rows_and_the_others_whole(
 
 def test_lone_parts_of_a_stored_object() -> None:
     """``lone_parts`` gives the create's packed HLC and the values of a compact state, the
-    same whether sliced (values still packed) or decoded, and None for any other state."""
+    same whether the backend gave the HLC apart or not, and None for any other state."""
     from tidesync.core.merge import LONE_HEAD
 
     values = {"id": 1, "text": "x"}
     head, vals = LONE_HEAD + pack([5, 0, "o"]), pack(values)
-    lazy = PackedStoredObject(pack(1), head + vals, vals)
+    lazy = PackedStoredObject(pack(1), head + vals, vals, pack([5, 0, "o"]))
+    unsplit = PackedStoredObject(pack(1), head + vals, vals)
     plain = StoredObject(pack(1), head + vals, values)
     assert lazy.lone_parts() == plain.lone_parts() == (pack([5, 0, "o"]), values)
+    assert unsplit.lone_parts() == plain.lone_parts()
     full = pack([1, [5, 0, "o"], None, [5, 0, "o"], values, {}])
     assert StoredObject(pack(1), full, values).lone_parts() is None
     assert PackedStoredObject(pack(1), full, vals).lone_parts() is None

@@ -641,13 +641,17 @@ class FlexApplier:
                 for m, pk in pending
                 if m in schemas
             }
+            kept: dict[str, set[Any]] = {}
+            for model, raw in (*received, *mine):
+                kept.setdefault(model, set()).add(raw)
             for model, schema in schemas.items():
                 table = sv.table_name(model)
                 pk_col = sv.quote(schema.primary_key)
-                rows = engine.conn.execute(f"SELECT {pk_col} FROM {table}").fetchall()
-                for (raw,) in rows:
-                    if (model, raw) not in received and (model, raw) not in mine:
-                        self._evict(model, sv.from_column(schema.pk_field, raw, schemas))
+                stored = engine.conn.execute(f"SELECT {pk_col} FROM {table}")
+                gone = {raw for (raw,) in stored}
+                gone.difference_update(kept.get(model, ()))
+                for raw in gone:
+                    self._evict(model, sv.from_column(schema.pk_field, raw, schemas))
             if query_version:
                 set_state(engine.conn, query_version, SubscriptionSetState.COMPLETE)
 

@@ -187,19 +187,22 @@ class PackedStoredObject(StoredObject):
     the eagerly unpacked object; a backend returns it where the values are likely unused
     (a bootstrap of every object only sends the states)."""
 
-    def __init__(self, pk: bytes, state: bytes, vals: bytes) -> None:
+    def __init__(self, pk: bytes, state: bytes, vals: bytes, created: bytes | None = None) -> None:
+        """``created``: the packed HLC of the create when ``state`` is the compact
+        lone-create form (the backend read it apart from the values)."""
         _setattr(self, "pk", pk)  # the dataclass is frozen
         _setattr(self, "state", state)
         _setattr(self, "_vals", vals)
+        _setattr(self, "_created", created)
 
     def lone_parts(self) -> tuple[bytes, dict[str, Any]] | None:
-        """:meth:`StoredObject.lone_parts`, sliced out of the state (which ends with the
-        packed values) instead of decoding it."""
-        state, vals = self.state, _getattribute(self, "_vals")
-        if state[:2] != LONE_HEAD or len(state) <= len(vals) + 2 or not state.endswith(vals):
+        """:meth:`StoredObject.lone_parts`, without decoding the state when the backend
+        gave the create's HLC apart."""
+        created = _getattribute(self, "_created")
+        if created is None:
             return super().lone_parts()
         values = self.values
-        return None if values is None else (state[2 : len(state) - len(vals)], values)
+        return None if values is None else (created, values)
 
     def __getattr__(self, name: str) -> Any:  # only called for an attribute not set yet
         if name != "values":

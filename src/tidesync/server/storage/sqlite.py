@@ -543,7 +543,9 @@ class SQLiteStorage(ServerStorage):
             ).fetchall()
             head = LONE_HEAD
             hits: list[StoredObject] = [
-                PackedStoredObject(pk, st + vals if st[:2] == head else st, vals)
+                PackedStoredObject(pk, st + vals, vals, st[2:])
+                if st[:2] == head
+                else PackedStoredObject(pk, st, vals)
                 for pk, st, vals in rows
             ]
         scanned = sum(len(row.state) for row in hits)
