@@ -7,6 +7,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,20 +119,28 @@ async def test_concurrent_uploads_share_commits(
     assert len(group_sizes) < 10
 
 
+async def _two_writers(
+    storage: SQLiteStorage, count: int, which: Callable[[int], int], title: Callable[[int], str]
+) -> list[Writer]:
+    """Writers A and B registered with app ``app``; ``count`` uploads of one new Task each,
+    the i-th by writer ``which(i)`` with title ``title(i)``."""
+    await storage.put_schemas("app", [TASK])
+    writers = [Writer("A"), Writer("B")]
+    for w in writers:
+        await storage.register_client("app", w.origin, "u")
+    for i in range(count):
+        w = writers[which(i)]
+        await storage.integrate([batch("app", w.cs(w.create(f"k{i}", title(i))))])
+    return writers
+
+
 async def test_log_tail_in_memory_answers_like_the_file(tmp_path: Path) -> None:
     """read_log served from the in-memory tail of recent commits returns exactly what the
     file returns, for every cursor, page size and excluded origin; trims drop the tail."""
-    from tidesync.server.storage.conformance import Writer
     from tidesync.server.storage.sqlite import _read_log
 
     async with SQLiteStorage(tmp_path / "tail.sqlite3") as storage:
-        await storage.put_schemas("app", [TASK])
-        writers = [Writer("A"), Writer("B")]
-        for w in writers:
-            await storage.register_client("app", w.origin, "u")
-        for i in range(30):
-            w = writers[i % 3 % 2]
-            await storage.integrate([batch("app", w.cs(w.create(f"k{i}", "x" * (i * 7))))])
+        writers = await _two_writers(storage, 30, lambda i: i % 3 % 2, lambda i: "x" * (i * 7))
         tail = storage._tails["app"]
         assert tail.latest == 30 and tail.start == 0
         served = 0
@@ -161,7 +170,6 @@ async def test_log_tail_past_its_byte_budget_keeps_rows_without_instructions(
     others by the file, and every answer is what the file gives; past the row budget the
     oldest rows go."""
     from tidesync.server.storage import sqlite as sqlite_mod
-    from tidesync.server.storage.conformance import Writer
 
     monkeypatch.setattr(sqlite_mod, "_TAIL_BYTES", 300)
     monkeypatch.setattr(sqlite_mod, "_TAIL_ROWS", 20)
@@ -173,13 +181,8 @@ async def test_log_tail_past_its_byte_budget_keeps_rows_without_instructions(
         return read_file(conn, *args)
 
     async with SQLiteStorage(tmp_path / "bare.sqlite3") as storage:
-        await storage.put_schemas("app", [TASK])
-        writers = [Writer("A"), Writer("B")]
-        for w in writers:
-            await storage.register_client("app", w.origin, "u")
-        for i in range(25):
-            w = writers[1 if i in (9, 16) else 0]  # B wrote versions 10 and 17
-            await storage.integrate([batch("app", w.cs(w.create(f"k{i}", "x" * 40)))])
+        # B wrote versions 10 and 17, A the others
+        await _two_writers(storage, 25, lambda i: 1 if i in (9, 16) else 0, lambda i: "x" * 40)
         tail = storage._tails["app"]
         assert (tail.start, tail.latest) == (5, 25)
         assert 0 < tail.bare < len(tail.rows) and tail.bytes <= 300

@@ -223,20 +223,6 @@ def _object_updates(value: Any) -> list[ObjectUpdate]:
     return out
 
 
-def _object_rows(value: Any) -> list[ObjectRows]:
-    """DOWNLOAD's ``rows``: blocks of ``[model, fields, pk, size, rows]``, each row an array
-    of the packed create HLC (bytes) and one value per field."""
-    if not isinstance(value, list):
-        raise ValueError(f"expected an array, got {type(value).__name__}")
-    out: list[ObjectRows] = []
-    for index, block in enumerate(value):
-        try:
-            out.append(_object_rows_block(block))
-        except ValueError as exc:
-            raise ValueError(f"item {index}: {exc}") from exc
-    return out
-
-
 def _object_rows_block(block: Any) -> ObjectRows:
     if not isinstance(block, list) or len(block) != 5:
         raise ValueError("a block of object rows must be an array of 5 items")
@@ -264,6 +250,11 @@ def _object_rows_block(block: Any) -> ObjectRows:
                 f"{len(fields)} values"
             )
     return ObjectRows(model, fields, pk, size, rows)
+
+
+#: DOWNLOAD's ``rows``: blocks of ``[model, fields, pk, size, rows]``, each row an array of
+#: the packed create HLC (bytes) and one value per field.
+_object_rows = _list(_object_rows_block)
 
 
 def _query_args(value: Any) -> dict[str, list[list[Any]]]:
