@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from .changeset import Changeset, Instruction, Op
@@ -798,6 +799,10 @@ def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | 
     names = _plan(schema).names
     fields = _plan(schema).fields.keys()
     fmt_ok, lone = _FORMAT, _LONE
+    # the values in the schema's order, as one C call (a single field: a 1-tuple)
+    ordered: Callable[[dict[str, Any]], Sequence[Any]] = (
+        itemgetter(*names) if len(names) > 1 else lambda base: (base[names[0]],)
+    )
 
     def read(data: bytes) -> SimpleState | None:
         try:
@@ -818,7 +823,7 @@ def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | 
             return None
         if type(base) is not dict or base.keys() != fields:
             return None
-        if not check(created, [base[name] for name in names]):
+        if not check(created, ordered(base)):
             return None
         return created, base
 
