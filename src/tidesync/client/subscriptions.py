@@ -580,32 +580,21 @@ class FlexApplier:
             pending = self._pending(upload_acked)
         else:
             pending = {}
-        greatest: HLC | None = None
+        newest: list[Any] | None = None
         if rows:
-            slow, newest_row = self._apply_rows(rows, pending)
+            slow, newest = self._apply_rows(rows, pending)
             if slow:
                 objects = slow + objects  # the rows come first
-            if newest_row is not None:
-                greatest = HLC(*newest_row)
         # New objects whose state the row alone implies, written first and in one go: each
         # is the first update of its key here, so nothing before it touches that object.
         fast = self._fast_rows(objects, pending)
         if fast:
-            batch: dict[str, list[list[Any]]] = {}
-            received = self.received
-            newest: list[Any] | None = None
-            pk_pos = engine._pk_pos
-            for i, (params, created) in fast.items():
-                model = objects[i].model
-                engine._touch_row(model, params)
-                batch.setdefault(model, []).append(params)
-                if newest is None or created > newest:
-                    newest = created
-                if received is not None:
-                    received.add((model, params[pk_pos[model]]))
-            engine._insert_new(batch)
-            if newest is not None and (greatest is None or HLC(*newest) > greatest):
-                greatest = HLC(*newest)
+            by_model: dict[str, list[tuple[list[Any], list[Any]]]] = {}
+            for i, made in fast.items():
+                by_model.setdefault(objects[i].model, []).append(made)
+            for model, made_rows in by_model.items():
+                newest = self._write_rows(model, made_rows, newest)
+        greatest = None if newest is None else HLC(*newest)
         if not fast:
             rest = objects
         elif len(fast) == len(objects):
@@ -689,7 +678,6 @@ class FlexApplier:
         ``[wall, counter, origin]``), if any."""
         engine = self.engine
         tx_states = engine._tx_states
-        received = self.received
         newest: list[Any] | None = None
         slow: list[ObjectUpdate] = []
         for block in blocks:
@@ -720,16 +708,28 @@ class FlexApplier:
             for sql_key in engine.present_keys(model, list(fresh)):
                 later.append(fresh.pop(sql_key)[2])
             slow += [block.update(block.rows[index]) for index in sorted(later)]
-            batch: list[list[Any]] = []
-            for params, created, _ in fresh.values():
-                engine._touch_row(model, params)
-                batch.append(params)
-                if newest is None or created > newest:
-                    newest = created
-                if received is not None:
-                    received.add((model, params[pk_pos]))
-            engine._insert_new({model: batch})
+            newest = self._write_rows(model, [made[:2] for made in fresh.values()], newest)
         return slow, newest
+
+    def _write_rows(
+        self, model: str, rows: list[tuple[list[Any], list[Any]]], newest: list[Any] | None
+    ) -> list[Any] | None:
+        """Insert new objects of ``model`` as rows, each ``(insert_new parameters, create
+        HLC as [wall, counter, origin])``, marked for the notifiers and received by the
+        bootstrap; returns the greatest of ``newest`` and their create HLCs."""
+        engine = self.engine
+        received = self.received
+        pk_pos = engine._pk_pos[model]
+        batch: list[list[Any]] = []
+        for params, created in rows:
+            engine._touch_row(model, params)
+            batch.append(params)
+            if newest is None or created > newest:
+                newest = created
+            if received is not None:
+                received.add((model, params[pk_pos]))
+        engine._insert_new({model: batch})
+        return newest
 
     def _fast_rows(
         self, objects: list[ObjectUpdate], pending: dict[tuple[str, Any], list[Instruction]]
