@@ -875,15 +875,16 @@ def created_at(data: bytes | None) -> HLC | None:
     write has the same one). Nothing is raised."""
     if data is None:
         return None
-    try:
-        raw = unpack(data)
-    except ValueError:
-        return None
-    if type(raw) is list and len(raw) == 3 and raw[0] == _LONE and type(raw[2]) is dict:
-        created = raw[1]
-    elif type(raw) is not list or len(raw) != 6 or raw[0] != _FORMAT:
-        return None
+    lone = lone_create(data)
+    if lone is not None:
+        created = lone[0]
     else:
+        try:
+            raw = unpack(data)
+        except ValueError:
+            return None
+        if type(raw) is not list or len(raw) != 6 or raw[0] != _FORMAT:
+            return None
         created, erased, last, out = raw[1], raw[2], raw[3], raw[5]
         if erased is not None or out != {} or created is None or created != last:
             return None
@@ -893,19 +894,30 @@ def created_at(data: bytes | None) -> HLC | None:
         return None
 
 
+def lone_create(data: bytes) -> tuple[Any, dict[str, Any]] | None:
+    """``(create HLC as decoded, values)`` of a state in the compact lone-create form
+    (:data:`_LONE`), or None for any other state or malformed data (nothing is raised)."""
+    if data[:2] != LONE_HEAD:
+        return None
+    try:
+        raw = unpack(data)
+    except ValueError:
+        return None
+    if type(raw) is not list or len(raw) != 3 or type(raw[2]) is not dict:
+        return None
+    return raw[1], raw[2]
+
+
 def created_rows(ins: Instruction, schema: ModelSchema) -> tuple[bytes, bytes] | None:
     """What the server stores for a new object made by the CREATE ``ins`` alone: ``(state
     head, packed values)``, the head being :data:`LONE_HEAD` and the packed HLC (the state
     is the two joined, see :func:`stored_state`). None for a model with collection or
     counter fields."""
     values = created_values(ins, schema)
-    return None if values is None else pack_pair_lone(ins.hlc, values)
-
-
-def pack_pair_lone(hlc: HLC, values: dict[str, Any]) -> tuple[bytes, bytes]:
-    """``(LONE_HEAD + packed hlc, packed values)``."""
-    head, vals = pack_pair(hlc, values)
-    return LONE_HEAD + head, vals
+    if values is None:
+        return None
+    created, vals = pack_pair(ins.hlc, values)
+    return LONE_HEAD + created, vals
 
 
 def stored_state(state: bytes, vals: bytes | None) -> bytes:

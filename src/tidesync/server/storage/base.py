@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from ...core.changeset import Changeset, Instruction, Op
-from ...core.merge import LONE_HEAD, ObjectState
+from ...core.merge import ObjectState, lone_create
 from ...core.packing import pack, pack_each, unpack
 from ...core.query import BoundQuery, evaluate, is_always_true
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
@@ -166,15 +166,8 @@ class StoredObject:
     def lone_parts(self) -> tuple[bytes, dict[str, Any]] | None:
         """``(packed HLC of the create, values)`` when the state is the compact form of an
         object a lone CREATE made (:data:`~tidesync.core.merge.LONE_HEAD`), else None."""
-        if self.state[:2] != LONE_HEAD:
-            return None
-        try:
-            raw = unpack(self.state)
-        except ValueError:
-            return None
-        if type(raw) is not list or len(raw) != 3 or type(raw[2]) is not dict:
-            return None
-        return pack(raw[1]), raw[2]
+        lone = lone_create(self.state)
+        return None if lone is None else (pack(lone[0]), lone[1])
 
 
 _setattr = object.__setattr__
