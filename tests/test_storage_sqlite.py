@@ -241,6 +241,103 @@ async def test_a_create_guessed_new_but_stored_is_integrated_again_looking(
         assert [e.server_version for e in page.entries] == [1, 2]
 
 
+async def test_a_lone_small_upload_on_a_quiet_server_is_committed_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lone upload of a few instructions, with the worker idle and no commit for a
+    millisecond, is committed on the event loop's thread; a large one, one right after
+    another commit, and one arriving while the worker is busy go to the worker, and every
+    one is integrated the same way (the log and the objects are the file's)."""
+    from tidesync.server.storage import sqlite as sqlite_mod
+
+    threads: list[str] = []
+    integrate_txn = SQLiteStorage._integrate_txn
+
+    def spy(self: SQLiteStorage, conn: sqlite3.Connection, batches: Any) -> Any:
+        threads.append("loop" if threading.current_thread() is main else "worker")
+        return integrate_txn(self, conn, batches)
+
+    monkeypatch.setattr(SQLiteStorage, "_integrate_txn", spy)
+    main = threading.current_thread()
+    w = Writer("A")
+
+    async def quiet() -> None:
+        await asyncio.sleep(sqlite_mod._NOW_QUIET * 2)
+
+    async with SQLiteStorage(tmp_path / "now.sqlite3") as storage:
+        await storage.put_schemas("app", [TASK])
+        await storage.register_client("app", "A", "u")
+        await quiet()
+        (r1,) = await storage.integrate([batch("app", w.cs(w.create("k1"), w.create("k2")))])
+        assert threads == ["loop"] and r1.server_versions == [1]
+        # right after a commit: part of a burst, for the worker's group commit
+        (r2,) = await storage.integrate([batch("app", w.cs(w.create("k3")))])
+        assert threads == ["loop", "worker"] and r2.server_versions == [2]
+        await quiet()
+        big = [w.create(f"b{i}") for i in range(sqlite_mod._NOW_MAX + 1)]
+        await storage.integrate([batch("app", w.cs(*big))])
+        assert threads[-1] == "worker"
+        # the worker busy with another job: the upload waits for it, on the worker
+        release = threading.Event()
+        blocker = asyncio.ensure_future(storage._run(release.wait, 10))
+        await asyncio.sleep(0.01)
+        await quiet()
+        upload = asyncio.ensure_future(storage.integrate([batch("app", w.cs(w.create("k4")))]))
+        await asyncio.sleep(0.01)
+        assert not upload.done()
+        release.set()
+        await blocker
+        (r4,) = await upload
+        assert threads[-1] == "worker" and r4.server_versions == [4]
+        await quiet()
+        await storage.integrate([batch("app", w.cs(w.create("k5")))])
+        assert threads[-1] == "loop"
+        page = await storage.read_log("app", 0, 1 << 20)
+        from_file = await storage._run(
+            storage._transaction, sqlite_mod._read_log, "app", 0, 1 << 20, None
+        )
+        assert page == from_file and [e.server_version for e in page.entries] == [1, 2, 3, 4, 5]
+        objects = await storage.get_objects("app", "Task")
+        assert len(objects) == 2 + 1 + len(big) + 2
+
+
+async def test_a_commit_on_the_event_loop_that_fails_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage error in a commit made on the event loop is a StorageError, the
+    transaction is rolled back, the in-memory log tail is dropped, and the same upload
+    succeeds when sent again."""
+    from tidesync.server.storage import sqlite as sqlite_mod
+
+    fail = [True]
+    integrate_txn = SQLiteStorage._integrate_txn
+
+    def flaky(self: SQLiteStorage, conn: sqlite3.Connection, batches: Any) -> Any:
+        result = integrate_txn(self, conn, batches)
+        if fail.pop() if fail else False:
+            raise sqlite3.OperationalError("disk I/O error")
+        return result
+
+    monkeypatch.setattr(SQLiteStorage, "_integrate_txn", flaky)
+    w = Writer("A")
+    async with SQLiteStorage(tmp_path / "fail.sqlite3") as storage:
+        await storage.put_schemas("app", [TASK])
+        await storage.register_client("app", "A", "u")
+        fail.clear()
+        await storage.integrate([batch("app", w.cs(w.create("k1")))])
+        assert "app" in storage._tails
+        fail.append(True)
+        await asyncio.sleep(sqlite_mod._NOW_QUIET * 2)
+        upload = batch("app", w.cs(w.create("k2")))
+        with pytest.raises(StorageError, match="disk I/O error"):
+            await storage.integrate([upload])
+        assert "app" not in storage._tails and storage._group_log is None
+        assert await storage.latest_version("app") == 1
+        (result,) = await storage.integrate([upload])
+        assert result.ok and result.server_versions == [2]
+        assert set(await storage.get_objects("app", "Task")) == {"k1", "k2"}
+
+
 def _scenario() -> list[list[UploadBatch]]:
     """Uploads of new objects the one-pass path takes, and neighbours it must leave to the
     general path: a key already in the group, a key twice, an update beside a create, a

@@ -6,6 +6,14 @@ awaits it. Uploads arriving while a commit runs are queued and integrated togeth
 next transaction (group commit), so many clients share each ``fsync``. The file is in WAL
 mode with ``synchronous=FULL``: a commit that returned survives a power cut.
 
+One exception to the worker thread: a lone small upload that finds the server quiet (the
+worker idle, no commit for a millisecond) is committed on the event loop at once
+(``_integrate_now``), which spares it two thread hops (about a tenth of a write's latency on
+loopback). Under load the worker commits as before, so uploads still share commits and
+their decoding overlaps the ``fsync``. The worker is idle when every job handed to it has
+finished (``_submitted == _finished``), and no job can be handed to it meanwhile: only the
+event loop hands it jobs, and it is busy with the commit.
+
 One process owns a file at a time. The layout is described in ``docs/storage.md``.
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,6 +68,13 @@ from .base import (
 )
 
 T = TypeVar("T")
+
+#: The most instructions an upload committed on the event loop may hold (``_integrate_now``):
+#: one user transaction's worth; a larger one is committed by the worker thread.
+_NOW_MAX = 16
+#: Seconds without a commit before an upload may be committed on the event loop: one that
+#: follows another closely is part of a burst, which the worker's group commit serves.
+_NOW_QUIET = 0.001
 
 #: The file name :meth:`SQLiteStorage.in_folder` uses.
 DEFAULT_FILENAME = "server.sqlite3"
@@ -133,8 +149,13 @@ class SQLiteStorage(ServerStorage):
     def __init__(self, path: str | Path) -> None:
         self._path = Path(path)
         self._executor: ThreadPoolExecutor | None = None
-        self._conn: sqlite3.Connection | None = None  # used on the worker thread only
-        self._schemas: dict[str, dict[str, ModelSchema]] = {}  # worker thread only
+        #: used on the worker thread, and on the event loop while the worker is idle
+        self._conn: sqlite3.Connection | None = None
+        #: jobs handed to the worker (event loop only) and jobs it finished (worker only)
+        self._submitted = 0
+        self._finished = 0
+        self._last_commit = 0.0  # time.perf_counter() when the last integration ended
+        self._schemas: dict[str, dict[str, ModelSchema]] = {}  # as _conn
         self._pending: list[tuple[list[UploadBatch], asyncio.Future[list[UploadResult]]]] = []
         self._flush: asyncio.Future[list[UploadResult]] | None = None
         self._closing = False
@@ -187,7 +208,8 @@ class SQLiteStorage(ServerStorage):
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self._path, isolation_level=None)
+        # used by one thread at a time, not always the same one: see _integrate_now
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal" and str(self._path) != ":memory:":
@@ -221,8 +243,16 @@ class SQLiteStorage(ServerStorage):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise StorageError("the storage is not open")
+        self._submitted += 1
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._guarded, fn, *args)
+        return await loop.run_in_executor(self._executor, self._job, fn, *args)
+
+    def _job(self, fn: Callable[..., T], *args: Any) -> T:
+        """A unit of work on the worker thread; counted as finished once it is."""
+        try:
+            return self._guarded(fn, *args)
+        finally:
+            self._finished += 1  # the worker is the only writer of this counter
 
     def _guarded(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -326,18 +356,45 @@ class SQLiteStorage(ServerStorage):
             raise StorageError("the storage is not open")
         if not batches:
             return []
+        if (
+            self._flush is None
+            and self._submitted == self._finished
+            and len(batches) == 1
+            and sum(len(cs.instructions) for cs in batches[0].changesets) <= _NOW_MAX
+            and time.perf_counter() - self._last_commit >= _NOW_QUIET
+        ):
+            return self._integrate_now(batches)
         waiter: asyncio.Future[list[UploadResult]] = asyncio.get_running_loop().create_future()
         self._pending.append((list(batches), waiter))
         if self._flush is None:
             self._start_flush()
         return await waiter
 
+    def _integrate_now(self, batches: list[UploadBatch]) -> list[UploadResult]:
+        """Commit a lone small upload here, on the event loop, while the worker is idle
+        (see the module's docstring); the event loop waits for its ``fsync``."""
+        try:
+            results: list[UploadResult] = self._guarded(
+                self._transaction, self._integrate_txn, batches
+            )
+        except BaseException:
+            self._group_log = None
+            self._tails.clear()
+            raise
+        finally:
+            self._last_commit = time.perf_counter()
+        committed, self._group_log = self._group_log, None
+        if committed is not None:
+            self._extend_tails(*committed)
+        return results
+
     def _start_flush(self) -> None:
         group, self._pending = self._pending, []
         assert self._executor is not None
         batches = [b for bs, _ in group for b in bs]
+        self._submitted += 1
         job = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._guarded, self._transaction, self._integrate_txn, batches
+            self._executor, self._job, self._transaction, self._integrate_txn, batches
         )
         self._flush = job
         job.add_done_callback(lambda done: self._flush_done(group, done))
@@ -348,6 +405,7 @@ class SQLiteStorage(ServerStorage):
         job: asyncio.Future[list[UploadResult]],
     ) -> None:
         self._flush = None
+        self._last_commit = time.perf_counter()
         error: BaseException | None
         if job.cancelled():
             error = StorageError("the commit was cancelled")
