@@ -183,6 +183,9 @@ def test_downloaded_creates_take_the_fast_path_and_merge_like_the_general_one(
 
 
 def test_download_transactions_are_relaxed_and_local_ones_stay_full(tmp_path: Path) -> None:
+    """A durable=False transaction runs at synchronous = NORMAL; the connection stays so
+    until the next durable transaction, which begins at FULL (by begin() or transaction(),
+    after a commit or a rollback)."""
     engine = StoreEngine(tmp_path / "c.sqlite3", {"Item": ITEM})
     try:
 
@@ -194,13 +197,52 @@ def test_download_transactions_are_relaxed_and_local_ones_stay_full(tmp_path: Pa
         assert sync() == 1  # NORMAL
         engine.apply([_create(1, 5)])
         engine.commit([])
-        assert sync() == 2
-        engine.begin(durable=False)
+        engine.begin(durable=False)  # the next download: no change needed
+        assert sync() == 1
         engine.rollback()
-        assert sync() == 2
         engine.begin()
         assert sync() == 2
+        engine.apply([_create(2, 6)])
+        assert engine.commit([]) is None  # (applied, not local: nothing for the log)
+        with engine.transaction(durable=False):
+            assert sync() == 1
+        with engine.transaction():
+            assert sync() == 2
+        engine.begin(durable=False)
+        engine.commit([])
+        with pytest.raises(RuntimeError), engine.transaction():
+            assert sync() == 2
+            raise RuntimeError("rolled back")
+        assert not engine.conn.in_transaction
+    finally:
+        engine.close()
+
+
+def test_a_commit_writes_its_meta_in_one_statement_and_counts_as_before(
+    tmp_path: Path,
+) -> None:
+    """commit() numbers commits and local changesets from the values begin() read, writes
+    them, the clock and ``meta`` together, and a rollback leaves them as they were."""
+    engine = StoreEngine(tmp_path / "m.sqlite3", {"Item": ITEM})
+    try:
+        engine.origin = "dev"
+        statements: list[str] = []
+        engine.conn.set_trace_callback(statements.append)
+        engine.begin()
+        assert engine.commit([_create(1, 5)], meta={"download_cursor": 7}) == 1
+        writes = [s for s in statements if s.startswith("INSERT INTO _meta")]
+        assert len(writes) == 1 and "'download_cursor', 7" in writes[0]
+        engine.conn.set_trace_callback(None)
+        assert engine.get_meta("last_version") == 1 and engine.get_meta("commit_seq") == 1
+        assert engine.get_meta("download_cursor") == 7
+        engine.begin()
         engine.rollback()
+        engine.begin()
+        assert engine.commit([_create(2, 6)]) == 2
+        engine.conn.execute("BEGIN IMMEDIATE")  # not by begin(): commit reads them itself
+        assert engine.commit([]) is None
+        assert engine.get_meta("commit_seq") == 3 and engine.get_meta("last_version") == 2
+        assert [v for v, _ in engine.read_changelog(0, 1 << 20)] == [1, 2]
     finally:
         engine.close()
 

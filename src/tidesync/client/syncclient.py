@@ -585,13 +585,13 @@ class SessionWorker:
                 if instructions:
                     engine.observe(max(i.hlc for i in instructions))
             self.flex.apply(ev.objects, ev.bootstrap, ev.query_version, acked, ev.rows)
-            engine.set_meta("download_cursor", ev.cursor)
+            cursors: dict[str, int] = {"download_cursor": ev.cursor}
             if acked > self._saved_acked:
-                engine.set_meta("upload_acked", acked)
+                cursors["upload_acked"] = acked
             # exact: every row written (engine.apply, the flex applier's rows, saves and
             # evictions) was recorded with the engine's _touch, so notifiers may patch;
             # skip: this worker pumps uploads and progress below, no need to wake itself
-            engine.commit((), exact=True, skip=self._waker)
+            engine.commit((), exact=True, skip=self._waker, meta=cursors)
         except BaseException:
             engine.rollback()
             raise

@@ -14,6 +14,7 @@ cursors), ``_schema`` (the models' schemas as stored).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -38,6 +39,19 @@ from .sqlquery import register_functions
 #: so notifiers and sync sessions in this process react at once (other processes poll).
 _WAKERS: dict[str, weakref.WeakSet[threading.Event]] = {}
 _WAKERS_LOCK = threading.Lock()
+
+#: The ``_meta`` values every commit updates, read once when a transaction begins.
+_TX_META_SQL = "SELECT key, value FROM _meta WHERE key IN ('commit_seq', 'last_version', 'hlc')"
+
+
+@functools.lru_cache(maxsize=16)
+def _put_meta_sql(n: int) -> str:
+    """An upsert of ``n`` ``_meta`` (key, value) pairs in one statement."""
+    rows = ", ".join(["(?, ?)"] * n)
+    return (
+        f"INSERT INTO _meta(key, value) VALUES {rows} "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+    )
 
 
 def add_waker(path: str, event: threading.Event) -> None:
@@ -181,7 +195,11 @@ class StoreEngine:
         self._encoders: dict[str, list[tuple[str, Any]]] = {}
         self._pk_pos: dict[str, int] = {}
         self._dead_models: dict[str, bool] = {}  # per transaction: has the model erased objects
-        self._relaxed = False  # synchronous = NORMAL for the current transaction
+        #: the connection is at synchronous = NORMAL (left so after a durable=False
+        #: transaction, until the next durable one begins: see _begin_write)
+        self._relaxed = False
+        #: per transaction: _meta's commit_seq, last_version and hlc, read by begin()
+        self._tx_meta: dict[str, Any] | None = None
         self._touched: Touched = {}  # per transaction: what it wrote, for notifiers
         try:
             self._setup()
@@ -364,7 +382,9 @@ class StoreEngine:
             self._tx_states.clear()
             self._dead_models.clear()
             self._touched = {}
-            raw = self.get_meta("hlc")
+            # the write lock is held: these stay as read until commit() writes them
+            meta = self._tx_meta = dict(self.conn.execute(_TX_META_SQL).fetchall())
+            raw = meta.get("hlc")
             last = None
             if raw:
                 wall, counter = json.loads(raw)
@@ -375,15 +395,18 @@ class StoreEngine:
             raise
 
     def _begin_write(self, durable: bool) -> None:
-        """``BEGIN IMMEDIATE``, with ``synchronous = NORMAL`` for it unless ``durable``."""
-        if not durable:
-            self.conn.execute("PRAGMA synchronous = NORMAL")
-            self._relaxed = True
-        try:
-            self._begin_immediate()
-        except BaseException:
-            self._restore_sync()
-            raise
+        """``BEGIN IMMEDIATE``, with ``synchronous = NORMAL`` for it unless ``durable``.
+
+        The setting is changed only when it differs from the last transaction's: the sync
+        client's connection, which applies download after download, stays at ``NORMAL``
+        between them (two statements fewer each), and is set back to ``FULL`` before any
+        durable transaction begins. Every write on an engine's connection is in a
+        transaction begun here (outside them only idempotent ``CREATE ... IF NOT EXISTS``)."""
+        if self._relaxed == durable:
+            level = "FULL" if durable else "NORMAL"
+            self.conn.execute(f"PRAGMA synchronous = {level}")
+            self._relaxed = not durable
+        self._begin_immediate()
 
     def _begin_immediate(self) -> None:
         """``BEGIN IMMEDIATE`` under this process's lock of the file (see ``_FileLock``)."""
@@ -418,7 +441,6 @@ class StoreEngine:
                 conn.execute("ROLLBACK")
             raise
         finally:
-            self._restore_sync()
             self._unlock()
 
     def commit(
@@ -428,6 +450,7 @@ class StoreEngine:
         exact: bool = False,
         skip: object = None,
         packed: list[bytes] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> int | None:
         """Record the change log entry (if anything changed) and commit.
 
@@ -438,30 +461,37 @@ class StoreEngine:
         ``skip`` is a waker (see :func:`add_waker`) not to wake: the committer's own.
         ``packed`` gives the instructions already packed one by one (see
         :func:`~tidesync.core.packing.pack_instruction`) instead of ``instructions``.
+        ``meta`` are more ``_meta`` values to write with the commit's own (one statement).
         """
         version: int | None = None
         seq = 0
         try:
-            seq = int(self.get_meta("commit_seq", 0) or 0) + 1
-            self.set_meta("commit_seq", seq)
+            tx = self._tx_meta
+            if tx is None:  # not begun by begin(): read them now
+                tx = dict(self.conn.execute(_TX_META_SQL).fetchall())
+            seq = int(tx.get("commit_seq") or 0) + 1
+            values: list[tuple[str, Any]] = [("commit_seq", seq)]
             if instructions or packed:
-                version = int(self.get_meta("last_version", 0)) + 1
+                version = int(tx.get("last_version") or 0) + 1
                 data = join_packed(packed) if packed else pack_instructions(list(instructions))
                 self.conn.execute(
                     "INSERT INTO _changelog(version, data, size) VALUES (?, ?, ?)",
                     (version, data, len(data)),
                 )
-                self.set_meta("last_version", version)
+                values.append(("last_version", version))
             if self.clock is not None:
                 last = self.clock.last
-                self.set_meta("hlc", json.dumps([last.wall, last.counter]))
+                values.append(("hlc", json.dumps([last.wall, last.counter])))
+            if meta:
+                values.extend(meta.items())
+            self.conn.execute(_put_meta_sql(len(values)), [x for kv in values for x in kv])
             self.conn.execute("COMMIT")
         except BaseException:
             self.rollback()
             raise
         finally:
             self._tx_states.clear()
-            self._restore_sync()
+            self._tx_meta = None
             self._unlock()
         _record_commit(self.path, seq, self._touched if exact else None)
         self._touched = {}
@@ -484,18 +514,12 @@ class StoreEngine:
     def rollback(self) -> None:
         """Abandon the current write transaction."""
         self._tx_states.clear()
+        self._tx_meta = None
         try:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
         finally:
-            self._restore_sync()
             self._unlock()
-
-    def _restore_sync(self) -> None:
-        """Back to ``synchronous = FULL`` after a ``durable=False`` transaction."""
-        if self._relaxed and not self.conn.in_transaction:
-            self.conn.execute("PRAGMA synchronous = FULL")
-            self._relaxed = False
 
     def tick(self) -> HLC:
         """A new HLC for an instruction of the current transaction."""
