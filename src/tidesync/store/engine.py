@@ -33,6 +33,7 @@ from ..core.packing import join_packed, pack, pack_instructions, unpack
 from ..core.schema import ModelSchema, check_compatible
 from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
 from . import sqlvalues as sv
+from .sqlbatch import insert_rows
 from .sqlquery import register_functions
 
 #: Process-wide wake-ups: every commit through any engine on a path sets these events,
@@ -336,6 +337,8 @@ class StoreEngine:
             f"({', '.join('?' for _ in cols)})",
             "insert_new": f'INSERT INTO {table} ({", ".join(fields)}, "_hlc") VALUES '
             f"({', '.join('?' for _ in fields)}, ?)",
+            # many rows per statement (store/sqlbatch.py): len(fields) + 1 values each
+            "insert_new_head": f'INSERT INTO {table} ({", ".join(fields)}, "_hlc") VALUES',
             "update": f'UPDATE {table} SET {sets}, "_hlc" = NULL WHERE {pk} = ?',
             "delete": f"DELETE FROM {table} WHERE {pk} = ?",
             "state": f'SELECT "_state", "_hlc", {", ".join(fields)} FROM {table} WHERE {pk} = ?',
@@ -736,10 +739,11 @@ class StoreEngine:
         return present
 
     def _insert_new(self, batch: dict[str, list[list[Any]]]) -> None:
-        """Write the rows :meth:`apply` batched (and empty ``batch``)."""
+        """Write the rows :meth:`apply` batched (and empty ``batch``), many per statement."""
         for model, rows in batch.items():
             if rows:
-                self.conn.executemany(self._sql[model]["insert_new"], rows)
+                width = len(self.schemas[model].fields) + 1
+                insert_rows(self.conn, self._sql[model]["insert_new_head"], width, rows)
         batch.clear()
 
     def observe(self, hlc: HLC) -> None:

@@ -40,6 +40,7 @@ from ...core.merge import (
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
+from ...store.sqlbatch import insert_rows
 from .base import (
     BatchRejectedError,
     ByObject,
@@ -129,12 +130,10 @@ CREATE TABLE IF NOT EXISTS objects (
 );
 """
 
-_INSERT_OBJECT = (
-    "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES (?, ?, ?, ?, ?, ?)"
-)
-_UPSERT_OBJECT = (
-    "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES (?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (app, model, pk) DO UPDATE SET "
+#: Object rows are written many per statement (``store.sqlbatch.insert_rows``).
+_OBJECT_HEAD = "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES"
+_UPSERT_TAIL = (
+    " ON CONFLICT (app, model, pk) DO UPDATE SET "
     "state = excluded.state, vals = excluded.vals, alive = excluded.alive"
 )
 
@@ -897,14 +896,21 @@ class _Group:
             conn.executemany("INSERT INTO log VALUES (?, ?, ?, ?, ?, ?, ?)", self.log_rows)
         if self.fresh:  # never stored (looked up, or guessed): a plain INSERT
             try:
-                conn.executemany(
-                    _INSERT_OBJECT, [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()]
+                insert_rows(
+                    conn,
+                    _OBJECT_HEAD,
+                    6,
+                    [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()],
                 )
             except sqlite3.IntegrityError as exc:  # one guessed new is stored already
                 raise _GuessedWrong from exc
         if self.states:
-            conn.executemany(
-                _UPSERT_OBJECT, [_object_row(k, s, self.schemas[k]) for k, s in self.states.items()]
+            insert_rows(
+                conn,
+                _OBJECT_HEAD,
+                6,
+                [_object_row(k, s, self.schemas[k]) for k, s in self.states.items()],
+                _UPSERT_TAIL,
             )
         if self.dirty_clients:
             conn.executemany(
@@ -931,14 +937,17 @@ def _rerender(conn: sqlite3.Connection, app: str, schema: ModelSchema) -> None:
     rows = conn.execute(
         "SELECT pk, state, vals FROM objects WHERE app = ? AND model = ?", (app, schema.name)
     ).fetchall()
-    conn.executemany(
-        _UPSERT_OBJECT,
+    insert_rows(
+        conn,
+        _OBJECT_HEAD,
+        6,
         [
             _object_row(
                 (app, schema.name, pk), ObjectState.from_bytes(stored_state(st, vals)), schema
             )
             for pk, st, vals in rows
         ],
+        _UPSERT_TAIL,
     )
 
 
