@@ -311,3 +311,28 @@ def test_instruction_parse_fast_path_agrees_with_the_checked_one() -> None:
             instruction_from_list(item, "o")
         with pytest.raises(ValueError):
             _instruction_from_list(item, "o")
+
+
+def test_touching_many_keys_at_once_records_what_one_at_a_time_does(tmp_path: Path) -> None:
+    """The notifiers' record of a transaction's written keys (exact up to
+    TOUCHED_MAX_KEYS per model, then None: "re-run the queries") is the same whether the
+    keys come one by one or in bulk, mixed."""
+    from tidesync.store.engine import TOUCHED_MAX_KEYS
+
+    engine = StoreEngine(tmp_path / "t.sqlite3", {"Item": ITEM})
+    try:
+        engine._touch("Item", 1)
+        engine._touch_many("Item", [1, 2, 3])
+        engine._touch_many("Other", [])
+        assert engine._touched == {"Item": {1, 2, 3}, "Other": set()}
+        engine._touch_many("Item", list(range(4, TOUCHED_MAX_KEYS + 1)))
+        assert engine._touched["Item"] == set(range(1, TOUCHED_MAX_KEYS + 1))
+        engine._touch_many("Item", [5])  # already there: still exact
+        assert engine._touched["Item"] is not None
+        engine._touch_many("Item", [TOUCHED_MAX_KEYS + 1])
+        assert engine._touched["Item"] is None
+        engine._touch_many("Item", [1])
+        engine._touch("Item", 2)
+        assert engine._touched["Item"] is None
+    finally:
+        engine.close()

@@ -717,17 +717,18 @@ class FlexApplier:
         """Insert new objects of ``model`` as rows, each ``(insert_new parameters, create
         HLC as [wall, counter, origin])``, marked for the notifiers and received by the
         bootstrap; returns the greatest of ``newest`` and their create HLCs."""
+        if not rows:
+            return newest
         engine = self.engine
-        received = self.received
         pk_pos = engine._pk_pos[model]
-        batch: list[list[Any]] = []
-        for params, created in rows:
-            engine._touch_row(model, params)
-            batch.append(params)
-            if newest is None or created > newest:
-                newest = created
-            if received is not None:
-                received.add((model, params[pk_pos]))
+        batch = [params for params, _ in rows]
+        keys = [params[pk_pos] for params in batch]
+        engine._touch_many(model, keys)
+        top = max(created for _, created in rows)
+        if newest is None or top > newest:
+            newest = top
+        if self.received is not None:
+            self.received.update([(model, key) for key in keys])
         engine._insert_new({model: batch})
         return newest
 

@@ -645,6 +645,18 @@ class StoreEngine:
                 f"{model}: an int value is outside the 64-bit range tidesync stores"
             ) from None
 
+    def _touch_many(self, model: str, keys: Sequence[Any]) -> None:
+        """:meth:`_touch` for many SQL primary keys of ``model`` at once."""
+        touched = self._touched
+        if model not in touched:
+            touched[model] = set()
+        current = touched[model]
+        if current is None:
+            return
+        current.update(keys)
+        if len(current) > TOUCHED_MAX_KEYS:
+            touched[model] = None
+
     def _touch_row(self, model: str, params: list[Any]) -> None:
         """:meth:`_touch` for an ``insert_new`` row (its primary key column's value)."""
         if self._touched.get(model, ()) is not None:
