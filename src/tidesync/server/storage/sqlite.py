@@ -130,8 +130,10 @@ CREATE TABLE IF NOT EXISTS objects (
 );
 """
 
-#: Object rows are written many per statement (``store.sqlbatch.insert_rows``).
+#: Object rows are written many per statement (``store.sqlbatch.insert_rows``), each of
+#: ``_OBJECT_WIDTH`` values.
 _OBJECT_HEAD = "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES"
+_OBJECT_WIDTH = 6
 _UPSERT_TAIL = (
     " ON CONFLICT (app, model, pk) DO UPDATE SET "
     "state = excluded.state, vals = excluded.vals, alive = excluded.alive"
@@ -377,15 +379,20 @@ class SQLiteStorage(ServerStorage):
                 self._transaction, self._integrate_txn, batches
             )
         except BaseException:
-            self._group_log = None
-            self._tails.clear()
+            self._integration_ended(ok=False)
             raise
-        finally:
-            self._last_commit = time.perf_counter()
-        committed, self._group_log = self._group_log, None
-        if committed is not None:
-            self._extend_tails(*committed)
+        self._integration_ended(ok=True)
         return results
+
+    def _integration_ended(self, *, ok: bool) -> None:
+        """After an integration (event loop): note when, and add its log rows to the tails
+        if it committed (they are dropped if it did not: the file is the truth)."""
+        self._last_commit = time.perf_counter()
+        committed, self._group_log = self._group_log, None
+        if ok and committed is not None:
+            self._extend_tails(*committed)
+        else:
+            self._tails.clear()
 
     def _start_flush(self) -> None:
         group, self._pending = self._pending, []
@@ -404,17 +411,12 @@ class SQLiteStorage(ServerStorage):
         job: asyncio.Future[list[UploadResult]],
     ) -> None:
         self._flush = None
-        self._last_commit = time.perf_counter()
         error: BaseException | None
         if job.cancelled():
             error = StorageError("the commit was cancelled")
         else:
             error = job.exception()
-        committed, self._group_log = self._group_log, None
-        if error is None and committed is not None:
-            self._extend_tails(*committed)
-        else:
-            self._tails.clear()
+        self._integration_ended(ok=error is None)
         start = 0
         for bs, waiter in group:
             if not waiter.done():
@@ -899,7 +901,7 @@ class _Group:
                 insert_rows(
                     conn,
                     _OBJECT_HEAD,
-                    6,
+                    _OBJECT_WIDTH,
                     [(*k, st, vals, 1) for k, (st, vals) in self.fresh.items()],
                 )
             except sqlite3.IntegrityError as exc:  # one guessed new is stored already
@@ -908,7 +910,7 @@ class _Group:
             insert_rows(
                 conn,
                 _OBJECT_HEAD,
-                6,
+                _OBJECT_WIDTH,
                 [_object_row(k, s, self.schemas[k]) for k, s in self.states.items()],
                 _UPSERT_TAIL,
             )
@@ -940,7 +942,7 @@ def _rerender(conn: sqlite3.Connection, app: str, schema: ModelSchema) -> None:
     insert_rows(
         conn,
         _OBJECT_HEAD,
-        6,
+        _OBJECT_WIDTH,
         [
             _object_row(
                 (app, schema.name, pk), ObjectState.from_bytes(stored_state(st, vals)), schema
