@@ -28,13 +28,18 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from ..core import query as q
 from ..core.changeset import Instruction
 from ..core.hlc import HLC
-from ..core.merge import ObjectState, SimpleState, simple_row_check, simple_state_reader
+from ..core.merge import (
+    ObjectState,
+    SimpleState,
+    simple_row_check,
+    simple_state_reader,
+    values_getter,
+)
 from ..core.packing import pack, packer, unpack, unpack_instructions
 from ..core.schema import Collection, Kind, ModelSchema
 from ..errors import CompensatingWriteError, OperationCancelledError, SubscriptionError
@@ -404,9 +409,7 @@ class _FastSpec:
         self.pack = packer()  # the spec is its applier's, used by one sync thread
         names = [f.name for f in schema.fields]
         self.names = names
-        self.get: Callable[[dict[str, Any]], tuple[Any, ...]] = (
-            itemgetter(*names) if len(names) > 1 else lambda values: (values[names[0]],)
-        )
+        self.get = values_getter(names)
         self.types = tuple(_EXACT_TYPES[k] for k in kinds)
         self.floats = tuple(i for i, k in enumerate(kinds) if k is Kind.FLOAT)
         self.encoders = tuple(

@@ -796,13 +796,10 @@ def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | 
     check = simple_row_check(schema)
     if check is None:
         return None
-    names = _plan(schema).names
-    fields = _plan(schema).fields.keys()
+    plan = _plan(schema)
+    fields = plan.fields.keys()
     fmt_ok, lone = _FORMAT, _LONE
-    # the values in the schema's order, as one C call (a single field: a 1-tuple)
-    ordered: Callable[[dict[str, Any]], Sequence[Any]] = (
-        itemgetter(*names) if len(names) > 1 else lambda base: (base[names[0]],)
-    )
+    ordered = values_getter(plan.names)
 
     def read(data: bytes) -> SimpleState | None:
         try:
@@ -828,6 +825,15 @@ def simple_state_reader(schema: ModelSchema) -> Callable[[bytes], SimpleState | 
         return created, base
 
     return read
+
+
+def values_getter(names: Sequence[str]) -> Callable[[dict[str, Any]], tuple[Any, ...]]:
+    """A function of a values dict giving the values of ``names`` in that order, as one C
+    call (a single name gives a 1-tuple too)."""
+    if len(names) > 1:
+        return itemgetter(*names)
+    name = names[0]
+    return lambda values: (values[name],)
 
 
 def simple_row_check(schema: ModelSchema) -> Callable[[Any, Sequence[Any]], bool] | None:
