@@ -369,10 +369,10 @@ async def catch_up(conn: SyncConnection, session: _Session) -> None:
             await _bootstrap(conn, session, view)
             continue
         start = session.cursor
+        acked = session.acked  # as of before the read: see SyncConnection._catch_up
         page = await hub.storage.read_log(app, start, page_bytes, exclude_origin=session.file_ident)
         if not conn._sendable(session) or session.error is not None:
             return
-        acked = session.acked
         changesets, objects = await _filter_page(conn, view, page.entries)
         reconciled, refused = await _reconcile_uploads(conn, view, acked)
         objects += reconciled

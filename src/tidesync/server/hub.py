@@ -855,12 +855,14 @@ class SyncConnection:
         page_bytes = self.hub.config.page_bytes
         while True:
             start = session.cursor
+            # the acknowledgement as of before the read: the page then holds every version
+            # it acknowledges (one acknowledged during the read wakes the session again)
+            acked = session.acked
             page = await self.hub.storage.read_log(
                 self.app_id, start, page_bytes, exclude_origin=session.file_ident
             )
             if not self._sendable(session) or session.error is not None:
                 return
-            acked = session.acked
             latest = max(page.latest_version, session.latest)
             moved = page.cursor > start or latest > session.latest or acked > session.sent_acked
             if moved or force:
