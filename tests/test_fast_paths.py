@@ -155,6 +155,8 @@ def test_downloaded_creates_take_the_fast_path_and_merge_like_the_general_one(
         ]
         engine.begin(durable=False)
         engine.apply(downloaded)
+        # every written object is marked for the notifiers (rows batched or merged)
+        assert engine._touched == {"Item": {1, 2, 3, 4, 6}}
         engine.commit([])
         expected = _reference([_create(1, 5, origin="me"), *downloaded])
         assert _row(engine, 6) == (6, "n6", 2.0, None, 1)

@@ -726,13 +726,12 @@ class FlexApplier:
         pk_pos = engine._pk_pos[model]
         batch = [params for params, _ in rows]
         keys = [params[pk_pos] for params in batch]
-        engine._touch_many(model, keys)
         top = max(created for _, created in rows)
         if newest is None or top > newest:
             newest = top
         if self.received is not None:
             self.received.update([(model, key) for key in keys])
-        engine._insert_new({model: batch})
+        engine._insert_new({model: batch})  # marks the rows for the notifiers too
         return newest
 
     def _fast_rows(

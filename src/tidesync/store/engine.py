@@ -29,8 +29,8 @@ from typing import Any
 from ..core.changeset import Instruction, Op
 from ..core.hlc import HLC, HybridClock
 from ..core.merge import ObjectState
-from ..core.packing import join_packed, pack, pack_instructions, unpack
-from ..core.schema import ModelSchema, check_compatible
+from ..core.packing import join_packed, pack, pack_instructions, packer, unpack
+from ..core.schema import Kind, ModelSchema, check_compatible
 from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
 from . import sqlvalues as sv
 from .sqlbatch import insert_rows
@@ -673,53 +673,78 @@ class StoreEngine:
 
         Fast path: a CREATE of an object this file has never held (no row, no erased state)
         is written like a local create (:meth:`create`: the row alone, its merge state
-        implied by the columns and ``_hlc``), batched with ``executemany``; everything else
-        goes through the merge (load the state, apply, save)."""
+        implied by the columns and ``_hlc``), many rows per statement; everything else
+        goes through the merge (load the state, apply, save). The loop is a whole-app
+        download's per-object cost, so it reads each instruction once (a tuple unpacking)
+        and encodes only the columns that need it (:meth:`_row_plan`)."""
         schemas = self.schemas
         absent = self._absent_creates(instructions)
         batch: dict[str, list[list[Any]]] = {}
         batched: set[tuple[str, Any]] = set()
+        create = Op.CREATE
+        pack_hlc = packer()
+        plans: dict[str, tuple[tuple[str, ...], list[tuple[int, Any]]]] = {}
         for ins in instructions:
-            schema = schemas.get(ins.model)
+            op, model, pk, hlc, _, value, _ = ins
+            schema = schemas.get(model)
             if schema is None:
                 continue  # a model this device does not declare
-            key = (ins.model, ins.pk)
+            key = (model, pk)
             if key in absent:
-                if ins.op is Op.CREATE and key not in batched and isinstance(ins.value, dict):
-                    values = ins.value
-                    params = [enc(values.get(name)) for name, enc in self._encoders[ins.model]]
-                    hlc = ins.hlc
-                    params.append(pack((hlc.wall, hlc.counter, hlc.origin)))
-                    self._touch_row(ins.model, params)
-                    batch.setdefault(ins.model, []).append(params)
+                if op is create and key not in batched and isinstance(value, dict):
+                    plan = plans.get(model)
+                    if plan is None:
+                        plan = plans[model] = self._row_plan(model)
+                        batch[model] = []
+                    params = list(map(value.get, plan[0]))
+                    for i, encode in plan[1]:
+                        params[i] = encode(params[i])
+                    params.append(pack_hlc(hlc))
+                    batch[model].append(params)
                     batched.add(key)
                     continue
                 absent.discard(key)
                 if batched:  # the object's row must exist before its state is loaded
                     self._insert_new(batch)
                     batched.clear()
-            state, where = self.load_state(ins.model, ins.pk)
+            state, where = self.load_state(model, pk)
             if state is None:
                 state = ObjectState.empty()
             state.apply(ins, schema)
-            self.save_state(ins.model, ins.pk, state, where)
+            self.save_state(model, pk, state, where)
         self._insert_new(batch)
+
+    def _row_plan(self, model: str) -> tuple[tuple[str, ...], list[tuple[int, Any]]]:
+        """For :meth:`apply`: a model's field names in column order, and the positions and
+        encoders of the columns whose values need encoding."""
+        encoders = self._encoders[model]
+        return (
+            tuple(name for name, _ in encoders),
+            [(i, enc) for i, (_, enc) in enumerate(encoders) if not sv.is_identity(enc)],
+        )
 
     def _absent_creates(self, instructions: Sequence[Instruction]) -> set[tuple[str, Any]]:
         """Keys of CREATEs in ``instructions`` whose objects this file does not hold
         (models with erased objects are left to the merge: their states are in ``_dead``)."""
         by_model: dict[str, dict[Any, tuple[str, Any]]] = {}
+        skipped: set[str] = set()  # models not declared, or with erased objects
+        kinds: dict[str, Kind] = {}
+        create, tx_states, to_sql = Op.CREATE, self._tx_states, sv.scalar_to_sql
         for ins in instructions:
-            if ins.op is Op.CREATE:
-                keys = by_model.get(ins.model)
+            if ins[0] is create:
+                model, pk = ins[1], ins[2]
+                keys = by_model.get(model)
                 if keys is None:
-                    if ins.model not in self.schemas or self._has_dead(ins.model):
+                    if model in skipped:
                         continue
-                    keys = by_model[ins.model] = {}
-                key = (ins.model, ins.pk)
-                if key not in self._tx_states:
-                    kind = self.schemas[ins.model].pk_field.kind
-                    keys[sv.scalar_to_sql(kind, ins.pk)] = key
+                    if model not in self.schemas or self._has_dead(model):
+                        skipped.add(model)
+                        continue
+                    keys = by_model[model] = {}
+                    kinds[model] = self.schemas[model].pk_field.kind
+                key = (model, pk)
+                if key not in tx_states:
+                    keys[to_sql(kinds[model], pk)] = key
         absent: set[tuple[str, Any]] = set()
         for model, keys in by_model.items():
             schema = self.schemas[model]
@@ -751,12 +776,16 @@ class StoreEngine:
         return present
 
     def _insert_new(self, batch: dict[str, list[list[Any]]]) -> None:
-        """Write the rows :meth:`apply` batched (and empty ``batch``), many per statement."""
+        """Write the rows :meth:`apply` batched, many per statement, and mark them for the
+        notifiers (the lists in ``batch`` are emptied)."""
         for model, rows in batch.items():
             if rows:
                 width = len(self.schemas[model].fields) + 1
                 insert_rows(self.conn, self._sql[model]["insert_new_head"], width, rows)
-        batch.clear()
+                if self._touched.get(model, ()) is not None:
+                    at = self._pk_pos[model]
+                    self._touch_many(model, [row[at] for row in rows])
+                rows.clear()
 
     def observe(self, hlc: HLC) -> None:
         """Move the clock past a downloaded timestamp."""

@@ -177,6 +177,11 @@ def _identity(value: Any) -> Any:
     return value
 
 
+def is_identity(encoder: Callable[[Any], Any]) -> bool:
+    """True when :func:`column_encoder` gave a field no encoding (its values go as they are)."""
+    return encoder is _identity
+
+
 def _bool_to_sql(value: Any) -> Any:
     return None if value is None else (1 if value else 0)
 
