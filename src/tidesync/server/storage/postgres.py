@@ -63,6 +63,7 @@ from .base import (
     UploadBatch,
     UploadResult,
     apply_changesets,
+    gc_paused,
     instructions_by_object,
     lone_creates,
     matches_everything,
@@ -792,13 +793,17 @@ class _Group:
             )
         schemas = await self.storage._schemas_at(self.conn, app, self.generations[app])
         try:
-            new = select_new_changesets(batch, last, schemas)
-            if not new:
-                return UploadResult(batch.origin, last, [])
-            by_object = instructions_by_object(new)
+            # the cyclic collector is paused where an upload's many short-lived objects are
+            # made (they form no cycles); not across the awaits, where other tasks run
+            with gc_paused:
+                new = select_new_changesets(batch, last, schemas)
+                if not new:
+                    return UploadResult(batch.origin, last, [])
+                by_object = instructions_by_object(new)
             overlay = await self.working_copies(app, by_object.keys())
-            lone = {k: v for k, v in by_object.items() if len(v) == 1 and k not in overlay}
-            apply_changesets(by_object, schemas, overlay)
+            with gc_paused:
+                lone = {k: v for k, v in by_object.items() if len(v) == 1 and k not in overlay}
+                apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
             return UploadResult(batch.origin, last, [], str(exc), exc.reason)
         latest, total = self.apps[app]
@@ -888,14 +893,15 @@ async def _upsert_objects(
     conn: asyncpg.Connection, app: str, items: list[tuple[str, bytes, ObjectState, ModelSchema]]
 ) -> None:
     models, pks, states, vals, docs, alive = [], [], [], [], [], []
-    for model, pk, state, schema in items:
-        rendered = state.render(schema) if state.alive else None
-        models.append(model)
-        pks.append(pk)
-        states.append(state.to_bytes())
-        vals.append(pack(rendered) if rendered is not None else None)
-        docs.append(json.dumps(to_json(rendered)) if rendered is not None else None)
-        alive.append(rendered is not None)
+    with gc_paused:
+        for model, pk, state, schema in items:
+            rendered = state.render(schema) if state.alive else None
+            models.append(model)
+            pks.append(pk)
+            states.append(state.to_bytes())
+            vals.append(pack(rendered) if rendered is not None else None)
+            docs.append(json.dumps(to_json(rendered)) if rendered is not None else None)
+            alive.append(rendered is not None)
     await conn.execute(_UPSERT_OBJECTS, app, models, pks, states, vals, docs, alive)
 
 
