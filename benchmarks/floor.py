@@ -76,10 +76,18 @@ async def _transfer(
 
 def run(ctx: Context) -> None:
     """Record the floor."""
-    n = 10_000 if ctx.quick else 100_000
-    data = rows(n)
     work = ctx.workdir / "floor"
     work.mkdir(parents=True, exist_ok=True)
+    rtt: list[float] = []
+    for n in ctx.sizes:
+        rtt = _floor(ctx, n, work)
+    # the round trip of the largest size's runs
+    ctx.record(Measurement(GROUP, "floor: websocket round trip p50", "s", rtt, note="1,000 pings"))
+
+
+def _floor(ctx: Context, n: int, work: Path) -> list[float]:
+    """The floor at size ``n``; returns each run's round trip p50."""
+    data = rows(n)
     ctx.log(f"{GROUP}: N = {n:,}")
     sq: list[float] = []
     tr: list[float] = []
@@ -104,4 +112,4 @@ def run(ctx: Context) -> None:
             [a + b for a, b in zip(sq, tr, strict=True)],
         )
     )
-    ctx.record(Measurement(GROUP, "floor: websocket round trip p50", "s", rtt, note="1,000 pings"))
+    return rtt

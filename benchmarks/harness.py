@@ -48,6 +48,11 @@ class Context:
     measurements: list[Measurement] = field(default_factory=list)
     repeats: int = 3
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The workload's sizes N: 10,000 and 100,000 (10,000 alone with ``--quick``)."""
+        return (10_000,) if self.quick else (10_000, 100_000)
+
     def log(self, text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 

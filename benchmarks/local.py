@@ -90,14 +90,9 @@ def _raw_insert(
     return took
 
 
-def run(ctx: Context) -> None:
-    """Record the local-database benchmarks."""
-    n = 10_000 if ctx.quick else 100_000
+def _inserts(ctx: Context, n: int, ts_path: Path, raw_path: Path) -> None:
+    """The insert benchmarks at size ``n`` (each run starts from a fresh file)."""
     data = rows(n)
-    work = ctx.workdir / "local"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    ts_path, raw_path = work / "bench.tidesync", work / "raw.sqlite"
     ctx.log(f"{GROUP}: N = {n:,}")
     ctx.measure(
         GROUP, f"sqlite3 insert {n:,} rows, 1 transaction", lambda _: _raw_insert(raw_path, data, n)
@@ -121,6 +116,16 @@ def run(ctx: Context) -> None:
         lambda _: _ts_insert(ts_path, data, 100),
         reference=f"sqlite3 insert {n:,} rows, {tx:,} transactions",
     )
+
+
+def run(ctx: Context) -> None:
+    """Record the local-database benchmarks."""
+    work = ctx.workdir / "local"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    ts_path, raw_path = work / "bench.tidesync", work / "raw.sqlite"
+    for n in ctx.sizes:
+        _inserts(ctx, n, ts_path, raw_path)
     # queries over the database the last insert left
     conn = sqlite3.connect(raw_path)
     with ts.Database(ts.Configuration.local([Bench], path=ts_path)) as db:

@@ -85,16 +85,14 @@ class PouchServer:
             self.proc.stdout.close()
 
 
-def run(ctx: Context) -> None:
-    """Record PouchDB push, pull and live-sync latency."""
-    n = 10_000 if ctx.quick else 100_000
-    modules = install(ctx)
+def _push_pull(ctx: Context, modules: Path, n: int) -> None:
+    """PouchDB push and pull of ``n`` documents, each run against a fresh server."""
     ctx.log(f"{GROUP}: N = {n:,}")
     push: list[float] = []
     pull: list[float] = []
     mem: list[float] = []
     for r in range(ctx.repeats):
-        root = ctx.workdir / f"pouch-{r}"
+        root = ctx.workdir / f"pouch-{n}-{r}"
         shutil.rmtree(root, ignore_errors=True)
         (root / "client").mkdir(parents=True)
         server = PouchServer(modules, root / "server")
@@ -107,7 +105,14 @@ def run(ctx: Context) -> None:
         ctx.log(f"  PouchDB push {push[-1]:.3f} s, pull {pull[-1]:.3f} s, server {mem[-1]:.1f} MiB")
     ctx.record(Measurement(GROUP, f"PouchDB push {n:,}", "s", push, note="replicate.to"))
     ctx.record(Measurement(GROUP, f"PouchDB pull {n:,}", "s", pull, note="replicate.from, fresh"))
-    ctx.record(Measurement(GROUP, "express-pouchdb peak RSS, push + pull", "MiB", mem))
+    ctx.record(Measurement(GROUP, f"express-pouchdb peak RSS, push + pull {n:,}", "MiB", mem))
+
+
+def run(ctx: Context) -> None:
+    """Record PouchDB push, pull and live-sync latency."""
+    modules = install(ctx)
+    for n in ctx.sizes:
+        _push_pull(ctx, modules, n)
     count = 200 if ctx.quick else 1000
     root = ctx.workdir / "pouch-latency"
     shutil.rmtree(root, ignore_errors=True)

@@ -180,9 +180,8 @@ def _record_latency(ctx: Context, lat: list[float], tag: str, note: str) -> None
     ctx.log(f"  latency{tag} median {median(lat) * 1e3:.2f} ms")
 
 
-def run(ctx: Context) -> None:
-    """Record the sync benchmarks."""
-    n = 10_000 if ctx.quick else 100_000
+def _transfers(ctx: Context, n: int) -> None:
+    """Push and pull (subscribed and in whole-app mode), and end to end, at size ``n``."""
     ctx.log(f"{GROUP}: N = {n:,}")
     floor = f"floor: sqlite3 insert + websocket transfer {n:,}"
     for subscribe in (True, False):
@@ -210,7 +209,7 @@ def run(ctx: Context) -> None:
         ctx.record(
             Measurement(GROUP, f"tidesync pull {n:,}{tag} vs PouchDB", "s", pull, pouch_pull)
         )
-        ctx.record(Measurement(GROUP, f"server peak RSS, push + pull{tag}", "MiB", mem))
+        ctx.record(Measurement(GROUP, f"server peak RSS, push + pull {n:,}{tag}", "MiB", mem))
     e2e: list[float] = []
     mem = []
     for r in range(ctx.repeats):
@@ -223,7 +222,13 @@ def run(ctx: Context) -> None:
             GROUP, f"tidesync end to end {n:,}", "s", e2e, None, f"{n // 100:,} transactions"
         )
     )
-    ctx.record(Measurement(GROUP, "server peak RSS, end to end", "MiB", mem))
+    ctx.record(Measurement(GROUP, f"server peak RSS, end to end {n:,}", "MiB", mem))
+
+
+def run(ctx: Context) -> None:
+    """Record the sync benchmarks."""
+    for n in ctx.sizes:
+        _transfers(ctx, n)
     count = 200 if ctx.quick else 1000
     lat, m = _latency(ctx, count, 50)
     _record_latency(ctx, lat, "", "A and B in one process (as PouchDB's A and B)")
