@@ -10,6 +10,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -24,6 +25,7 @@ from tidesync.server.storage.conformance import (
 
 asyncpg = pytest.importorskip("asyncpg")
 
+from tidesync.core.merge import ObjectState  # noqa: E402
 from tidesync.core.packing import pack  # noqa: E402
 from tidesync.server.storage.postgres import (  # noqa: E402
     _BY_KEYS,
@@ -224,6 +226,69 @@ async def test_objects_are_looked_up_by_key_whatever_the_statistics(fresh_schema
             await conn.close()
     assert "Nested Loop" in plan and "pk = u.key" in plan, plan
     assert "Seq Scan on objects" not in plan and "Hash" not in plan, plan
+
+
+async def test_uploads_of_new_objects_end_as_the_general_path_makes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """New objects are taken for new without a lookup and inserted plainly; where one is
+    stored after all the group is rolled back and done again. Either way the answers, the
+    objects and the log are what the general path (look up, merge, upsert) makes."""
+    from tidesync.server.storage import postgres as module
+
+    from .test_storage_sqlite import run_scenario
+
+    taken: list[bool] = []
+    original = module.only_new_creates
+
+    def spy(*args: Any) -> Any:
+        made = original(*args)
+        taken.append(made is not None)
+        return made
+
+    schemas = ["ts_test_" + uuid.uuid4().hex[:12] for _ in range(2)]
+    try:
+        monkeypatch.setattr(module, "only_new_creates", spy)
+        fast = await run_scenario(PostgresStorage(DSN, schema=schemas[0]))
+        # the first pass of each upload that passed validation; the stored key is guessed
+        # new, its INSERT fails, and its group is done again without guessing
+        assert taken == [True, True, False, False, False, True, False, True]
+        monkeypatch.setattr(module, "only_new_creates", lambda *args: None)
+        general = await run_scenario(PostgresStorage(DSN, schema=schemas[1]))
+        conn = await asyncpg.connect(DSN)
+        try:
+            columns = [
+                await conn.fetch(
+                    f'SELECT model, pk, vals, doc, alive FROM "{schema}".objects ORDER BY model, pk'
+                )
+                for schema in schemas
+            ]
+        finally:
+            await conn.close()
+        fast_rows, general_rows = ([tuple(r) for r in rows] for rows in columns)
+        assert fast_rows == general_rows  # values, JSON documents, liveness
+        assert len(fast_rows) >= 9
+    finally:
+        for schema in schemas:
+            await _drop(schema)
+    # new objects' states are stored in the compact form of a lone create (the general
+    # path stores every state in full): the same states
+    assert _decoded(fast) == _decoded(general)
+    assert fast[5][1] == [7] and fast[5][2] == {}  # the stored key: merged, not created
+
+
+def _decoded(seen: list[Any]) -> list[Any]:
+    """``seen`` with its lists of (key, state bytes) as (key, full state bytes)."""
+
+    def state_list(item: Any) -> bool:
+        return isinstance(item, list) and all(
+            isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], bytes) for x in item
+        )
+
+    return [
+        [(k, ObjectState.from_bytes(b).to_bytes()) for k, b in item] if state_list(item) else item
+        for item in seen
+    ]
 
 
 def test_to_json_renders_every_kind() -> None:

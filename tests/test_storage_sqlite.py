@@ -15,7 +15,13 @@ import pytest
 
 from tidesync.core.changeset import Instruction, Op
 from tidesync.core.packing import pack
-from tidesync.server.storage import SQLiteStorage, StorageError, UploadBatch, UploadResult
+from tidesync.server.storage import (
+    ServerStorage,
+    SQLiteStorage,
+    StorageError,
+    UploadBatch,
+    UploadResult,
+)
 from tidesync.server.storage.conformance import (
     ALL_MODELS,
     NOTE_INT,
@@ -358,8 +364,13 @@ def _scenario() -> list[list[UploadBatch]]:
 
 
 async def _run_scenario(path: Path) -> list[Any]:
+    return await run_scenario(SQLiteStorage(path))
+
+
+async def run_scenario(opened: ServerStorage) -> list[Any]:
+    """Run :func:`_scenario` on an unopened storage; what it answered and stored."""
     seen: list[Any] = []
-    async with SQLiteStorage(path) as storage:
+    async with opened as storage:
         await storage.put_schemas("app", ALL_MODELS)
         for origin in ("A", "B", "C"):
             await storage.register_client("app", origin, "u")
@@ -382,18 +393,18 @@ async def test_uploads_of_new_objects_end_as_the_general_path_makes_them(
     from tidesync.server.storage import sqlite as module
 
     taken: list[bool] = []
-    original = module._only_new_creates
+    original = module.only_new_creates
 
     def spy(*args: Any) -> Any:
         made = original(*args)
         taken.append(made is not None)
         return made
 
-    monkeypatch.setattr(module, "_only_new_creates", spy)
+    monkeypatch.setattr(module, "only_new_creates", spy)
     fast = await _run_scenario(tmp_path / "fast.sqlite3")
     # the first pass of each upload that passed validation; the stored key is guessed new
     assert taken == [True, True, False, False, False, True, False, True]
-    monkeypatch.setattr(module, "_only_new_creates", lambda *args: None)
+    monkeypatch.setattr(module, "only_new_creates", lambda *args: None)
     general = await _run_scenario(tmp_path / "general.sqlite3")
     assert fast == general
     assert all(r[0] for r in fast[:8]) and not fast[8][0]  # only the bad value is refused

@@ -35,7 +35,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from ...core.changeset import Changeset, Instruction, Op
-from ...core.merge import ObjectState, lone_create
+from ...core.merge import ObjectState, created_rows_many, lone_create, rows_of_creates
 from ...core.packing import pack, pack_each, unpack
 from ...core.query import BoundQuery, evaluate, is_always_true
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
@@ -455,6 +455,77 @@ def select_new_changesets(
         new.append(cs)
         expected += 1
     return new
+
+
+def held_in(
+    app: str, *tables: Container[tuple[str, str, bytes]]
+) -> Callable[[list[ObjectKey]], bool]:
+    """For :func:`only_new_creates`: whether any of ``app``'s keys is in one of a
+    transaction's ``tables`` (keyed by ``(app, model, packed pk)``)."""
+
+    def held(keys: list[ObjectKey]) -> bool:
+        for model, pk in keys:
+            full = (app, model, pk)
+            for table in tables:
+                if full in table:
+                    return True
+        return False
+
+    return held
+
+
+def only_new_creates(
+    new: list[Changeset],
+    schemas: dict[str, ModelSchema],
+    held: Callable[[list[ObjectKey]], bool],
+) -> tuple[dict[ObjectKey, tuple[bytes, bytes]], list[list[ObjectKey]]] | None:
+    """The common upload of new objects, in one pass: when every instruction of ``new`` is
+    a CREATE of its own object (no key twice), of a model whose creates are plain rows
+    (:func:`~tidesync.core.merge.rows_of_creates`), and ``held(keys)`` is false for each
+    model's keys (the transaction holds no state of any of them yet), a storage may take
+    them for new objects without looking them up (and must look and merge if one is
+    stored after all): ``(key -> (state head, packed values) as created_rows makes them,
+    each changeset's keys)``. ``None`` otherwise, and for any value the merge would refuse
+    (the general path then names the error)."""
+    create = Op.CREATE
+    plain: dict[str, bool] = {}
+    keyed: list[list[ObjectKey]] = []
+    by_model: dict[str, tuple[list[ObjectKey], list[Instruction]]] = {}
+    count = 0
+    for cs in new:
+        instructions = cs.instructions
+        keys = object_keys(instructions)
+        for key, ins in zip(keys, instructions):
+            if ins.op is not create:
+                return None
+            model = key[0]
+            ok = plain.get(model)
+            if ok is None:
+                schema = schemas.get(model)
+                ok = plain[model] = schema is not None and rows_of_creates(schema)
+            if not ok:
+                return None
+            entry = by_model.get(model)
+            if entry is None:
+                entry = by_model[model] = ([], [])
+            entry[0].append(key)
+            entry[1].append(ins)
+        keyed.append(keys)
+        count += len(keys)
+    fresh: dict[ObjectKey, tuple[bytes, bytes]] = {}
+    for model, (keys, creates) in by_model.items():
+        if held(keys):
+            return None
+        try:
+            encoded = created_rows_many(creates, schemas[model])
+        except (ValueError, TypeError):
+            return None
+        if encoded is None:
+            return None
+        fresh.update(zip(keys, encoded, strict=True))
+    if len(fresh) != count:  # a key twice
+        return None
+    return fresh, keyed
 
 
 class GCPause:

@@ -41,7 +41,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from ...core.merge import ObjectState
+from ...core.changeset import Changeset
+from ...core.merge import ObjectState, stored_state
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
@@ -64,11 +65,13 @@ from .base import (
     UploadResult,
     apply_changesets,
     gc_paused,
+    held_in,
     instructions_by_object,
     lone_creates,
     matches_everything,
     merge_schemas,
     object_matches,
+    only_new_creates,
     select_new_changesets,
 )
 from .pgquery import compile_filter
@@ -521,11 +524,10 @@ class PostgresStorage(ServerStorage):
         self.commits += 1
         async with self._db.acquire() as conn:
             try:
-                async with conn.transaction():
-                    group = _Group(self, conn)
-                    await group.lock_apps(sorted({b.app_id for b in batches}))
-                    results = [await group.integrate(b) for b in batches]
-                    await group.write()
+                try:
+                    group, results = await self._integrate_txn(conn, batches, guess=True)
+                except _GuessedWrong:  # rolled back: again, looking every object up
+                    group, results = await self._integrate_txn(conn, batches, guess=False)
             except BaseException:
                 self._schemas.clear()
                 raise
@@ -534,6 +536,21 @@ class PostgresStorage(ServerStorage):
             if known is not None and latest > known:
                 self._known[app_id] = latest  # the hub wakes its own sessions
         return results
+
+    async def _integrate_txn(
+        self, conn: asyncpg.Connection, batches: list[UploadBatch], *, guess: bool
+    ) -> tuple[_Group, list[UploadResult]]:
+        """One group-commit transaction. With ``guess``, the objects that uploads only
+        CREATE are taken for new (not looked up; see ``only_new_creates``) and inserted
+        without ON CONFLICT: if one is stored after all (two devices created one primary
+        key), the INSERT fails, the transaction is rolled back and ``_GuessedWrong``
+        raised."""
+        async with conn.transaction():
+            group = _Group(self, conn, guess=guess)
+            await group.lock_apps(sorted({b.app_id for b in batches}))
+            results = [await group.integrate(b) for b in batches]
+            await group.write()
+        return group, results
 
     # -- reading --------------------------------------------------------------------------
 
@@ -738,9 +755,12 @@ async def _lock_app(conn: asyncpg.Connection, app_id: str) -> int:
 class _Group:
     """The state of one group-commit transaction, written with bulk SQL at the end."""
 
-    def __init__(self, storage: PostgresStorage, conn: asyncpg.Connection) -> None:
+    def __init__(
+        self, storage: PostgresStorage, conn: asyncpg.Connection, *, guess: bool = False
+    ) -> None:
         self.storage = storage
         self.conn = conn
+        self.guess = guess
         self.apps: dict[str, tuple[int, int]] = {}  # app -> (latest_version, total_bytes)
         self.start: dict[str, int] = {}
         self.generations: dict[str, int] = {}
@@ -749,6 +769,8 @@ class _Group:
         self.raw: dict[tuple[str, str, bytes], bytes] = {}
         self.states: dict[tuple[str, str, bytes], ObjectState] = {}
         self.schemas: dict[tuple[str, str, bytes], ModelSchema] = {}
+        #: objects taken for new (one CREATE, not looked up): state head, packed values
+        self.fresh: dict[tuple[str, str, bytes], tuple[bytes, bytes]] = {}
         self.log_rows: list[tuple[str, int, str, int, bytes, int, int]] = []
 
     async def lock_apps(self, apps: list[str]) -> None:
@@ -799,6 +821,18 @@ class _Group:
                 new = select_new_changesets(batch, last, schemas)
                 if not new:
                     return UploadResult(batch.origin, last, [])
+                if self.guess:
+                    held = held_in(app, self.states, self.raw, self.fresh)
+                    made = only_new_creates(new, schemas, held)
+                    if made is not None:  # what the merge below would make of them
+                        fresh, keyed = made
+                        versions = self._append_log(app, batch.origin, new, last)
+                        for (model, pk), encoded in fresh.items():
+                            self.fresh[(app, model, pk)] = encoded
+                        created = {k: v for keys, v in zip(keyed, versions) for k in keys}
+                        return UploadResult(
+                            batch.origin, last + len(new), versions, created=created
+                        )
                 by_object = instructions_by_object(new)
             overlay = await self.working_copies(app, by_object.keys())
             with gc_paused:
@@ -806,22 +840,29 @@ class _Group:
                 apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
             return UploadResult(batch.origin, last, [], str(exc), exc.reason)
+        versions = self._append_log(app, batch.origin, new, last)
+        created = lone_creates(lone, (), new, versions)
+        for (model, pk), state in overlay.items():
+            self.states[(app, model, pk)] = state
+            self.schemas[(app, model, pk)] = schemas[model]
+            self.fresh.pop((app, model, pk), None)
+        return UploadResult(batch.origin, last + len(new), versions, created=created)
+
+    def _append_log(self, app: str, origin: str, new: list[Changeset], last: int) -> list[int]:
+        """Add ``new``'s log rows and move the app's and the client's counters; returns the
+        server versions given."""
         latest, total = self.apps[app]
         versions: list[int] = []
         for cs in new:
             blob = pack_instructions(cs.instructions)
             latest += 1
             total += len(blob)
-            self.log_rows.append((app, latest, batch.origin, cs.version, blob, len(blob), total))
+            self.log_rows.append((app, latest, origin, cs.version, blob, len(blob), total))
             versions.append(latest)
         self.apps[app] = (latest, total)
-        created = lone_creates(lone, (), new, versions)
-        self.clients[(app, batch.origin)] = last + len(new)
-        self.dirty_clients.add((app, batch.origin))
-        for (model, pk), state in overlay.items():
-            self.states[(app, model, pk)] = state
-            self.schemas[(app, model, pk)] = schemas[model]
-        return UploadResult(batch.origin, last + len(new), versions, created=created)
+        self.clients[(app, origin)] = last + len(new)
+        self.dirty_clients.add((app, origin))
+        return versions
 
     async def working_copies(
         self, app: str, keys: Iterable[ObjectKey]
@@ -831,7 +872,7 @@ class _Group:
         missing: dict[str, list[bytes]] = {}
         for model, pk in keys:
             full = (app, model, pk)
-            if full not in self.states and full not in self.raw:
+            if full not in self.states and full not in self.raw and full not in self.fresh:
                 missing.setdefault(model, []).append(pk)
         for model, pks in missing.items():
             rows = await self.conn.fetch(_BY_KEYS.format("pk, state"), app, model, pks)
@@ -842,6 +883,8 @@ class _Group:
             full = (app, model, pk)
             if full in self.states:
                 copies[(model, pk)] = ObjectState.from_bytes(self.states[full].to_bytes())
+            elif full in self.fresh:
+                copies[(model, pk)] = ObjectState.from_bytes(stored_state(*self.fresh[full]))
             elif full in self.raw:
                 copies[(model, pk)] = ObjectState.from_bytes(self.raw[full])
         return copies
@@ -863,6 +906,8 @@ class _Group:
                 ],
                 schema_name=self.storage.schema,
             )
+        if self.fresh:
+            await _insert_new_objects(conn, self.fresh, self.storage.schema)
         by_app: dict[str, list[tuple[str, bytes, ObjectState, ModelSchema]]] = {}
         for (app, model, pk), state in self.states.items():
             by_app.setdefault(app, []).append((model, pk, state, self.schemas[(app, model, pk)]))
@@ -887,6 +932,40 @@ class _Group:
                 self.storage._channel,
                 f"{latest}:{self.storage._instance}:{app}",
             )
+
+
+class _GuessedWrong(Exception):
+    """An object taken for new (``_Group.fresh``) is stored: the group is done again."""
+
+
+async def _insert_new_objects(
+    conn: asyncpg.Connection,
+    fresh: dict[tuple[str, str, bytes], tuple[bytes, bytes]],
+    schema: str,
+) -> None:
+    """Insert the objects taken for new (COPY: a stored one fails it, ``_GuessedWrong``)."""
+    with gc_paused:
+        records = [
+            (
+                app,
+                model,
+                pk,
+                stored_state(head, packed),
+                packed,
+                json.dumps(to_json(unpack(packed))),
+                True,
+            )
+            for (app, model, pk), (head, packed) in fresh.items()
+        ]
+    try:
+        await conn.copy_records_to_table(
+            "objects",
+            records=records,
+            columns=["app", "model", "pk", "state", "vals", "doc", "alive"],
+            schema_name=schema,
+        )
+    except asyncpg.UniqueViolationError as exc:
+        raise _GuessedWrong from exc
 
 
 async def _upsert_objects(

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ...core.changeset import Changeset, Instruction, Op
+from ...core.changeset import Op
 from ...core.merge import (
     LONE_HEAD,
     ObjectState,
@@ -60,11 +60,12 @@ from .base import (
     UploadResult,
     apply_changesets,
     gc_paused,
+    held_in,
     instructions_by_object,
     lone_creates,
     matches_everything,
     merge_schemas,
-    object_keys,
+    only_new_creates,
     select_new_changesets,
 )
 
@@ -494,7 +495,10 @@ class SQLiteStorage(ServerStorage):
             new = select_new_changesets(batch, last, schemas)
             if not new:
                 return UploadResult(batch.origin, last, [])
-            made = _only_new_creates(group, app, new, schemas) if guess else None
+            made = None
+            if guess:  # the group's objects, in any form, are not new
+                held = held_in(app, group.states, group.raw, group.fresh)
+                made = only_new_creates(new, schemas, held)
             if made is not None:  # the same outcome as below, without the general passes
                 fresh, keyed = made
                 versions = group.append_log(app, batch.origin, new)
@@ -702,60 +706,6 @@ def _guessed_new(by_object: ByObject, schemas: dict[str, ModelSchema]) -> set[Ob
         for key, items in by_object.items()
         if len(items) == 1 and key[0] in plain and items[0][1].op is Op.CREATE
     }
-
-
-def _only_new_creates(
-    group: _Group, app: str, new: list[Changeset], schemas: dict[str, ModelSchema]
-) -> tuple[dict[ObjectKey, tuple[bytes, bytes]], list[list[ObjectKey]]] | None:
-    """The common upload of new objects, in one pass: when every instruction of ``new`` is
-    a CREATE of its own object (no key twice), of a model whose creates are plain rows
-    (:func:`~tidesync.core.merge.rows_of_creates`), and no key is in the group already,
-    it is what :func:`_guessed_new` + :func:`_fresh_creates` + :func:`lone_creates` make
-    of it: ``(key -> (state head, packed values), each changeset's keys)``. ``None``
-    otherwise, and for anything :func:`_fresh_creates` would refuse (the general path
-    then names the error)."""
-    create = Op.CREATE
-    plain: dict[str, bool] = {}
-    keyed: list[list[ObjectKey]] = []
-    by_model: dict[str, tuple[list[ObjectKey], list[Instruction]]] = {}
-    count = 0
-    for cs in new:
-        instructions = cs.instructions
-        keys = object_keys(instructions)
-        for key, ins in zip(keys, instructions):
-            if ins.op is not create:
-                return None
-            model = key[0]
-            ok = plain.get(model)
-            if ok is None:
-                schema = schemas.get(model)
-                ok = plain[model] = schema is not None and rows_of_creates(schema)
-            if not ok:
-                return None
-            entry = by_model.get(model)
-            if entry is None:
-                entry = by_model[model] = ([], [])
-            entry[0].append(key)
-            entry[1].append(ins)
-        keyed.append(keys)
-        count += len(keys)
-    states, raw, fresh_in_group = group.states, group.raw, group.fresh
-    fresh: dict[ObjectKey, tuple[bytes, bytes]] = {}
-    for model, (keys, creates) in by_model.items():
-        for _, pk in keys:
-            full = (app, model, pk)
-            if full in states or full in raw or full in fresh_in_group:
-                return None
-        try:
-            encoded = created_rows_many(creates, schemas[model])
-        except (ValueError, TypeError):
-            return None
-        if encoded is None:
-            return None
-        fresh.update(zip(keys, encoded, strict=True))
-    if len(fresh) != count:  # a key twice
-        return None
-    return fresh, keyed
 
 
 def _fresh_creates(
