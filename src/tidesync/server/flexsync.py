@@ -52,8 +52,9 @@ from ..protocol.messages import (
     ObjectUpdate,
     compensating_message,
 )
+from ..store.gcpause import gc_paused
 from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
-from .storage.base import ObjectKey, StoredObject, UploadResult, gc_paused, object_keys
+from .storage.base import ObjectKey, StoredObject, UploadResult, object_keys
 
 if TYPE_CHECKING:
     from .hub import SyncConnection, SyncHub, _Session

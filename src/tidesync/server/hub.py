@@ -58,6 +58,7 @@ from ..protocol.server import (
     UnbindReceived,
     UploadReceived,
 )
+from ..store.gcpause import gc_paused
 from . import flexsync
 from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, WrongAppError
 from .config import ServerConfig
@@ -74,7 +75,6 @@ from .storage.base import (
     StorageError,
     UploadBatch,
     UploadResult,
-    gc_paused,
 )
 
 log = logging.getLogger("tidesync.server.hub")

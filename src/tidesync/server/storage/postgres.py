@@ -47,6 +47,7 @@ from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
 from ...objectid import ObjectId
+from ...store.gcpause import gc_paused
 from .base import (
     BatchRejectedError,
     ClientOwnershipError,
@@ -64,7 +65,6 @@ from .base import (
     UploadBatch,
     UploadResult,
     apply_changesets,
-    gc_paused,
     held_in,
     instructions_by_object,
     lone_creates,

@@ -40,6 +40,7 @@ from ...core.merge import (
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
+from ...store.gcpause import gc_paused
 from ...store.sqlbatch import insert_rows
 from .base import (
     BatchRejectedError,
@@ -59,7 +60,6 @@ from .base import (
     UploadBatch,
     UploadResult,
     apply_changesets,
-    gc_paused,
     held_in,
     instructions_by_object,
     lone_creates,
