@@ -231,24 +231,16 @@ async def test_objects_are_looked_up_by_key_whatever_the_statistics(fresh_schema
 async def test_uploads_of_new_objects_end_as_the_general_path_makes_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """New objects are taken for new without a lookup and inserted plainly; where one is
-    stored after all the group is rolled back and done again. Either way the answers, the
-    objects and the log are what the general path (look up, merge, upsert) makes."""
+    """New objects are taken for new without a lookup and COPYed in; where one is stored
+    after all the group is rolled back and done again. Either way the answers, the objects
+    and the log are what the general path (look up, merge, upsert) makes."""
     from tidesync.server.storage import postgres as module
 
-    from .test_storage_sqlite import run_scenario
-
-    taken: list[bool] = []
-    original = module.only_new_creates
-
-    def spy(*args: Any) -> Any:
-        made = original(*args)
-        taken.append(made is not None)
-        return made
+    from .test_storage_sqlite import run_scenario, spy_on_new_creates
 
     schemas = ["ts_test_" + uuid.uuid4().hex[:12] for _ in range(2)]
     try:
-        monkeypatch.setattr(module, "only_new_creates", spy)
+        taken = spy_on_new_creates(monkeypatch, module)
         fast = await run_scenario(PostgresStorage(DSN, schema=schemas[0]))
         # the first pass of each upload that passed validation; the stored key is guessed
         # new, its INSERT fails, and its group is done again without guessing

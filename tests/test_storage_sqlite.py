@@ -387,11 +387,9 @@ async def run_scenario(opened: ServerStorage) -> list[Any]:
     return seen
 
 
-async def test_uploads_of_new_objects_end_as_the_general_path_makes_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from tidesync.server.storage import sqlite as module
-
+def spy_on_new_creates(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[bool]:
+    """Record, for each call of a storage module's ``only_new_creates``, whether it took
+    the upload's objects for new."""
     taken: list[bool] = []
     original = module.only_new_creates
 
@@ -401,6 +399,15 @@ async def test_uploads_of_new_objects_end_as_the_general_path_makes_them(
         return made
 
     monkeypatch.setattr(module, "only_new_creates", spy)
+    return taken
+
+
+async def test_uploads_of_new_objects_end_as_the_general_path_makes_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tidesync.server.storage import sqlite as module
+
+    taken = spy_on_new_creates(monkeypatch, module)
     fast = await _run_scenario(tmp_path / "fast.sqlite3")
     # the first pass of each upload that passed validation; the stored key is guessed new
     assert taken == [True, True, False, False, False, True, False, True]
