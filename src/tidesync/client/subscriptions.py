@@ -413,9 +413,7 @@ class _FastSpec:
         self.types = tuple(_EXACT_TYPES[k] for k in kinds)
         self.floats = tuple(i for i, k in enumerate(kinds) if k is Kind.FLOAT)
         self.encoders = tuple(
-            (i, enc)
-            for i, (_, enc) in enumerate(engine._encoders[schema.name])
-            if kinds[i] not in _PLAIN_KINDS
+            (i, enc) for i, enc in engine._row_plans[schema.name][1] if kinds[i] not in _PLAIN_KINDS
         )
         self.pk_name = schema.primary_key
         self.pk_pos = engine._pk_pos[schema.name]

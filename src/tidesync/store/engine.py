@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,20 @@ def _put_meta_sql(n: int) -> str:
         f"INSERT INTO _meta(key, value) VALUES {rows} "
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value"
     )
+
+
+#: A model's new-row plan: its field names in column order, and the positions and encoders
+#: of the columns whose values need encoding (the others go as they are).
+_RowPlan = tuple[tuple[str, ...], tuple[tuple[int, Callable[[Any], Any]], ...]]
+
+
+def _row_params(plan: _RowPlan, values: dict[str, Any]) -> list[Any]:
+    """A new object's ``insert_new`` parameters from its values, but for ``_hlc``."""
+    names, encoded = plan
+    params = list(map(values.get, names))
+    for i, encode in encoded:
+        params[i] = encode(params[i])
+    return params
 
 
 def add_waker(path: str, event: threading.Event) -> None:
@@ -193,7 +207,7 @@ class StoreEngine:
         self.clock: HybridClock | None = None
         self.origin = ""
         self._sql: dict[str, dict[str, str]] = {}
-        self._encoders: dict[str, list[tuple[str, Any]]] = {}
+        self._row_plans: dict[str, _RowPlan] = {}  # per model: see _row_params
         self._pk_pos: dict[str, int] = {}
         self._dead_models: dict[str, bool] = {}  # per transaction: has the model erased objects
         #: the connection is at synchronous = NORMAL (left so after a durable=False
@@ -346,9 +360,11 @@ class StoreEngine:
             "row": f"SELECT {', '.join(fields)} FROM {table} WHERE {pk} = ?",
         }
         self._pk_pos[model] = [f.name for f in schema.fields].index(schema.primary_key)
-        self._encoders[model] = [
-            (f.name, sv.column_encoder(f, self.schemas)) for f in schema.fields
-        ]
+        encoders = [sv.column_encoder(f, self.schemas) for f in schema.fields]
+        self._row_plans[model] = (
+            tuple(f.name for f in schema.fields),
+            tuple((i, enc) for i, enc in enumerate(encoders) if not sv.is_identity(enc)),
+        )
 
     def sql(self, model: str, name: str) -> str:
         """A prepared statement text for a model."""
@@ -631,10 +647,8 @@ class StoreEngine:
             state.apply(ins, self.schemas[model])
             self.save_state(model, pk, state, where)
             return
-        values = ins.value
-        params = [enc(values.get(name)) for name, enc in self._encoders[model]]
-        hlc = ins.hlc
-        params.append(pack((hlc.wall, hlc.counter, hlc.origin)))
+        params = _row_params(self._row_plans[model], ins.value)
+        params.append(pack(ins.hlc))
         self._touch_row(model, params)
         try:
             self.conn.execute(self._sql[model]["insert_new"], params)
@@ -676,14 +690,14 @@ class StoreEngine:
         implied by the columns and ``_hlc``), many rows per statement; everything else
         goes through the merge (load the state, apply, save). The loop is a whole-app
         download's per-object cost, so it reads each instruction once (a tuple unpacking)
-        and encodes only the columns that need it (:meth:`_row_plan`)."""
+        and encodes only the columns that need it (:func:`_row_params`)."""
         schemas = self.schemas
         absent = self._absent_creates(instructions)
         batch: dict[str, list[list[Any]]] = {}
         batched: set[tuple[str, Any]] = set()
         create = Op.CREATE
         pack_hlc = packer()
-        plans: dict[str, tuple[tuple[str, ...], list[tuple[int, Any]]]] = {}
+        plans = self._row_plans
         for ins in instructions:
             op, model, pk, hlc, _, value, _ = ins
             schema = schemas.get(model)
@@ -692,15 +706,12 @@ class StoreEngine:
             key = (model, pk)
             if key in absent:
                 if op is create and key not in batched and isinstance(value, dict):
-                    plan = plans.get(model)
-                    if plan is None:
-                        plan = plans[model] = self._row_plan(model)
-                        batch[model] = []
-                    params = list(map(value.get, plan[0]))
-                    for i, encode in plan[1]:
-                        params[i] = encode(params[i])
+                    params = _row_params(plans[model], value)
                     params.append(pack_hlc(hlc))
-                    batch[model].append(params)
+                    rows = batch.get(model)
+                    if rows is None:
+                        rows = batch[model] = []
+                    rows.append(params)
                     batched.add(key)
                     continue
                 absent.discard(key)
@@ -713,15 +724,6 @@ class StoreEngine:
             state.apply(ins, schema)
             self.save_state(model, pk, state, where)
         self._insert_new(batch)
-
-    def _row_plan(self, model: str) -> tuple[tuple[str, ...], list[tuple[int, Any]]]:
-        """For :meth:`apply`: a model's field names in column order, and the positions and
-        encoders of the columns whose values need encoding."""
-        encoders = self._encoders[model]
-        return (
-            tuple(name for name, _ in encoders),
-            [(i, enc) for i, (_, enc) in enumerate(encoders) if not sv.is_identity(enc)],
-        )
 
     def _absent_creates(self, instructions: Sequence[Instruction]) -> set[tuple[str, Any]]:
         """Keys of CREATEs in ``instructions`` whose objects this file does not hold

@@ -541,10 +541,9 @@ class PostgresStorage(ServerStorage):
         self, conn: asyncpg.Connection, batches: list[UploadBatch], *, guess: bool
     ) -> tuple[_Group, list[UploadResult]]:
         """One group-commit transaction. With ``guess``, the objects that uploads only
-        CREATE are taken for new (not looked up; see ``only_new_creates``) and inserted
-        without ON CONFLICT: if one is stored after all (two devices created one primary
-        key), the INSERT fails, the transaction is rolled back and ``_GuessedWrong``
-        raised."""
+        CREATE are taken for new (not looked up; see ``only_new_creates``) and COPYed in:
+        if one is stored after all (two devices created one primary key), the COPY fails on
+        the primary key, the transaction is rolled back and ``_GuessedWrong`` raised."""
         async with conn.transaction():
             group = _Group(self, conn, guess=guess)
             await group.lock_apps(sorted({b.app_id for b in batches}))
