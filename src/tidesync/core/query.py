@@ -305,11 +305,26 @@ _OP_CANON[">="] = ">="
 _FLIP = {"==": "==", "!=": "!=", "<": ">", "<=": ">=", ">": "<", ">=": "<="}
 
 
+#: How deeply parentheses and NOTs may nest in one query; deeper is a QueryError naming it.
+MAX_QUERY_NESTING = 100
+
+
 class _Parser:
     def __init__(self, text: str) -> None:
         self.text = text
         self.toks = _tokenize(text)
         self.i = 0
+        self.depth = 0
+
+    def nest(self, tok: _Token) -> None:
+        """Enter one level of nesting (a parenthesis or a NOT); refuse past the limit."""
+        self.depth += 1
+        if self.depth > MAX_QUERY_NESTING:
+            raise _err(
+                f"the query nests parentheses and NOTs more than {MAX_QUERY_NESTING} deep",
+                self.text,
+                tok.pos,
+            )
 
     @property
     def tok(self) -> _Token:
@@ -409,16 +424,21 @@ class _Parser:
     def not_(self) -> Predicate:
         t = self.tok
         if self.is_word("not") or (t.kind == "op" and t.text == "!"):
+            self.nest(t)
             self.next()
-            return Not(self.not_(), t.pos)
+            inner = self.not_()
+            self.depth -= 1
+            return Not(inner, t.pos)
         return self.atom()
 
     def atom(self) -> Predicate:
         t = self.tok
         if t.kind == "(":
+            self.nest(t)
             self.next()
             inner = self.or_()
             self.expect(")", "')'")
+            self.depth -= 1
             return inner
         if self.is_word("truepredicate"):
             self.next()

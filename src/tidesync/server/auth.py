@@ -495,6 +495,10 @@ async def _body(request: Request) -> dict[str, Any]:
         parsed = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise _HttpError(400, "the request body must be a JSON object", "bad_request") from None
+    except RecursionError:
+        raise _HttpError(
+            400, "the request body is nested too deeply to be a valid request", "bad_request"
+        ) from None
     if not isinstance(parsed, dict):
         raise _HttpError(400, "the request body must be a JSON object", "bad_request")
     return parsed

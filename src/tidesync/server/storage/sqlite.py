@@ -210,6 +210,10 @@ class SQLiteStorage(ServerStorage):
 
     def _open_sync(self) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        if str(self._path) != ":memory:" and not self._path.exists():
+            # owner-only, like the other files of the data folder (SQLite gives its -wal and
+            # -shm files the database file's mode)
+            self._path.touch(mode=0o600)
         # used by one thread at a time, not always the same one: see _integrate_now
         conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
         try:
