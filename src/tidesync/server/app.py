@@ -117,6 +117,7 @@ def create_app(
         hub = SyncHub(storage, auth, settings)
         hub.start()
         auth.on_user_gone = hub.disconnect_user
+        auth.on_login_ended = hub.disconnect_login
         app.state.auth = auth
         app.state.storage = storage
         app.state.hub = hub

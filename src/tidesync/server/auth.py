@@ -99,6 +99,9 @@ class TokenClaims:
     issued_at: float
     expires_at: float
     jti: str
+    #: The login the token belongs to (every token of one login shares it; a logout ends
+    #: them all). None for tokens issued before logins were named.
+    family: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,8 @@ class LoginResult:
 
 #: Called with (app_id, user_id, reason) when a user must lose its live connections.
 UserGoneHook = Callable[[str, str, str], Awaitable[Any]]
+#: Called with (app_id, user_id, family) when one login's live connections must close.
+LoginEndedHook = Callable[[str, str, str], Awaitable[Any]]
 
 
 class Authenticator:
@@ -149,7 +154,10 @@ class Authenticator:
         self._per_address = RateLimiter(limits.login_attempts_per_address)
         #: Set by the server so disabling/deleting a user closes its sync connections.
         self.on_user_gone: UserGoneHook | None = None
+        #: Set by the server so a logout closes the sync connections of that login.
+        self.on_login_ended: LoginEndedHook | None = None
         self._gone_tasks: set[asyncio.Future[Any]] = set()
+        self._purger: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Open the user store and load the signing secret; listen for users disabled or
@@ -161,6 +169,26 @@ class Authenticator:
             await self.users.close()
             raise
         self.users.set_user_gone_listener(self._user_gone_elsewhere)
+        self.users.set_login_ended_listener(self._login_ended_elsewhere)
+        self._purger = asyncio.get_running_loop().create_task(
+            self._purge_loop(), name="tidesync-token-purge"
+        )
+
+    async def _purge_loop(self) -> None:
+        """Delete expired refresh and pending tokens every ``token_purge_interval``."""
+        while True:
+            await asyncio.sleep(self._config.token_purge_interval)
+            try:
+                gone = await self.users.purge_expired(self._clock())
+            except Exception as exc:  # a maintenance round: log it, try again next time
+                log.warning(
+                    "purging expired tokens failed (next try in %g s): %r",
+                    self._config.token_purge_interval,
+                    exc,
+                )
+                continue
+            if gone:
+                log.info("purged %d expired token(s)", gone)
 
     def _signing_key(self) -> bytes:
         if not self._secret:  # never sign or verify with an empty key
@@ -169,16 +197,27 @@ class Authenticator:
 
     def _user_gone_elsewhere(self, app_id: str, user_id: str, reason: str) -> None:
         hook = self.on_user_gone
-        if hook is None:
-            return
-        task = asyncio.ensure_future(hook(app_id, user_id, reason))
+        if hook is not None:
+            self._own(hook(app_id, user_id, reason))
+
+    def _login_ended_elsewhere(self, app_id: str, user_id: str, family: str) -> None:
+        hook = self.on_login_ended
+        if hook is not None:
+            self._own(hook(app_id, user_id, family))
+
+    def _own(self, work: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(work)
         self._gone_tasks.add(task)
         task.add_done_callback(self._gone_tasks.discard)
 
     async def aclose(self) -> None:
         """Stop listening and close the user store."""
         self.users.set_user_gone_listener(None)
+        self.users.set_login_ended_listener(None)
         tasks = list(self._gone_tasks)
+        purger, self._purger = self._purger, None
+        if purger is not None:
+            tasks.append(purger)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -194,8 +233,9 @@ class Authenticator:
 
     # -- issuing --------------------------------------------------------------------------
 
-    def issue(self, user_id: str, app_id: str, kind: str) -> str:
-        """A signed token of ``kind`` ("access" or "refresh") for ``user_id`` in ``app_id``.
+    def issue(self, user_id: str, app_id: str, kind: str, family: str | None = None) -> str:
+        """A signed token of ``kind`` ("access" or "refresh") for ``user_id`` in ``app_id``,
+        of the login ``family`` if given.
 
         A refresh token made here is not yet stored: use :meth:`new_login` for logins."""
         if kind not in (ACCESS, REFRESH):
@@ -210,12 +250,16 @@ class Authenticator:
             "exp": round(now + ttl, 3),
             "jti": uuid.uuid4().hex,
         }
+        if family is not None:
+            claims["fam"] = family
         return jwt.encode(claims, self._signing_key(), algorithm=_ALGORITHM)
 
     async def new_login(self, user_id: str, app_id: str, family: str | None = None) -> LoginResult:
-        """Fresh access and refresh tokens; the refresh token's hash is stored."""
-        access = self.issue(user_id, app_id, ACCESS)
-        refresh = self.issue(user_id, app_id, REFRESH)
+        """Fresh access and refresh tokens of one login (``family``, new if None); the
+        refresh token's hash is stored."""
+        family = family or uuid.uuid4().hex
+        access = self.issue(user_id, app_id, ACCESS, family)
+        refresh = self.issue(user_id, app_id, REFRESH, family)
         expires = self._clock() + self._config.refresh_token_ttl
         await self.users.add_refresh(app_id, user_id, refresh, expires, family)
         return LoginResult(user_id, access, refresh)
@@ -256,11 +300,24 @@ class Authenticator:
         status = await self.users.user_status(app_id, user_id)
         return status == "active"
 
+    async def access_refusal(self, app_id: str, claims: TokenClaims) -> str | None:
+        """Why a verified access token may not be used any more (its user disabled or
+        deleted, its login logged out), or None when it may."""
+        if not await self.user_active(app_id, claims.user_id):
+            return "the user is disabled or was deleted"
+        if claims.family is not None and not await self.users.login_active(claims.family):
+            return "the login was logged out"
+        return None
+
     async def refresh(self, token: str, app_id: str) -> LoginResult:
         """Rotate a refresh token: new access and refresh tokens, the old one retired."""
         claims = self.verify(token, app_id, REFRESH)
-        access = self.issue(claims.user_id, app_id, ACCESS)
-        new_refresh = self.issue(claims.user_id, app_id, REFRESH)
+        family = claims.family
+        if family is None:  # a token from before logins were named: its stored family
+            record = await self.users.get_refresh(token)
+            family = record.family if record is not None else None
+        access = self.issue(claims.user_id, app_id, ACCESS, family)
+        new_refresh = self.issue(claims.user_id, app_id, REFRESH, family)
         now = self._clock()
         # One transaction in the user store: correct with several server processes too.
         outcome = await self.users.rotate_refresh(
@@ -287,9 +344,16 @@ class Authenticator:
         return LoginResult(claims.user_id, access, new_refresh)
 
     async def logout(self, token: str, app_id: str) -> None:
-        """Revoke a refresh token."""
-        self.verify(token, app_id, REFRESH)
-        await self.users.revoke_refresh(token)
+        """End the login of a refresh token: every refresh and access token of that login
+        is refused from now on, on every server process, and its live sync connections are
+        closed (ERROR 113)."""
+        claims = self.verify(token, app_id, REFRESH)
+        record = await self.users.get_refresh(token)
+        if record is None or record.app_id != app_id or record.user_id != claims.user_id:
+            return  # unknown (purged, or its user deleted): nothing is left to end
+        await self.users.end_login(app_id, claims.user_id, record.family)
+        if self.on_login_ended is not None:
+            await self.on_login_ended(app_id, claims.user_id, record.family)
 
     async def is_revoked(self, token: str) -> bool:
         """True if the refresh token is unknown or revoked."""
@@ -461,7 +525,18 @@ def _claims(raw: dict[str, Any]) -> TokenClaims:
         raise InvalidTokenError("the token lacks its sub, app, typ or jti claim")
     if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (iat, exp)):
         raise InvalidTokenError("the token lacks its iat or exp claim")
-    return TokenClaims(str(sub), str(app), str(typ), float(iat), float(exp), str(jti))  # type: ignore[arg-type]
+    family = raw.get("fam")
+    if family is not None and not (isinstance(family, str) and family):
+        raise InvalidTokenError("the token's fam claim is not a login id")
+    return TokenClaims(
+        str(sub),
+        str(app),
+        str(typ),
+        float(iat),  # type: ignore[arg-type]
+        float(exp),  # type: ignore[arg-type]
+        str(jti),
+        family,
+    )
 
 
 # -- HTTP API ---------------------------------------------------------------------------------
@@ -688,8 +763,9 @@ async def _access(request: Request, auth: Authenticator, app_id: str) -> str:
         claims = auth.verify(_bearer(request, "access_token"), app_id, ACCESS)
     except AuthError as exc:
         raise _HttpError(401, f"access refused: {exc}", "invalid_token") from None
-    if not await auth.user_active(app_id, claims.user_id):
-        raise _HttpError(401, "access refused: the user is disabled or deleted", "invalid_token")
+    refusal = await auth.access_refusal(app_id, claims)
+    if refusal is not None:
+        raise _HttpError(401, f"access refused: {refusal}", "invalid_token")
     return claims.user_id
 
 

@@ -59,6 +59,9 @@ class ServerConfig:
     #: Devices whose cursor falls behind the trimmed point get a client reset
     #: (``docs/client-reset.md``).
     history_retention: float = 0.0
+    #: How often expired refresh tokens and expired confirmation / reset tokens are deleted
+    #: from the user store (seconds).
+    token_purge_interval: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.access_token_ttl <= 0 or self.refresh_token_ttl <= 0:
@@ -69,6 +72,8 @@ class ServerConfig:
             raise ValueError("download_page_bytes must be positive")
         if self.hello_timeout <= 0:
             raise ValueError("hello_timeout must be positive")
+        if not self.token_purge_interval > 0:
+            raise ValueError("token_purge_interval must be a positive number of seconds")
         if self.shutdown_grace < 0:
             raise ValueError("shutdown_grace must not be negative")
         if self.storage_url and not self.storage_url.startswith(("postgresql://", "postgres://")):

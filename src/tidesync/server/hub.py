@@ -76,6 +76,7 @@ from .storage.base import (
     UploadBatch,
     UploadResult,
 )
+from .users import LOGGED_OUT_REASON
 
 log = logging.getLogger("tidesync.server.hub")
 
@@ -336,6 +337,21 @@ class SyncHub:
             log.info("app %s: closed %d connection(s) of user %s", app_id, len(victims), user_id)
         return len(victims)
 
+    async def disconnect_login(self, app_id: str, user_id: str, family: str) -> int:
+        """Close every sync connection authenticated by one login (logged out) with an
+        auth error; returns how many were closed."""
+        victims = [
+            c
+            for c in self._connections
+            if c.app_id == app_id and c.user_id == user_id and c.login == family
+        ]
+        await asyncio.gather(
+            *(c.revoke(LOGGED_OUT_REASON) for c in victims), return_exceptions=True
+        )
+        if victims:
+            log.info("app %s: closed %d connection(s) of a logged-out login", app_id, len(victims))
+        return len(victims)
+
     def user_connections(self, app_id: str, user_id: str) -> int:
         """How many authenticated sync connections the user has open."""
         return sum(1 for c in self._connections if c.app_id == app_id and c.user_id == user_id)
@@ -363,6 +379,8 @@ class SyncConnection:
         self.id = uuid.uuid4().hex
         self.proto = ServerProtocol(max_frame_size=hub.config.max_frame_size)
         self.user_id: str | None = None
+        #: The login (token family) whose access token authenticated this connection.
+        self.login: str | None = None
         self.token_expires_at = 0.0
         self.sessions: dict[int, _Session] = {}
         self.done = asyncio.Event()
@@ -576,8 +594,9 @@ class SyncConnection:
         except AuthError as exc:
             await self._refuse_token(exc)
             return
-        if not await self.hub.auth.user_active(self.app_id, claims.user_id):
-            await self._refuse_token(InvalidTokenError("the user is disabled or was deleted"))
+        refusal = await self.hub.auth.access_refusal(self.app_id, claims)
+        if refusal is not None:
+            await self._refuse_token(InvalidTokenError(refusal))
             return
         most = self.hub.config.limits.max_connections_per_user
         if self.hub.user_connections(self.app_id, claims.user_id) >= most:
@@ -589,6 +608,7 @@ class SyncConnection:
             )
             return
         self.user_id = claims.user_id
+        self.login = claims.family
         self.token_expires_at = claims.expires_at
         self.proto.welcome(int(self.hub.clock() * 1000), self.id)
         await self._flush()
@@ -599,9 +619,13 @@ class SyncConnection:
             claims = self.hub.auth.verify(event.token, self.app_id, ACCESS)
             if claims.user_id != self.user_id:
                 raise InvalidTokenError("the new token belongs to another user")
+            refusal = await self.hub.auth.access_refusal(self.app_id, claims)
+            if refusal is not None:
+                raise InvalidTokenError(refusal)
         except AuthError as exc:
             await self._refuse_token(exc)
             return
+        self.login = claims.family
         self.token_expires_at = claims.expires_at
         await flexsync.on_refresh(self)  # rules see the user's fields as they are now
 

@@ -144,6 +144,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_frame_size": int,
     "download_page_bytes": int,
     "hello_timeout": (int, float),
+    "token_purge_interval": (int, float),
     "shutdown_grace": (int, float),
     "log_level": str,
     "admin_keys": list,

@@ -61,6 +61,11 @@ DELETED_REASON = "the user was deleted"
 #: Called with (app_id, user_id, reason) when another server process disabled or deleted a
 #: user (only stores shared by several processes call it).
 UserGoneListener = Callable[[str, str, str], None]
+#: Called with (app_id, user_id, family) when another server process ended one login (a
+#: logout): the live connections authenticated by that login's tokens must close.
+LoginEndedListener = Callable[[str, str, str], None]
+#: The reason given to the live connections of a login that was logged out.
+LOGGED_OUT_REASON = "the login was logged out"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -230,6 +235,7 @@ class UserStore(ABC):
 
     def __init__(self) -> None:
         self._user_gone: UserGoneListener | None = None
+        self._login_ended: LoginEndedListener | None = None
 
     @abstractmethod
     async def open(self) -> None:
@@ -243,6 +249,11 @@ class UserStore(ABC):
         """Be told when another server process disables or deletes a user (the stores
         that are shared by several processes call it; this process's own changes do not)."""
         self._user_gone = listener
+
+    def set_login_ended_listener(self, listener: LoginEndedListener | None) -> None:
+        """Be told when another server process ends one login (:meth:`end_login`; shared
+        stores call it, this process's own logouts do not)."""
+        self._login_ended = listener
 
     @abstractmethod
     async def signing_secret(self) -> bytes:
@@ -375,6 +386,17 @@ class UserStore(ABC):
     @abstractmethod
     async def revoke_refresh(self, token: str) -> None:
         """Revoke one refresh token."""
+
+    @abstractmethod
+    async def end_login(self, app_id: str, user_id: str, family: str) -> None:
+        """End one login (a logout): revoke every refresh token of ``family``, so that
+        :meth:`login_active` answers False for it on every process from now on, and tell
+        the other processes (their login-ended listeners)."""
+
+    @abstractmethod
+    async def login_active(self, family: str) -> bool:
+        """True while the login ``family`` has a refresh token that is not revoked (an
+        access token of an ended login, or of a disabled or deleted user, is refused)."""
 
     @abstractmethod
     async def purge_expired(self, now: float) -> int:
@@ -547,6 +569,14 @@ class SQLiteUserStore(UserStore):
     async def revoke_refresh(self, token: str) -> None:
         """Revoke one refresh token."""
         await asyncio.to_thread(self.db.revoke_refresh, token)
+
+    async def end_login(self, app_id: str, user_id: str, family: str) -> None:
+        """Revoke every refresh token of one login (one process: no one else to tell)."""
+        await asyncio.to_thread(self.db.end_login, app_id, user_id, family)
+
+    async def login_active(self, family: str) -> bool:
+        """True while the login has a refresh token that is not revoked."""
+        return await asyncio.to_thread(self.db.login_active, family)
 
     async def purge_expired(self, now: float) -> int:
         """Delete expired refresh and pending tokens."""
@@ -958,6 +988,22 @@ class _SQLiteUsers:
             self._run(
                 "UPDATE refresh_tokens SET revoked=1 WHERE token_hash=?", (token_hash(token),)
             )
+
+    def end_login(self, app_id: str, user_id: str, family: str) -> None:
+        """Revoke every refresh token of one login of one user."""
+        with self._lock:
+            self._run(
+                "UPDATE refresh_tokens SET revoked=1 WHERE family=? AND app_id=? AND user_id=?",
+                (family, app_id, user_id),
+            )
+
+    def login_active(self, family: str) -> bool:
+        """True while the login has a refresh token that is not revoked."""
+        with self._lock:
+            row = self._run(
+                "SELECT 1 FROM refresh_tokens WHERE family=? AND revoked=0 LIMIT 1", (family,)
+            ).fetchone()
+        return row is not None
 
     def revoke_family(self, family: str) -> None:
         """Revoke every token of one login (a rotated token was reused: likely stolen)."""

@@ -19,7 +19,12 @@ Consistency across processes:
   same transaction. Every process LISTENs, and also polls the recent events every
   ``poll_interval`` seconds (a missed notification, a dropped listener connection), then
   tells its listener (:meth:`UserStore.set_user_gone_listener`), which closes the user's
-  live sync connections on that process.
+  live sync connections on that process;
+- a logout (:meth:`PostgresUserStore.end_login`) revokes the login's refresh tokens and
+  writes an event naming the login's family the same way; the other processes tell their
+  login-ended listener, which closes that login's live connections. Access tokens of the
+  login are refused from the commit on, on every process (:meth:`login_active` reads the
+  shared table).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from .storage.postgres import DEFAULT_SCHEMA, run_migrations, split_storage_url
 from .users import (
     DELETED_REASON,
     DISABLED_REASON,
+    LOGGED_OUT_REASON,
     MAX_KEY_NAME_LENGTH,
     PENDING_TOKEN_TTL,
     SECRET_BYTES,
@@ -121,6 +127,12 @@ MIGRATIONS: list[tuple[int, str]] = [
             reason TEXT NOT NULL, at TIMESTAMPTZ NOT NULL DEFAULT now()
         );
         CREATE INDEX user_events_by_time ON user_events (at);
+        """,
+    ),
+    (
+        2,
+        """
+        ALTER TABLE user_events ADD COLUMN family TEXT;
         """,
     ),
 ]
@@ -285,7 +297,7 @@ class PostgresUserStore(UserStore):
     async def _check_events(self) -> None:
         """Act on the recent user events this process has not seen yet."""
         rows = await self._db.fetch(
-            "SELECT id, app_id, user_id, reason FROM user_events "
+            "SELECT id, app_id, user_id, reason, family FROM user_events "
             "WHERE at > now() - make_interval(secs => $1) ORDER BY id",
             EVENT_WINDOW,
         )
@@ -295,13 +307,14 @@ class PostgresUserStore(UserStore):
             if event in self._seen:
                 continue
             self._seen[event] = now
-            listener = self._user_gone
-            if listener is None:
-                continue
             try:
-                listener(row["app_id"], row["user_id"], row["reason"])
-            except Exception:
-                log.exception("user events: the listener failed")
+                if row["family"] is not None:
+                    if self._login_ended is not None:
+                        self._login_ended(row["app_id"], row["user_id"], row["family"])
+                elif self._user_gone is not None:
+                    self._user_gone(row["app_id"], row["user_id"], row["reason"])
+            except Exception as exc:
+                log.warning("user events: the listener failed: %r", exc)
         if len(self._seen) > 256:
             cutoff = now - 2 * EVENT_WINDOW
             self._seen = {k: t for k, t in self._seen.items() if t >= cutoff}
@@ -350,14 +363,22 @@ class PostgresUserStore(UserStore):
             raise StorageError(f"the user database failed: {exc}") from exc
 
     async def _event(
-        self, conn: asyncpg.Connection, app_id: str, user_id: str, reason: str
+        self,
+        conn: asyncpg.Connection,
+        app_id: str,
+        user_id: str,
+        reason: str,
+        family: str | None = None,
     ) -> None:
-        """Record that a user was disabled or deleted, for the other processes."""
+        """Record that a user was disabled or deleted (or, with ``family``, that one login
+        ended), for the other processes."""
         event = await conn.fetchval(
-            "INSERT INTO user_events (app_id, user_id, reason) VALUES ($1, $2, $3) RETURNING id",
+            "INSERT INTO user_events (app_id, user_id, reason, family) "
+            "VALUES ($1, $2, $3, $4) RETURNING id",
             app_id,
             user_id,
             reason,
+            family,
         )
         self._seen[int(event)] = time.monotonic()  # this process acts on it itself
         await conn.execute("SELECT pg_notify($1, $2)", self._channel, f"{event}:{self._instance}")
@@ -826,6 +847,27 @@ class PostgresUserStore(UserStore):
                 "UPDATE refresh_tokens SET revoked = true WHERE token_hash = $1",
                 token_hash(token),
             )
+
+    async def end_login(self, app_id: str, user_id: str, family: str) -> None:
+        """Revoke every refresh token of one login and tell the other processes, in one
+        transaction."""
+        async with self._conn(transaction=True) as conn:
+            await conn.execute(
+                "UPDATE refresh_tokens SET revoked = true "
+                "WHERE family = $1 AND app_id = $2 AND user_id = $3",
+                family,
+                app_id,
+                user_id,
+            )
+            await self._event(conn, app_id, user_id, LOGGED_OUT_REASON, family)
+
+    async def login_active(self, family: str) -> bool:
+        """True while the login has a refresh token that is not revoked."""
+        async with self._conn() as conn:
+            row = await conn.fetchval(
+                "SELECT 1 FROM refresh_tokens WHERE family = $1 AND NOT revoked LIMIT 1", family
+            )
+        return row is not None
 
     async def purge_expired(self, now: float) -> int:
         """Delete expired refresh and pending tokens; returns how many rows went."""
