@@ -45,11 +45,13 @@ from .settings import (
     API_KEY,
     EMAIL_PASSWORD,
     JWT,
+    REGISTERED_AGAIN,
     AppSettings,
     DeliveryMessage,
 )
 from .users import SECRET_FILE as SECRET_FILE
 from .users import (
+    EmailTakenError,
     RefreshOutcome,
     UserStore,
     normalize_email,
@@ -152,6 +154,11 @@ class Authenticator:
         limits = config.limits
         self._per_account = RateLimiter(limits.login_attempts_per_account)
         self._per_address = RateLimiter(limits.login_attempts_per_address)
+        # failed logins: per (account, address), per address, per account overall
+        self._failed_here = RateLimiter(limits.login_attempts_per_account)
+        self._failed_from = RateLimiter(limits.login_attempts_per_address)
+        self._failed_total = RateLimiter(limits.login_attempts_per_account_total)
+        self._anonymous = RateLimiter(limits.anonymous_logins_per_address)
         #: Set by the server so disabling/deleting a user closes its sync connections.
         self.on_user_gone: UserGoneHook | None = None
         #: Set by the server so a logout closes the sync connections of that login.
@@ -362,8 +369,39 @@ class Authenticator:
 
     # -- rate limiting --------------------------------------------------------------------
 
+    def check_login(self, app_id: str, account: str, address: str) -> None:
+        """Raise :class:`TooManyAttemptsError` if logins to ``account`` from ``address`` must
+        wait: too many failed ones for that account from that address, from that address in
+        all, or for that account from every address together. Successful logins are not
+        counted, so a shared address is slowed only by its failures."""
+        here = f"{app_id}\0{account}\0{address}"
+        total = f"{app_id}\0{account}"
+        for limiter, key, what in (
+            (self._failed_from, address, "from this address"),
+            (self._failed_here, here, "for this account"),
+            (self._failed_total, total, "for this account"),
+        ):
+            if limiter.full(key):
+                wait = limiter.retry_after(key)
+                raise TooManyAttemptsError(f"too many attempts {what}; try again in {wait:.0f} s")
+
+    def login_failed(self, app_id: str, account: str, address: str) -> None:
+        """Count one failed login (see :meth:`check_login`)."""
+        self._failed_from.hit(address)
+        self._failed_here.hit(f"{app_id}\0{account}\0{address}")
+        self._failed_total.hit(f"{app_id}\0{account}")
+
+    def check_anonymous(self, address: str) -> None:
+        """Count one anonymous sign-up from ``address``; raise over the limit."""
+        if not self._anonymous.hit(address):
+            wait = self._anonymous.retry_after(address)
+            raise TooManyAttemptsError(
+                f"too many anonymous sign-ups from this address; try again in {wait:.0f} s"
+            )
+
     def check_rate(self, app_id: str, account: str, address: str) -> None:
-        """Count a login attempt; raise :class:`TooManyAttemptsError` over either limit."""
+        """Count a request that needs no password (registration, confirmation, reset);
+        raise :class:`TooManyAttemptsError` over the address's or the account's limit."""
         account_key = f"{app_id}\0{account}"
         if not self._per_address.hit(address):
             wait = self._per_address.retry_after(address)
@@ -628,8 +666,9 @@ async def _login(
     account: str,
     attempt: Awaitable[LoginResult],
 ) -> Response:
+    address = _address(request)
     try:
-        auth.check_rate(app_id, account, _address(request))
+        auth.check_login(app_id, account, address)
     except TooManyAttemptsError:
         if inspect.iscoroutine(attempt):
             attempt.close()
@@ -637,7 +676,8 @@ async def _login(
     try:
         result = await attempt
     except AuthError as exc:
-        log.info("app %s: login refused from %s: %s", app_id, _address(request), exc)
+        auth.login_failed(app_id, account, address)
+        log.info("app %s: login refused from %s: %s", app_id, address, exc)
         raise _HttpError(401, str(exc), "invalid_credentials") from None
     return JSONResponse(result.to_json())
 
@@ -645,6 +685,7 @@ async def _login(
 async def _anonymous(request: Request, auth: Authenticator, app_id: str) -> Response:
     _app_for(auth, app_id, ANONYMOUS)
     await _body(request)
+    auth.check_anonymous(_address(request))
     result = await auth.login_anonymous(app_id)
     log.info("app %s: new anonymous user %s", app_id, result.user_id)
     return JSONResponse(result.to_json())
@@ -684,6 +725,11 @@ async def _register(request: Request, auth: Authenticator, app_id: str) -> Respo
     try:
         address = normalize_email(email)
         await auth.users.register_email(app_id, address, password, settings.auto_confirm)
+    except EmailTakenError:
+        # answered exactly as a new registration (no account discovery); the address's
+        # owner is told by mail that someone tried
+        await auth.deliver(DeliveryMessage(REGISTERED_AGAIN, app_id, address, ""))
+        return JSONResponse({"confirmed": settings.auto_confirm}, status_code=201)
     except AuthError as exc:
         raise _HttpError(400, str(exc), "bad_request") from None
     if not settings.auto_confirm:

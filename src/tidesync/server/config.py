@@ -7,6 +7,7 @@ same way, and so the defaults are written down once (``docs/server.md`` lists th
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 from ..protocol.messages import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
@@ -62,6 +63,11 @@ class ServerConfig:
     #: How often expired refresh tokens and expired confirmation / reset tokens are deleted
     #: from the user store (seconds).
     token_purge_interval: float = 3600.0
+    #: Addresses or networks (``10.0.0.0/8``) of the reverse proxies / load balancers in
+    #: front of the server. ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed only
+    #: from these peers; with none (the default) they are ignored, so a client cannot choose
+    #: the address the rate limits count it under.
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.access_token_ttl <= 0 or self.refresh_token_ttl <= 0:
@@ -80,6 +86,13 @@ class ServerConfig:
             raise ValueError("storage_url must be empty (SQLite) or a postgresql:// URL")
         if not self.history_retention >= 0:
             raise ValueError("history_retention must be a non-negative number of seconds")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {proxy!r} is not an IP address or network"
+                ) from None
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate (tls_cert) and a key (tls_key)")
 

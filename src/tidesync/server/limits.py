@@ -35,10 +35,17 @@ class Limits:
     max_connections_per_user: int = 16
     #: Characters of one subscription query string.
     max_query_length: int = 4096
-    #: Login attempts per minute for one account (email, API key, JWT subject).
+    #: Failed logins per minute for one account (email, API key, JWT subject) from one
+    #: client address; then that address waits, other addresses are not slowed.
     login_attempts_per_account: int = 10
-    #: Login attempts per minute from one client address.
+    #: Failed logins per minute from one client address, whatever the accounts; also the
+    #: per-address budget of registrations, confirmations and password resets.
     login_attempts_per_address: int = 60
+    #: Failed logins per minute for one account from all addresses together (the ceiling
+    #: on a guessing attack spread over many addresses).
+    login_attempts_per_account_total: int = 100
+    #: Anonymous sign-ups (new anonymous users) per minute from one client address.
+    anonymous_logins_per_address: int = 30
     #: Bytes of one HTTP request body.
     max_request_body_bytes: int = 64 * 1024
 
@@ -95,6 +102,16 @@ class RateLimiter:
         while len(self._hits) > self.max_keys:
             del self._hits[next(iter(self._hits))]
         return allowed
+
+    def full(self, key: str) -> bool:
+        """True if ``key`` has ``limit`` attempts in the window (without recording one)."""
+        hits = self._hits.get(key)
+        if not hits:
+            return False
+        now = self._clock()
+        while hits and hits[0] <= now - self.window:
+            hits.popleft()
+        return len(hits) >= self.limit
 
     def retry_after(self, key: str) -> float:
         """Seconds until ``key`` may try again (0 if it may now)."""

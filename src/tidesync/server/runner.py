@@ -192,6 +192,9 @@ class InProcessServer:
             ws="websockets-sansio",
             ws_max_size=self.config.ws_max_size,
             ws_ping_interval=None,
+            # X-Forwarded-* only from the operator's listed proxies (never from any peer)
+            proxy_headers=bool(self.config.trusted_proxies),
+            forwarded_allow_ips=list(self.config.trusted_proxies) or None,
             timeout_graceful_shutdown=math.ceil(self.config.shutdown_grace),
         )
         server = _Uvicorn(uconfig, self._going_away, self._handle_signals)

@@ -59,9 +59,15 @@ JWT_ALGORITHMS = ("HS256", "RS256", "EdDSA")
 DEV_PROVIDERS = (ANONYMOUS, EMAIL_PASSWORD, API_KEY)
 
 
+#: The delivery kind sent when someone registers an address that has an account already
+#: (no token: the mail tells the owner, while the HTTP answer is that of a new account).
+REGISTERED_AGAIN = "registered_again"
+
+
 @dataclass(frozen=True, slots=True)
 class DeliveryMessage:
-    """A token the server must get to a user: ``kind`` is "confirm" or "reset"."""
+    """A message the server must get to a user: ``kind`` is "confirm" or "reset" (with a
+    token), or :data:`REGISTERED_AGAIN` (``token`` empty)."""
 
     kind: str
     app_id: str
@@ -145,6 +151,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "download_page_bytes": int,
     "hello_timeout": (int, float),
     "token_purge_interval": (int, float),
+    "trusted_proxies": list,
     "shutdown_grace": (int, float),
     "log_level": str,
     "admin_keys": list,
@@ -269,8 +276,12 @@ def parse_config(raw: dict[str, Any], base: Path, **overrides: Any) -> ServerCon
         ):
             raise ConfigurationError(f"server.{key} has the wrong type: {value!r}")
     options: dict[str, Any] = {
-        k: v for k, v in server.items() if k not in ("admin_keys", "tls_cert", "tls_key")
+        k: v
+        for k, v in server.items()
+        if k not in ("admin_keys", "tls_cert", "tls_key", "trusted_proxies")
     }
+    if "trusted_proxies" in server:
+        options["trusted_proxies"] = _str_list(server["trusted_proxies"], "server.trusted_proxies")
     options.setdefault("development_mode", False)
     for key in ("tls_cert", "tls_key"):
         if key in server:

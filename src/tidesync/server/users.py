@@ -100,6 +100,10 @@ CREATE INDEX IF NOT EXISTS refresh_by_family ON refresh_tokens (family);
 """
 
 
+class EmailTakenError(AuthError):
+    """The email address is registered already (the HTTP API answers as for a new one)."""
+
+
 def token_hash(token: str) -> str:
     """SHA-256 (hex) of a high-entropy secret: what the store keeps instead of the secret."""
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
@@ -732,7 +736,7 @@ class _SQLiteUsers:
                 self._run("COMMIT")
             except sqlite3.IntegrityError:
                 self._run("ROLLBACK")
-                raise AuthError("this email address is already registered") from None
+                raise EmailTakenError("this email address is already registered") from None
             except BaseException:
                 self._run("ROLLBACK")
                 raise

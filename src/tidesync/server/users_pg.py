@@ -54,6 +54,7 @@ from .users import (
     PENDING_TOKEN_TTL,
     SECRET_BYTES,
     ApiKeyInfo,
+    EmailTakenError,
     RefreshOutcome,
     RefreshRecord,
     UserStore,
@@ -536,7 +537,7 @@ class PostgresUserStore(UserStore):
                 )
                 await _insert_user(conn, app_id, user_id, "email_password", {"email": address})
         except asyncpg.UniqueViolationError:
-            raise AuthError("this email address is already registered") from None
+            raise EmailTakenError("this email address is already registered") from None
         return user_id
 
     async def check_email_password(self, app_id: str, email: str, password: str) -> str | None:
