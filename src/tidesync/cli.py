@@ -8,10 +8,16 @@ everything a command does is also available from Python.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from .server.users import UserStore
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="tidesync",
@@ -109,6 +115,95 @@ def serve(
     except ServerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+
+
+keys_app = typer.Typer(help="Token signing keys: list them, rotate them.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+_DATA_HELP = "The server's data folder (SQLite storage: users.sqlite3, secret.key)."
+_STORAGE_HELP = "The server's storage URL, for a PostgreSQL deployment (its users live there)."
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    data: Annotated[Path, typer.Option(help=_DATA_HELP)] = Path("./tidesync-data"),
+    storage: Annotated[str, typer.Option(envvar="TIDESYNC_STORAGE", help=_STORAGE_HELP)] = "",
+    after: Annotated[
+        float,
+        typer.Option(
+            help="Seconds until the new key starts signing (every server process reloads "
+            "the keys every 30 s, so keep this above that).",
+            min=0.0,
+        ),
+    ] = 120.0,
+) -> None:
+    """Add a new signing key: it signs new tokens after --after seconds; tokens signed by
+    the old key keep working until they expire, then the old key is dropped."""
+    import time
+
+    from .server.signing import current_key
+
+    async def rotate() -> tuple[str, str, float]:
+        store = _user_store(data, storage)
+        await store.open()
+        try:
+            old = current_key(await store.signing_keys(), time.time())
+            new = await store.add_signing_key(time.time() + after)
+        finally:
+            await store.close()
+        return old.kid, new.kid, new.signs_from
+
+    old, new, signs_from = asyncio.run(_guarded(rotate()))
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(signs_from))
+    typer.echo(
+        f"new signing key {new} signs from {when}; key {old} verifies until its tokens expire"
+    )
+
+
+@keys_app.command("list")
+def keys_list(
+    data: Annotated[Path, typer.Option(help=_DATA_HELP)] = Path("./tidesync-data"),
+    storage: Annotated[str, typer.Option(envvar="TIDESYNC_STORAGE", help=_STORAGE_HELP)] = "",
+) -> None:
+    """List the signing keys (never their secrets) and which one signs now."""
+    import time
+
+    from .server.signing import current_key
+
+    async def listing() -> list[tuple[str, float]]:
+        store = _user_store(data, storage)
+        await store.open()
+        try:
+            keys = await store.signing_keys()
+        finally:
+            await store.close()
+        now = time.time()
+        signing = current_key(keys, now).kid
+        return [(k.kid + (" (signs now)" if k.kid == signing else ""), k.signs_from) for k in keys]
+
+    for name, signs_from in sorted(asyncio.run(_guarded(listing())), key=lambda r: r[1]):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(signs_from))
+        typer.echo(f"{name}\tsigns from {when}")
+
+
+def _user_store(data: Path, storage: str) -> UserStore:
+    from .server.users import user_store_for
+
+    if not storage and not data.is_dir():
+        typer.echo(f"error: --data {data} is not a server's data folder", err=True)
+        raise typer.Exit(2)
+    return user_store_for(storage, data)
+
+
+async def _guarded(work: Awaitable[T]) -> T:
+    """Run ``work``; a store that cannot be opened is one line on stderr and exit 2."""
+    from .errors import TidesyncError
+
+    try:
+        return await work
+    except (TidesyncError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

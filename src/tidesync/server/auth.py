@@ -49,6 +49,7 @@ from .settings import (
     AppSettings,
     DeliveryMessage,
 )
+from .signing import DEFAULT_KID, SigningKey, current_key, expired_keys
 from .users import SECRET_FILE as SECRET_FILE
 from .users import (
     EmailTakenError,
@@ -149,7 +150,7 @@ class Authenticator:
         self._data_dir = Path(data_dir)
         self._config = config
         self._clock = clock
-        self._secret = b""
+        self._keys: dict[str, SigningKey] = {}
         self.users = users if users is not None else user_store_for(config.storage_url, data_dir)
         limits = config.limits
         self._per_account = RateLimiter(limits.login_attempts_per_account)
@@ -164,43 +165,58 @@ class Authenticator:
         #: Set by the server so a logout closes the sync connections of that login.
         self.on_login_ended: LoginEndedHook | None = None
         self._gone_tasks: set[asyncio.Future[Any]] = set()
-        self._purger: asyncio.Task[None] | None = None
+        self._maintenance: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
-        """Open the user store and load the signing secret; listen for users disabled or
-        deleted through other server processes (shared stores)."""
+        """Open the user store and load the signing keys; listen for users disabled or
+        deleted and logins ended through other server processes (shared stores); start
+        the maintenance task (key reloads, token purges)."""
         await self.users.open()
         try:
-            self._secret = await self.users.signing_secret()
+            await self.reload_keys()
         except BaseException:
             await self.users.close()
             raise
         self.users.set_user_gone_listener(self._user_gone_elsewhere)
         self.users.set_login_ended_listener(self._login_ended_elsewhere)
-        self._purger = asyncio.get_running_loop().create_task(
-            self._purge_loop(), name="tidesync-token-purge"
+        self._maintenance = asyncio.get_running_loop().create_task(
+            self._maintain(), name="tidesync-auth-maintenance"
         )
 
-    async def _purge_loop(self) -> None:
-        """Delete expired refresh and pending tokens every ``token_purge_interval``."""
-        while True:
-            await asyncio.sleep(self._config.token_purge_interval)
-            try:
-                gone = await self.users.purge_expired(self._clock())
-            except Exception as exc:  # a maintenance round: log it, try again next time
-                log.warning(
-                    "purging expired tokens failed (next try in %g s): %r",
-                    self._config.token_purge_interval,
-                    exc,
-                )
-                continue
-            if gone:
-                log.info("purged %d expired token(s)", gone)
+    async def reload_keys(self) -> None:
+        """Read the signing keys again (a rotation made by ``tidesync keys rotate``)."""
+        keys = await self.users.signing_keys()
+        if not keys:
+            raise AuthError("the user store has no signing key")
+        self._keys = {k.kid: k for k in keys}
 
-    def _signing_key(self) -> bytes:
-        if not self._secret:  # never sign or verify with an empty key
-            raise RuntimeError("the authenticator is not open (no signing secret)")
-        return self._secret
+    async def _maintain(self) -> None:
+        """Every ``key_reload_interval``: reload the keys and drop those no token can need
+        any more; every ``token_purge_interval``: delete expired tokens."""
+        config = self._config
+        purged = self._clock()
+        while True:
+            await asyncio.sleep(min(config.key_reload_interval, config.token_purge_interval))
+            try:
+                await self.reload_keys()
+                now = self._clock()
+                old = expired_keys(self._keys.values(), now, config.refresh_token_ttl)
+                if old:
+                    await self.users.drop_signing_keys(old)
+                    log.info("dropped %d signing key(s) whose tokens have all expired", len(old))
+                    await self.reload_keys()
+                if now - purged >= config.token_purge_interval:
+                    purged = now
+                    gone = await self.users.purge_expired(now)
+                    if gone:
+                        log.info("purged %d expired token(s)", gone)
+            except Exception as exc:  # a maintenance round: log it, try again next time
+                log.warning("auth maintenance failed (tried again shortly): %r", exc)
+
+    def _signing_key(self) -> SigningKey:
+        if not self._keys:  # never sign or verify with an empty key
+            raise RuntimeError("the authenticator is not open (no signing key)")
+        return current_key(self._keys.values(), self._clock())
 
     def _user_gone_elsewhere(self, app_id: str, user_id: str, reason: str) -> None:
         hook = self.on_user_gone
@@ -222,9 +238,9 @@ class Authenticator:
         self.users.set_user_gone_listener(None)
         self.users.set_login_ended_listener(None)
         tasks = list(self._gone_tasks)
-        purger, self._purger = self._purger, None
-        if purger is not None:
-            tasks.append(purger)
+        maintenance, self._maintenance = self._maintenance, None
+        if maintenance is not None:
+            tasks.append(maintenance)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -259,7 +275,8 @@ class Authenticator:
         }
         if family is not None:
             claims["fam"] = family
-        return jwt.encode(claims, self._signing_key(), algorithm=_ALGORITHM)
+        key = self._signing_key()
+        return jwt.encode(claims, key.secret, algorithm=_ALGORITHM, headers={"kid": key.kid})
 
     async def new_login(self, user_id: str, app_id: str, family: str | None = None) -> LoginResult:
         """Fresh access and refresh tokens of one login (``family``, new if None); the
@@ -282,10 +299,22 @@ class Authenticator:
         """
         if not token or not isinstance(token, str):
             raise InvalidTokenError("no token was given")
+        if not self._keys:
+            raise RuntimeError("the authenticator is not open (no signing key)")
+        try:
+            kid = jwt.get_unverified_header(token).get("kid", DEFAULT_KID)
+        except jwt.PyJWTError as exc:
+            raise InvalidTokenError(f"the token is malformed: {exc}") from exc
+        key = self._keys.get(kid) if isinstance(kid, str) else None
+        if key is None:
+            raise InvalidTokenError(
+                "the token was signed with a key this server does not keep (rotated out "
+                "after all its tokens expired, or forged)"
+            )
         try:
             raw: dict[str, Any] = jwt.decode(
                 token,
-                self._signing_key(),
+                key.secret,
                 algorithms=[_ALGORITHM],
                 options={"verify_exp": False, "verify_iat": False, "verify_nbf": False},
             )

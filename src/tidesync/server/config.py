@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..protocol.messages import DEFAULT_MAX_FRAME_SIZE, MIN_MAX_FRAME_SIZE
 from .limits import Limits
 from .settings import AuthSettings
+from .signing import KEY_RELOAD_INTERVAL
 
 #: Default access token lifetime: 30 minutes.
 DEFAULT_ACCESS_TOKEN_TTL = 1800.0
@@ -63,6 +64,9 @@ class ServerConfig:
     #: How often expired refresh tokens and expired confirmation / reset tokens are deleted
     #: from the user store (seconds).
     token_purge_interval: float = 3600.0
+    #: How often the token signing keys are read again from the user store, so a rotation
+    #: (``tidesync keys rotate``) reaches every process (seconds).
+    key_reload_interval: float = KEY_RELOAD_INTERVAL
     #: Addresses or networks (``10.0.0.0/8``) of the reverse proxies / load balancers in
     #: front of the server. ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed only
     #: from these peers; with none (the default) they are ignored, so a client cannot choose
@@ -78,6 +82,8 @@ class ServerConfig:
             raise ValueError("download_page_bytes must be positive")
         if self.hello_timeout <= 0:
             raise ValueError("hello_timeout must be positive")
+        if not self.key_reload_interval > 0:
+            raise ValueError("key_reload_interval must be a positive number of seconds")
         if not self.token_purge_interval > 0:
             raise ValueError("token_purge_interval must be a positive number of seconds")
         if self.shutdown_grace < 0:

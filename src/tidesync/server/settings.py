@@ -151,6 +151,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "download_page_bytes": int,
     "hello_timeout": (int, float),
     "token_purge_interval": (int, float),
+    "key_reload_interval": (int, float),
     "trusted_proxies": list,
     "shutdown_grace": (int, float),
     "log_level": str,

@@ -42,6 +42,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from ..errors import AuthError
+from .signing import DEFAULT_KID, SigningKey, current_key
 
 USERS_FILE = "users.sqlite3"
 #: The signing secret's file in the data folder (SQLite user store).
@@ -97,6 +98,9 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
 );
 CREATE INDEX IF NOT EXISTS refresh_by_user ON refresh_tokens (app_id, user_id);
 CREATE INDEX IF NOT EXISTS refresh_by_family ON refresh_tokens (family);
+CREATE TABLE IF NOT EXISTS signing_keys (
+    kid TEXT PRIMARY KEY, secret BLOB NOT NULL, signs_from REAL NOT NULL
+);
 """
 
 
@@ -260,8 +264,20 @@ class UserStore(ABC):
         self._login_ended = listener
 
     @abstractmethod
+    async def signing_keys(self) -> list[SigningKey]:
+        """Every kept token signing key (the first call creates the default one)."""
+
+    @abstractmethod
+    async def add_signing_key(self, signs_from: float) -> SigningKey:
+        """A new random signing key that signs from ``signs_from`` (a rotation)."""
+
+    @abstractmethod
+    async def drop_signing_keys(self, kids: list[str]) -> None:
+        """Forget these keys: tokens they signed no longer verify."""
+
     async def signing_secret(self) -> bytes:
-        """The secret access and refresh tokens are signed with (created on first use)."""
+        """The secret of the key that signs now (created on first use)."""
+        return current_key(await self.signing_keys(), time.time()).secret
 
     # -- users ------------------------------------------------------------------------------
 
@@ -459,9 +475,30 @@ class SQLiteUserStore(UserStore):
             raise AuthError("the user store is not open")
         return self._db
 
-    async def signing_secret(self) -> bytes:
-        """The secret in ``secret.key`` (created, mode 0600, on first use)."""
-        return await asyncio.to_thread(load_or_create_secret, self._secret_dir)
+    async def signing_keys(self) -> list[SigningKey]:
+        """The default key in ``secret.key`` (created, mode 0600, on first use, and gone
+        once dropped after a rotation) and the rotated keys in ``users.sqlite3``."""
+        return await asyncio.to_thread(self._signing_keys)
+
+    def _signing_keys(self) -> list[SigningKey]:
+        rotated = self.db.signing_key_rows()
+        if rotated and not (self._secret_dir / SECRET_FILE).exists():
+            return rotated  # the default key was dropped: never make it again
+        default = SigningKey(DEFAULT_KID, load_or_create_secret(self._secret_dir), 0.0)
+        return [default, *rotated]
+
+    async def add_signing_key(self, signs_from: float) -> SigningKey:
+        """A new key in ``users.sqlite3`` (the default key is made first if need be)."""
+        await self.signing_keys()
+        key = SigningKey(uuid.uuid4().hex[:16], os.urandom(SECRET_BYTES), signs_from)
+        await asyncio.to_thread(self.db.add_signing_key, key)
+        return key
+
+    async def drop_signing_keys(self, kids: list[str]) -> None:
+        """Delete the keys (the default one by deleting ``secret.key``)."""
+        await asyncio.to_thread(self.db.drop_signing_keys, kids)
+        if DEFAULT_KID in kids:
+            (self._secret_dir / SECRET_FILE).unlink(missing_ok=True)
 
     async def create_user(
         self, app_id: str, provider: str, data: dict[str, Any] | None = None
@@ -992,6 +1029,25 @@ class _SQLiteUsers:
             self._run(
                 "UPDATE refresh_tokens SET revoked=1 WHERE token_hash=?", (token_hash(token),)
             )
+
+    def signing_key_rows(self) -> list[SigningKey]:
+        """The rotated signing keys (not the default one, which is a file)."""
+        with self._lock:
+            rows = self._run("SELECT kid, secret, signs_from FROM signing_keys").fetchall()
+        return [SigningKey(str(k), bytes(s), float(f)) for k, s, f in rows]
+
+    def add_signing_key(self, key: SigningKey) -> None:
+        """Store one rotated key."""
+        with self._lock:
+            self._run(
+                "INSERT INTO signing_keys VALUES (?, ?, ?)", (key.kid, key.secret, key.signs_from)
+            )
+
+    def drop_signing_keys(self, kids: list[str]) -> None:
+        """Delete rotated keys by id."""
+        with self._lock:
+            for kid in kids:
+                self._run("DELETE FROM signing_keys WHERE kid=?", (kid,))
 
     def end_login(self, app_id: str, user_id: str, family: str) -> None:
         """Revoke every refresh token of one login of one user."""

@@ -44,6 +44,7 @@ import asyncpg
 from argon2 import PasswordHasher
 
 from ..errors import AuthError
+from .signing import DEFAULT_KID, SigningKey
 from .storage.base import StorageError
 from .storage.postgres import DEFAULT_SCHEMA, run_migrations, split_storage_url
 from .users import (
@@ -76,7 +77,6 @@ EVENT_WINDOW = 300.0
 EVENT_RETENTION = 3600.0
 #: How often old user events are deleted (seconds).
 EVENT_PRUNE_INTERVAL = 600.0
-_DEFAULT_SECRET = "default"
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")  # as the storage's
 
 #: Versioned migrations of the user tables: (version, statements). Never edit one; append.
@@ -134,6 +134,12 @@ MIGRATIONS: list[tuple[int, str]] = [
         2,
         """
         ALTER TABLE user_events ADD COLUMN family TEXT;
+        """,
+    ),
+    (
+        3,
+        """
+        ALTER TABLE signing_keys ADD COLUMN signs_from DOUBLE PRECISION NOT NULL DEFAULT 0;
         """,
     ),
 ]
@@ -384,20 +390,40 @@ class PostgresUserStore(UserStore):
         self._seen[int(event)] = time.monotonic()  # this process acts on it itself
         await conn.execute("SELECT pg_notify($1, $2)", self._channel, f"{event}:{self._instance}")
 
-    async def signing_secret(self) -> bytes:
-        """The shared signing secret (the first process to ask creates it)."""
+    async def signing_keys(self) -> list[SigningKey]:
+        """The shared signing keys (the first process to ask creates the default one; once
+        it is dropped after a rotation it is not made again)."""
         async with self._conn(transaction=True) as conn:
             await conn.execute(
-                "INSERT INTO signing_keys (name, secret) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                _DEFAULT_SECRET,
+                "INSERT INTO signing_keys (name, secret, signs_from) "
+                "SELECT $1, $2, 0 WHERE NOT EXISTS (SELECT 1 FROM signing_keys) "
+                "ON CONFLICT DO NOTHING",
+                DEFAULT_KID,
                 secrets.token_bytes(SECRET_BYTES),
             )
-            secret = await conn.fetchval(
-                "SELECT secret FROM signing_keys WHERE name = $1", _DEFAULT_SECRET
+            rows = await conn.fetch("SELECT name, secret, signs_from FROM signing_keys")
+        keys = [SigningKey(str(r["name"]), r["secret"], float(r["signs_from"])) for r in rows]
+        if any(not isinstance(k.secret, bytes) or len(k.secret) < SECRET_BYTES for k in keys):
+            raise AuthError("a signing secret in PostgreSQL is truncated")
+        return keys
+
+    async def add_signing_key(self, signs_from: float) -> SigningKey:
+        """A new shared key (the default one is made first if need be)."""
+        await self.signing_keys()
+        key = SigningKey(uuid.uuid4().hex[:16], secrets.token_bytes(SECRET_BYTES), signs_from)
+        async with self._conn() as conn:
+            await conn.execute(
+                "INSERT INTO signing_keys (name, secret, signs_from) VALUES ($1, $2, $3)",
+                key.kid,
+                key.secret,
+                key.signs_from,
             )
-        if not isinstance(secret, bytes) or len(secret) < SECRET_BYTES:
-            raise AuthError("the signing secret in PostgreSQL is truncated")
-        return secret
+        return key
+
+    async def drop_signing_keys(self, kids: list[str]) -> None:
+        """Delete shared keys by id."""
+        async with self._conn() as conn:
+            await conn.execute("DELETE FROM signing_keys WHERE name = ANY($1::text[])", kids)
 
     # -- users ------------------------------------------------------------------------------
 
