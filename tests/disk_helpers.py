@@ -4,12 +4,14 @@ works), else SQLite's ``PRAGMA max_page_count`` on the databases given, which gi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import os
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,15 @@ def small_disk(folder: Path, size: str = DISK_SIZE) -> Iterator[SmallDisk]:
             disk.free()
             if not _run("umount", str(folder)):
                 _run("umount", "-l", str(folder))
+
+
+async def wait_until(check: Callable[[], Any], limit: float, what: str) -> None:
+    """Poll ``check()`` until true (bounded by ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {limit} s")
+        await asyncio.sleep(0.02)
 
 
 def count(db: ts.Database, model: Any) -> int:

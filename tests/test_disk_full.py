@@ -19,7 +19,7 @@ import pytest
 import tidesync as ts
 from tidesync.testing import ServerProcess
 
-from .disk_helpers import SmallDisk, count, small_disk
+from .disk_helpers import SmallDisk, count, small_disk, wait_until
 from .flex_helpers import FAST, T
 
 CS = ts.ConnectionState
@@ -194,14 +194,6 @@ async def devices(tmp_path: Path, disk: SmallDisk, server: ServerProcess) -> Asy
     yield make
     for d in made:
         await asyncio.to_thread(d.close)
-
-
-async def wait_until(check: Any, limit: float, what: str) -> None:
-    deadline = time.monotonic() + limit
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {limit} s")
-        await asyncio.sleep(0.02)
 
 
 async def test_a_download_on_a_full_disk_waits_and_goes_on_once_there_is_space(
