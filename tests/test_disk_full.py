@@ -238,6 +238,13 @@ async def test_a_download_on_a_full_disk_waits_and_goes_on_once_there_is_space(
     binds = [at for at, c in changes if c.current is CS.CONNECTED]
     gaps = [next(b for b in binds if b > t) - t for t in tries[:3]]
     assert gaps[0] >= 0.07 and gaps[2] > gaps[0], gaps
+    # pause and resume work as always: the session tries again, still one report
+    sa.pause()
+    assert sa.state is ts.SessionState.INACTIVE
+    tried = len(changes)
+    sa.resume()
+    await wait_until(lambda: len(changes) > tried + 2, 10, "a try after resume()")
+    assert sa.state is ts.SessionState.ACTIVE and sa.disk_full is not None
     # what was applied is whole downloads only; a local write says the disk is full
     held = count(a.db, Note)
     assert held < 400

@@ -1452,7 +1452,7 @@ class Connection:
     async def close(self) -> None:
         """Close the socket and stop every task of this connection."""
         self.closed = True
-        for w in list(self.workers.values()):
+        for w in [*self.workers.values(), *self._rebinds]:  # with those held (see hold)
             w.deactivate("the sync client was closed")
         self.workers.clear()
         if self._linger is not None:
