@@ -267,3 +267,38 @@ async def test_a_download_on_a_full_disk_waits_and_goes_on_once_there_is_space(
     # no traceback from the sync thread, neither on stderr nor in a log record
     assert "Traceback" not in capfd.readouterr().err
     assert not [r for r in caplog.records if r.exc_info]
+
+
+async def test_a_subscription_bootstrap_on_a_full_disk_goes_on_once_there_is_space(
+    devices: Any, disk: SmallDisk, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tidesync")
+    b = await devices("b")
+    assert b.db is not None
+    with b.db.write():
+        for i in range(400):
+            b.db.add(Note(id=i, body=f"{i:04d}" * 250))
+    await b.db.sync_session.wait_for_upload(T(20))
+    a = await devices("a", disk.path / "a.db")
+    assert a.db is not None
+    sa = a.db.sync_session
+    sa.pause()
+    with a.db.subscriptions.update() as subs:  # written now; bootstrapped on resume
+        subs.add(a.db.query(Note, "id >= 100"), name="most")
+    disk.fill(a.db)
+    with pytest.raises(ts.TidesyncError) as info:  # a new set is a local write too
+        with a.db.subscriptions.update() as subs:
+            for i in range(20):  # larger than the room left in the file's pages
+                subs.add(a.db.query(Note, "body == $0", f"{i}" * 1000), name=f"s{i}")
+    assert isinstance(info.value, ts.DiskFullError)
+    assert info.value.operation == "subscriptions.update()"
+    sa.resume()
+    await wait_until(lambda: sa.disk_full is not None, 20, "the bootstrap waiting for space")
+    assert sa.state is ts.SessionState.ACTIVE
+    assert count(a.db, Note) < 300
+    disk.free(a.db)
+    await a.db.subscriptions.wait_for_synchronization(T(30))
+    assert {n.id for n in a.db.all(Note)} == set(range(100, 400))
+    assert sa.disk_full is None and sa.state is ts.SessionState.ACTIVE
+    assert [type(e) for e in a.errors] == [ts.SyncDiskFullError]
+    assert not [r for r in caplog.records if r.exc_info]
