@@ -36,6 +36,10 @@ def disk(tmp_path: Path) -> Iterator[SmallDisk]:
         yield d
 
 
+def active(session: ts.Session) -> bool:
+    return session.state is ts.SessionState.ACTIVE
+
+
 def check_file(path: str) -> tuple[str, int, int]:
     """``(integrity_check, notes, change log entries)`` read through a fresh connection."""
     conn = sqlite3.connect(path)
@@ -240,11 +244,11 @@ async def test_a_download_on_a_full_disk_waits_and_goes_on_once_there_is_space(
     assert gaps[0] >= 0.07 and gaps[2] > gaps[0], gaps
     # pause and resume work as always: the session tries again, still one report
     sa.pause()
-    assert sa.state is ts.SessionState.INACTIVE
+    assert not active(sa)
     tried = len(changes)
     sa.resume()
     await wait_until(lambda: len(changes) > tried + 2, 10, "a try after resume()")
-    assert sa.state is ts.SessionState.ACTIVE and sa.disk_full is not None
+    assert active(sa) and sa.disk_full is not None
     # what was applied is whole downloads only; a local write says the disk is full
     held = count(a.db, Note)
     assert held < 400
