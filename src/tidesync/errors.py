@@ -11,7 +11,8 @@
     │   ├── NestedWriteError
     │   ├── DuplicatePrimaryKeyError
     │   ├── ObjectDeletedError      the object was deleted (invalidated)
-    │   └── ValueTypeError          a value does not fit the field's type
+    │   ├── ValueTypeError          a value does not fit the field's type
+    │   └── DiskFullError           the disk holding the file is full (nothing was written)
     ├── QueryError                  a query does not parse or names unknown fields
     ├── SubscriptionError           a subscription update or set refused (name clash, server)
     ├── NotSyncedError              a sync-only API on a local database
@@ -25,7 +26,8 @@
     │   └── MalformedMessageError
     └── SyncError                   an error reported on a sync session (code, action)
         ├── CompensatingWriteError
-        └── ClientResetError
+        ├── ClientResetError
+        └── SyncDiskFullError       the session waits for space (also a DiskFullError)
 
 ``LocalProtocolError`` (we misused the protocol) and ``RemoteProtocolError`` (the peer
 misbehaved) are both ``ProtocolError``; the difference is who is to blame.
@@ -74,6 +76,24 @@ class ObjectDeletedError(WriteError):
 
 class ValueTypeError(WriteError, TypeError):
     """A value does not fit the field's declared type."""
+
+
+class DiskFullError(WriteError):
+    """The disk (file system) holding a database file is full, so a write failed.
+
+    The transaction was rolled back: nothing of it is in the file, which stays consistent
+    and usable (once there is space again, the next write works without reopening).
+    ``path`` is the file, ``operation`` what failed (e.g. ``"db.write()"``) and ``reason``
+    SQLite's own message."""
+
+    def __init__(self, path: str, operation: str, reason: str) -> None:
+        super().__init__(
+            f"the disk holding {path} is full: {operation} failed ({reason}); nothing of it "
+            "was written. Free some space and try again"
+        )
+        self.path = path
+        self.operation = operation
+        self.reason = reason
 
 
 class QueryError(TidesyncError, ValueError):
@@ -171,3 +191,20 @@ class ClientResetError(SyncError):
     def __init__(self, message: str, backup_path: str | None = None) -> None:
         super().__init__(211, message, SyncAction.CLIENT_RESET)
         self.backup_path = backup_path
+
+
+class SyncDiskFullError(SyncError, DiskFullError):
+    """The device's disk is full, so the session cannot store what it downloads.
+
+    Given to the sync error handler once per outage (action RETRY): the session stays
+    ACTIVE, nothing was applied, and it retries with backoff by itself until there is space.
+    It is also a :class:`DiskFullError` (``path``, ``operation``, ``reason``)."""
+
+    def __init__(self, code: int, path: str, operation: str, reason: str) -> None:
+        message = (
+            f"the disk holding {path} is full: {operation} failed ({reason}); nothing was "
+            "applied, the session retries with backoff until there is space"
+        )
+        Exception.__init__(self, f"[{code}] {message}")  # both parents' attributes, below
+        self.code, self.message, self.action = code, message, SyncAction.RETRY
+        self.path, self.operation, self.reason = path, operation, reason

@@ -16,7 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..core.progress import ProgressDirection, ProgressMode, SyncProgress
-from ..errors import DatabaseClosedError, OperationCancelledError, SessionInactiveError
+from ..errors import (
+    DatabaseClosedError,
+    OperationCancelledError,
+    SessionInactiveError,
+    SyncDiskFullError,
+)
 from .cancellation import CancellationToken, await_with_token
 from .syncclient import ConnectionState, SessionWorker, SyncClient, _ProgressListener
 
@@ -89,6 +94,13 @@ class Session:
         """ACTIVE while syncing, INACTIVE while paused (or stopped by a fatal error)."""
         worker = self._check()
         return SessionState.ACTIVE if worker.active else SessionState.INACTIVE
+
+    @property
+    def disk_full(self) -> SyncDiskFullError | None:
+        """While the device's disk is too full to store what the session downloads: the
+        error the session waits out (it retries with backoff by itself and stays ACTIVE;
+        the error handler was told once). ``None`` otherwise."""
+        return self._check().disk_full
 
     @property
     def connection_state(self) -> ConnectionState:

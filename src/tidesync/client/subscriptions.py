@@ -21,6 +21,7 @@ import asyncio
 import datetime as dt
 import enum
 import math
+import sqlite3
 import time
 import uuid
 from collections import Counter, deque
@@ -52,12 +53,11 @@ from ..protocol.messages import (
     refused_of,
 )
 from ..store import sqlvalues as sv
+from ..store.diskfull import disk_full_error
 from ..store.model import Model
 from ..store.results import Results
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from ..store.engine import StoreEngine
     from .cancellation import CancellationToken
     from .database import Database
@@ -207,18 +207,24 @@ class SubscriptionSet:
         yield mutable
         db = self._db
         db._check_open()
-        with db._lock, db._engine.transaction() as conn:
-            ensure_table(conn)
-            row = conn.execute("SELECT MAX(version) FROM _sub_sets").fetchone()
-            new_version = int(row[0] or 0) + 1
-            conn.execute(
-                "INSERT INTO _sub_sets(version, state, error, subs) VALUES (?, ?, NULL, ?)",
-                (
-                    new_version,
-                    SubscriptionSetState.PENDING.value,
-                    pack([s._row() for s in mutable._subs]),
-                ),
-            )
+        try:
+            with db._lock, db._engine.transaction() as conn:
+                ensure_table(conn)
+                row = conn.execute("SELECT MAX(version) FROM _sub_sets").fetchone()
+                new_version = int(row[0] or 0) + 1
+                conn.execute(
+                    "INSERT INTO _sub_sets(version, state, error, subs) VALUES (?, ?, NULL, ?)",
+                    (
+                        new_version,
+                        SubscriptionSetState.PENDING.value,
+                        pack([s._row() for s in mutable._subs]),
+                    ),
+                )
+        except sqlite3.Error as exc:  # rolled back by transaction()
+            error = disk_full_error(exc, db.path, "subscriptions.update()")
+            if error is not None:
+                raise error from exc
+            raise
         session = db._session
         if session is not None:
             worker = session._worker

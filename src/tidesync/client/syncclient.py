@@ -34,6 +34,7 @@ from ..errors import (
     ProtocolError,
     SessionInactiveError,
     SyncAction,
+    SyncDiskFullError,
     SyncError,
     TidesyncError,
 )
@@ -46,6 +47,7 @@ from ..protocol.messages import (
     UploadChangeset,
     error_code_of,
 )
+from ..store.diskfull import is_disk_full
 from ..store.engine import StoreEngine, add_waker, remove_waker
 from ..store.gcpause import gc_paused
 from .reset import (
@@ -85,6 +87,9 @@ UPLOAD_WINDOW_BYTES = 4 * 1024 * 1024
 #: Seconds a DOWNLOAD that only moves the cursors (an acknowledgement of this device's own
 #: upload) waits before they are written to the file; sooner if another transaction comes.
 CURSOR_SAVE_DELAY = 0.5
+#: Longest wait between two tries of a session whose file's disk is full (the waits start
+#: at ``reconnect_initial_delay`` and double, also capped by ``reconnect_max_delay``).
+DISK_FULL_MAX_DELAY = 30.0
 
 
 class ConnectionState(enum.Enum):
@@ -258,6 +263,14 @@ class SessionWorker:
         self.reset_guard = ResetGuard()  # client resets (client/reset.py)
         self.resets = 0  # automatic client resets done (for tests and diagnostics)
         self.gap_check = False  # after a reset: renumber the change log to follow the server
+        #: set while the file's disk is too full for a download (see wait_for_space)
+        self.disk_full: SyncDiskFullError | None = None
+        timeouts = client.timeouts
+        self._disk_backoff = Backoff(
+            timeouts.reconnect_initial_delay,
+            min(timeouts.reconnect_max_delay, DISK_FULL_MAX_DELAY),
+        )
+        self._disk_rng = random.Random()
         self._waker = _Waker(self.loop, self._on_local_commit)
         add_waker(self.path, self._waker)  # type: ignore[arg-type]
 
@@ -518,7 +531,18 @@ class SessionWorker:
     def _set_acked(self, acked: int) -> None:
         if acked <= self.upload_acked:
             return
-        self._persist(upload_acked=acked)
+        try:
+            self._persist(upload_acked=acked)
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc, self.path):
+                raise
+            # a full disk: kept in memory and saved later, which is harmless to lose (see
+            # _note_cursors), so uploads go on while downloads wait for space
+            log.info("the disk of %s is full: upload_acked %d kept in memory", self.path, acked)
+            self._acked(acked)
+            if self._save_timer is None and not self.closed:
+                self._save_timer = self.loop.call_later(CURSOR_SAVE_DELAY, self.save_cursors)
+            return
         self._saved_acked = acked
         self._acked(acked)
 
@@ -535,10 +559,13 @@ class SessionWorker:
             values["upload_acked"] = acked
         try:
             self._persist(durable=False, **values)
-        except (sqlite3.Error, TidesyncError):
+        except (sqlite3.Error, TidesyncError) as exc:
             # harmless to lose (see _note_cursors); the next download's transaction or
             # the next save writes them
-            log.warning("could not save the sync cursors of %s", self.path, exc_info=True)
+            full = is_disk_full(exc, self.path)
+            log.warning(
+                "could not save the sync cursors of %s: %s", self.path, exc, exc_info=not full
+            )
             return
         self._saved_cursor, self._saved_acked = cursor, max(acked, self._saved_acked)
 
@@ -603,7 +630,37 @@ class SessionWorker:
         self.download_cursor = ev.cursor
         self._saved_cursor, self._saved_acked = ev.cursor, max(acked, self._saved_acked)
         self._cancel_save()
+        if self.disk_full is not None:
+            self._space_again()
         self._downloaded(ev)
+
+    def wait_for_space(self, exc: BaseException, operation: str) -> None:
+        """The file's disk is full, so what the server sent could not be stored (it was
+        rolled back). The session stays active: it leaves the connection at once (nothing
+        more is applied out of order), and binds again after a backoff delay, so the
+        server sends again from the stored cursor. The error handler hears of it once per
+        outage, then every retry is a log line."""
+        delay = self._disk_backoff.next_delay(self._disk_rng.random())
+        if self.disk_full is None:
+            self.disk_full = SyncDiskFullError(
+                int(ErrorCode.OTHER_SESSION_ERROR), self.path, operation, str(exc)
+            )
+            self.report_error(self.disk_full)
+        log.info("sync of %s waits for disk space: next try in %.1f s", self.path, delay)
+        self.bound = False
+        self.in_flight.clear()
+        self.upload_sent = self.upload_acked
+        self.marks.clear()  # MARK replies are lost; waiters re-ask on rebind
+        self.set_conn_state(ConnectionState.CONNECTING)
+        conn = self.connection
+        if conn is not None:
+            conn.hold(self, delay)
+
+    def _space_again(self) -> None:
+        """A download was stored after a full disk: the outage is over."""
+        log.info("the disk of %s has space again: sync goes on", self.path)
+        self.disk_full = None
+        self._disk_backoff.reset()
 
     def _downloaded(self, ev: pc.DownloadReceived) -> None:
         """After a DOWNLOAD was applied: progress, acknowledgements, the next upload."""
@@ -946,8 +1003,15 @@ class Connection:
 
     def detach(self, worker: SessionWorker) -> None:
         """Remove a session (unbinding it if bound); the socket lingers, then closes."""
+        pending = self._rebinds.pop(worker, None)
+        if pending is not None:
+            pending.cancel()
         no = worker.session_no
         if no is None or self.workers.get(no) is not worker:
+            if pending is not None and not self.workers and self._linger is None:
+                self._linger = self.client.loop.call_later(  # it was held (see hold)
+                    self.timeouts.connection_linger_time, self._linger_expired
+                )
             return
         del self.workers[no]
         proto = self.proto
@@ -975,6 +1039,24 @@ class Connection:
         if old is not None:
             old.cancel()
         self._rebinds[worker] = self.client.loop.call_later(delay, self._rebind, worker)
+
+    def hold(self, worker: SessionWorker, delay: float) -> None:
+        """Take a session off the connection for ``delay`` seconds (its file cannot store
+        downloads now): UNBIND it at once and drop what still comes for it, so nothing is
+        applied past the stored cursor; then bind it again (``App.reconnect()`` cuts the
+        delay short)."""
+        no = worker.session_no
+        if no is not None and self.workers.get(no) is worker:
+            del self.workers[no]
+            proto = self.proto
+            if proto is not None and proto.has_session(no):
+                try:
+                    proto.unbind(no)
+                    self._detaching[worker.file_ident] = no
+                    self.flush_soon()
+                except ProtocolError:
+                    pass
+        self.rebind_later(worker, delay)
 
     def _rebind(self, worker: SessionWorker) -> None:
         self._rebinds.pop(worker, None)
@@ -1236,15 +1318,25 @@ class Connection:
         if ev.retry_delay_ms:
             self._server_delay = ev.retry_delay_ms / 1000.0
 
-    def _worker_call(self, session: int, fn: Callable[[SessionWorker], None]) -> None:
-        """Run a worker's handler; if it fails (e.g. the local file cannot take the data),
-        that session stops with a reported fatal error and the others go on."""
+    def _worker_call(
+        self,
+        session: int,
+        fn: Callable[[SessionWorker], None],
+        what: str = "storing what the server sent",
+    ) -> None:
+        """Run a worker's handler. If its file's disk is full, the session waits for space
+        and tries again (:meth:`SessionWorker.wait_for_space`); if it fails otherwise (the
+        local file cannot take the data), that session stops with a reported fatal error.
+        The other sessions go on."""
         w = self.workers.get(session)
         if w is None:
             return
         try:
             fn(w)
         except Exception as exc:
+            if w.active and is_disk_full(exc, w.path):
+                w.wait_for_space(exc, what)
+                return
             log.exception("sync session %s failed", w.path)
             w.report_error(
                 SyncError(
@@ -1257,7 +1349,7 @@ class Connection:
 
     async def _dispatch(self, ev: pc.ClientEvent) -> None:
         if isinstance(ev, pc.DownloadReceived):
-            self._worker_call(ev.session, lambda w: w.on_download(ev))
+            self._worker_call(ev.session, lambda w: w.on_download(ev), "applying a download")
         elif isinstance(ev, pc.SessionBound):
             self._worker_call(ev.session, lambda w: w.on_bound(ev))
         elif isinstance(ev, pc.MarkReplied):
@@ -1360,7 +1452,7 @@ class Connection:
     async def close(self) -> None:
         """Close the socket and stop every task of this connection."""
         self.closed = True
-        for w in list(self.workers.values()):
+        for w in [*self.workers.values(), *self._rebinds]:  # with those held (see hold)
             w.deactivate("the sync client was closed")
         self.workers.clear()
         if self._linger is not None:

@@ -73,12 +73,16 @@ from .storage.base import (
     ObjectKey,
     ServerStorage,
     StorageError,
+    StorageFullError,
     UploadBatch,
     UploadResult,
 )
 from .users import LOGGED_OUT_REASON
 
 log = logging.getLogger("tidesync.server.hub")
+
+#: What a device is told when the server's storage is full (its upload was not stored).
+DISK_FULL_MESSAGE = "the server's disk is full: the upload was not stored; try again later"
 
 #: How many recently created objects the hub remembers per app (``SyncHub.recent_creates``),
 #: from uploads that created at most ``RECENT_BATCH`` (interactive writes; a bulk upload
@@ -152,7 +156,10 @@ class GroupCommitter:
                 results = await self._storage.integrate(batches)
             except Exception as exc:
                 self._metrics.commit_failures_total += 1
-                log.exception("group commit of %d upload(s) failed", len(batches))
+                if isinstance(exc, StorageFullError):  # expected: one line, no traceback
+                    log.warning("group commit of %d upload(s) refused: %s", len(batches), exc)
+                else:
+                    log.exception("group commit of %d upload(s) failed", len(batches))
                 for _, future in group:
                     if not future.done():
                         future.set_exception(exc)
@@ -714,6 +721,12 @@ class SyncConnection:
         except ClientOwnershipError as exc:
             await self._session_error(number, ErrorCode.BAD_CLIENT_FILE_IDENT, str(exc))
             return
+        except StorageFullError as exc:
+            log.warning("connection %s: bind of session %d refused: %s", self.id, number, exc)
+            await self._session_error(
+                number, ErrorCode.OTHER_SESSION_ERROR, "the server's disk is full; try again later"
+            )
+            return
         except StorageError:
             log.exception("connection %s: bind of session %d failed", self.id, number)
             await self._session_error(
@@ -959,9 +972,12 @@ def _upload_done(
     exc = future.exception()
     if exc is not None:
         if session.error is None:
+            full = isinstance(exc, StorageFullError)
             session.error = (
                 ErrorCode.OTHER_SESSION_ERROR,
-                "the server could not store the upload; try again later",
+                DISK_FULL_MESSAGE
+                if full
+                else "the server could not store the upload; try again later",
                 SyncAction.RETRY,
             )
     else:

@@ -8,6 +8,7 @@ the latest committed state (and, inside a write, the write's own changes).
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from ..errors import (
 )
 from . import sqlvalues as sv
 from .collections import ManagedDict, ManagedList, ManagedSet
+from .diskfull import disk_full_error
 from .engine import StoreEngine
 from .model import Counter, Model, iter_models
 from .notify import Notifier
@@ -54,7 +56,13 @@ class LocalDatabase:
             raise SchemaError("a database needs at least one model")
         self._classes: dict[str, type[Model]] = {m.__name__: m for m in classes}
         self._schemas: dict[str, ModelSchema] = {n: m.schema() for n, m in self._classes.items()}
-        self._engine = StoreEngine(path, self._schemas)
+        try:
+            self._engine = StoreEngine(path, self._schemas)
+        except sqlite3.Error as exc:  # e.g. no room for the WAL index (-shm) of the file
+            error = disk_full_error(exc, str(Path(path).resolve()), "opening the database")
+            if error is not None:
+                raise error from exc
+            raise
         self.path = self._engine.path
         self._lock = threading.RLock()
         self._writer: int | None = None
@@ -127,17 +135,27 @@ class LocalDatabase:
             raise NestedWriteError("a write is already open on this database")
         with self._lock:
             self._check_open()
-            self._engine.begin()
+            try:
+                self._engine.begin()
+            except sqlite3.Error as exc:
+                self._raise_disk_full(exc)
+                raise
             self._writer = threading.get_ident()
             self._pending = []
             try:
                 yield self
-            except BaseException:
+            except BaseException as exc:
                 self._engine.rollback()
                 self._local_version += 1
+                self._raise_disk_full(exc)
                 raise
             else:
-                self._engine.commit((), exact=True, packed=self._pending)
+                try:
+                    self._engine.commit((), exact=True, packed=self._pending)
+                except sqlite3.Error as exc:  # rolled back by commit()
+                    self._local_version += 1
+                    self._raise_disk_full(exc)
+                    raise
                 self._local_version += 1
             finally:
                 self._writer = None
@@ -145,6 +163,13 @@ class LocalDatabase:
         notifier = self._notifier
         if notifier is not None:
             notifier.poke()
+
+    def _raise_disk_full(self, exc: BaseException) -> None:
+        """Raise :class:`~tidesync.errors.DiskFullError` from ``exc`` if it is SQLite's
+        answer to a full disk (see ``store/diskfull.py``); else return."""
+        error = disk_full_error(exc, self.path, "db.write()")
+        if error is not None:
+            raise error from exc
 
     def _require_write(self) -> None:
         self._check_open()

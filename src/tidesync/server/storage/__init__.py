@@ -16,6 +16,7 @@ from .base import (
     RejectReason,
     ServerStorage,
     StorageError,
+    StorageFullError,
     UploadBatch,
     UploadResult,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SQLiteStorage",
     "ServerStorage",
     "StorageError",
+    "StorageFullError",
     "UploadBatch",
     "UploadResult",
 ]

@@ -48,6 +48,11 @@ class StorageError(TidesyncError):
     """A storage operation failed (the message says which and why)."""
 
 
+class StorageFullError(StorageError):
+    """The storage's disk is full: the transaction was rolled back and nothing of it was
+    stored (uploads are not acknowledged); the same write works once there is space."""
+
+
 class ClientOwnershipError(StorageError):
     """A client file ident is already registered to another user."""
 

@@ -40,6 +40,7 @@ from ...core.merge import (
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
+from ...store.diskfull import is_disk_full
 from ...store.gcpause import gc_paused
 from ...store.sqlbatch import insert_rows
 from .base import (
@@ -56,6 +57,7 @@ from .base import (
     RejectReason,
     ServerStorage,
     StorageError,
+    StorageFullError,
     StoredObject,
     UploadBatch,
     UploadResult,
@@ -268,6 +270,10 @@ class SQLiteStorage(ServerStorage):
             conn = self._conn
             if conn is not None and conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if is_disk_full(exc, str(self._path)):
+                raise StorageFullError(
+                    f"{self._path}: the disk is full ({exc}); nothing of it was stored"
+                ) from exc
             raise StorageError(f"{self._path}: {exc}") from exc
 
     @property
