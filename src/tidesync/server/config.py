@@ -72,6 +72,8 @@ class ServerConfig:
     #: from these peers; with none (the default) they are ignored, so a client cannot choose
     #: the address the rate limits count it under.
     trusted_proxies: tuple[str, ...] = ()
+    #: How long a new connection may take to send a complete HTTP request head (seconds).
+    request_head_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if self.access_token_ttl <= 0 or self.refresh_token_ttl <= 0:
@@ -82,6 +84,8 @@ class ServerConfig:
             raise ValueError("download_page_bytes must be positive")
         if self.hello_timeout <= 0:
             raise ValueError("hello_timeout must be positive")
+        if not self.request_head_timeout > 0:
+            raise ValueError("request_head_timeout must be a positive number of seconds")
         if not self.key_reload_interval > 0:
             raise ValueError("key_reload_interval must be a positive number of seconds")
         if not self.token_purge_interval > 0:

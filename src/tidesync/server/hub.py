@@ -63,6 +63,7 @@ from . import flexsync
 from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, WrongAppError
 from .config import ServerConfig
 from .flexsync import FlexView
+from .gate import open_frames
 from .metrics import ServerMetrics
 from .retention import HistoryTrimmer
 from .rules import Permissions, user_fields
@@ -617,6 +618,7 @@ class SyncConnection:
         self.user_id = claims.user_id
         self.login = claims.family
         self.token_expires_at = claims.expires_at
+        open_frames(self.ws.scope)  # logged in: frames up to max_frame_size from now on
         self.proto.welcome(int(self.hub.clock() * 1000), self.id)
         await self._flush()
         self._spawn(self._watch_token(), "token-watch")

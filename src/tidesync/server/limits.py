@@ -46,6 +46,11 @@ class Limits:
     login_attempts_per_account_total: int = 100
     #: Anonymous sign-ups (new anonymous users) per minute from one client address.
     anonymous_logins_per_address: int = 30
+    #: Connections (HTTP and WebSocket) open at once from one peer address; trusted proxies
+    #: are exempt (``server/gate.py``).
+    max_connections_per_address: int = 256
+    #: Largest frame a sync WebSocket may send before its HELLO is verified.
+    max_frame_bytes_before_hello: int = 64 * 1024
     #: Bytes of one HTTP request body.
     max_request_body_bytes: int = 64 * 1024
 

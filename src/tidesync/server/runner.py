@@ -29,6 +29,7 @@ from ..errors import TidesyncError
 from ..eventloop import new_event_loop
 from .app import StorageFactory, create_app
 from .config import ServerConfig
+from .gate import ConnectionGate, protocol_classes
 from .hub import SyncHub
 from .storage.base import ServerStorage
 
@@ -129,6 +130,8 @@ class InProcessServer:
         self._server: _Uvicorn | None = None
         self._task: asyncio.Task[None] | None = None
         self._socket: socket.socket | None = None
+        #: Counts connections per client address (``server/gate.py``); made at start.
+        self.gate: ConnectionGate | None = None
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._thread_stop: asyncio.Event | None = None
@@ -182,6 +185,11 @@ class InProcessServer:
         self._socket = sock
         self._port = int(sock.getsockname()[1])
         self._app = create_app(self.data_dir, self.config, storage_factory=self._storage_factory)
+        limits = self.config.limits
+        self.gate = ConnectionGate(limits.max_connections_per_address, self.config.trusted_proxies)
+        http_protocol, ws_protocol = protocol_classes(
+            self.gate, self.config.request_head_timeout, limits.max_frame_bytes_before_hello
+        )
         uconfig = uvicorn.Config(
             self._app,
             ssl_certfile=self.config.tls_cert,
@@ -189,7 +197,8 @@ class InProcessServer:
             lifespan="on",
             log_level=self.config.log_level,
             access_log=False,
-            ws="websockets-sansio",
+            http=http_protocol,
+            ws=ws_protocol,
             ws_max_size=self.config.ws_max_size,
             ws_ping_interval=None,
             # X-Forwarded-* only from the operator's listed proxies (never from any peer)
@@ -334,6 +343,7 @@ async def serve_forever(
     announce: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until SIGINT/SIGTERM; ``announce`` gets the URL once the server accepts."""
+    raise_open_files_limit()
     server = InProcessServer(data_dir, host, port, config, handle_signals=True)
     await server.start()
     try:
@@ -342,6 +352,24 @@ async def serve_forever(
         await server.wait_stopped()
     finally:
         await server.stop()
+
+
+def raise_open_files_limit() -> None:
+    """Raise this process's soft limit of open files to its hard limit: each connection is
+    a file, and the usual soft limit (1,024) is what a flood of idle sockets exhausts first
+    (``docs/security.md``). Nothing happens where the platform has no such limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover (Windows)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            log.warning("could not raise the open-files limit from %d to %d", soft, hard)
 
 
 def print_url(url: str) -> None:

@@ -152,6 +152,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "hello_timeout": (int, float),
     "token_purge_interval": (int, float),
     "key_reload_interval": (int, float),
+    "request_head_timeout": (int, float),
     "trusted_proxies": list,
     "shutdown_grace": (int, float),
     "log_level": str,
