@@ -22,6 +22,7 @@ from .client.syncclient import ConnectionState
 from .core.progress import ProgressDirection, ProgressMode, SyncProgress
 from .errors import (
     AuthError,
+    ChangesetRefusedError,
     ClientResetError,
     CompensatingWriteError,
     DatabaseClosedError,
@@ -29,6 +30,7 @@ from .errors import (
     NestedWriteError,
     NotSyncedError,
     ObjectDeletedError,
+    ObjectTooLargeError,
     OperationCancelledError,
     ProtocolError,
     QueryError,
@@ -55,6 +57,7 @@ __all__ = [
     "AppConfiguration",
     "AuthError",
     "CancellationToken",
+    "ChangesetRefusedError",
     "ClientResetError",
     "CompensatingWriteError",
     "Configuration",
@@ -75,6 +78,7 @@ __all__ = [
     "ObjectChange",
     "ObjectDeletedError",
     "ObjectId",
+    "ObjectTooLargeError",
     "OperationCancelledError",
     "ProgressDirection",
     "ProgressMode",

@@ -12,7 +12,7 @@ a corrupt local database. Misusing this object raises :class:`~tidesync.errors.L
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
@@ -21,6 +21,7 @@ from . import messages as m
 from .codec import decode_frame, encode_frame
 from .messages import (
     DEFAULT_COMPRESSION_THRESHOLD,
+    DEFAULT_MAX_ASSEMBLED_BYTES,
     DEFAULT_MAX_FRAME_SIZE,
     MAX_INT,
     DownloadChangeset,
@@ -32,6 +33,14 @@ from .messages import (
     UploadChangeset,
     changeset_size,
     download_violation,
+)
+from .parts import (
+    PartAssembler,
+    PartOrderError,
+    PartsTooLargeError,
+    group_by_size,
+    part_size_for,
+    split_parts,
 )
 
 
@@ -186,6 +195,7 @@ class _Session:
     last_uploaded: int = 0
     query_version: int = 0
     marks: set[int] = field(default_factory=set)
+    parts: PartAssembler | None = None  # a downloaded changeset arriving in parts (v3)
 
 
 class ClientProtocol:
@@ -196,9 +206,12 @@ class ClientProtocol:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         compression_threshold: int = DEFAULT_COMPRESSION_THRESHOLD,
+        max_assembled_bytes: int = DEFAULT_MAX_ASSEMBLED_BYTES,
     ) -> None:
-        """``max_frame_size`` bounds received frames; the server's WELCOME bounds sent ones."""
+        """``max_frame_size`` bounds received frames; the server's WELCOME bounds sent ones.
+        ``max_assembled_bytes`` bounds one downloaded changeset joined from parts."""
         self.max_frame_size = max_frame_size
+        self.max_assembled_bytes = max_assembled_bytes
         self.compression_threshold = compression_threshold
         self.state = ClientState.IDLE
         self.protocol_version: int | None = None
@@ -285,8 +298,10 @@ class ClientProtocol:
     ) -> None:
         """Queue UPLOAD: changesets in strictly increasing versions, above any sent before.
 
-        ``download_cursor`` is the last server version integrated locally. Raises
-        :class:`LocalProtocolError` if the frame would exceed the server's limit (split it).
+        ``download_cursor`` is the last server version integrated locally. What does not
+        fit the server's frame limit is sent in several UPLOADs, a changeset larger than a
+        frame in parts (protocol v3, docs/protocol.md "Changeset parts"); with a v2 server
+        that raises :class:`LocalProtocolError`.
         """
         state = self._bound(session)
         previous = max(state.last_uploaded, state.upload_acked)
@@ -302,16 +317,50 @@ class ClientProtocol:
                 f"{state.cursor}] (session {session})"
             )
         frame = self._frame(m.Upload(session, list(changesets), download_cursor))
-        if len(frame) > self.peer_max_frame_size:
-            raise LocalProtocolError(
-                f"UPLOAD of {len(frame)} bytes exceeds the server's limit of "
-                f"{self.peer_max_frame_size}; send fewer changesets per upload"
-            )
-        self._outgoing.append(frame)
+        if len(frame) <= self.peer_max_frame_size:
+            self._outgoing.append(frame)
+        else:  # the one size comparison the usual upload pays for parts
+            self._outgoing.extend(self._split_upload(session, changesets, download_cursor))
         state.reported_cursor = download_cursor
         if changesets:
             state.last_uploaded = previous
             state.upload_limit = max(state.upload_limit or 0, previous, state.upload_acked)
+
+    def _split_upload(
+        self, session: int, changesets: Sequence[UploadChangeset], download_cursor: int
+    ) -> list[bytes]:
+        """The frames of an UPLOAD too large for one: runs of changesets that fit, and each
+        changeset larger than a frame as parts, each part alone in its UPLOAD."""
+        limit = self.peer_max_frame_size
+        if (self.protocol_version or 0) < m.PARTS_VERSION:
+            raise LocalProtocolError(
+                f"an UPLOAD of more than {limit} bytes needs protocol version "
+                f"{m.PARTS_VERSION}; the server speaks {self.protocol_version}"
+            )
+        budget = part_size_for(limit)
+        frames: list[bytes] = []
+        cs_list = list(changesets)
+        for start, stop in group_by_size([len(cs.instructions) for cs in cs_list], budget):
+            run = cs_list[start:stop]
+            pieces = split_parts(run[0].instructions, budget) if len(run) == 1 else []
+            if len(pieces) > 1:
+                last = len(pieces) - 1
+                run_msgs = [
+                    m.Upload(
+                        session,
+                        [UploadChangeset(run[0].version, piece, more=i < last)],
+                        download_cursor,
+                    )
+                    for i, piece in enumerate(pieces)
+                ]
+            else:
+                run_msgs = [m.Upload(session, run, download_cursor)]
+            for msg in run_msgs:
+                frame = self._frame(msg)
+                if len(frame) > limit:  # cannot happen: parts leave room for the message
+                    raise LocalProtocolError(f"an UPLOAD part of {len(frame)} bytes is too large")
+                frames.append(frame)
+        return frames
 
     def mark(self, session: int) -> int:
         """Queue MARK and return its request id (answered by :class:`MarkReplied`)."""
@@ -470,7 +519,7 @@ class ClientProtocol:
                 f"ERROR for session {msg.session}, already suspended",
                 msg.session,
             )
-        if state.state is not SessionState.UNBINDING and msg.code != ErrorCode.COMPENSATING_WRITE:
+        if state.state is not SessionState.UNBINDING and msg.code not in m.NON_SUSPENDING_CODES:
             state.state = SessionState.SUSPENDED
         return [event]
 
@@ -516,6 +565,12 @@ class ClientProtocol:
         state = self._active_for(msg.session, "DOWNLOAD")
         if state is None:
             return []
+        parts = state.parts
+        if (parts is not None and parts.pending) or (msg.changesets and msg.changesets[-1].more):
+            joined = self._assemble(state, msg)
+            if joined is None:
+                return []  # a part: nothing happens until the changeset is whole
+            msg = joined
         before = DownloadProgress(
             cursor=state.cursor,
             latest_server_version=state.latest,
@@ -544,6 +599,31 @@ class ClientProtocol:
                 msg.rows,
             )
         ]
+
+    def _assemble(self, state: _Session, msg: m.Download) -> m.Download | None:
+        """Take one DOWNLOAD of a changeset sent in parts: None for a part that more
+        follow, else the DOWNLOAD with the whole changeset in place of its last part."""
+        parts = state.parts
+        if parts is None:
+            parts = state.parts = PartAssembler(self.max_assembled_bytes)
+        first = msg.changesets[0] if msg.changesets else None
+        more_later = any(cs.more for cs in msg.changesets[1:])
+        if first is None or more_later or (first.more and (msg.objects or msg.rows)):
+            raise ProtocolViolationError(
+                ErrorCode.BAD_CHANGESET,
+                "a changeset part must be the only content of its DOWNLOAD, and the part "
+                "after it must come first in the next",
+                msg.session,
+            )
+        key = (first.server_version, first.origin, first.client_version)
+        try:
+            whole = parts.add(key, first.instructions, first.more)
+        except (PartOrderError, PartsTooLargeError) as exc:
+            raise ProtocolViolationError(ErrorCode.BAD_CHANGESET, str(exc), msg.session) from exc
+        if whole is None:
+            return None
+        joined = DownloadChangeset(first.server_version, first.origin, first.client_version, whole)
+        return replace(msg, changesets=[joined, *msg.changesets[1:]])
 
     def _on_mark_reply(self, msg: m.MarkReply) -> list[ClientEvent]:
         state = self._active_for(msg.session, "MARK")

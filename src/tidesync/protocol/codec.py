@@ -164,19 +164,26 @@ def _queries(value: Any) -> dict[str, list[str]]:
     return out
 
 
-def _record(
-    name: str, build: Callable[..., Any], checks: tuple[_Check, ...]
-) -> Callable[[Any], Any]:
+def _with_more(name: str, build: Callable[..., Any], checks: tuple[_Check, ...]) -> _Check:
+    """A changeset record: its fields, then (protocol v3) ``true`` for a part that more
+    parts follow; a whole changeset, or a last part, leaves it off."""
+    size = len(checks)
+
     def check(value: Any) -> Any:
-        if not isinstance(value, list) or len(value) != len(checks):
-            raise ValueError(f"a {name} must be an array of {len(checks)} items")
-        return build(*(c(v) for c, v in zip(checks, value)))
+        if not isinstance(value, list) or not size <= len(value) <= size + 1:
+            raise ValueError(f"a {name} must be an array of {size} or {size + 1} items")
+        values = [c(v) for c, v in zip(checks, value)]
+        if len(value) > size:
+            if value[size] is not True:
+                raise ValueError(f"a {name}'s part flag must be true (or left off)")
+            values.append(True)
+        return build(*values)
 
     return check
 
 
-_upload_changeset = _record("changeset", UploadChangeset, (_int(1), _bytes))
-_download_changeset = _record(
+_upload_changeset = _with_more("changeset", UploadChangeset, (_int(1), _bytes))
+_download_changeset = _with_more(
     "changeset", DownloadChangeset, (_int(1), _str(non_empty=True), _int(1), _bytes)
 )
 _session = _int(1)
@@ -327,8 +334,18 @@ _OPTIONAL_TAIL: dict[MessageType, int] = {
 
 def _plain(value: Any) -> Any:
     if isinstance(value, UploadChangeset):
+        if value.more:
+            return [value.version, value.instructions, True]
         return [value.version, value.instructions]
     if isinstance(value, DownloadChangeset):
+        if value.more:
+            return [
+                value.server_version,
+                value.origin,
+                value.client_version,
+                value.instructions,
+                True,
+            ]
         return [value.server_version, value.origin, value.client_version, value.instructions]
     if isinstance(value, ObjectUpdate):
         return [value.model, value.pk, value.state]
