@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import LocalProtocolError, RemoteProtocolError, SyncAction
 from . import messages as m
-from .codec import decode_frame, encode_frame
+from .codec import decode_frame, encode_frame, encode_message, frame_of_body
 from .messages import (
     DEFAULT_COMPRESSION_THRESHOLD,
     DEFAULT_MAX_ASSEMBLED_BYTES,
@@ -316,8 +316,8 @@ class ClientProtocol:
                 f"download_cursor {download_cursor} outside [{state.reported_cursor}, "
                 f"{state.cursor}] (session {session})"
             )
-        frame = self._frame(m.Upload(session, list(changesets), download_cursor))
-        if len(frame) <= self.peer_max_frame_size:
+        frame, size = self._sized_frame(m.Upload(session, list(changesets), download_cursor))
+        if size <= self.peer_max_frame_size:
             self._outgoing.append(frame)
         else:  # the one size comparison the usual upload pays for parts
             self._outgoing.extend(self._split_upload(session, changesets, download_cursor))
@@ -356,9 +356,9 @@ class ClientProtocol:
             else:
                 run_msgs = [m.Upload(session, run, download_cursor)]
             for msg in run_msgs:
-                frame = self._frame(msg)
-                if len(frame) > limit:  # cannot happen: parts leave room for the message
-                    raise LocalProtocolError(f"an UPLOAD part of {len(frame)} bytes is too large")
+                frame, size = self._sized_frame(msg)
+                if size > limit:  # cannot happen: parts leave room for the message
+                    raise LocalProtocolError(f"an UPLOAD part of {size} bytes is too large")
                 frames.append(frame)
         return frames
 
@@ -699,6 +699,14 @@ class ClientProtocol:
 
     def _frame(self, msg: m.Message) -> bytes:
         return encode_frame(msg, compress=self._compression, threshold=self.compression_threshold)
+
+    def _sized_frame(self, msg: m.Message) -> tuple[bytes, int]:
+        """The frame of ``msg`` and its uncompressed size (what the frame limit bounds)."""
+        body = encode_message(msg)
+        frame = frame_of_body(
+            body, compress=self._compression, threshold=self.compression_threshold
+        )
+        return frame, len(body)
 
     def _send(self, msg: m.Message) -> None:
         self._outgoing.append(self._frame(msg))

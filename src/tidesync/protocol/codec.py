@@ -437,7 +437,15 @@ def encode_frame(
     msg: Message, *, compress: bool = False, threshold: int = DEFAULT_COMPRESSION_THRESHOLD
 ) -> bytes:
     """The frame for ``msg``; compressed if allowed, over ``threshold`` and actually smaller."""
-    body = encode_message(msg)
+    return frame_of_body(encode_message(msg), compress=compress, threshold=threshold)
+
+
+def frame_of_body(
+    body: bytes, *, compress: bool = False, threshold: int = DEFAULT_COMPRESSION_THRESHOLD
+) -> bytes:
+    """The frame for an encoded message (:func:`encode_message`): ``body`` itself, or its
+    compression when allowed, over ``threshold`` and actually smaller. The frame limit
+    bounds ``body`` too (the receiver checks it while inflating)."""
     if compress and len(body) > threshold:
         packed = zlib.compress(body, COMPRESSION_LEVEL)
         if len(packed) + 1 < len(body):

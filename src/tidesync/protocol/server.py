@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import LocalProtocolError, RemoteProtocolError, SyncAction
 from . import messages as m
-from .codec import decode_frame, encode_frame
+from .codec import decode_frame, encode_frame, encode_message, frame_of_body
 from .messages import (
     DEFAULT_COMPRESSION_THRESHOLD,
     DEFAULT_MAX_ASSEMBLED_BYTES,
@@ -501,8 +501,8 @@ class ServerProtocol:
         problem = download_violation(msg, before)
         if problem is not None:
             raise LocalProtocolError(f"invalid DOWNLOAD for session {session}: {problem[1]}")
-        frame = self._frame(msg)
-        if len(frame) <= self.max_frame_size:
+        frame, size = self._sized_frame(msg)
+        if size <= self.max_frame_size:
             self._outgoing.append(frame)
         else:  # the one size comparison the usual download pays for parts
             self._outgoing.extend(self._split_download(msg, state.sent_upload_acked))
@@ -555,12 +555,14 @@ class ServerProtocol:
             heads[-1] = replace(heads[-1], cursor=msg.cursor, upload_acked=msg.upload_acked)
         else:
             heads.append(replace(msg, changesets=[]))
-        frames = [self._frame(head) for head in heads]
-        for frame in frames:
-            if len(frame) > limit:  # e.g. a page of objects: those are not split
+        frames: list[bytes] = []
+        for head in heads:
+            frame, size = self._sized_frame(head)
+            if size > limit:  # e.g. a page of objects: those are not split
                 raise LocalProtocolError(
-                    f"DOWNLOAD of {len(frame)} bytes exceeds the frame limit {limit}"
+                    f"DOWNLOAD of {size} bytes exceeds the frame limit {limit}"
                 )
+            frames.append(frame)
         return frames
 
     def mark_reply(self, session: int, request_id: int, server_version: int) -> None:
@@ -663,6 +665,14 @@ class ServerProtocol:
 
     def _frame(self, msg: m.Message) -> bytes:
         return encode_frame(msg, compress=self._compression, threshold=self.compression_threshold)
+
+    def _sized_frame(self, msg: m.Message) -> tuple[bytes, int]:
+        """The frame of ``msg`` and its uncompressed size (what the frame limit bounds)."""
+        body = encode_message(msg)
+        frame = frame_of_body(
+            body, compress=self._compression, threshold=self.compression_threshold
+        )
+        return frame, len(body)
 
     def _send(self, msg: m.Message) -> None:
         self._outgoing.append(self._frame(msg))
