@@ -143,14 +143,20 @@ async def _wait_count(db: ts.Database, want: int, seen: list[int], limit: float 
     raise AssertionError(f"{len(db.all(Item))} items, wanted {want}")
 
 
+@pytest.mark.parametrize("subscribed", [False, True], ids=["whole-app", "subscribed"])
 async def test_one_write_of_30000_objects_syncs_whole(
-    tmp_path: Path, no_background_tracebacks: None
+    tmp_path: Path, no_background_tracebacks: None, subscribed: bool
 ) -> None:
     # a 1 MiB frame limit: the ~7.5 MB changeset goes up and comes down in parts
     server = ServerProcess(tmp_path / "server", extra_args=["--max-frame-size", str(MiB)]).start()
     a, b = Device(tmp_path, "a", server.url), Device(tmp_path, "b", server.url)
     try:
         db_a, db_b = await a.open(), await b.open()
+        if subscribed:  # flexible sync: both devices subscribe to every Item
+            for db in (db_a, db_b):
+                with db.subscriptions.update() as subs:
+                    subs.add(db.all(Item))
+                await db.subscriptions.wait_for_synchronization(T(30))
         inserts: list[int] = []
         token = db_b.all(Item).add_listener(lambda change: inserts.append(len(change.inserted)))
         with db_a.write():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -186,6 +187,25 @@ def test_a_download_larger_than_a_frame_is_applied_whole() -> None:
     assert link.client.progress(1).download_cursor == 3
 
 
+def test_a_download_of_many_objects_is_split_and_applied_as_one() -> None:
+    link = Link()
+    objects = [m.ObjectUpdate("Task", i, os.urandom(300)) for i in range(100)]
+    changesets = [DownloadChangeset(1, "B", 1, os.urandom(3 * FRAME))]
+    link.server.download(1, changesets, 1, 1, 0, 0, 0, objects)
+    frames = link.server.data_to_send()
+    assert len(frames) > 4
+    decoded = [decode_frame(f) for f in frames]
+    assert [d.continued for d in decoded if isinstance(d, m.Download)] == [True] * (
+        len(frames) - 1
+    ) + [False]
+    events = [ev for f in frames for ev in link.client.receive_data(f)]
+    [event] = events
+    assert isinstance(event, DownloadReceived)
+    assert event.objects == objects
+    assert [cs.instructions for cs in event.changesets] == [changesets[0].instructions]
+    assert event.cursor == 1
+
+
 def test_a_part_out_of_order_from_the_server_ends_the_connection() -> None:
     link = Link()
     link.server.download(1, [DownloadChangeset(1, "B", 1, os.urandom(3 * FRAME))], 1, 1, 0, 0)
@@ -212,3 +232,7 @@ def test_whole_changesets_keep_the_v2_wire_form() -> None:
     msg = decode_frame(frame)
     assert isinstance(msg, m.Upload) and msg.changesets == [UploadChangeset(1, b"abc")]
     assert b"\xc3" not in frame  # no msgpack `true`: a v2 server reads it as before
+    link.server.download(1, [DownloadChangeset(1, "B", 1, b"abc")], 1, 1, 0, 0)
+    [frame] = link.server.data_to_send()
+    assert b"\xc3" not in frame and b"\xc2" not in frame  # nor a `continued` flag
+    assert len(msgpack.unpackb(frame)) == 11  # the ten fields a v2 client reads, and the type

@@ -35,10 +35,10 @@ from .messages import (
     download_violation,
 )
 from .parts import (
-    PartAssembler,
     PartOrderError,
     PartsTooLargeError,
     group_by_size,
+    join_download_parts,
     part_size_for,
     split_parts,
 )
@@ -195,7 +195,8 @@ class _Session:
     last_uploaded: int = 0
     query_version: int = 0
     marks: set[int] = field(default_factory=set)
-    parts: PartAssembler | None = None  # a downloaded changeset arriving in parts (v3)
+    pending: list[m.Download] | None = None  # a split DOWNLOAD's first messages (v3)
+    pending_bytes: int = 0
 
 
 class ClientProtocol:
@@ -565,11 +566,14 @@ class ClientProtocol:
         state = self._active_for(msg.session, "DOWNLOAD")
         if state is None:
             return []
-        parts = state.parts
-        if (parts is not None and parts.pending) or (msg.changesets and msg.changesets[-1].more):
-            joined = self._assemble(state, msg)
+        if (
+            msg.continued
+            or state.pending is not None
+            or (msg.changesets and msg.changesets[-1].more)
+        ):
+            joined = self._continue(state, msg)
             if joined is None:
-                return []  # a part: nothing happens until the changeset is whole
+                return []  # continued: nothing happens until the last DOWNLOAD of the run
             msg = joined
         before = DownloadProgress(
             cursor=state.cursor,
@@ -600,30 +604,39 @@ class ClientProtocol:
             )
         ]
 
-    def _assemble(self, state: _Session, msg: m.Download) -> m.Download | None:
-        """Take one DOWNLOAD of a changeset sent in parts: None for a part that more
-        follow, else the DOWNLOAD with the whole changeset in place of its last part."""
-        parts = state.parts
-        if parts is None:
-            parts = state.parts = PartAssembler(self.max_assembled_bytes)
-        first = msg.changesets[0] if msg.changesets else None
-        more_later = any(cs.more for cs in msg.changesets[1:])
-        if first is None or more_later or (first.more and (msg.objects or msg.rows)):
+    def _continue(self, state: _Session, msg: m.Download) -> m.Download | None:
+        """Take one DOWNLOAD of a run the server split (protocol v3): None while the run
+        is ``continued``, else one DOWNLOAD holding the whole run (changesets with their
+        parts joined, objects, rows) with the last one's cursors, checked as any other."""
+        pending = state.pending
+        if pending is None:
+            pending = state.pending = []
+        pending.append(msg)
+        state.pending_bytes += sum(len(cs.instructions) for cs in msg.changesets) + sum(
+            len(o.state) for o in msg.objects if o.state is not None
+        )
+        if state.pending_bytes > self.max_assembled_bytes:
             raise ProtocolViolationError(
                 ErrorCode.BAD_CHANGESET,
-                "a changeset part must be the only content of its DOWNLOAD, and the part "
-                "after it must come first in the next",
+                f"a split DOWNLOAD passed {self.max_assembled_bytes} bytes",
                 msg.session,
             )
-        key = (first.server_version, first.origin, first.client_version)
+        if msg.continued:
+            return None
+        state.pending, state.pending_bytes = None, 0
+        changesets = [cs for part in pending for cs in part.changesets]
         try:
-            whole = parts.add(key, first.instructions, first.more)
+            whole = join_download_parts(changesets, self.max_assembled_bytes)
         except (PartOrderError, PartsTooLargeError) as exc:
             raise ProtocolViolationError(ErrorCode.BAD_CHANGESET, str(exc), msg.session) from exc
-        if whole is None:
-            return None
-        joined = DownloadChangeset(first.server_version, first.origin, first.client_version, whole)
-        return replace(msg, changesets=[joined, *msg.changesets[1:]])
+        if len(pending) == 1:
+            return replace(msg, changesets=whole)
+        return replace(
+            msg,
+            changesets=whole,
+            objects=[o for part in pending for o in part.objects],
+            rows=[r for part in pending for r in part.rows],
+        )
 
     def _on_mark_reply(self, msg: m.MarkReply) -> list[ClientEvent]:
         state = self._active_for(msg.session, "MARK")

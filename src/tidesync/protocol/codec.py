@@ -311,6 +311,7 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
             _object_updates,
             _int(0, 2),
             _object_rows,
+            _bool,
         ),
     ),
     MessageType.MARK_REPLY: (MarkReply, (_session, _int(1), _version)),
@@ -326,7 +327,7 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
 _OPTIONAL_TAIL: dict[MessageType, int] = {
     MessageType.BIND: 1,
     MessageType.QUERY: 2,
-    MessageType.DOWNLOAD: 3,
+    MessageType.DOWNLOAD: 4,
 }
 
 # -- messages ------------------------------------------------------------------------------
@@ -371,7 +372,10 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 def encode_message(msg: Message) -> bytes:
     """The uncompressed bytes of a message."""
-    values = [_plain(getattr(msg, name)) for name in _field_names(type(msg))]
+    names = _field_names(type(msg))
+    if type(msg) is Download and not msg.continued:
+        names = names[:-1]  # v3's ``continued`` is left off when false: v2 peers read it
+    values = [_plain(getattr(msg, name)) for name in names]
     return pack([int(msg.TYPE), *values])
 
 

@@ -454,6 +454,9 @@ class Download:
     bootstrap: int = 0
     #: New objects as rows (flexible sync's bootstrap), applied before ``objects``.
     rows: list[ObjectRows] = field(default_factory=list)
+    #: Protocol v3: the next DOWNLOAD continues this one; the device applies them as one
+    #: (docs/protocol.md, "Changeset parts"). Left off the wire when false.
+    continued: bool = False
 
 
 @dataclass(frozen=True, slots=True)

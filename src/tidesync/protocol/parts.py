@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .messages import DownloadChangeset
+
 #: Bytes a message adds around the changesets it carries (type, session, cursors, headers),
 #: with room to spare; a part is at most ``frame limit - FRAME_OVERHEAD`` bytes.
 FRAME_OVERHEAD = 1024
@@ -128,3 +130,23 @@ class PartAssembler:
     def reset(self) -> None:
         """Forget the changeset being assembled."""
         self.key, self.size, self._parts = None, 0, None
+
+
+def join_download_parts(changesets: list[DownloadChangeset], limit: int) -> list[DownloadChangeset]:
+    """Join the parts in a list of downloaded changesets: every run of parts (``more``)
+    ending with a part whose ``more`` is false becomes one whole changeset. Raises
+    :class:`PartOrderError` if a run mixes changesets or the list ends inside one, and
+    :class:`PartsTooLargeError` if one changeset passes ``limit`` bytes."""
+    out: list[DownloadChangeset] = []
+    assembler = PartAssembler(limit)
+    for cs in changesets:
+        if not cs.more and not assembler.pending:
+            out.append(cs)
+            continue
+        key = (cs.server_version, cs.origin, cs.client_version)
+        whole = assembler.add(key, cs.instructions, cs.more)
+        if whole is not None:
+            out.append(DownloadChangeset(cs.server_version, cs.origin, cs.client_version, whole))
+    if assembler.pending:
+        raise PartOrderError(f"changeset {assembler.key} ends without its last part")
+    return out

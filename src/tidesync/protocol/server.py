@@ -43,6 +43,12 @@ from .messages import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS  # the versions w
 from .parts import PartAssembler, PartOrderError, group_by_size, part_size_for, split_parts
 
 
+def _object_size(update: m.ObjectUpdate) -> int:
+    """About the bytes an object update takes in a DOWNLOAD (for splitting one)."""
+    key = update.pk if isinstance(update.pk, str | bytes) else b""
+    return len(update.state or b"") + len(update.model) + len(key)
+
+
 class ServerState(Enum):
     """Where the connection is, as the server sees it."""
 
@@ -505,17 +511,17 @@ class ServerProtocol:
         if size <= self.max_frame_size:
             self._outgoing.append(frame)
         else:  # the one size comparison the usual download pays for parts
-            self._outgoing.extend(self._split_download(msg, state.sent_upload_acked))
+            self._outgoing.extend(self._split_download(msg))
         state.sent_cursor = cursor
         state.latest = latest_server_version
         state.sent_upload_acked = upload_acked
 
-    def _split_download(self, msg: m.Download, acked_before: int) -> list[bytes]:
-        """The frames of a DOWNLOAD too large for one (protocol v3): runs of changesets
-        that fit, each changeset larger than a frame as parts alone in their DOWNLOADs,
-        then what the message carries besides (cursors, acknowledgement, objects). Every
-        DOWNLOAD but the last moves the cursor only to its own last changeset and repeats
-        the acknowledgement already sent."""
+    def _split_download(self, msg: m.Download) -> list[bytes]:
+        """The frames of a DOWNLOAD too large for one (protocol v3): a run of DOWNLOADs,
+        each but the last marked ``continued``, that the device joins into one and applies
+        in one transaction. Changesets go first (runs that fit, one larger than a frame as
+        parts, each alone in its DOWNLOAD), then objects; the last DOWNLOAD carries the
+        rows and the bootstrap mark. Every DOWNLOAD repeats the message's cursors."""
         limit = self.max_frame_size
         if (self.protocol_version or 0) < m.PARTS_VERSION:
             raise LocalProtocolError(
@@ -523,20 +529,9 @@ class ServerProtocol:
                 f"{m.PARTS_VERSION}; the client speaks {self.protocol_version}"
             )
         budget = part_size_for(limit)
+        base = replace(msg, changesets=[], objects=[], rows=[], bootstrap=0, continued=True)
         heads: list[m.Download] = []
         changesets = msg.changesets
-
-        def page(content: list[DownloadChangeset], cursor: int) -> m.Download:
-            return replace(
-                msg,
-                changesets=content,
-                cursor=cursor,
-                upload_acked=acked_before,
-                objects=[],
-                bootstrap=m.BOOTSTRAP_NONE,
-                rows=[],
-            )
-
         for start, stop in group_by_size([len(cs.instructions) for cs in changesets], budget):
             run = changesets[start:stop]
             cs = run[0]
@@ -547,18 +542,20 @@ class ServerProtocol:
                     part = DownloadChangeset(
                         cs.server_version, cs.origin, cs.client_version, piece, more=i < last
                     )
-                    heads.append(page([part], cs.server_version))
+                    heads.append(replace(base, changesets=[part]))
             else:
-                heads.append(page(run, run[-1].server_version))
-        if heads and not (msg.objects or msg.rows or msg.bootstrap):
-            # the last DOWNLOAD carries the message's own cursors and acknowledgement
-            heads[-1] = replace(heads[-1], cursor=msg.cursor, upload_acked=msg.upload_acked)
+                heads.append(replace(base, changesets=run))
+        objects = msg.objects
+        for start, stop in group_by_size([_object_size(o) for o in objects], budget):
+            heads.append(replace(base, objects=objects[start:stop]))
+        if heads and not msg.rows:
+            heads[-1] = replace(heads[-1], bootstrap=msg.bootstrap, continued=False)
         else:
-            heads.append(replace(msg, changesets=[]))
+            heads.append(replace(msg, changesets=[], objects=[]))
         frames: list[bytes] = []
         for head in heads:
             frame, size = self._sized_frame(head)
-            if size > limit:  # e.g. a page of objects: those are not split
+            if size > limit:  # one object or row block larger than a frame: not split
                 raise LocalProtocolError(
                     f"DOWNLOAD of {size} bytes exceeds the frame limit {limit}"
                 )
