@@ -324,14 +324,22 @@ class SessionWorker:
         is reported to the error handler, never left to the loop's exception handler."""
         if self.closed:
             return
+        self._pump_reporting(progress=True)
+
+    def _pump_reporting(self, *, progress: bool = False) -> bool:
+        """:meth:`pump_upload` (and :meth:`update_progress`); a failure is logged and
+        reported, never raised (False)."""
         try:
             self.pump_upload()
-            self.update_progress()
+            if progress:
+                self.update_progress()
         except Exception as exc:
-            log.exception("sync session %s: handling a local commit failed", self.path)
+            log.exception("sync session %s: uploading failed", self.path)
             self.report_error(
                 SyncError(int(ErrorCode.OTHER_SESSION_ERROR), repr(exc), SyncAction.RETRY)
             )
+            return False
+        return True
 
     def _scan_uploads(self) -> None:
         """Count local changesets committed since the last scan, and acknowledged ones."""
@@ -819,7 +827,7 @@ class SessionWorker:
             fut.set_result(None)
         else:
             self.upload_waiters.append((target, fut))
-            self.pump_upload()
+            self._pump_reporting()  # the future is returned whatever happens
         return fut
 
     def wait_download(self) -> asyncio.Future[None]:
