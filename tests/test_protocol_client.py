@@ -83,9 +83,9 @@ class Link:
 
 def test_connect_and_welcome() -> None:
     link = Link()
-    assert link.welcomed == [Welcomed(2, m.DEFAULT_MAX_FRAME_SIZE, 1_000, "conn-1")]
+    assert link.welcomed == [Welcomed(3, m.DEFAULT_MAX_FRAME_SIZE, 1_000, "conn-1")]
     assert link.client.state is ClientState.OPEN
-    assert link.client.protocol_version == 2
+    assert link.client.protocol_version == 3
 
 
 def test_full_session_sequence() -> None:

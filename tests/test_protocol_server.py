@@ -75,7 +75,7 @@ def sent(server: ServerProtocol) -> list[m.Message]:
 
 
 def test_supported_versions_and_negotiation() -> None:
-    assert SUPPORTED_VERSIONS == (2,)
+    assert SUPPORTED_VERSIONS == (2, 3)
     assert negotiate_version([1, 2, 3], [2, 3, 4]) == 3
     assert negotiate_version([5], [1]) is None
     server = ServerProtocol(supported_versions=(1, 2, 3))

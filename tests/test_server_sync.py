@@ -28,7 +28,13 @@ from tidesync.protocol.client import (
     Welcomed,
 )
 from tidesync.protocol.codec import encode_frame
-from tidesync.protocol.messages import ErrorCode, PongReceived, Upload, UploadChangeset
+from tidesync.protocol.messages import (
+    ErrorCode,
+    PongReceived,
+    Upload,
+    UploadChangeset,
+    refused_changesets_of,
+)
 from tidesync.server.config import ServerConfig
 from tidesync.server.runner import InProcessServer
 from tidesync.server.storage import SQLiteStorage, UploadBatch, UploadResult
@@ -474,7 +480,28 @@ async def test_upload_of_unknown_model_errors_only_that_session(server: InProces
 
 
 async def test_malformed_changeset_bytes(server: InProcessServer) -> None:
+    # protocol v3: refused (ERROR 232), integrated as nothing, and the session goes on
     client, _ = await connect_bound(server, "f1")
+    _, objects = await snapshot(server)
+    await client.upload(1, [(1, b"\xc1\xc1 not msgpack")])
+    error = await client.expect(ErrorReceived)
+    assert error.code == ErrorCode.CHANGESET_REFUSED and error.session == 1
+    [(version, reason)] = refused_changesets_of(error.message)
+    assert version == 1 and "malformed" in reason
+    await client.upload(1, [(2, create_task("f1", "t", "after"))])
+    await client.wait_acked(1, 2)
+    _, after = await snapshot(server)
+    assert set(after) - set(objects) == {"t"}
+    await client.close()
+
+
+async def test_malformed_changeset_bytes_from_a_v2_client(server: InProcessServer) -> None:
+    tokens = await login(server)
+    client = await RawClient.connect(server.ws_url, tokens["access_token"], hello=False)
+    client.proto.start(tokens["access_token"], versions=[2])
+    await client.flush()
+    await client.welcome()
+    await client.bind(1, "f1")
     before = await snapshot(server)
     await client.upload(1, [(1, b"\xc1\xc1 not msgpack")])
     error = await client.expect(ErrorReceived)

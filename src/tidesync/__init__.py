@@ -22,6 +22,7 @@ from .client.syncclient import ConnectionState
 from .core.progress import ProgressDirection, ProgressMode, SyncProgress
 from .errors import (
     AuthError,
+    ChangesetRefusedError,
     ClientResetError,
     CompensatingWriteError,
     DatabaseClosedError,
@@ -30,6 +31,7 @@ from .errors import (
     NestedWriteError,
     NotSyncedError,
     ObjectDeletedError,
+    ObjectTooLargeError,
     OperationCancelledError,
     ProtocolError,
     QueryError,
@@ -57,6 +59,7 @@ __all__ = [
     "AppConfiguration",
     "AuthError",
     "CancellationToken",
+    "ChangesetRefusedError",
     "ClientResetError",
     "CompensatingWriteError",
     "Configuration",
@@ -78,6 +81,7 @@ __all__ = [
     "ObjectChange",
     "ObjectDeletedError",
     "ObjectId",
+    "ObjectTooLargeError",
     "OperationCancelledError",
     "ProgressDirection",
     "ProgressMode",

@@ -43,7 +43,7 @@ def serve(
         float | None, typer.Option(help="Access token lifetime in seconds (default 1800).")
     ] = None,
     max_frame_size: Annotated[
-        int | None, typer.Option(help="Largest sync frame in bytes (default 16 MiB).")
+        int | None, typer.Option(help="Largest sync frame in bytes (default 17 MiB).")
     ] = None,
     log_level: Annotated[
         str, typer.Option(help="Log level: critical, error, warning, info, debug.")

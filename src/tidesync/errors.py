@@ -12,7 +12,8 @@
     │   ├── DuplicatePrimaryKeyError
     │   ├── ObjectDeletedError      the object was deleted (invalidated)
     │   ├── ValueTypeError          a value does not fit the field's type
-    │   └── DiskFullError           the disk holding the file is full (nothing was written)
+    │   ├── DiskFullError           the disk holding the file is full (nothing was written)
+    │   └── ObjectTooLargeError     an object over ``Configuration.max_object_bytes``
     ├── QueryError                  a query does not parse or names unknown fields
     ├── SubscriptionError           a subscription update or set refused (name clash, server)
     ├── NotSyncedError              a sync-only API on a local database
@@ -26,6 +27,7 @@
     │   └── MalformedMessageError
     └── SyncError                   an error reported on a sync session (code, action)
         ├── CompensatingWriteError
+        ├── ChangesetRefusedError   whole transactions the server integrated as nothing
         ├── ClientResetError
         └── SyncDiskFullError       the session waits for space (also a DiskFullError)
 
@@ -94,6 +96,22 @@ class DiskFullError(WriteError):
         self.path = path
         self.operation = operation
         self.reason = reason
+
+
+class ObjectTooLargeError(WriteError, ValueError):
+    """A transaction would write an object larger than ``Configuration.max_object_bytes``;
+    nothing of the transaction was written. ``model``, ``pk``, ``size`` and ``limit`` name
+    the object, its size in bytes and the limit."""
+
+    def __init__(self, model: str, pk: object, size: int, limit: int) -> None:
+        super().__init__(
+            f"{model} {pk!r} is {size} bytes, more than the limit of {limit} bytes per "
+            "object (Configuration.max_object_bytes); nothing was written"
+        )
+        self.model = model
+        self.pk = pk
+        self.size = size
+        self.limit = limit
 
 
 class QueryError(TidesyncError, ValueError):
@@ -182,6 +200,20 @@ class CompensatingWriteError(SyncError):
 
     def __init__(self, message: str, refused: list[tuple[str, object, str]]) -> None:
         super().__init__(231, message, SyncAction.RETRY)
+        self.refused = refused
+
+
+class ChangesetRefusedError(SyncError):
+    """The server refused whole local transactions (ERROR 232) and sync went on.
+
+    ``refused`` lists, per refused transaction, its local version, the server's reason
+    and the objects it wrote (``(model name, primary key)``). The writes stay in this
+    device's file; the server and the other devices never get them."""
+
+    def __init__(
+        self, message: str, refused: list[tuple[int, str, list[tuple[str, object]]]]
+    ) -> None:
+        super().__init__(232, message, SyncAction.RETRY)
         self.refused = refused
 
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ConfigurationError
+from ..protocol.messages import DEFAULT_MAX_OBJECT_BYTES
 from ..store.model import Model, iter_models
 from .reset import ClientResetMode, RecoverUnsyncedChanges, check_mode
 
@@ -32,16 +34,36 @@ class SyncConfiguration:
 @dataclass(frozen=True)
 class Configuration:
     """Open a :class:`~tidesync.Database` with one of the constructors:
-    :meth:`local` or :meth:`flexible_sync`."""
+    :meth:`local` or :meth:`flexible_sync`.
+
+    ``max_object_bytes`` (default 16 MiB) is the most one write transaction may write to
+    one object; ``db.write()`` refuses a larger one with :class:`~tidesync.ObjectTooLargeError`
+    and writes nothing (docs/sync-session.md, "Limits")."""
 
     models: tuple[type[Model], ...]
     path: str
     sync: SyncConfiguration | None = field(default=None)
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES
+
+    def __post_init__(self) -> None:
+        most = self.max_object_bytes
+        if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+            raise ConfigurationError(f"max_object_bytes must be a positive integer, not {most!r}")
 
     @classmethod
-    def local(cls, models: Sequence[type[Model]], path: str | Path | None = None) -> Configuration:
+    def local(
+        cls,
+        models: Sequence[type[Model]],
+        path: str | Path | None = None,
+        *,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    ) -> Configuration:
         """A database that lives on this device only."""
-        return cls(tuple(iter_models(models)), str(Path(path or DEFAULT_PATH)))
+        return cls(
+            tuple(iter_models(models)),
+            str(Path(path or DEFAULT_PATH)),
+            max_object_bytes=max_object_bytes,
+        )
 
     @classmethod
     def flexible_sync(
@@ -54,6 +76,7 @@ class Configuration:
         initial_subscriptions: Callable[[Any], Any] | None = None,
         rerun_on_open: bool = False,
         client_reset: ClientResetMode | None = None,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
     ) -> Configuration:
         """A database synced through ``user``'s app. The default path is per user, under the
         app's ``base_path``. ``client_reset`` is :class:`~tidesync.RecoverUnsyncedChanges`
@@ -65,4 +88,4 @@ class Configuration:
         sync = SyncConfiguration(
             user, sync_error_handler, initial_subscriptions, rerun_on_open, mode
         )
-        return cls(tuple(iter_models(models)), str(Path(path)), sync)
+        return cls(tuple(iter_models(models)), str(Path(path)), sync, max_object_bytes)

@@ -30,6 +30,7 @@ class Database(LocalDatabase):
             raise TypeError("Database() takes a tidesync.Configuration")
         super().__init__(config.path, config.models)
         self.config = config
+        self.max_object_bytes = config.max_object_bytes
         self._session: Session | None = None
         if config.sync is not None:
             try:

@@ -31,6 +31,7 @@ from ..errors import (
     AuthError,
     ClientResetError,
     DatabaseClosedError,
+    LocalProtocolError,
     ProtocolError,
     SessionInactiveError,
     SyncAction,
@@ -50,6 +51,7 @@ from ..protocol.messages import (
 from ..store.diskfull import is_disk_full
 from ..store.engine import StoreEngine, add_waker, remove_waker
 from ..store.gcpause import gc_paused
+from .refusals import refused_error
 from .reset import (
     DiscardUnsyncedChanges,
     ManualRecovery,
@@ -235,6 +237,8 @@ class SessionWorker:
         self._save_timer: asyncio.TimerHandle | None = None
         self.in_flight: list[tuple[int, int]] = []  # (version, size) uploaded, not acked
         self.active = False
+        #: Why the session is inactive (what a wait started meanwhile fails with).
+        self.inactive_reason = "the session is paused"
         self.closed = False
         self.bound = False
         self.session_no: int | None = None
@@ -256,6 +260,8 @@ class SessionWorker:
         self.down_remaining = 0
         self.down_known = False
         self.progress_listeners: list[_ProgressListener] = []
+        # an old (v2) server cannot take a changeset larger than a frame: reported once
+        self.upload_blocked = False
         # uploads held back after a slow reconnect until the download has caught up
         self.hold_uploads = False
         self.held_upload_count = 0
@@ -289,6 +295,7 @@ class SessionWorker:
         if not self.active:
             return
         self.active = False
+        self.inactive_reason = reason
         self.save_cursors()
         if self.connection is not None:
             self.connection.detach(self)
@@ -326,10 +333,26 @@ class SessionWorker:
     # --- progress ------------------------------------------------------------------------
 
     def _on_local_commit(self) -> None:
+        """A local transaction committed (called on the sync loop): upload it. A failure
+        is reported to the error handler, never left to the loop's exception handler."""
         if self.closed:
             return
-        self.pump_upload()
-        self.update_progress()
+        self._pump_reporting(progress=True)
+
+    def _pump_reporting(self, *, progress: bool = False) -> bool:
+        """:meth:`pump_upload` (and :meth:`update_progress`); a failure is logged and
+        reported, never raised (False)."""
+        try:
+            self.pump_upload()
+            if progress:
+                self.update_progress()
+        except Exception as exc:
+            log.exception("sync session %s: uploading failed", self.path)
+            self.report_error(
+                SyncError(int(ErrorCode.OTHER_SESSION_ERROR), repr(exc), SyncAction.RETRY)
+            )
+            return False
+        return True
 
     def _scan_uploads(self) -> None:
         """Count local changesets committed since the last scan, and acknowledged ones."""
@@ -687,6 +710,9 @@ class SessionWorker:
         if ev.code == ErrorCode.COMPENSATING_WRITE:  # the session stays bound
             self.report_error(compensating_error(ev.message))
             return
+        if ev.code == ErrorCode.CHANGESET_REFUSED:  # integrated as nothing; stays bound
+            self.report_error(refused_error(self.engine, ev.message))
+            return
         if ev.code == ErrorCode.CLIENT_RESET_NEEDED:
             self.bound = False
             self.client_reset(ev.message)
@@ -832,7 +858,15 @@ class SessionWorker:
             if not entries:
                 break
             batch = [UploadChangeset(v, data) for v, data in entries]
-            proto.upload(self.session_no, batch, self.download_cursor)
+            try:  # a changeset larger than a frame goes in parts (protocol/parts.py)
+                proto.upload(self.session_no, batch, self.download_cursor)
+            except LocalProtocolError as exc:  # only an old (v2) server cannot take it
+                if not self.upload_blocked:
+                    self.upload_blocked = True
+                    self.report_error(
+                        SyncError(int(ErrorCode.LIMITS_EXCEEDED), str(exc), SyncAction.RETRY)
+                    )
+                break
             self.upload_sent = entries[-1][0]
             self.in_flight.extend((v, len(d)) for v, d in entries)
             sent_any = True
@@ -845,19 +879,19 @@ class SessionWorker:
         """A future done when every local version up to ``target`` is acknowledged."""
         fut: asyncio.Future[None] = self.loop.create_future()
         if not self.active:
-            fut.set_exception(SessionInactiveError("the session is paused"))
+            fut.set_exception(SessionInactiveError(self.inactive_reason))
         elif target <= self.upload_acked:
             fut.set_result(None)
         else:
             self.upload_waiters.append((target, fut))
-            self.pump_upload()
+            self._pump_reporting()  # the future is returned whatever happens
         return fut
 
     def wait_download(self) -> asyncio.Future[None]:
         """A future done when everything the server holds now is applied locally."""
         fut: asyncio.Future[None] = self.loop.create_future()
         if not self.active:
-            fut.set_exception(SessionInactiveError("the session is paused"))
+            fut.set_exception(SessionInactiveError(self.inactive_reason))
             return fut
         self.download_waiters.append(fut)
         fut.add_done_callback(lambda f: self._drop_waiter(f))

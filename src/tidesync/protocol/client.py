@@ -12,15 +12,16 @@ a corrupt local database. Misusing this object raises :class:`~tidesync.errors.L
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 from ..errors import LocalProtocolError, RemoteProtocolError, SyncAction
 from . import messages as m
-from .codec import decode_frame, encode_frame
+from .codec import decode_frame, encode_frame, encode_message, frame_of_body
 from .messages import (
     DEFAULT_COMPRESSION_THRESHOLD,
+    DEFAULT_MAX_ASSEMBLED_BYTES,
     DEFAULT_MAX_FRAME_SIZE,
     MAX_INT,
     DownloadChangeset,
@@ -32,6 +33,14 @@ from .messages import (
     UploadChangeset,
     changeset_size,
     download_violation,
+)
+from .parts import (
+    PartOrderError,
+    PartsTooLargeError,
+    group_by_size,
+    join_download_parts,
+    part_size_for,
+    split_parts,
 )
 
 
@@ -186,6 +195,8 @@ class _Session:
     last_uploaded: int = 0
     query_version: int = 0
     marks: set[int] = field(default_factory=set)
+    pending: list[m.Download] | None = None  # a split DOWNLOAD's first messages (v3)
+    pending_bytes: int = 0
 
 
 class ClientProtocol:
@@ -196,9 +207,12 @@ class ClientProtocol:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         compression_threshold: int = DEFAULT_COMPRESSION_THRESHOLD,
+        max_assembled_bytes: int = DEFAULT_MAX_ASSEMBLED_BYTES,
     ) -> None:
-        """``max_frame_size`` bounds received frames; the server's WELCOME bounds sent ones."""
+        """``max_frame_size`` bounds received frames; the server's WELCOME bounds sent ones.
+        ``max_assembled_bytes`` bounds one downloaded changeset joined from parts."""
         self.max_frame_size = max_frame_size
+        self.max_assembled_bytes = max_assembled_bytes
         self.compression_threshold = compression_threshold
         self.state = ClientState.IDLE
         self.protocol_version: int | None = None
@@ -285,8 +299,10 @@ class ClientProtocol:
     ) -> None:
         """Queue UPLOAD: changesets in strictly increasing versions, above any sent before.
 
-        ``download_cursor`` is the last server version integrated locally. Raises
-        :class:`LocalProtocolError` if the frame would exceed the server's limit (split it).
+        ``download_cursor`` is the last server version integrated locally. What does not
+        fit the server's frame limit is sent in several UPLOADs, a changeset larger than a
+        frame in parts (protocol v3, docs/protocol.md "Changeset parts"); with a v2 server
+        that raises :class:`LocalProtocolError`.
         """
         state = self._bound(session)
         previous = max(state.last_uploaded, state.upload_acked)
@@ -301,17 +317,51 @@ class ClientProtocol:
                 f"download_cursor {download_cursor} outside [{state.reported_cursor}, "
                 f"{state.cursor}] (session {session})"
             )
-        frame = self._frame(m.Upload(session, list(changesets), download_cursor))
-        if len(frame) > self.peer_max_frame_size:
-            raise LocalProtocolError(
-                f"UPLOAD of {len(frame)} bytes exceeds the server's limit of "
-                f"{self.peer_max_frame_size}; send fewer changesets per upload"
-            )
-        self._outgoing.append(frame)
+        frame, size = self._sized_frame(m.Upload(session, list(changesets), download_cursor))
+        if size <= self.peer_max_frame_size:
+            self._outgoing.append(frame)
+        else:  # the one size comparison the usual upload pays for parts
+            self._outgoing.extend(self._split_upload(session, changesets, download_cursor))
         state.reported_cursor = download_cursor
         if changesets:
             state.last_uploaded = previous
             state.upload_limit = max(state.upload_limit or 0, previous, state.upload_acked)
+
+    def _split_upload(
+        self, session: int, changesets: Sequence[UploadChangeset], download_cursor: int
+    ) -> list[bytes]:
+        """The frames of an UPLOAD too large for one: runs of changesets that fit, and each
+        changeset larger than a frame as parts, each part alone in its UPLOAD."""
+        limit = self.peer_max_frame_size
+        if (self.protocol_version or 0) < m.PARTS_VERSION:
+            raise LocalProtocolError(
+                f"an UPLOAD of more than {limit} bytes needs protocol version "
+                f"{m.PARTS_VERSION}; the server speaks {self.protocol_version}"
+            )
+        budget = part_size_for(limit)
+        frames: list[bytes] = []
+        cs_list = list(changesets)
+        for start, stop in group_by_size([len(cs.instructions) for cs in cs_list], budget):
+            run = cs_list[start:stop]
+            pieces = split_parts(run[0].instructions, budget) if len(run) == 1 else []
+            if len(pieces) > 1:
+                last = len(pieces) - 1
+                run_msgs = [
+                    m.Upload(
+                        session,
+                        [UploadChangeset(run[0].version, piece, more=i < last)],
+                        download_cursor,
+                    )
+                    for i, piece in enumerate(pieces)
+                ]
+            else:
+                run_msgs = [m.Upload(session, run, download_cursor)]
+            for msg in run_msgs:
+                frame, size = self._sized_frame(msg)
+                if size > limit:  # cannot happen: parts leave room for the message
+                    raise LocalProtocolError(f"an UPLOAD part of {size} bytes is too large")
+                frames.append(frame)
+        return frames
 
     def mark(self, session: int) -> int:
         """Queue MARK and return its request id (answered by :class:`MarkReplied`)."""
@@ -470,7 +520,7 @@ class ClientProtocol:
                 f"ERROR for session {msg.session}, already suspended",
                 msg.session,
             )
-        if state.state is not SessionState.UNBINDING and msg.code != ErrorCode.COMPENSATING_WRITE:
+        if state.state is not SessionState.UNBINDING and msg.code not in m.NON_SUSPENDING_CODES:
             state.state = SessionState.SUSPENDED
         return [event]
 
@@ -516,6 +566,15 @@ class ClientProtocol:
         state = self._active_for(msg.session, "DOWNLOAD")
         if state is None:
             return []
+        if (
+            msg.continued
+            or state.pending is not None
+            or (msg.changesets and msg.changesets[-1].more)
+        ):
+            joined = self._continue(state, msg)
+            if joined is None:
+                return []  # continued: nothing happens until the last DOWNLOAD of the run
+            msg = joined
         before = DownloadProgress(
             cursor=state.cursor,
             latest_server_version=state.latest,
@@ -544,6 +603,40 @@ class ClientProtocol:
                 msg.rows,
             )
         ]
+
+    def _continue(self, state: _Session, msg: m.Download) -> m.Download | None:
+        """Take one DOWNLOAD of a run the server split (protocol v3): None while the run
+        is ``continued``, else one DOWNLOAD holding the whole run (changesets with their
+        parts joined, objects, rows) with the last one's cursors, checked as any other."""
+        pending = state.pending
+        if pending is None:
+            pending = state.pending = []
+        pending.append(msg)
+        state.pending_bytes += sum(len(cs.instructions) for cs in msg.changesets) + sum(
+            len(o.state) for o in msg.objects if o.state is not None
+        )
+        if state.pending_bytes > self.max_assembled_bytes:
+            raise ProtocolViolationError(
+                ErrorCode.BAD_CHANGESET,
+                f"a split DOWNLOAD passed {self.max_assembled_bytes} bytes",
+                msg.session,
+            )
+        if msg.continued:
+            return None
+        state.pending, state.pending_bytes = None, 0
+        changesets = [cs for part in pending for cs in part.changesets]
+        try:
+            whole = join_download_parts(changesets, self.max_assembled_bytes)
+        except (PartOrderError, PartsTooLargeError) as exc:
+            raise ProtocolViolationError(ErrorCode.BAD_CHANGESET, str(exc), msg.session) from exc
+        if len(pending) == 1:
+            return replace(msg, changesets=whole)
+        return replace(
+            msg,
+            changesets=whole,
+            objects=[o for part in pending for o in part.objects],
+            rows=[r for part in pending for r in part.rows],
+        )
 
     def _on_mark_reply(self, msg: m.MarkReply) -> list[ClientEvent]:
         state = self._active_for(msg.session, "MARK")
@@ -619,6 +712,14 @@ class ClientProtocol:
 
     def _frame(self, msg: m.Message) -> bytes:
         return encode_frame(msg, compress=self._compression, threshold=self.compression_threshold)
+
+    def _sized_frame(self, msg: m.Message) -> tuple[bytes, int]:
+        """The frame of ``msg`` and its uncompressed size (what the frame limit bounds)."""
+        body = encode_message(msg)
+        frame = frame_of_body(
+            body, compress=self._compression, threshold=self.compression_threshold
+        )
+        return frame, len(body)
 
     def _send(self, msg: m.Message) -> None:
         self._outgoing.append(self._frame(msg))

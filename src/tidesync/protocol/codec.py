@@ -164,19 +164,26 @@ def _queries(value: Any) -> dict[str, list[str]]:
     return out
 
 
-def _record(
-    name: str, build: Callable[..., Any], checks: tuple[_Check, ...]
-) -> Callable[[Any], Any]:
+def _with_more(name: str, build: Callable[..., Any], checks: tuple[_Check, ...]) -> _Check:
+    """A changeset record: its fields, then (protocol v3) ``true`` for a part that more
+    parts follow; a whole changeset, or a last part, leaves it off."""
+    size = len(checks)
+
     def check(value: Any) -> Any:
-        if not isinstance(value, list) or len(value) != len(checks):
-            raise ValueError(f"a {name} must be an array of {len(checks)} items")
-        return build(*(c(v) for c, v in zip(checks, value)))
+        if not isinstance(value, list) or not size <= len(value) <= size + 1:
+            raise ValueError(f"a {name} must be an array of {size} or {size + 1} items")
+        values = [c(v) for c, v in zip(checks, value)]
+        if len(value) > size:
+            if value[size] is not True:
+                raise ValueError(f"a {name}'s part flag must be true (or left off)")
+            values.append(True)
+        return build(*values)
 
     return check
 
 
-_upload_changeset = _record("changeset", UploadChangeset, (_int(1), _bytes))
-_download_changeset = _record(
+_upload_changeset = _with_more("changeset", UploadChangeset, (_int(1), _bytes))
+_download_changeset = _with_more(
     "changeset", DownloadChangeset, (_int(1), _str(non_empty=True), _int(1), _bytes)
 )
 _session = _int(1)
@@ -304,6 +311,7 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
             _object_updates,
             _int(0, 2),
             _object_rows,
+            _bool,
         ),
     ),
     MessageType.MARK_REPLY: (MarkReply, (_session, _int(1), _version)),
@@ -319,7 +327,7 @@ _SPECS: dict[MessageType, tuple[type[Any], tuple[_Check, ...]]] = {
 _OPTIONAL_TAIL: dict[MessageType, int] = {
     MessageType.BIND: 1,
     MessageType.QUERY: 2,
-    MessageType.DOWNLOAD: 3,
+    MessageType.DOWNLOAD: 4,
 }
 
 # -- messages ------------------------------------------------------------------------------
@@ -327,8 +335,18 @@ _OPTIONAL_TAIL: dict[MessageType, int] = {
 
 def _plain(value: Any) -> Any:
     if isinstance(value, UploadChangeset):
+        if value.more:
+            return [value.version, value.instructions, True]
         return [value.version, value.instructions]
     if isinstance(value, DownloadChangeset):
+        if value.more:
+            return [
+                value.server_version,
+                value.origin,
+                value.client_version,
+                value.instructions,
+                True,
+            ]
         return [value.server_version, value.origin, value.client_version, value.instructions]
     if isinstance(value, ObjectUpdate):
         return [value.model, value.pk, value.state]
@@ -354,7 +372,10 @@ def _field_names(cls: type) -> tuple[str, ...]:
 
 def encode_message(msg: Message) -> bytes:
     """The uncompressed bytes of a message."""
-    values = [_plain(getattr(msg, name)) for name in _field_names(type(msg))]
+    names = _field_names(type(msg))
+    if type(msg) is Download and not msg.continued:
+        names = names[:-1]  # v3's ``continued`` is left off when false: v2 peers read it
+    values = [_plain(getattr(msg, name)) for name in names]
     return pack([int(msg.TYPE), *values])
 
 
@@ -420,7 +441,15 @@ def encode_frame(
     msg: Message, *, compress: bool = False, threshold: int = DEFAULT_COMPRESSION_THRESHOLD
 ) -> bytes:
     """The frame for ``msg``; compressed if allowed, over ``threshold`` and actually smaller."""
-    body = encode_message(msg)
+    return frame_of_body(encode_message(msg), compress=compress, threshold=threshold)
+
+
+def frame_of_body(
+    body: bytes, *, compress: bool = False, threshold: int = DEFAULT_COMPRESSION_THRESHOLD
+) -> bytes:
+    """The frame for an encoded message (:func:`encode_message`): ``body`` itself, or its
+    compression when allowed, over ``threshold`` and actually smaller. The frame limit
+    bounds ``body`` too (the receiver checks it while inflating)."""
     if compress and len(body) > threshold:
         packed = zlib.compress(body, COMPRESSION_LEVEL)
         if len(packed) + 1 < len(body):

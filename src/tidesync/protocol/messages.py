@@ -26,11 +26,22 @@ from ..errors import (
 )
 
 #: Protocol versions this implementation speaks (see the version log in docs/protocol.md).
-SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
+SUPPORTED_VERSIONS: tuple[int, ...] = (2, 3)
+#: The first version in which a changeset may travel in parts (docs/protocol.md, "Changeset
+#: parts" and the version log).
+PARTS_VERSION = 3
 #: Largest integer any numeric field may hold (msgpack int64).
 MAX_INT = 2**63 - 1
-#: Default hard limit on a frame, raw and decompressed.
-DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: Largest object a device writes by default (``Configuration(max_object_bytes=...)``):
+#: 16 MiB, Realm's limit. An object travels whole in flexible sync (bootstrap pages and
+#: authoritative states), so it must fit one frame with room for its page.
+DEFAULT_MAX_OBJECT_BYTES = 16 * 1024 * 1024
+#: Default hard limit on a frame, raw and decompressed: the largest object plus 1 MiB (one
+#: download page of other objects and the message around them).
+DEFAULT_MAX_FRAME_SIZE = DEFAULT_MAX_OBJECT_BYTES + 1024 * 1024
+#: Most bytes a device joins from the parts of one downloaded changeset (a bound against a
+#: misbehaving server; the server's own ``max_changeset_bytes`` is far lower).
+DEFAULT_MAX_ASSEMBLED_BYTES = 1024 * 1024 * 1024
 #: Smallest ``max_frame_size`` a server may announce.
 MIN_MAX_FRAME_SIZE = 4096
 #: Bodies larger than this are compressed when the peer negotiated compression.
@@ -96,6 +107,7 @@ class ErrorCode(IntEnum):
     BAD_ORIGIN_FILE = 222
     BAD_SCHEMA = 225
     COMPENSATING_WRITE = 231
+    CHANGESET_REFUSED = 232
 
     @property
     def is_connection_level(self) -> bool:
@@ -146,7 +158,14 @@ _DEFAULT_ACTIONS: dict[ErrorCode, SyncAction] = {
     ErrorCode.BAD_ORIGIN_FILE: _C,
     ErrorCode.BAD_SCHEMA: _S,
     ErrorCode.COMPENSATING_WRITE: _R,
+    ErrorCode.CHANGESET_REFUSED: _R,
 }
+
+
+#: Session-level codes after which the session stays bound: the server refused some
+#: writes (231: and sent the authoritative state; 232: a whole changeset, integrated as
+#: nothing), and sync goes on.
+NON_SUSPENDING_CODES = frozenset({ErrorCode.COMPENSATING_WRITE, ErrorCode.CHANGESET_REFUSED})
 
 
 def is_connection_level_code(code: int) -> bool:
@@ -233,6 +252,8 @@ class UploadChangeset:
 
     version: int
     instructions: bytes
+    #: Protocol v3: this is a part of the changeset and more parts follow (docs/protocol.md).
+    more: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +264,8 @@ class DownloadChangeset:
     origin: str
     client_version: int
     instructions: bytes
+    #: Protocol v3: this is a part of the changeset and more parts follow (docs/protocol.md).
+    more: bool = False
 
 
 def changeset_size(cs: UploadChangeset | DownloadChangeset) -> int:
@@ -431,6 +454,9 @@ class Download:
     bootstrap: int = 0
     #: New objects as rows (flexible sync's bootstrap), applied before ``objects``.
     rows: list[ObjectRows] = field(default_factory=list)
+    #: Protocol v3: the next DOWNLOAD continues this one; the device applies them as one
+    #: (docs/protocol.md, "Changeset parts"). Left off the wire when false.
+    continued: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -639,5 +665,39 @@ def refused_of(message: str) -> list[tuple[str, Any, str]]:
             items = json.loads(line[len(REFUSED_PREFIX) :])
             return [(str(m), unpack(base64.b64decode(pk)), str(r)) for m, pk, r in items]
         except (ValueError, TypeError, binascii.Error):
+            return []
+    return []
+
+
+# -- refused changesets (ERROR 232) ----------------------------------------------------------
+
+#: The line of a CHANGESET_REFUSED message that lists the refused client versions.
+REFUSED_VERSIONS_PREFIX = "refused versions: "
+
+
+def refused_changesets_message(refused: list[tuple[int, str]]) -> str:
+    """The ERROR 232 message: a readable summary, then one line listing ``(client
+    version, reason)`` as JSON for the client to decode."""
+    import json
+
+    summary = "; ".join(f"version {v}: {reason}" for v, reason in refused[:20])
+    more = f" (and {len(refused) - 20} more)" if len(refused) > 20 else ""
+    return (
+        f"the server refused {len(refused)} changeset(s) and integrated each as nothing: "
+        f"{summary}{more}\n{REFUSED_VERSIONS_PREFIX}{json.dumps(refused)}"
+    )
+
+
+def refused_changesets_of(message: str) -> list[tuple[int, str]]:
+    """Decode the list :func:`refused_changesets_message` wrote (empty if absent)."""
+    import json
+
+    for line in message.splitlines():
+        if not line.startswith(REFUSED_VERSIONS_PREFIX):
+            continue
+        try:
+            items = json.loads(line[len(REFUSED_VERSIONS_PREFIX) :])
+            return [(int(v), str(r)) for v, r in items]
+        except (ValueError, TypeError):
             return []
     return []

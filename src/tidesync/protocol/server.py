@@ -14,15 +14,16 @@ a server bug shows up here and not as a confused client.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 from ..errors import LocalProtocolError, RemoteProtocolError, SyncAction
 from . import messages as m
-from .codec import decode_frame, encode_frame
+from .codec import decode_frame, encode_frame, encode_message, frame_of_body
 from .messages import (
     DEFAULT_COMPRESSION_THRESHOLD,
+    DEFAULT_MAX_ASSEMBLED_BYTES,
     DEFAULT_MAX_FRAME_SIZE,
     DownloadChangeset,
     DownloadProgress,
@@ -39,6 +40,13 @@ from .messages import (
     session_of,
 )
 from .messages import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS  # the versions we speak
+from .parts import PartAssembler, PartOrderError, group_by_size, part_size_for, split_parts
+
+
+def _object_size(update: m.ObjectUpdate) -> int:
+    """About the bytes an object update takes in a DOWNLOAD (for splitting one)."""
+    key = update.pk if isinstance(update.pk, str | bytes) else b""
+    return len(update.state or b"") + len(update.model) + len(key)
 
 
 class ServerState(Enum):
@@ -107,6 +115,10 @@ class UploadReceived:
     session: int
     changesets: list[UploadChangeset]
     download_cursor: int
+    #: Versions (-> their size) of changesets sent in parts that passed the limit on one
+    #: changeset: their parts were dropped as they came, ``changesets`` holds each with
+    #: empty instructions, and the shell refuses it (ERROR 232).
+    oversized: dict[int, int] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -168,6 +180,7 @@ class _Session:
     query_version: int = 0
     marks: set[int] = field(default_factory=set)
     error_owed: bool = False  # receive_data found a violation; error() is expected
+    parts: PartAssembler | None = None  # an uploaded changeset arriving in parts (v3)
 
 
 class ServerProtocol:
@@ -179,9 +192,13 @@ class ServerProtocol:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         compression_threshold: int = DEFAULT_COMPRESSION_THRESHOLD,
         supported_versions: Sequence[int] = SUPPORTED_VERSIONS,
+        max_changeset_bytes: int = DEFAULT_MAX_ASSEMBLED_BYTES,
     ) -> None:
-        """``max_frame_size`` bounds frames both ways and is announced in WELCOME."""
+        """``max_frame_size`` bounds frames both ways and is announced in WELCOME;
+        ``max_changeset_bytes`` bounds one uploaded changeset joined from parts (the parts
+        of a larger one are dropped as they come: see ``UploadReceived.oversized``)."""
         self.max_frame_size = max_frame_size
+        self.max_changeset_bytes = max_changeset_bytes
         self.compression_threshold = compression_threshold
         self.supported_versions = tuple(supported_versions)
         self.state = ServerState.AWAITING_HELLO
@@ -316,6 +333,12 @@ class ServerProtocol:
         state = self._active(msg.session, "UPLOAD")
         if state is None:
             return []
+        parts, oversized = state.parts, None
+        if (parts is not None and parts.pending) or (msg.changesets and msg.changesets[-1].more):
+            joined = self._assemble(state, msg)
+            if joined is None:
+                return []  # a part: nothing happens until the changeset is whole
+            msg, oversized = joined
         previous = state.last_upload
         for cs in msg.changesets:
             if cs.version <= previous:
@@ -334,7 +357,42 @@ class ServerProtocol:
             )
         state.last_upload = previous
         state.client_cursor = msg.download_cursor
+        if oversized:
+            return [UploadReceived(msg.session, msg.changesets, msg.download_cursor, oversized)]
         return [UploadReceived(msg.session, msg.changesets, msg.download_cursor)]
+
+    def _assemble(
+        self, state: _Session, msg: m.Upload
+    ) -> tuple[m.Upload, dict[int, int] | None] | None:
+        """Take one UPLOAD of a changeset sent in parts: None for a part that more follow,
+        else the UPLOAD with the whole changeset in place of its last part (and, if it
+        passed ``max_changeset_bytes``, its version and size)."""
+        parts = state.parts
+        if parts is None:
+            parts = state.parts = PartAssembler(self.max_changeset_bytes, discard_over_limit=True)
+        first = msg.changesets[0] if msg.changesets else None
+        if first is None or any(cs.more for cs in msg.changesets[1:]):
+            raise ProtocolViolationError(
+                ErrorCode.BAD_CHANGESET,
+                "a changeset part must be the only changeset of its UPLOAD, and the part "
+                "after it must come first in the next",
+                msg.session,
+            )
+        if not parts.pending and first.version <= state.last_upload:
+            raise ProtocolViolationError(
+                ErrorCode.BAD_CHANGESET,
+                f"upload version {first.version} is not above {state.last_upload}",
+                msg.session,
+            )
+        try:
+            whole = parts.add(first.version, first.instructions, first.more)
+        except PartOrderError as exc:
+            raise ProtocolViolationError(ErrorCode.BAD_CHANGESET, str(exc), msg.session) from exc
+        if whole is None:
+            return None
+        oversized = {first.version: parts.overflow} if parts.overflow is not None else None
+        joined = UploadChangeset(first.version, whole)
+        return replace(msg, changesets=[joined, *msg.changesets[1:]]), oversized
 
     def _on_query(self, msg: m.Query) -> list[ServerEvent]:
         state = self._active(msg.session, "QUERY")
@@ -449,15 +507,60 @@ class ServerProtocol:
         problem = download_violation(msg, before)
         if problem is not None:
             raise LocalProtocolError(f"invalid DOWNLOAD for session {session}: {problem[1]}")
-        frame = self._frame(msg)
-        if len(frame) > self.max_frame_size:
-            raise LocalProtocolError(
-                f"DOWNLOAD of {len(frame)} bytes exceeds the frame limit {self.max_frame_size}"
-            )
-        self._outgoing.append(frame)
+        frame, size = self._sized_frame(msg)
+        if size <= self.max_frame_size:
+            self._outgoing.append(frame)
+        else:  # the one size comparison the usual download pays for parts
+            self._outgoing.extend(self._split_download(msg))
         state.sent_cursor = cursor
         state.latest = latest_server_version
         state.sent_upload_acked = upload_acked
+
+    def _split_download(self, msg: m.Download) -> list[bytes]:
+        """The frames of a DOWNLOAD too large for one (protocol v3): a run of DOWNLOADs,
+        each but the last marked ``continued``, that the device joins into one and applies
+        in one transaction. Changesets go first (runs that fit, one larger than a frame as
+        parts, each alone in its DOWNLOAD), then objects; the last DOWNLOAD carries the
+        rows and the bootstrap mark. Every DOWNLOAD repeats the message's cursors."""
+        limit = self.max_frame_size
+        if (self.protocol_version or 0) < m.PARTS_VERSION:
+            raise LocalProtocolError(
+                f"a DOWNLOAD of more than {limit} bytes needs protocol version "
+                f"{m.PARTS_VERSION}; the client speaks {self.protocol_version}"
+            )
+        budget = part_size_for(limit)
+        base = replace(msg, changesets=[], objects=[], rows=[], bootstrap=0, continued=True)
+        heads: list[m.Download] = []
+        changesets = msg.changesets
+        for start, stop in group_by_size([len(cs.instructions) for cs in changesets], budget):
+            run = changesets[start:stop]
+            cs = run[0]
+            pieces = split_parts(cs.instructions, budget) if len(run) == 1 else []
+            if len(pieces) > 1:
+                last = len(pieces) - 1
+                for i, piece in enumerate(pieces):
+                    part = DownloadChangeset(
+                        cs.server_version, cs.origin, cs.client_version, piece, more=i < last
+                    )
+                    heads.append(replace(base, changesets=[part]))
+            else:
+                heads.append(replace(base, changesets=run))
+        objects = msg.objects
+        for start, stop in group_by_size([_object_size(o) for o in objects], budget):
+            heads.append(replace(base, objects=objects[start:stop]))
+        if heads and not msg.rows:
+            heads[-1] = replace(heads[-1], bootstrap=msg.bootstrap, continued=False)
+        else:
+            heads.append(replace(msg, changesets=[], objects=[]))
+        frames: list[bytes] = []
+        for head in heads:
+            frame, size = self._sized_frame(head)
+            if size > limit:  # one object or row block larger than a frame: not split
+                raise LocalProtocolError(
+                    f"DOWNLOAD of {size} bytes exceeds the frame limit {limit}"
+                )
+            frames.append(frame)
+        return frames
 
     def mark_reply(self, session: int, request_id: int, server_version: int) -> None:
         """Answer a MARK: every DOWNLOAD up to ``server_version`` has been queued."""
@@ -489,7 +592,7 @@ class ServerProtocol:
     ) -> None:
         """Queue ERROR. A connection-level code ends the connection (close it after
         sending); a session-level one suspends the session until the client unbinds,
-        except a compensating write."""
+        except a compensating write and a refused changeset (``NON_SUSPENDING_CODES``)."""
         if self.state is ServerState.CLOSED:
             raise LocalProtocolError("the connection is closed")
         if action is None:
@@ -514,7 +617,7 @@ class ServerProtocol:
             raise LocalProtocolError(f"session {session} is unbinding; answer unbound()")
         self._send(m.Error(int(code), message, action, retry_delay_ms, session))
         state.error_owed = False
-        if code != ErrorCode.COMPENSATING_WRITE:
+        if code not in m.NON_SUSPENDING_CODES:
             state.state = ServerSessionState.SUSPENDED
 
     def error_for(self, exc: RemoteProtocolError) -> None:
@@ -559,6 +662,14 @@ class ServerProtocol:
 
     def _frame(self, msg: m.Message) -> bytes:
         return encode_frame(msg, compress=self._compression, threshold=self.compression_threshold)
+
+    def _sized_frame(self, msg: m.Message) -> tuple[bytes, int]:
+        """The frame of ``msg`` and its uncompressed size (what the frame limit bounds)."""
+        body = encode_message(msg)
+        frame = frame_of_body(
+            body, compress=self._compression, threshold=self.compression_threshold
+        )
+        return frame, len(body)
 
     def _send(self, msg: m.Message) -> None:
         self._outgoing.append(self._frame(msg))

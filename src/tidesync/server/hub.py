@@ -37,6 +37,7 @@ from ..errors import (
     SyncAction,
 )
 from ..protocol.messages import (
+    PARTS_VERSION,
     DownloadChangeset,
     ErrorCode,
     InvalidMessageError,
@@ -44,6 +45,7 @@ from ..protocol.messages import (
     PongReceived,
     error_code_of,
     is_session_level_code,
+    refused_changesets_message,
     session_of,
 )
 from ..protocol.server import (
@@ -385,7 +387,10 @@ class SyncConnection:
         self.ws = websocket
         self.app_id = app_id
         self.id = uuid.uuid4().hex
-        self.proto = ServerProtocol(max_frame_size=hub.config.max_frame_size)
+        self.proto = ServerProtocol(
+            max_frame_size=hub.config.max_frame_size,
+            max_changeset_bytes=hub.config.limits.max_changeset_bytes,
+        )
         self.user_id: str | None = None
         #: The login (token family) whose access token authenticated this connection.
         self.login: str | None = None
@@ -782,27 +787,39 @@ class SyncConnection:
         if session is None or not session.active:
             return
         changesets: list[Changeset] = []
+        refused: list[tuple[int, str]] = []
         most = self.hub.config.limits.max_changeset_bytes
+        oversized = event.oversized
         for cs in event.changesets:
-            if len(cs.instructions) > most:
-                await self._session_error(
-                    event.session,
-                    ErrorCode.BAD_CHANGESET,
-                    f"limit exceeded: changeset version {cs.version} has "
-                    f"{len(cs.instructions)} bytes, more than the limit of {most}",
+            size = oversized.get(cs.version) if oversized else None
+            if size is None and len(cs.instructions) > most:
+                size = len(cs.instructions)
+            reason = None
+            instructions: tuple[Any, ...] = ()
+            if size is not None:
+                reason = (
+                    f"limit exceeded: changeset version {cs.version} has {size} bytes, "
+                    f"more than the server's limit of {most} (limits.max_changeset_bytes)"
                 )
-                return
-            try:
-                with gc_paused:
-                    instructions = unpack_instructions(cs.instructions, origin=session.file_ident)
-            except ValueError as exc:
-                await self._session_error(
-                    event.session,
-                    ErrorCode.BAD_CHANGESET,
-                    f"changeset version {cs.version} is malformed: {exc}",
-                )
-                return
+            else:
+                try:
+                    with gc_paused:
+                        instructions = unpack_instructions(
+                            cs.instructions, origin=session.file_ident
+                        )
+                except ValueError as exc:
+                    reason = f"changeset version {cs.version} is malformed: {exc}"
+            if reason is not None:
+                if (self.proto.protocol_version or 0) < PARTS_VERSION:
+                    # a v2 client knows no ERROR 232: its session stops, as it always did
+                    await self._session_error(event.session, ErrorCode.BAD_CHANGESET, reason)
+                    return
+                refused.append((cs.version, reason))
             changesets.append(Changeset(session.file_ident, cs.version, instructions))
+        if refused:
+            # integrated as nothing (so the versions after it go on), and reported first:
+            # the device reads what the refused changesets held before they are acknowledged
+            await self._refuse_changesets(event.session, refused)
         if not changesets:
             return
         # a rule check and its commit are one step per app (server/flexsync.py)
@@ -819,6 +836,24 @@ class SyncConnection:
                 return
             future.add_done_callback(partial(_upload_done, session, changesets[-1].version))
             guard.until(future)
+
+    async def _refuse_changesets(self, number: int, refused: list[tuple[int, str]]) -> None:
+        """Send ERROR 232 for changesets integrated as nothing (the session stays bound)."""
+        log.info("connection %s session %d: refused changesets %s", self.id, number, refused)
+        if self.proto.state is not ServerState.OPEN:
+            return
+        try:
+            self.proto.error(
+                ErrorCode.CHANGESET_REFUSED,
+                refused_changesets_message(refused),
+                action=SyncAction.RETRY,
+                session=number,
+            )
+            self.hub.metrics.error(ErrorCode.CHANGESET_REFUSED)
+        except LocalProtocolError:
+            log.debug("session %d: ERROR 232 not sent (session ended)", number)
+            return
+        await self._flush()
 
     async def _on_mark(self, event: MarkReceived) -> None:
         session = self.sessions.get(event.session)

@@ -27,8 +27,10 @@ ASGIApp = Callable[
 class Limits:
     """Per-server limits (sizes in bytes, counts per minute for login attempts)."""
 
-    #: Largest ``instructions`` blob of one uploaded changeset.
-    max_changeset_bytes: int = 4 * 1024 * 1024
+    #: Largest ``instructions`` blob of one uploaded changeset (one device transaction),
+    #: whole or joined from its parts; a larger one is refused and integrated as nothing
+    #: (ERROR 232, docs/server.md "Limits"). Parts of one are held in memory until the last.
+    max_changeset_bytes: int = 64 * 1024 * 1024
     #: Sessions (synced database files) bound at once on one connection.
     max_sessions_per_connection: int = 64
     #: Sync connections open at once for one user of one app.

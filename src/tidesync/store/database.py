@@ -27,12 +27,14 @@ from ..errors import (
     ValueTypeError,
     WriteOutsideTransactionError,
 )
+from ..protocol.messages import DEFAULT_MAX_OBJECT_BYTES
 from . import sqlvalues as sv
 from .collections import ManagedDict, ManagedList, ManagedSet
 from .diskfull import disk_full_error
 from .engine import StoreEngine
 from .model import Counter, Model, iter_models
 from .notify import Notifier
+from .objsize import check_object_sizes
 from .results import Results
 
 M = TypeVar("M", bound=Model)
@@ -72,6 +74,8 @@ class LocalDatabase:
         self._notifier: Notifier | None = None
         self._notifier_lock = threading.Lock()
         self._add_plans: dict[str, list[tuple[str, FieldSchema, frozenset[type]]]] = {}
+        #: Most bytes one transaction may write to one object (store/objsize.py).
+        self.max_object_bytes = DEFAULT_MAX_OBJECT_BYTES
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -150,6 +154,12 @@ class LocalDatabase:
                 self._raise_disk_full(exc)
                 raise
             else:
+                try:
+                    check_object_sizes(self._pending, self.max_object_bytes, self._engine.origin)
+                except BaseException:
+                    self._engine.rollback()
+                    self._local_version += 1
+                    raise
                 try:
                     self._engine.commit((), exact=True, packed=self._pending)
                 except sqlite3.Error as exc:  # rolled back by commit()

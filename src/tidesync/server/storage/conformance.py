@@ -369,6 +369,26 @@ class StorageConformance:
         assert page.entries == [LogEntry(1, "A", 1, pack_instructions(cs.instructions))]
         assert (page.cursor, page.latest_version, page.remaining_bytes) == (1, 1, 0)
 
+    async def test_a_big_changeset_and_an_empty_one_are_one_version_each(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        # one device transaction of 30,000 objects (~7.5 MB packed), then one the hub
+        # refused and integrates as nothing (ERROR 232): one commit, one log row each
+        a, b = Writer("A"), Writer("B")
+        big = a.cs(*(a.create(f"k{i:05d}", title="x" * 220) for i in range(30_000)))
+        empty = a.cs()
+        res = await storage.integrate([batch(app, big, empty), batch(app, b.cs(b.create("b")))])
+        assert [r.server_versions for r in res] == [[1, 2], [3]]
+        assert res[0].acked_version == 2
+        page = await storage.read_log(app, 0, 1)  # at least one entry, however big
+        assert [(e.server_version, e.client_version) for e in page.entries] == [(1, 1)]
+        assert page.entries[0].instructions == pack_instructions(big.instructions)
+        assert len(page.entries[0].instructions) > 7_000_000
+        rest = await storage.read_log(app, 1, 1 << 20)
+        assert [e.server_version for e in rest.entries] == [2, 3]
+        assert rest.entries[0].instructions == pack_instructions(())
+        assert len(await storage.get_objects(app, "Task")) == 30_001
+
     async def test_read_log_pages_in_order(self, storage: ServerStorage, app: str) -> None:
         a = Writer("A")
         for i in range(10):
