@@ -73,6 +73,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run the sync server (development mode) until SIGINT or SIGTERM."""
+    from .errors import ConfigurationError
     from .eventloop import new_event_loop
     from .server.config import ServerConfig
     from .server.runner import ServerStartError, print_url, serve_forever
@@ -106,6 +107,9 @@ def serve(
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve_forever(data, host, port, config, announce=print_url))
+    except ConfigurationError as exc:  # e.g. a declared schema that retypes stored data
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     except ServerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

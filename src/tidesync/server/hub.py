@@ -59,7 +59,7 @@ from ..protocol.server import (
     UploadReceived,
 )
 from ..store.gcpause import gc_paused
-from . import flexsync
+from . import flexsync, schemapin
 from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, WrongAppError
 from .config import ServerConfig
 from .flexsync import FlexView
@@ -677,6 +677,7 @@ class SyncConnection:
             await self._session_error(number, ErrorCode.BAD_SCHEMA, f"invalid schema: {exc}")
             return
         try:
+            await schemapin.check_bind(self.hub.config, storage, app, schemas)
             await storage.put_schemas(app, schemas)
             known = True
             if event.download_cursor > 0:  # a file that synced before must be on record

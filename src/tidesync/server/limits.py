@@ -41,6 +41,10 @@ class Limits:
     login_attempts_per_address: int = 60
     #: Bytes of one HTTP request body.
     max_request_body_bytes: int = 64 * 1024
+    #: Models of one app whose schema is learnt from clients (no declared schema).
+    max_models_per_app: int = 1000
+    #: Fields of one model whose schema is learnt from clients (no declared schema).
+    max_fields_per_model: int = 1000
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
