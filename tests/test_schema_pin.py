@@ -436,12 +436,19 @@ async def test_development_mode_caps_models_and_fields(tmp_path: Path) -> None:
 # -- changing the declared schema ----------------------------------------------------------------
 
 
-def serve_once(tmp_path: Path, config: str) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``tidesync ARGS`` to its end (called in a thread: it blocks)."""
+    cmd = [sys.executable, "-m", "tidesync.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+async def serve_once(tmp_path: Path, config: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "changed.toml"
     path.write_text(textwrap.dedent(config))
-    cmd = [sys.executable, "-m", "tidesync.cli", "serve", "--port", "0"]
-    cmd += ["--data", str(tmp_path / "server"), "--config", str(path)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    data = str(tmp_path / "server")
+    return await asyncio.to_thread(
+        run_cli, "serve", "--port", "0", "--data", data, "--config", str(path)
+    )
 
 
 async def test_schema_changes_at_restart(tmp_path: Path) -> None:
@@ -465,7 +472,7 @@ async def test_schema_changes_at_restart(tmp_path: Path) -> None:
         (required, "new field Tag.size (int) must be optional"),
         (DECLARED.split("[apps.todo.schema.Tag]")[0], "model 'Tag' is stored but not declared"),
     ):
-        result = serve_once(tmp_path, config)
+        result = await serve_once(tmp_path, config)
         assert result.returncode == 2, result
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: apps.todo.schema"), result.stderr
@@ -484,3 +491,31 @@ async def test_schema_changes_at_restart(tmp_path: Path) -> None:
         assert fields(again, "Task")["priority"] == "int | None"
     finally:
         again.kill()
+
+
+async def test_exported_schema_pins_what_development_mode_learnt(tmp_path: Path) -> None:
+    proc = start(tmp_path, "[server]\ndevelopment_mode = true\n", "dev.toml")
+    device = Device(tmp_path, "d", proc.url)
+    try:
+        await device.open()
+    finally:
+        device.close()
+        assert proc.stop() == 0
+    cmd = ("schema", "export", "--app", APP, "--data")
+    result = await asyncio.to_thread(run_cli, *cmd, str(tmp_path / "server"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith('[apps.todo.schema.Task]\nprimary_key = "id"\n')
+    assert 'priority = "int | None"' in result.stdout
+    config = '[apps.todo]\nauth = ["anonymous"]\n\n' + result.stdout
+    pinned = start(tmp_path, config, "exported.toml")
+    raw = await Raw.connect(pinned)
+    try:
+        message = await raw.refused(1, "f1", [task_schema(), junk_model("Junk")])
+        assert "model 'Junk' is not declared" in message
+        await raw.bind(2, "f2", [task_schema()])
+        await raw.expect(SessionBound)
+    finally:
+        await raw.close()
+        pinned.kill()
+    missing = await asyncio.to_thread(run_cli, *cmd, str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no server data" in missing.stderr

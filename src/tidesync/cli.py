@@ -115,6 +115,48 @@ def serve(
         raise typer.Exit(1) from exc
 
 
+schema_app = typer.Typer(
+    help="The schema the server has stored, as the configuration declares it.",
+    no_args_is_help=True,
+)
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("export")
+def schema_export(
+    app_id: Annotated[str, typer.Option("--app", help="The app whose schema to print.")],
+    data: Annotated[Path, typer.Option(help="The server's data folder (SQLite storage).")] = Path(
+        "./tidesync-data"
+    ),
+    storage: Annotated[
+        str,
+        typer.Option(envvar="TIDESYNC_STORAGE", help="A postgresql:// URL instead of --data."),
+    ] = "",
+    schema_file: Annotated[
+        bool,
+        typer.Option(
+            "--schema-file", help="Print a file for schema_file (no [apps.<app>.schema] prefix)."
+        ),
+    ] = False,
+) -> None:
+    """Print the app's stored schema as TOML to paste into the configuration file."""
+    from .errors import TidesyncError
+    from .server.config import ServerConfig
+    from .server.schemapin import export_schema
+
+    if not storage and not (data / "server.sqlite3").is_file():
+        typer.echo(f"error: no server data in {data} (server.sqlite3 is missing)", err=True)
+        raise typer.Exit(2)
+    try:
+        config = ServerConfig(storage_url=storage)
+        prefix = "" if schema_file else f"apps.{app_id}.schema."
+        text = asyncio.run(export_schema(data, config, app_id, prefix))
+    except (TidesyncError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(text, nl=False)
+
+
 @app.command()
 def demo(
     limit: float = typer.Option(60.0, help="Stop after this many seconds at most."),

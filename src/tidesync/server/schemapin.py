@@ -349,6 +349,22 @@ async def pin_declared_schemas(storage: ServerStorage, config: ServerConfig) -> 
 # -- printing it ------------------------------------------------------------------------------
 
 
+async def export_schema(data_dir: Path, config: ServerConfig, app_id: str, prefix: str) -> str:
+    """The schema the storage of ``config`` (SQLite in ``data_dir`` by default) holds for
+    ``app_id``, as :func:`schema_toml` prints it; raises ``ConfigurationError`` if none."""
+    from .app import storage_for
+
+    storage = storage_for(config)(data_dir)
+    await storage.open()
+    try:
+        models = await storage.get_schemas(app_id)
+    finally:
+        await storage.close()
+    if not models:
+        raise ConfigurationError(f"the storage holds no schema for app {app_id!r}")
+    return schema_toml(models, prefix)
+
+
 def _key(name: str) -> str:
     return name if name.replace("_", "a").isalnum() and name.isascii() else json.dumps(name)
 
