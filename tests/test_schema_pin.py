@@ -296,11 +296,15 @@ async def test_undeclared_model_is_refused_and_nothing_is_stored(pinned: ServerP
         await raw.bind(1, "honest-file", [task_schema()])
         await raw.expect(SessionBound)
         junk = [junk_model(f"Junk{i}") for i in range(2_000)]
-        message = await raw.refused(2, "junk-file", [task_schema(), *junk])
+        wider = task_schema(FieldSchema("x", Kind.STR, optional=True))
+        message = await raw.refused(2, "junk-file", [*junk[:5], wider, *junk[5:]])
         assert "model 'Junk0' is not declared" in message
-        assert "model 'Junk9' is not declared" in message and "and 1990 more" in message
+        assert "field Task.x is not declared" in message  # named with the junk
+        assert "model 'Junk8' is not declared" in message and "and 1991 more" in message
+        message = await raw.refused(3, "twice-file", [task_schema(), task_schema()])
+        assert "model 'Task' appears more than once" in message
         assert stored(pinned) == before
-        assert "junk-file" not in clients(pinned)
+        assert not {"junk-file", "twice-file"} & clients(pinned)
         # the connection's other session keeps syncing
         await raw.upload_create(1, "t1", {"id": "t1", "owner_id": "", "summary": "still here"})
         while raw.proto.progress(1).upload_acked < 1:
@@ -421,13 +425,18 @@ async def test_development_mode_caps_models_and_fields(tmp_path: Path) -> None:
         wide = task_schema(*(FieldSchema(f"x{i}", Kind.INT, optional=True) for i in range(3)))
         message = await raw.refused(3, "f3", [wide])
         assert "at most 6 fields per model (limits.max_fields_per_model)" in message
-        assert "model Task would have 7" in message
+        assert "model 'Task' has 7" in message
         assert set(fields(proc, "Task")) == {"id", "owner_id", "summary", "priority"}
         # within the caps, development mode still learns: two more fields, two more models
         wider = task_schema(*(FieldSchema(f"x{i}", Kind.INT, optional=True) for i in range(2)))
         await raw.bind(4, "f4", [wider, junk_model("K0"), junk_model("K1")])
         await raw.expect(SessionBound)
         assert len(stored(proc)) == 5 and len(fields(proc, "Task")) == 6
+        message = await raw.refused(
+            5, "f5", [task_schema(FieldSchema("y", Kind.INT, optional=True))]
+        )
+        assert "model Task would have 7" in message  # each BIND is small, the sum is not
+        assert len(fields(proc, "Task")) == 6
     finally:
         await raw.close()
         proc.kill()

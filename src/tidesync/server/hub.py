@@ -672,7 +672,11 @@ class SyncConnection:
             )
             return
         try:
+            schemapin.precheck_bind(self.hub.config, app, event.schema)
             schemas = [ModelSchema.from_dict(d) for d in event.schema]
+        except SchemaMismatchError as exc:  # refused by names and sizes, before parsing
+            await self._session_error(number, ErrorCode.BAD_SCHEMA, str(exc))
+            return
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             await self._session_error(number, ErrorCode.BAD_SCHEMA, f"invalid schema: {exc}")
             return

@@ -253,29 +253,82 @@ def cap_problem(
     return None
 
 
+def _declared(config: ServerConfig, app_id: str) -> dict[str, ModelSchema] | None:
+    settings = config.auth.app(app_id, config.development_mode)
+    return settings.schema if settings is not None else None
+
+
+def _refuse(problems: list[str]) -> SchemaMismatchError:
+    return SchemaMismatchError(
+        f"the schema is declared by the server's configuration: {_summary(problems)}"
+    )
+
+
+def precheck_bind(config: ServerConfig, app_id: str, raw: list[Any]) -> None:
+    """Refuse (:class:`SchemaMismatchError`) what a BIND's raw schema shows by its names and
+    sizes alone, before it is parsed (parsing costs about 60 µs a model): a model the app
+    does not declare, a model named twice, or more models or fields than the caps allow.
+
+    When this passes, at most as many models as the app declares (or the cap allows) are
+    parsed and given to :func:`check_bind`.
+    """
+    declared = _declared(config, app_id)
+    if declared is None:
+        limits = config.limits
+        if len(raw) > limits.max_models_per_app:
+            raise SchemaMismatchError(
+                f"limit exceeded: at most {limits.max_models_per_app} models per app "
+                f"(limits.max_models_per_app); this BIND has {len(raw)}"
+            )
+        for d in raw:
+            listed = d.get("fields") if isinstance(d, dict) else None
+            if isinstance(listed, list) and len(listed) > limits.max_fields_per_model:
+                raise SchemaMismatchError(
+                    f"limit exceeded: at most {limits.max_fields_per_model} fields per model "
+                    f"(limits.max_fields_per_model); model {d.get('name')!r} has {len(listed)}"
+                )
+        return
+    problems: list[str] = []
+    known: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for d in raw:
+        name = d.get("name") if isinstance(d, dict) else None
+        if not isinstance(name, str):
+            continue  # malformed: the parser names it
+        if name in seen:
+            problems.append(f"model {name!r} appears more than once")
+        elif name not in declared:
+            problems.append(f"model {name!r} is not declared")
+        else:
+            known.append(d)
+        seen.add(name)
+    if problems:
+        try:  # the declared models' own problems first: they are few, and easily lost
+            own = bind_problems(declared, [ModelSchema.from_dict(d) for d in known])
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            own = [f"invalid schema: {exc}"]
+        raise _refuse(own + problems)
+
+
 async def check_bind(
     config: ServerConfig, storage: ServerStorage, app_id: str, bound: list[ModelSchema]
 ) -> None:
-    """Refuse a BIND's schema (:class:`SchemaMismatchError`) that the app may not take.
+    """Refuse a BIND's parsed schema (:class:`SchemaMismatchError`) that the app may not
+    take: a declared schema must cover it (fewer models and fields are fine); otherwise the
+    caps bound what it may add to the stored one.
 
-    A declared schema must cover it; otherwise the caps bound what it may add. Called once
-    per BIND, before the schema is stored; nothing on the upload path.
+    Called once per BIND (after :func:`precheck_bind`), before the schema is stored;
+    nothing on the upload path.
     """
-    settings = config.auth.app(app_id, config.development_mode)
-    declared = settings.schema if settings is not None else None
+    declared = _declared(config, app_id)
     if declared is not None:
         problems = bind_problems(declared, bound)
         if problems:
-            raise SchemaMismatchError(
-                f"the schema is declared by the server's configuration: {_summary(problems)}"
-            )
+            raise _refuse(problems)
         return
     limits = config.limits
-    if len(bound) > limits.max_models_per_app:  # refused before looking at the storage
-        problem = cap_problem({}, bound, limits.max_models_per_app, limits.max_fields_per_model)
-    else:
-        stored = await storage.get_schemas(app_id)
-        problem = cap_problem(stored, bound, limits.max_models_per_app, limits.max_fields_per_model)
+    stored = await storage.get_schemas(app_id)
+    problem = cap_problem(stored, bound, limits.max_models_per_app, limits.max_fields_per_model)
     if problem is not None:
         raise SchemaMismatchError(problem)
 
