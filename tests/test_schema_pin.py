@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import time
+import tomllib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -254,8 +257,6 @@ def test_exported_toml_reads_back_as_the_same_schema() -> None:
         },
         "apps.todo.schema",
     )
-    import tomllib
-
     text = schema_toml(declared, "apps.todo.schema.")
     again = parse_schema(tomllib.loads(text)["apps"]["todo"]["schema"], "apps.todo.schema")
     assert again == declared
@@ -528,3 +529,55 @@ async def test_exported_schema_pins_what_development_mode_learnt(tmp_path: Path)
         pinned.kill()
     missing = await asyncio.to_thread(run_cli, *cmd, str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "no server data" in missing.stderr
+
+
+# -- two processes sharing PostgreSQL ------------------------------------------------------------
+
+PG_DSN = os.environ.get("TIDESYNC_TEST_PG_DSN", "")
+
+
+@pytest.mark.skipif(not PG_DSN, reason="TIDESYNC_TEST_PG_DSN is not set")
+async def test_two_processes_on_postgresql_hold_the_declared_schema(tmp_path: Path) -> None:
+    pytest.importorskip("asyncpg")
+    from tidesync.server.storage.postgres import PostgresStorage
+
+    url = f"{PG_DSN}{'&' if '?' in PG_DSN else '?'}schema=ts_pin_{uuid.uuid4().hex[:12]}"
+    config = tmp_path / "tidesync.toml"
+    config.write_text(textwrap.dedent(DECLARED))
+    args = ["--storage", url, "--config", str(config)]
+    one = ServerProcess(tmp_path / "one", extra_args=args).start()
+    two = ServerProcess(tmp_path / "two", extra_args=args).start()
+    try:
+        hostile, honest = await Raw.connect(two), await Raw.connect(one)
+        try:
+            junk = [junk_model(f"Junk{i}") for i in range(50)]
+            message = await hostile.refused(1, "junk", [task_schema(), *junk])
+            assert "model 'Junk0' is not declared" in message
+            await honest.bind(1, "honest", [task_schema()])
+            await honest.expect(SessionBound)
+        finally:
+            await hostile.close()
+            await honest.close()
+        export = ("schema", "export", "--app", APP, "--storage", url)
+        result = await asyncio.to_thread(run_cli, *export)
+        assert result.returncode == 0, result.stderr
+        declared = load_config(config).auth.apps[APP].schema
+        assert declared is not None
+        exported = tomllib.loads(result.stdout)["apps"][APP]["schema"]
+        assert parse_schema(exported, "exported") == declared
+    finally:
+        one.kill()
+        two.kill()
+    try:
+        retyped = tmp_path / "retyped.toml"
+        retyped.write_text(textwrap.dedent(DECLARED).replace('"int | None"', '"float | None"'))
+        result = await asyncio.to_thread(
+            run_cli, "serve", "--port", "0", "--storage", url, "--config", str(retyped)
+        )
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert "field Task.priority changed type from int | None to float | None" in result.stderr
+    finally:
+        storage = PostgresStorage.from_url(url)
+        await storage.open()
+        await storage.drop_schema()
+        await storage.close()

@@ -24,6 +24,7 @@ Field types are written as :meth:`~tidesync.core.schema.FieldSchema.type_name` p
 from __future__ import annotations
 
 import json
+import logging
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..errors import ConfigurationError, SchemaMismatchError
 from .storage.base import ServerStorage, merge_schemas
+
+log = logging.getLogger("tidesync.server.schemapin")
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -397,6 +400,16 @@ async def pin_declared_schemas(storage: ServerStorage, config: ServerConfig) -> 
     await check_declared_schemas(storage, config)
     for app_id, declared in declared_apps(config).items():
         await storage.put_schemas(app_id, list(declared.values()))
+    if not config.development_mode:
+        for app_id, app in config.auth.apps.items():
+            if app.schema is None:
+                log.warning(
+                    "apps.%s declares no schema: it takes the models its clients declare "
+                    "(within limits.max_models_per_app / max_fields_per_model); declare "
+                    "[apps.%s.schema] to pin it (docs/server.md)",
+                    app_id,
+                    app_id,
+                )
 
 
 # -- printing it ------------------------------------------------------------------------------
