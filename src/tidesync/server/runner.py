@@ -31,7 +31,7 @@ from .app import StorageFactory, create_app, storage_for
 from .config import ServerConfig
 from .hub import SyncHub
 from .schemapin import check_declared_schemas, declared_apps
-from .storage.base import ServerStorage
+from .storage.base import ServerStorage, StorageError
 
 log = logging.getLogger("tidesync.server.runner")
 
@@ -214,10 +214,15 @@ class InProcessServer:
         anything starts if a declared schema cannot serve the stored data; the app's
         lifespan checks again and stores the declared schemas."""
         factory = self._storage_factory or storage_for(self.config)
-        storage = factory(self.data_dir)
-        await storage.open()
+        try:
+            storage = factory(self.data_dir)
+            await storage.open()
+        except Exception as exc:  # what the lifespan would meet too, said once, clearly
+            raise ServerStartError(f"cannot open the storage: {exc}") from exc
         try:
             await check_declared_schemas(storage, self.config)
+        except StorageError as exc:
+            raise ServerStartError(f"cannot read the stored schemas: {exc}") from exc
         finally:
             await storage.close()
 
