@@ -280,6 +280,11 @@ def test_config_mistakes_are_named(tmp_path: Path) -> None:
         load(head + '[apps.todo.schema.Task]\nprimary_key = "id"\nfields = {id="str", u="User"}')
     with pytest.raises(ConfigurationError, match="primary key 'id' cannot be float"):
         load(head + '[apps.todo.schema.Task]\nprimary_key = "id"\nfields = {id = "float"}')
+    with pytest.raises(ConfigurationError, match=r"names model.*does not declare: Tsk"):
+        load(
+            head + '[apps.todo.schema.Task]\nprimary_key = "id"\nfields = {id = "str"}\n'
+            "[apps.todo.rules.Tsk]\nread = true\n"
+        )
     (tmp_path / "todo-schema.toml").write_text('[Task]\nprimary_key = "id"\nfields = {id="str"}\n')
     load(head + 'schema_file = "todo-schema.toml"\n')
     with pytest.raises(ConfigurationError, match="cannot read"):

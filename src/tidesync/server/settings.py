@@ -247,6 +247,12 @@ def _app(app_id: str, raw: dict[str, Any], base: Path) -> AppSettings:
     from .schemapin import load_app_schema
 
     schema = load_app_schema(raw, where, base)
+    undeclared = sorted(set(rules) - set(schema)) if schema is not None else []
+    if undeclared:  # a typo in a rule's model would leave the real model unguarded
+        raise ConfigurationError(
+            f"[{where}.rules] names model(s) {where}.schema does not declare: "
+            f"{', '.join(undeclared)}"
+        )
     return AppSettings(app_id, auth, auto_confirm, jwt, dict(rules), schema)
 
 
