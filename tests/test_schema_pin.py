@@ -33,7 +33,7 @@ from tidesync.core.changeset import Instruction, Op
 from tidesync.core.hlc import HLC
 from tidesync.core.packing import pack_instructions
 from tidesync.core.schema import FieldSchema, Kind, ModelSchema
-from tidesync.errors import ConfigurationError
+from tidesync.errors import ConfigurationError, SchemaPinError
 from tidesync.protocol.client import (
     ClientEvent,
     ClientProtocol,
@@ -43,6 +43,7 @@ from tidesync.protocol.client import (
     Welcomed,
 )
 from tidesync.protocol.messages import ErrorCode, UploadChangeset
+from tidesync.server.runner import InProcessServer
 from tidesync.server.schemapin import parse_schema, parse_type, schema_toml
 from tidesync.server.settings import load_config
 from tidesync.testing import ServerProcess
@@ -493,6 +494,10 @@ async def test_schema_changes_at_restart(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("error: apps.todo.schema"), result.stderr
         assert named in lines[0] and "issue 24" in lines[0]
         assert "Traceback" not in result.stdout + result.stderr
+    # embedded, the same check raises SchemaPinError before anything listens
+    embedded = InProcessServer(tmp_path / "server", config=load_config(tmp_path / "changed.toml"))
+    with pytest.raises(SchemaPinError, match="model 'Tag' is stored but not declared"):
+        await embedded.start()
 
     # additive: a new model and a new optional field start, and are stored
     additive = DECLARED.replace(

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
-from ..errors import ConfigurationError, SchemaMismatchError
+from ..errors import ConfigurationError, SchemaMismatchError, SchemaPinError
 from .storage.base import ServerStorage, merge_schemas
 
 log = logging.getLogger("tidesync.server.schemapin")
@@ -55,10 +55,6 @@ _COLLECTIONS = (
 )
 _FIELD_KEYS = {"type", "indexed"}
 _MODEL_KEYS = {"primary_key", "fields"}
-
-
-class SchemaPinError(ConfigurationError):
-    """The declared schema cannot open the data the storage holds (checked at start)."""
 
 
 # -- reading the declaration ------------------------------------------------------------------
