@@ -79,6 +79,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run the sync server (development mode) until SIGINT or SIGTERM."""
+    from .errors import ConfigurationError
     from .eventloop import new_event_loop
     from .server.config import ServerConfig
     from .server.runner import ServerStartError, print_url, serve_forever
@@ -112,6 +113,9 @@ def serve(
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve_forever(data, host, port, config, announce=print_url))
+    except ConfigurationError as exc:  # e.g. a declared schema that retypes stored data
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     except ServerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -204,6 +208,48 @@ async def _guarded(work: Awaitable[T]) -> T:
     except (TidesyncError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+
+
+schema_app = typer.Typer(
+    help="The schema the server has stored, as the configuration declares it.",
+    no_args_is_help=True,
+)
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("export")
+def schema_export(
+    app_id: Annotated[str, typer.Option("--app", help="The app whose schema to print.")],
+    data: Annotated[Path, typer.Option(help="The server's data folder (SQLite storage).")] = Path(
+        "./tidesync-data"
+    ),
+    storage: Annotated[
+        str,
+        typer.Option(envvar="TIDESYNC_STORAGE", help="A postgresql:// URL instead of --data."),
+    ] = "",
+    schema_file: Annotated[
+        bool,
+        typer.Option(
+            "--schema-file", help="Print a file for schema_file (no [apps.<app>.schema] prefix)."
+        ),
+    ] = False,
+) -> None:
+    """Print the app's stored schema as TOML to paste into the configuration file."""
+    from .errors import TidesyncError
+    from .server.config import ServerConfig
+    from .server.schemapin import export_schema
+
+    if not storage and not (data / "server.sqlite3").is_file():
+        typer.echo(f"error: no server data in {data} (server.sqlite3 is missing)", err=True)
+        raise typer.Exit(2)
+    try:
+        config = ServerConfig(storage_url=storage)
+        prefix = "" if schema_file else f"apps.{app_id}.schema."
+        text = asyncio.run(export_schema(data, config, app_id, prefix))
+    except (TidesyncError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(text, nl=False)
 
 
 @app.command()

@@ -22,6 +22,7 @@
     ├── AuthError                   login refused, token missing/expired/forged
     │   └── TooManyAttemptsError    login attempts over the per-minute limit
     ├── ConfigurationError          a server configuration file is invalid
+    │   └── SchemaPinError          the declared schema cannot serve the stored data
     ├── ProtocolError               a peer broke the wire protocol
     │   ├── FrameTooLargeError
     │   └── MalformedMessageError
@@ -154,6 +155,11 @@ class SubscriptionError(TidesyncError, ValueError):
 
 class ConfigurationError(TidesyncError, ValueError):
     """A server configuration (file or options) is invalid; the message names the key."""
+
+
+class SchemaPinError(ConfigurationError):
+    """A declared schema (``[apps.X.schema]``) drops or retypes stored models or fields, or
+    adds a required field to them; checked when the server starts, naming each one."""
 
 
 class ProtocolError(TidesyncError):

@@ -26,6 +26,7 @@ from .config import ServerConfig
 from .hub import SyncHub
 from .limits import BodySizeLimit
 from .metrics import CONTENT_TYPE
+from .schemapin import pin_declared_schemas
 from .storage.base import ServerStorage, StorageError
 from .storage.sqlite import SQLiteStorage
 
@@ -112,6 +113,12 @@ def create_app(
         try:
             await storage.open()
         except BaseException:
+            await auth.aclose()
+            raise
+        try:
+            await pin_declared_schemas(storage, settings)  # a mismatch stops the start
+        except BaseException:
+            await storage.close()
             await auth.aclose()
             raise
         hub = SyncHub(storage, auth, settings)

@@ -61,7 +61,7 @@ from ..protocol.server import (
     UploadReceived,
 )
 from ..store.gcpause import gc_paused
-from . import flexsync
+from . import flexsync, schemapin
 from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, WrongAppError
 from .config import ServerConfig
 from .flexsync import FlexView
@@ -710,11 +710,16 @@ class SyncConnection:
             )
             return
         try:
+            schemapin.precheck_bind(self.hub.config, app, event.schema)
             schemas = [ModelSchema.from_dict(d) for d in event.schema]
+        except SchemaMismatchError as exc:  # refused by names and sizes, before parsing
+            await self._session_error(number, ErrorCode.BAD_SCHEMA, str(exc))
+            return
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             await self._session_error(number, ErrorCode.BAD_SCHEMA, f"invalid schema: {exc}")
             return
         try:
+            await schemapin.check_bind(self.hub.config, storage, app, schemas)
             await storage.put_schemas(app, schemas)
             known = True
             if event.download_cursor > 0:  # a file that synced before must be on record

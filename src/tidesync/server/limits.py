@@ -55,6 +55,10 @@ class Limits:
     max_frame_bytes_before_hello: int = 64 * 1024
     #: Bytes of one HTTP request body.
     max_request_body_bytes: int = 64 * 1024
+    #: Models of one app whose schema is learnt from clients (no declared schema).
+    max_models_per_app: int = 1000
+    #: Fields of one model whose schema is learnt from clients (no declared schema).
+    max_fields_per_model: int = 1000
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:

@@ -27,11 +27,12 @@ import uvicorn
 
 from ..errors import TidesyncError
 from ..eventloop import new_event_loop
-from .app import StorageFactory, create_app
+from .app import StorageFactory, create_app, storage_for
 from .config import ServerConfig
 from .gate import ConnectionGate, protocol_classes
 from .hub import SyncHub
-from .storage.base import ServerStorage
+from .schemapin import check_declared_schemas, declared_apps
+from .storage.base import ServerStorage, StorageError
 
 log = logging.getLogger("tidesync.server.runner")
 
@@ -181,6 +182,8 @@ class InProcessServer:
         """Start serving; returns once the socket accepts connections."""
         if self._task is not None:
             raise RuntimeError("the server was already started")
+        if declared_apps(self.config):
+            await self._check_schemas()
         sock = bind_socket(self.host, self._requested_port)
         self._socket = sock
         self._port = int(sock.getsockname()[1])
@@ -217,6 +220,23 @@ class InProcessServer:
                     raise error
                 raise ServerStartError(f"the server failed to start: {error}") from error
             await asyncio.sleep(0.01)
+
+    async def _check_schemas(self) -> None:
+        """Raise :class:`SchemaPinError` (one clear line, no traceback in the log) before
+        anything starts if a declared schema cannot serve the stored data; the app's
+        lifespan checks again and stores the declared schemas."""
+        factory = self._storage_factory or storage_for(self.config)
+        try:
+            storage = factory(self.data_dir)
+            await storage.open()
+        except Exception as exc:  # what the lifespan would meet too, said once, clearly
+            raise ServerStartError(f"cannot open the storage: {exc}") from exc
+        try:
+            await check_declared_schemas(storage, self.config)
+        except StorageError as exc:
+            raise ServerStartError(f"cannot read the stored schemas: {exc}") from exc
+        finally:
+            await storage.close()
 
     async def _serve(self, server: _Uvicorn, sock: socket.socket) -> None:
         try:

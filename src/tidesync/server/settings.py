@@ -33,6 +33,10 @@ id, anonymous and email/password logins, accounts confirmed automatically. The f
     [apps.todo.rules.Task]          # kept as a plain dict for the permissions engine
     read = true
 
+    [apps.todo.schema.Task]         # the declared schema (server/schemapin.py); or
+    primary_key = "id"              # schema_file = "todo-schema.toml" in [apps.todo]
+    fields = { id = "objectid", owner_id = "str", summary = "str", due = "datetime | None" }
+
 Every key is checked: an unknown key or a wrong type is a :class:`ConfigurationError` that
 names it, so a typo cannot silently weaken the configuration.
 """
@@ -46,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..core.schema import ModelSchema
 from ..errors import ConfigurationError
 from .limits import Limits
 
@@ -101,13 +106,15 @@ class JwtSettings:
 
 @dataclass(frozen=True, slots=True)
 class AppSettings:
-    """One declared app: its auth providers, JWT settings and (opaque) rules."""
+    """One declared app: its auth providers, JWT settings, (opaque) rules and schema."""
 
     app_id: str
     auth: tuple[str, ...] = DEV_PROVIDERS
     auto_confirm: bool = False
     jwt: JwtSettings | None = None
     rules: dict[str, Any] = field(default_factory=dict)
+    #: The declared models by name (``server/schemapin.py``); None: learnt from clients.
+    schema: dict[str, ModelSchema] | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.auth if p not in PROVIDERS]
@@ -161,7 +168,7 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "tls_key": str,
     "storage_url": str,
 }
-_APP_KEYS = {"auth", "auto_confirm", "jwt", "rules"}
+_APP_KEYS = {"auth", "auto_confirm", "jwt", "rules", "schema", "schema_file"}
 _JWT_KEYS = {
     "algorithm",
     "secret",
@@ -247,7 +254,16 @@ def _app(app_id: str, raw: dict[str, Any], base: Path) -> AppSettings:
 
     # checked now: a typo must not start a server (JWT field names are user fields too)
     parse_rules(rules, f"{where}.rules", jwt.fields if jwt is not None else ())
-    return AppSettings(app_id, auth, auto_confirm, jwt, dict(rules))
+    from .schemapin import load_app_schema
+
+    schema = load_app_schema(raw, where, base)
+    undeclared = sorted(set(rules) - set(schema)) if schema is not None else []
+    if undeclared:  # a typo in a rule's model would leave the real model unguarded
+        raise ConfigurationError(
+            f"[{where}.rules] names model(s) {where}.schema does not declare: "
+            f"{', '.join(undeclared)}"
+        )
+    return AppSettings(app_id, auth, auto_confirm, jwt, dict(rules), schema)
 
 
 def load_delivery_function(spec: str) -> DeliveryFunction:
