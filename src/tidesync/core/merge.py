@@ -45,6 +45,17 @@ _SCALAR, _COUNTER, _LIST, _SET, _DICT = range(5)
 
 Norm = Callable[[Any], Any] | None
 
+_WRAP_HALF = 2**63
+_WRAP_MASK = 2**64 - 1
+
+
+def wrap_int64(value: int) -> int:
+    """``value`` wrapped around into the signed 64-bit range, as two's complement
+    arithmetic does (``2**63`` becomes ``-2**63``): how a counter's sum is read
+    (docs/merge.md, "Counters at the bounds"). Wrapping is a ring homomorphism from the
+    ints, so adds wrap the same in any order and grouping."""
+    return ((value + _WRAP_HALF) & _WRAP_MASK) - _WRAP_HALF
+
 
 def _norm_float(value: Any) -> Any:
     return float(value) if type(value) is int else value
@@ -180,7 +191,10 @@ class _Counter:
         return True
 
     def render(self) -> int:
-        return self.base + sum(self.adds.values())
+        total = self.base + sum(self.adds.values())
+        if -_WRAP_HALF <= total < _WRAP_HALF:
+            return total
+        return wrap_int64(total)
 
     def encode(self) -> list[Any]:
         return [1, self.floor, self.base, [[k, self.adds[k]] for k in sorted(self.adds)]]

@@ -41,6 +41,7 @@ from typing import Any
 import tidesync as ts
 
 from ..core.changeset import Instruction, Op
+from ..core.merge import wrap_int64
 from ..core.packing import unpack_instructions
 from ..errors import TidesyncError
 
@@ -610,7 +611,9 @@ def check_convergence(
             all_adds[pk] = sum(int(i.value) for i in instructions if i.op == Op.ADD)
     for pk, vals in server_objects.get("Tally", {}).items():
         hits = int(vals.get("hits") or 0)
-        if hits != sums.get(pk, 0) or hits != all_adds.get(pk, 0):
+        # counters wrap around at 64 bits (docs/merge.md): compare the wrapped sums
+        acked_sum, history_sum = wrap_int64(sums.get(pk, 0)), wrap_int64(all_adds.get(pk, 0))
+        if hits != acked_sum or hits != history_sum:
             report.counter_errors.append(
                 f"Tally {pk}: server {hits}, acknowledged increments {sums.get(pk, 0)}, "
                 f"increments in history {all_adds.get(pk, 0)}"
