@@ -61,6 +61,13 @@ def _norm_float(value: Any) -> Any:
     return float(value) if type(value) is int else value
 
 
+def _norm_set_float(value: Any) -> Any:
+    """A set element of a float set: ``-0.0`` and ``0.0`` are one element (they are equal
+    and hash alike, as in a Python set), kept as ``0.0`` so every replica holds the same
+    one, whatever order the adds came in. (NaN cannot be a set element: validate.)"""
+    return 0.0 if value == 0 else float(value)
+
+
 def _norm_datetime(value: Any) -> Any:
     if isinstance(value, _dt.datetime):
         if value.tzinfo is None:
@@ -97,7 +104,7 @@ class _Plan:
                 }[f.collection]
             norm: Norm = None
             if f.kind is Kind.FLOAT:
-                norm = _norm_float
+                norm = _norm_set_float if code == _SET else _norm_float
             elif f.kind is Kind.DATETIME:
                 norm = _norm_datetime
             order.append((f.name, code, norm))
