@@ -459,3 +459,16 @@ def test_special_floats_read_back_bit_exactly_and_keep_the_index() -> None:
             f'EXPLAIN QUERY PLAN SELECT * FROM "t_Reading" AS t0 WHERE {cq.where}', cq.params
         ).fetchall()
         assert any("i_Reading_x" in row[-1] for row in plan), (text, plan)
+
+
+def test_int_arguments_beyond_64_bits_compare_exactly(conn: sqlite3.Connection) -> None:
+    """SQLite cannot bind them; they compare as Python compares ints (and as evaluate)."""
+    assert ids(conn, "qty < $0", 2**70) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty <= $0", 2**63) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty > $0", -(2**63) - 1) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty == $0", 2**64) == set()
+    assert ids(conn, "qty != $0", -(2**64)) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty IN {$0, 5}", 2**64) == {1, 5}
+    assert ids(conn, "qty BETWEEN {$0, $1}", -(2**64), 2**64) == {1, 2, 3, 4, 5}
+    assert ids(conn, "hits >= 9223372036854775808") == set()
+    assert ids(conn, "ANY attrs < $0", 2**64) == {1, 3}  # dict values, in JSON

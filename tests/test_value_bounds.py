@@ -260,7 +260,11 @@ async def test_an_increment_outside_64_bits_is_refused_at_write_time(devices: An
     with pytest.raises(ts.ValueTypeError, match=r"Tally\.n.*-9223372036854775809"):
         with a.db.write():
             a.db.find(Tally, "t").n = -(2**63) - 1
+    with pytest.raises(ts.ValueTypeError, match=r"Reading\.value.*too large for a float"):
+        with a.db.write():
+            a.db.add(Reading(id="huge", value=10**400))
     assert hits(a) == 0 and a.db.find(Tally, "t").n == 0  # nothing was written
+    assert a.db.find(Reading, "huge") is None
     await settle(a)
     assert active(a) and a.errors == []
 

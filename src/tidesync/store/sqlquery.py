@@ -114,6 +114,7 @@ def register_functions(conn: sqlite3.Connection) -> None:
 # -------------------------------------------------------------------------- compiler
 
 _SQL_OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _PY_OPS: dict[str, Any] = {
     "<": float.__lt__,
     "<=": float.__le__,
@@ -204,6 +205,11 @@ class _Compiler:
         kind = c.path.kind
         if value is None:
             return None
+        if type(value) is int and (kind is Kind.INT or kind is Kind.COUNTER):
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                # beyond every stored value, which SQLite cannot bind: compares as ±inf
+                # compares with an int64, exactly as Python compares the two ints
+                return math.inf if value > 0 else -math.inf
         if kind is Kind.DECIMAL:
             return str(value)
         if kind is Kind.FLOAT or (isinstance(value, float) and kind is not Kind.BOOL):
