@@ -120,7 +120,8 @@ class Counter:
         """Add ``amount`` (may be negative); on a managed object, inside a write.
 
         Counters are signed 64-bit: the sum wraps around (``2**63 - 1`` plus 1 reads
-        ``-2**63``), and an ``amount`` outside that range raises ``ValueTypeError``."""
+        ``-2**63``); on a managed object, an ``amount`` outside that range raises
+        ``ValueTypeError`` (naming the field and the amount) and nothing is written."""
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise TypeError(f"a Counter is incremented by an int, got {type(amount).__name__}")
         if self._obj is not None:

@@ -207,8 +207,8 @@ class _Compiler:
             return None
         if type(value) is int and (kind is Kind.INT or kind is Kind.COUNTER):
             if not _INT64_MIN <= value <= _INT64_MAX:
-                # beyond every stored value, which SQLite cannot bind: compares as ±inf
-                # compares with an int64, exactly as Python compares the two ints
+                # SQLite cannot bind it; it lies beyond every stored int64, and so does
+                # ±inf, which SQLite compares with an int64 exactly as Python would
                 return math.inf if value > 0 else -math.inf
         if kind is Kind.DECIMAL:
             return str(value)
