@@ -149,7 +149,8 @@ def _read_bits(db: ts.Database) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def _want_bits(pk: str, x: float, later: float | None = None) -> tuple[Any, ...]:
+def _want_bits(x: float, later: float | None = None) -> tuple[Any, ...]:
+    """What _read_bits shows for an object made by _reading(x), then changed to ``later``."""
     value = x if later is None else later
     bag = sorted(bits(v) for v in ({0.0 if x == 0 else x, 2.5} if x == x else {2.5}))
     named = {"k": bits(x)} if later is None else {"k": bits(x), "j": bits(later)}
@@ -164,7 +165,7 @@ def test_local_floats_round_trip_through_the_file_bit_exactly(xs: list[float], y
     same session and after reopening the file: the same bits; queries and sorts run."""
     with tempfile.TemporaryDirectory() as folder:
         config = ts.Configuration.local(MODELS, path=Path(folder) / "f.tidesync")
-        want = {f"r{i}": _want_bits(f"r{i}", x) for i, x in enumerate(xs)}
+        want = {f"r{i}": _want_bits(x) for i, x in enumerate(xs)}
         with ts.Database(config) as db:
             with db.write():
                 for i, x in enumerate(xs):
@@ -175,7 +176,7 @@ def test_local_floats_round_trip_through_the_file_bit_exactly(xs: list[float], y
                 r.value = y
                 r.series.append(y)
                 r.named["j"] = y
-            want["r0"] = _want_bits("r0", xs[0], y)
+            want["r0"] = _want_bits(xs[0], y)
             assert _read_bits(db) == want
         with ts.Database(config) as db:
             assert _read_bits(db) == want
@@ -328,7 +329,7 @@ async def test_every_float_round_trips_bit_exactly(devices: Any) -> None:
             a.db.add(_reading(f"r{i}", v))
     b = await devices("b")
     await settle(a, b)
-    want = {f"r{i}": _want_bits(f"r{i}", v) for i, v in enumerate(SPECIALS)}
+    want = {f"r{i}": _want_bits(v) for i, v in enumerate(SPECIALS)}
     assert _read_bits(a.db) == want
     assert _read_bits(b.db) == want  # through the server's storage
     with b.db.write():  # back the other way, through the merge on every replica
@@ -338,7 +339,7 @@ async def test_every_float_round_trips_bit_exactly(devices: Any) -> None:
             r.series.append(SPECIALS[-1 - i])
             r.named["j"] = SPECIALS[-1 - i]
     await settle(b, a)
-    want = {f"r{i}": _want_bits(f"r{i}", v, SPECIALS[-1 - i]) for i, v in enumerate(SPECIALS)}
+    want = {f"r{i}": _want_bits(v, SPECIALS[-1 - i]) for i, v in enumerate(SPECIALS)}
     assert _read_bits(b.db) == want
     assert _read_bits(a.db) == want
     a.db.close()  # reopen the file: what its columns hold
