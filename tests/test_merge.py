@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -364,6 +365,58 @@ def test_whole_set_write_voids_older_element_ops() -> None:
     )
     out = render(*seq)
     assert out is not None and out["labels"] == {7}
+
+
+SPELLED = ModelSchema(
+    "Spelled",
+    (
+        FieldSchema("id", Kind.STR, primary_key=True),
+        FieldSchema("ds", Kind.DECIMAL, Collection.SET),
+        FieldSchema("fs", Kind.FLOAT, Collection.SET),
+    ),
+    "id",
+)
+DECS = [Decimal("1"), Decimal("1.0"), Decimal("1.00"), Decimal("-0"), Decimal("0"), Decimal("2")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(DECS), st.booleans()), max_size=8),
+    st.lists(st.tuples(st.sampled_from([0.0, -0.0, 1.0, 1, 2.5]), st.booleans()), max_size=8),
+    st.sets(st.sampled_from(DECS)),
+    st.randoms(),
+)
+def test_set_elements_equal_but_spelled_differently_converge(
+    decs: list[tuple[Decimal, bool]],
+    floats: list[tuple[float, bool]],
+    base: set[Decimal],
+    rnd: random.Random,
+) -> None:
+    """Equal set elements with other spellings (``Decimal("1")``/``"1.0"``, ``0.0``/``-0.0``)
+    end as the same bytes on every replica, whatever the order and duplication."""
+    seq = [Instruction(Op.CREATE, "Spelled", "x", H(1), None, {"id": "x", "ds": base})]
+    for i, (d, add) in enumerate(decs):
+        op = Op.SET_ADD if add else Op.SET_REMOVE
+        seq.append(Instruction(op, "Spelled", "x", H(2 + i // 3, 0, "abc"[i % 3]), "ds", d))
+    for i, (f, add) in enumerate(floats):
+        op = Op.SET_ADD if add else Op.SET_REMOVE
+        seq.append(Instruction(op, "Spelled", "x", H(2 + i // 3, 1, "abc"[i % 3]), "fs", f))
+
+    def fold(items: list[Instruction]) -> ObjectState:
+        s = ObjectState.empty()
+        for i in items:
+            s.apply(i, SPELLED)
+        return s
+
+    reference = fold(seq)
+    shuffled = seq + [rnd.choice(seq) for _ in range(len(seq) // 2)]
+    rnd.shuffle(shuffled)
+    got = fold(shuffled)
+    assert got.to_bytes() == reference.to_bytes()
+    out, want = got.render(SPELLED), reference.render(SPELLED)
+    assert out is not None and want is not None
+    assert sorted(map(repr, out["ds"])) == sorted(map(repr, want["ds"]))
+    assert all(repr(f) != "-0.0" for f in out["fs"])  # one zero element, 0.0
 
 
 def test_dict_per_key_last_writer_wins_and_whole_write_replaces() -> None:

@@ -248,10 +248,15 @@ class _Set:
         return True
 
     def put(self, hlc: HLC, elem: Any, present: bool) -> bool:
-        cur = self.entries.get(elem)
-        if cur is not None and cur[0] >= hlc:
-            return False
-        self.entries[elem] = (hlc, present)
+        entries = self.entries
+        cur = entries.get(elem)
+        if cur is not None:
+            if cur[0] >= hlc:
+                return False
+            # equal elements may be spelled differently (Decimal("1") and Decimal("1.0")):
+            # the latest op's own spelling represents the element, whatever the order
+            del entries[elem]
+        entries[elem] = (hlc, present)
         return True
 
     def render(self) -> set[Any]:
