@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import random
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -202,7 +203,7 @@ def test_unknown_field_and_wrong_op_raise() -> None:
 
 
 def test_counter_is_latest_set_plus_later_adds() -> None:
-    big = 2**63 - 1  # the sum goes past 64 bits and stays exact
+    big = 2**63 - 1  # the sum goes past 64 bits and wraps around (docs/merge.md)
     seq = (
         create(H(1), hits=10),
         ins(Op.ADD, H(2), "hits", 5),  # before the set: void
@@ -213,7 +214,38 @@ def test_counter_is_latest_set_plus_later_adds() -> None:
         ins(Op.ADD, H(5, 1, "b"), "hits", 2),
     )
     out = render(*seq)
-    assert out is not None and out["hits"] == 100 + 2 * big - 1 + 2
+    assert out is not None and out["hits"] == 100 + 2 * big - 1 + 2 - 2**64 == 99
+
+
+INT64 = st.integers(-(2**63), 2**63 - 1)
+EDGE = st.sampled_from([2**63 - 1, -(2**63), 2**62, -(2**62), 2**63 - 2, 1, -1, 0]) | INT64
+
+
+@settings(max_examples=300, deadline=None)
+@given(EDGE, st.lists(EDGE, max_size=8), st.lists(EDGE, max_size=4), st.randoms())
+def test_counter_sums_wrap_at_64_bits_in_any_order_with_duplicates(
+    base: int, before: list[int], after: list[int], rnd: random.Random
+) -> None:
+    """Latest set plus every later add, wrapped into int64: the same whatever the order or
+    duplication of delivery, through to_bytes, and always a valid counter value again."""
+    seq = [create(H(1), hits=0)]
+    seq += [ins(Op.ADD, H(2, i, "abc"[i % 3]), "hits", a) for i, a in enumerate(before)]
+    seq.append(ins(Op.SET, H(3), "hits", base))
+    seq += [ins(Op.ADD, H(4, i, "abc"[i % 3]), "hits", a) for i, a in enumerate(after)]
+    expected = wrapped(base + sum(after))
+    reference = state(*seq)
+    shuffled = seq + [rnd.choice(seq) for _ in range(len(seq) // 2)]
+    rnd.shuffle(shuffled)
+    got = state(*shuffled)
+    assert got.to_bytes() == reference.to_bytes()
+    out = got.render(ITEM)
+    assert out is not None and out["hits"] == expected
+    assert ObjectState.from_bytes(got.to_bytes()).render(ITEM) == out
+    # the rendered sum is a value every replica can store and send again
+    rep = Replica(SCHEMAS)
+    cs = Changeset("z", 1, (create(H(9, 0, "z"), hits=out["hits"]),))
+    assert rep.apply_changeset(cs)
+    assert rep.snapshot()["Item"]["x"]["hits"] == expected
 
 
 def test_counter_adds_without_a_set_add_to_the_create_value() -> None:
@@ -333,6 +365,58 @@ def test_whole_set_write_voids_older_element_ops() -> None:
     )
     out = render(*seq)
     assert out is not None and out["labels"] == {7}
+
+
+SPELLED = ModelSchema(
+    "Spelled",
+    (
+        FieldSchema("id", Kind.STR, primary_key=True),
+        FieldSchema("ds", Kind.DECIMAL, Collection.SET),
+        FieldSchema("fs", Kind.FLOAT, Collection.SET),
+    ),
+    "id",
+)
+DECS = [Decimal("1"), Decimal("1.0"), Decimal("1.00"), Decimal("-0"), Decimal("0"), Decimal("2")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.sampled_from(DECS), st.booleans()), max_size=8),
+    st.lists(st.tuples(st.sampled_from([0.0, -0.0, 1.0, 1, 2.5]), st.booleans()), max_size=8),
+    st.sets(st.sampled_from(DECS)),
+    st.randoms(),
+)
+def test_set_elements_equal_but_spelled_differently_converge(
+    decs: list[tuple[Decimal, bool]],
+    floats: list[tuple[float, bool]],
+    base: set[Decimal],
+    rnd: random.Random,
+) -> None:
+    """Equal set elements with other spellings (``Decimal("1")``/``"1.0"``, ``0.0``/``-0.0``)
+    end as the same bytes on every replica, whatever the order and duplication."""
+    seq = [Instruction(Op.CREATE, "Spelled", "x", H(1), None, {"id": "x", "ds": base})]
+    for i, (d, add) in enumerate(decs):
+        op = Op.SET_ADD if add else Op.SET_REMOVE
+        seq.append(Instruction(op, "Spelled", "x", H(2 + i // 3, 0, "abc"[i % 3]), "ds", d))
+    for i, (f, add) in enumerate(floats):
+        op = Op.SET_ADD if add else Op.SET_REMOVE
+        seq.append(Instruction(op, "Spelled", "x", H(2 + i // 3, 1, "abc"[i % 3]), "fs", f))
+
+    def fold(items: list[Instruction]) -> ObjectState:
+        s = ObjectState.empty()
+        for i in items:
+            s.apply(i, SPELLED)
+        return s
+
+    reference = fold(seq)
+    shuffled = seq + [rnd.choice(seq) for _ in range(len(seq) // 2)]
+    rnd.shuffle(shuffled)
+    got = fold(shuffled)
+    assert got.to_bytes() == reference.to_bytes()
+    out, want = got.render(SPELLED), reference.render(SPELLED)
+    assert out is not None and want is not None
+    assert sorted(map(repr, out["ds"])) == sorted(map(repr, want["ds"]))
+    assert all(repr(f) != "-0.0" for f in out["fs"])  # one zero element, 0.0
 
 
 def test_dict_per_key_last_writer_wins_and_whole_write_replaces() -> None:
@@ -485,9 +569,9 @@ class Sim:
             ][b % 5]
             add(Op.SET, name, value)
         elif action == 3:
-            add(Op.ADD, "hits", a % 7 - 2 + (2**62 if b % 7 == 0 else 0))
+            add(Op.ADD, "hits", a % 7 - 2 + BIG_ADDS[b % 7])
         elif action == 4:
-            add(Op.SET, "hits", a % 6)
+            add(Op.SET, "hits", a % 6 if b % 4 else BIG_SETS[a % 2])
         elif action == 5:
             pos = a % (len(ids) + 1)
             add(Op.LIST_INSERT, "tags", f"e{a % 5}", None if pos == 0 else ids[pos - 1])
@@ -516,6 +600,16 @@ class Sim:
             add(Op.LIST_INSERT, "friends", a % 3, None if pos == 0 else fids[pos - 1])
         if out:
             self.commit(r, out)
+
+
+#: Counter amounts and values at the 64-bit bounds, so sums wrap (a % 7 - 2 is added).
+BIG_ADDS = (0, 0, 0, 2**62, 2**63 - 5, -(2**63) + 2, -(2**62))
+BIG_SETS = (2**63 - 1, -(2**63))
+
+
+def wrapped(total: int) -> int:
+    """The oracle of counter sums: two's complement wrap-around into int64."""
+    return (total + 2**63) % 2**64 - 2**63
 
 
 steps_strategy = st.lists(
@@ -625,7 +719,7 @@ def test_rules_match_a_brute_force_oracle(
             assert got[field] == whole(field, None)[1]
         base_hlc, base = whole("hits", 0)
         adds = [i.value for i in mine if i.op is Op.ADD and i.hlc > base_hlc]
-        assert got["hits"] == base + sum(adds)
+        assert got["hits"] == wrapped(base + sum(adds))
         base_hlc, items = whole("labels", set())
         labels = {e: (base_hlc, True) for e in items}
         for i in sorted(

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sqlite3
+import struct
 import uuid
 from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tidesync.core.query import bind, conjoin, evaluate, parse
 from tidesync.core.schema import Collection, FieldSchema, Kind, ModelSchema
 from tidesync.errors import QueryError
 from tidesync.objectid import ObjectId
 from tidesync.store.sqlquery import compile_query, register_functions
-from tidesync.store.sqlvalues import column_type, quote, table_name, to_column
+from tidesync.store.sqlvalues import column_type, from_column, quote, table_name, to_column
 
 UTC = dt.UTC
 
@@ -332,3 +336,139 @@ def test_functions_are_registered_and_deterministic(conn: sqlite3.Connection) ->
     assert row == ("strasse", 1, 1, 1, 0, 1)
     with pytest.raises(QueryError):
         bind(parse("name LIKE 5"), TASK, SCHEMAS, [])
+
+
+# ------------------------------------------------ special floats (NaN, -0.0) in a column
+
+READING = ModelSchema(
+    "Reading",
+    (
+        FieldSchema("id", Kind.INT, primary_key=True),
+        FieldSchema("x", Kind.FLOAT, optional=True, indexed=True),
+        FieldSchema("xs", Kind.FLOAT, Collection.LIST),
+        FieldSchema("peer", Kind.LINK, optional=True, target="Reading"),
+    ),
+    "id",
+)
+R_SCHEMAS = {"Reading": READING}
+NEG_NAN = struct.unpack(">d", bytes.fromhex("fff8000000000000"))[0]
+ODD_NAN = struct.unpack(">d", bytes.fromhex("7ff0000000000bad"))[0]
+SPECIAL = [math.nan, NEG_NAN, ODD_NAN, -0.0, 0.0, math.inf, -math.inf, -1.5, 2.0, 5e-324]
+R_ARGS = [-0.0, 0.0, math.inf, -math.inf, -1.5, 2.0, 1, -3, 5e-324]
+
+
+def _reading_db(xs: list[float | None]) -> sqlite3.Connection:
+    c = sqlite3.connect(":memory:")
+    register_functions(c)
+    rows = [
+        {"id": i, "x": x, "xs": [] if x is None else [x, 1.0], "peer": (i + 1) % len(xs)}
+        for i, x in enumerate(xs)
+    ]
+    _create_in(c, READING, rows, R_SCHEMAS)
+    c.execute('CREATE INDEX "i_Reading_x" ON "t_Reading"("x")')
+    return c
+
+
+def _create_in(
+    conn: sqlite3.Connection, model: ModelSchema, rows: list[dict[str, Any]], schemas: Any
+) -> None:
+    cols = ", ".join(f"{quote(f.name)} {column_type(f, schemas)}" for f in model.fields)
+    conn.execute(f"CREATE TABLE {table_name(model.name)} ({cols})")
+    marks = ", ".join("?" for _ in model.fields)
+    for row in rows:
+        values = [to_column(f, row[f.name], schemas) for f in model.fields]
+        conn.execute(f"INSERT INTO {table_name(model.name)} VALUES ({marks})", values)
+
+
+R_QUERIES = st.sampled_from(
+    [
+        "x == $0",
+        "x != $0",
+        "x < $0",
+        "x <= $0",
+        "x > $0",
+        "x >= $0",
+        "x BETWEEN {$0, $1}",
+        "x IN {$0, $1, nil}",
+        "x IN {$0}",
+        "x == nil",
+        "x != nil",
+        "NOT (x > $0)",
+        "NOT (x == nil)",
+        "peer.x == $0",
+        "peer.x > $0",
+        "peer.x == nil",
+        "ANY xs == $0",
+        "ALL xs > $0",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.none() | st.sampled_from(SPECIAL), min_size=1, max_size=8),
+    R_QUERIES,
+    st.sampled_from(R_ARGS),
+    st.sampled_from(R_ARGS),
+)
+def test_special_floats_query_as_core_query_says(
+    xs: list[float | None], text: str, a: float, b: float
+) -> None:
+    """NaN and -0.0 are BLOBs in the column; every query still agrees with ``evaluate``
+    (NaN reads as null, -0.0 as 0.0), and SORT puts NaN with the nulls."""
+    conn = _reading_db(xs)
+    rows = {
+        i: {"id": i, "x": x, "xs": [] if x is None else [x, 1.0], "peer": (i + 1) % len(xs)}
+        for i, x in enumerate(xs)
+    }
+    bound = bind(parse(text), READING, R_SCHEMAS, [a, b])
+    cq = compile_query(bound, R_SCHEMAS)
+    sql = f'SELECT t0."id" FROM "t_Reading" AS t0 WHERE {cq.where}'
+    got = {r[0] for r in conn.execute(sql, cq.params)}
+    expected = {i for i, r in rows.items() if evaluate(bound, r, lambda m, pk: rows.get(pk))}
+    assert got == expected, (text, a, b, cq.where)
+    for direction in ("ASC", "DESC"):
+        sort = bind(parse(f"TRUEPREDICATE SORT(x {direction})"), READING, R_SCHEMAS, [])
+        sq = compile_query(sort, R_SCHEMAS)
+        order = ", ".join([*sq.order_by, "t0.rowid"])
+        got_order = [
+            r[0] for r in conn.execute(f'SELECT id FROM "t_Reading" AS t0 ORDER BY {order}')
+        ]
+
+        nulls = [i for i, x in enumerate(xs) if x is None or x != x]
+        numbers = [i for i, x in enumerate(xs) if x is not None and x == x]
+        if direction == "ASC":  # nulls (and NaN) first; ties keep rowid order
+            want = nulls + sorted(numbers, key=lambda i: xs[i])  # type: ignore[arg-type,return-value]
+        else:
+            want = sorted(numbers, key=lambda i: -xs[i]) + nulls  # type: ignore[operator]
+        assert got_order == want, (direction, xs)
+
+
+def test_special_floats_read_back_bit_exactly_and_keep_the_index() -> None:
+    conn = _reading_db(SPECIAL)
+    raw = [r[0] for r in conn.execute('SELECT x FROM "t_Reading" ORDER BY id')]
+    assert [struct.pack(">d", from_column(READING.by_name["x"], v, R_SCHEMAS)) for v in raw] == [
+        struct.pack(">d", x) for x in SPECIAL
+    ]
+    assert [type(v) for v in raw[:4]] == [bytes] * 4  # the NaNs and -0.0; the rest are REAL
+    assert all(type(v) is float for v in raw[4:])
+    for text in ("x == $0", "x > $0", "x BETWEEN {$0, $1}", "x <= $0"):
+        bound = bind(parse(text), READING, R_SCHEMAS, [0.0, 3.0])
+        cq = compile_query(bound, R_SCHEMAS)
+        plan = conn.execute(
+            f'EXPLAIN QUERY PLAN SELECT * FROM "t_Reading" AS t0 WHERE {cq.where}', cq.params
+        ).fetchall()
+        assert any("i_Reading_x" in row[-1] for row in plan), (text, plan)
+
+
+def test_int_arguments_beyond_64_bits_compare_exactly(conn: sqlite3.Connection) -> None:
+    """SQLite cannot bind them; they compare as Python compares ints (and as evaluate)."""
+    assert ids(conn, "qty < $0", 2**70) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty <= $0", 2**63) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty > $0", -(2**63) - 1) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty == $0", 2**64) == set()
+    assert ids(conn, "qty != $0", -(2**64)) == {1, 2, 3, 4, 5}
+    assert ids(conn, "qty IN {$0, 5}", 2**64) == {1, 5}
+    assert ids(conn, "qty BETWEEN {$0, $1}", -(2**64), 2**64) == {1, 2, 3, 4, 5}
+    assert ids(conn, "hits >= 9223372036854775808") == set()
+    assert ids(conn, "ANY attrs < $0", 2**64) == {1, 3}  # dict values, in JSON

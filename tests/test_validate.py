@@ -112,6 +112,7 @@ def test_a_valid_changeset_passes() -> None:
         (op(Op.SET, "title", 5), "expected str, got int"),
         (op(Op.SET, "n", True), "expected int, got bool"),
         (op(Op.SET, "n", 2**63), "does not fit in 64 bits"),
+        (op(Op.SET, "score", 10**400), "too large for a float"),
         (op(Op.SET, "score", False), "expected float, got bool"),
         (op(Op.SET, "score", "1.0"), "expected float"),
         (op(Op.SET, "when", "2024-01-01"), "expected datetime"),

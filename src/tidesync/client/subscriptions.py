@@ -446,7 +446,7 @@ class _FastSpec:
             for v, typ in zip(row, self.types, strict=True):
                 if v is not None and type(v) is not typ:
                     return None
-        for i in self.floats:  # SQLite stores NaN as NULL and -0.0 as 0.0
+        for i in self.floats:  # NaN and -0.0 need their column encoding (sqlvalues)
             v = row[i]
             if v is not None and (v != v or (v == 0.0 and math.copysign(1.0, v) < 0)):
                 return None

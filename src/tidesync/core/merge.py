@@ -45,9 +45,27 @@ _SCALAR, _COUNTER, _LIST, _SET, _DICT = range(5)
 
 Norm = Callable[[Any], Any] | None
 
+_WRAP_HALF = 2**63
+_WRAP_MASK = 2**64 - 1
+
+
+def wrap_int64(value: int) -> int:
+    """``value`` wrapped around into the signed 64-bit range, as two's complement
+    arithmetic does (``2**63`` becomes ``-2**63``): how a counter's sum is read
+    (docs/merge.md, "Counters at the bounds"). Wrapping is a ring homomorphism from the
+    ints, so adds wrap the same in any order and grouping."""
+    return ((value + _WRAP_HALF) & _WRAP_MASK) - _WRAP_HALF
+
 
 def _norm_float(value: Any) -> Any:
     return float(value) if type(value) is int else value
+
+
+def _norm_set_float(value: Any) -> Any:
+    """A set element of a float set: ``-0.0`` and ``0.0`` are one element (they are equal
+    and hash alike, as in a Python set), kept as ``0.0`` so every replica holds the same
+    one, whatever order the adds came in. (NaN cannot be a set element: validate.)"""
+    return 0.0 if value == 0 else float(value)
 
 
 def _norm_datetime(value: Any) -> Any:
@@ -86,7 +104,7 @@ class _Plan:
                 }[f.collection]
             norm: Norm = None
             if f.kind is Kind.FLOAT:
-                norm = _norm_float
+                norm = _norm_set_float if code == _SET else _norm_float
             elif f.kind is Kind.DATETIME:
                 norm = _norm_datetime
             order.append((f.name, code, norm))
@@ -180,7 +198,10 @@ class _Counter:
         return True
 
     def render(self) -> int:
-        return self.base + sum(self.adds.values())
+        total = self.base + sum(self.adds.values())
+        if -_WRAP_HALF <= total < _WRAP_HALF:
+            return total
+        return wrap_int64(total)
 
     def encode(self) -> list[Any]:
         return [1, self.floor, self.base, [[k, self.adds[k]] for k in sorted(self.adds)]]
@@ -227,10 +248,15 @@ class _Set:
         return True
 
     def put(self, hlc: HLC, elem: Any, present: bool) -> bool:
-        cur = self.entries.get(elem)
-        if cur is not None and cur[0] >= hlc:
-            return False
-        self.entries[elem] = (hlc, present)
+        entries = self.entries
+        cur = entries.get(elem)
+        if cur is not None:
+            if cur[0] >= hlc:
+                return False
+            # equal elements may be spelled differently (Decimal("1") and Decimal("1.0")):
+            # the latest op's own spelling represents the element, whatever the order
+            del entries[elem]
+        entries[elem] = (hlc, present)
         return True
 
     def render(self) -> set[Any]:

@@ -70,7 +70,13 @@ def _check_kind(
         if ok and not _INT_MIN <= value <= _INT_MAX:
             raise ValueError(f"{what}: {value} does not fit in 64 bits")
     elif kind is Kind.FLOAT:
-        ok = _is_int(value) or isinstance(value, float)
+        ok = isinstance(value, float)
+        if not ok and _is_int(value):
+            ok = True
+            try:
+                float(value)  # how the merge stores an int given for a float
+            except OverflowError:
+                raise ValueError(f"{what}: {value} is too large for a float") from None
     elif kind is Kind.LINK:
         model = schemas.get(target) if target is not None else None
         if model is None:

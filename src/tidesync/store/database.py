@@ -348,7 +348,9 @@ class LocalDatabase:
         self._record(ins)
 
     def _counter_add(self, obj: Model, name: str, amount: int) -> None:
-        model, _ = self._live_obj(obj)
+        model, schema = self._live_obj(obj)
+        # an amount outside 64 bits is refused here; the sum itself wraps (docs/merge.md)
+        self._check_value(schema.by_name[name], amount, model)
         ins = Instruction(Op.ADD, model, obj._pk, self._engine.tick(), name, amount)
         self._engine.apply((ins,))
         self._record(ins)

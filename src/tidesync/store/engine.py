@@ -55,17 +55,22 @@ def _put_meta_sql(n: int) -> str:
     )
 
 
-#: A model's new-row plan: its field names in column order, and the positions and encoders
-#: of the columns whose values need encoding (the others go as they are).
-_RowPlan = tuple[tuple[str, ...], tuple[tuple[int, Callable[[Any], Any]], ...]]
+#: A model's new-row plan: its field names in column order, the positions and encoders
+#: of the columns whose values need encoding (the others go as they are), and the
+#: positions of its float columns (see ``sqlvalues``: only NaN and -0.0 are encoded).
+_RowPlan = tuple[tuple[str, ...], tuple[tuple[int, Callable[[Any], Any]], ...], tuple[int, ...]]
 
 
 def _row_params(plan: _RowPlan, values: dict[str, Any]) -> list[Any]:
     """A new object's ``insert_new`` parameters from its values, but for ``_hlc``."""
-    names, encoded = plan
+    names, encoded, floats = plan
     params = list(map(values.get, names))
     for i, encode in encoded:
         params[i] = encode(params[i])
+    for i in floats:  # one cheap check per float; None passes it too
+        v = params[i]
+        if v != v or v == 0.0:
+            params[i] = sv.special_float_to_sql(v)
     return params
 
 
@@ -361,9 +366,15 @@ class StoreEngine:
         }
         self._pk_pos[model] = [f.name for f in schema.fields].index(schema.primary_key)
         encoders = [sv.column_encoder(f, self.schemas) for f in schema.fields]
+        floats = tuple(i for i, f in enumerate(schema.fields) if sv.is_float_column(f))
         self._row_plans[model] = (
             tuple(f.name for f in schema.fields),
-            tuple((i, enc) for i, enc in enumerate(encoders) if not sv.is_identity(enc)),
+            tuple(
+                (i, enc)
+                for i, enc in enumerate(encoders)
+                if not sv.is_identity(enc) and i not in floats
+            ),
+            floats,
         )
 
     def sql(self, model: str, name: str) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar, Union, get_args, get_origin
 
+from ..core.merge import wrap_int64
 from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..errors import SchemaError
 from ..objectid import ObjectId
@@ -116,7 +117,11 @@ class Counter:
         return self._value
 
     def increment(self, amount: int = 1) -> None:
-        """Add ``amount`` (may be negative); on a managed object, inside a write."""
+        """Add ``amount`` (may be negative); on a managed object, inside a write.
+
+        Counters are signed 64-bit: the sum wraps around (``2**63 - 1`` plus 1 reads
+        ``-2**63``); on a managed object, an ``amount`` outside that range raises
+        ``ValueTypeError`` (naming the field and the amount) and nothing is written."""
         if isinstance(amount, bool) or not isinstance(amount, int):
             raise TypeError(f"a Counter is incremented by an int, got {type(amount).__name__}")
         if self._obj is not None:
@@ -124,7 +129,7 @@ class Counter:
             assert db is not None
             db._counter_add(self._obj, self._field, amount)
         else:
-            self._value += amount
+            self._value = wrap_int64(self._value + amount)  # as the merge reads sums
 
     def decrement(self, amount: int = 1) -> None:
         """Subtract ``amount``."""

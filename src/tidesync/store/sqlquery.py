@@ -6,6 +6,11 @@ The store keeps one table per model laid out by ``store/sqlvalues.py``; this mod
 two-valued SQL expression (never NULL), so ``NOT`` means exactly what it means in Python.
 Plain comparisons on a column stay in a form SQLite's planner can serve from an index.
 
+A float column holds NaN and ``-0.0`` as their 8 bytes (``store/sqlvalues.py``); queries
+read those as ``core.query`` does, NaN as null and ``-0.0`` as ``0.0``: a plain comparison
+on the column keeps an index-friendly form that also handles the two BLOBs, and anywhere
+else the column is read through :func:`float_value`.
+
 Operations SQLite cannot express exactly (case folding, Realm's LIKE, decimal order, JSON
 floats such as ``"Infinity"``) go through deterministic functions registered on every
 connection by :func:`register_functions`; they call the same Python code ``evaluate`` uses.
@@ -30,7 +35,7 @@ from ..core.query import (
     string_op,
 )
 from ..core.schema import Collection, Kind, ModelSchema
-from .sqlvalues import quote, scalar_to_json, scalar_to_sql, table_name
+from .sqlvalues import NEG_ZERO, quote, scalar_to_json, scalar_to_sql, table_name
 
 __all__ = ["CompiledQuery", "compile_query", "register_functions"]
 
@@ -109,6 +114,24 @@ def register_functions(conn: sqlite3.Connection) -> None:
 # -------------------------------------------------------------------------- compiler
 
 _SQL_OPS = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_PY_OPS: dict[str, Any] = {
+    "<": float.__lt__,
+    "<=": float.__le__,
+    ">": float.__gt__,
+    ">=": float.__ge__,
+}
+#: ``-0.0`` as a float column holds it (a BLOB literal); every other BLOB there is a NaN.
+_NZ = f"x'{NEG_ZERO.hex()}'"
+
+
+def float_value(col: str) -> str:
+    """A float column's value as queries compare it: NaN (a BLOB) as NULL, ``-0.0`` as
+    ``0.0``, everything else as stored (numbers sort before BLOBs, none is TEXT)."""
+    return (
+        f"(CASE WHEN typeof({col}) = 'blob' THEN (CASE WHEN {col} = {_NZ} THEN 0.0 END) "
+        f"ELSE {col} END)"
+    )
 
 
 class _Compiler:
@@ -128,6 +151,8 @@ class _Compiler:
 
     def terminal(self, alias: str, path: BoundPath) -> str:
         col = f"{alias}.{quote(path.field.name)}"
+        if path.attr is None and path.field.kind is Kind.FLOAT and not path.field.is_collection:
+            return float_value(col)
         if path.attr == "count":
             if path.field.collection is Collection.DICT:
                 return f"(SELECT count(*) FROM json_each({col}))"
@@ -180,6 +205,11 @@ class _Compiler:
         kind = c.path.kind
         if value is None:
             return None
+        if type(value) is int and (kind is Kind.INT or kind is Kind.COUNTER):
+            if not _INT64_MIN <= value <= _INT64_MAX:
+                # SQLite cannot bind it; it lies beyond every stored int64, and so does
+                # ±inf, which SQLite compares with an int64 exactly as Python would
+                return math.inf if value > 0 else -math.inf
         if kind is Kind.DECIMAL:
             return str(value)
         if kind is Kind.FLOAT or (isinstance(value, float) and kind is not Kind.BOOL):
@@ -234,6 +264,43 @@ class _Compiler:
             )
         return self.ordered(op, e, ps[0], kind, simple)
 
+    def float_test(self, c: Compare, col: str) -> str:
+        """:meth:`positive` on a float column itself, in forms an index serves."""
+        op = c.op
+        ps = [self.param(c, v, False) for v in c.values]
+        if op in ("==", "!="):
+            sql = self.float_eq(col, ps[0])
+            return sql if op == "==" else f"NOT {sql}"
+        if op == "in":
+            return "(" + " OR ".join(self.float_eq(col, p) for p in ps) + ")" if ps else "0"
+        if op == "between":
+            low, high = self.float_ordered(">=", col, ps[0]), self.float_ordered("<=", col, ps[1])
+            return f"({low} AND {high})"
+        if op in _SQL_OPS:
+            return self.float_ordered(op, col, ps[0])
+        return self.positive(c, float_value(col), False, False)
+
+    def float_eq(self, col: str, p: Any) -> str:
+        """``col == p`` on a float column, two-valued; NaN (any BLOB but -0.0's) is null."""
+        if p is None:
+            return f"({col} IS NULL OR ({col} >= x'' AND {col} IS NOT {_NZ}))"
+        self.params.append(p)
+        if p == 0:
+            return f"({col} IN (?, {_NZ}) AND {col} IS NOT NULL)"
+        return f"{col} IS ?"  # a BLOB is never equal to a number
+
+    def float_ordered(self, op: str, col: str, p: Any) -> str:
+        """``col <op> p`` on a float column, two-valued: BLOBs sort after every number, so
+        a lower bound gets the upper bound ``< x''``; -0.0 is tested as 0.0."""
+        self.params.append(p)
+        sql = f"{col} {_SQL_OPS[op]} ?"
+        if op in (">", ">="):
+            sql += f" AND {col} < x''"
+        sql = f"({sql} AND {col} IS NOT NULL)"
+        if _PY_OPS[op](0.0, float(p)):
+            sql = f"({sql} OR {col} IS {_NZ})"
+        return sql
+
     def ordered(self, op: str, e: str, p: Any, kind: Kind, simple: bool) -> str:
         self.params.append(p)
         if kind is Kind.DECIMAL:
@@ -255,6 +322,8 @@ class _Compiler:
         path = p.path
         if not path.multi:
             simple = not path.hops and path.attr is None
+            if simple and path.field.kind is Kind.FLOAT:
+                return self.float_test(p, f"t0.{quote(path.field.name)}")
             return self.test(p, self.scalar("t0", path), False, simple)
         if p.quantifier == "all":
             return f"NOT {self.exists('t0', path, p, negate=True)}"

@@ -9,7 +9,8 @@ kind        column (SQL)     in JSON (collections)
 ==========  ===============  ================================================
 bool        INTEGER 0/1      true/false
 int         INTEGER          number
-float       REAL             number ("NaN"/"Infinity"/"-Infinity" strings)
+float       REAL (specials:  number ("Infinity"/"-Infinity"/"NaN" strings,
+            8-byte BLOB)     "NaN:<16 hex>" for another NaN's bits)
 str         TEXT             string
 bytes       BLOB             hex string
 datetime    INTEGER µs UTC   number (µs since the epoch)
@@ -22,12 +23,21 @@ link        the target's pk, encoded as the target's pk kind
 
 Lists are JSON arrays in order, sets JSON arrays (sorted by their JSON text), dicts JSON
 objects. ``None`` is SQL NULL / JSON null.
+
+Floats are kept bit-exactly. SQLite stores a NaN as NULL and folds ``-0.0`` into ``0``
+(a REAL with an integral value is stored as an integer), so those two, the only floats
+a REAL column changes, are stored as their 8 IEEE 754 bytes, big-endian, in the same
+column (a BLOB); every other float, ``±inf`` included, is a REAL as before, so queries,
+sorts and indexes work on it. Queries read a BLOB of the column as the value
+``core.query`` compares: NaN as null, ``-0.0`` as ``0.0`` (``store/sqlquery.py``). The
+hot path checks a float with ``v != v or v == 0.0`` and encodes only what passes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 import uuid
 from collections.abc import Callable
 from decimal import Decimal
@@ -76,10 +86,48 @@ def column_type(f: FieldSchema, schemas: dict[str, ModelSchema]) -> str:
     return _SQL_TYPES[scalar_kind(f, schemas)]
 
 
+#: The column value of ``-0.0`` (its bits): the one special float equal to a number.
+NEG_ZERO = struct.pack(">d", -0.0)
+_PACK_DOUBLE = struct.Struct(">d")
+#: The bits of ``float("nan")``: the NaN that JSON collections write as ``"NaN"``.
+_NAN_BITS = struct.pack(">d", math.nan)
+
+
+def special_float_to_sql(value: Any) -> Any:
+    """A float's column value when it passed the cheap check ``v != v or v == 0.0``: a NaN
+    or ``-0.0`` as its 8 bytes, anything else (``0.0``, an int ``0``) as it is."""
+    if value != value or math.copysign(1.0, value) < 0:
+        return _PACK_DOUBLE.pack(value)
+    return value
+
+
+def float_to_sql(value: Any) -> Any:
+    """A float field's column value (see the module docstring)."""
+    if value != value or value == 0.0:
+        return special_float_to_sql(value)
+    return value
+
+
+def float_from_sql(raw: Any) -> Any:
+    """Decode a float column's value (a REAL, a special's 8 bytes, or NULL)."""
+    if type(raw) is float or raw is None:
+        return raw
+    if type(raw) is bytes and len(raw) == 8:
+        return _PACK_DOUBLE.unpack(raw)[0]
+    return float(raw)
+
+
+def is_float_column(f: FieldSchema) -> bool:
+    """True for a scalar float field (its column may hold a special's BLOB)."""
+    return f.kind is Kind.FLOAT and f.collection is Collection.NONE
+
+
 def scalar_to_sql(kind: Kind, value: Any) -> Any:
     """Encode one scalar for a column or a query argument."""
     if value is None:
         return None
+    if kind is Kind.FLOAT:
+        return float_to_sql(value)
     if kind is Kind.BOOL:
         return 1 if value else 0
     if kind is Kind.DATETIME:
@@ -104,7 +152,7 @@ def scalar_from_sql(kind: Kind, raw: Any) -> Any:
     if kind is Kind.OBJECTID:
         return ObjectId(raw)
     if kind is Kind.FLOAT:
-        return float(raw)
+        return float_from_sql(raw)
     return raw
 
 
@@ -117,8 +165,11 @@ def scalar_to_json(kind: Kind, value: Any) -> Any:
     if kind is Kind.FLOAT:
         value = float(value)
         if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+            return value  # JSON keeps -0.0 as "-0.0"
+        if value == value:
+            return "Infinity" if value > 0 else "-Infinity"
+        bits = _PACK_DOUBLE.pack(value)
+        return "NaN" if bits == _NAN_BITS else "NaN:" + bits.hex()
     if kind is Kind.BYTES:
         return bytes(value).hex()
     if kind is Kind.DATETIME:
@@ -133,6 +184,8 @@ def scalar_from_json(kind: Kind, raw: Any) -> Any:
     if raw is None:
         return None
     if kind is Kind.FLOAT:
+        if type(raw) is str and raw.startswith("NaN:"):
+            return _PACK_DOUBLE.unpack(bytes.fromhex(raw[4:]))[0]
         return float(raw)
     if kind is Kind.BYTES:
         return bytes.fromhex(raw)
@@ -154,6 +207,8 @@ def to_column(f: FieldSchema, value: Any, schemas: dict[str, ModelSchema]) -> An
     if coll is Collection.LIST:
         return json.dumps([scalar_to_json(kind, v) for v in value], separators=(",", ":"))
     if coll is Collection.SET:
+        if kind is Kind.FLOAT:  # -0.0 and 0.0 are one element, 0.0 (as the merge keeps it)
+            value = {0.0 if v == 0 else v for v in value}
         items = sorted((scalar_to_json(kind, v) for v in value), key=_json_sort_key)
         return json.dumps(items, separators=(",", ":"))
     return json.dumps(
@@ -165,10 +220,12 @@ def column_encoder(f: FieldSchema, schemas: dict[str, ModelSchema]) -> Callable[
     """A fast function encoding a field's values for its column (same as :func:`to_column`)."""
     if f.collection is Collection.NONE:
         kind = scalar_kind(f, schemas)
-        if kind in (Kind.INT, Kind.FLOAT, Kind.STR, Kind.BYTES, Kind.COUNTER):
+        if kind in (Kind.INT, Kind.STR, Kind.BYTES, Kind.COUNTER):
             return _identity
         if kind is Kind.BOOL:
             return _bool_to_sql
+        if kind is Kind.FLOAT:
+            return float_to_sql
         return lambda v: scalar_to_sql(kind, v)
     return lambda v: to_column(f, v, schemas)
 

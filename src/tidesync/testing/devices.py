@@ -26,9 +26,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -41,6 +43,7 @@ from typing import Any
 import tidesync as ts
 
 from ..core.changeset import Instruction, Op
+from ..core.merge import wrap_int64
 from ..core.packing import unpack_instructions
 from ..errors import TidesyncError
 
@@ -50,6 +53,16 @@ TAG_IDS = [f"g{i}" for i in range(3)]
 TALLY_IDS = [f"t{i}" for i in range(2)]
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
 PHASE_TIMEOUT = 120.0
+
+#: Increments near the bounds of a counter (docs/merge.md: its sum wraps around int64).
+COUNTER_EXTREMES = (2**62, 2**63 - 1, -(2**63), -(2**62))
+#: Floats SQLite would change (NaN, -0.0) and the infinities.
+SPECIAL_FLOATS = (math.nan, -math.nan, -0.0, math.inf, -math.inf)
+
+
+def float_bits(value: Any) -> Any:
+    """A float as its IEEE 754 bits (hex), so snapshots compare NaN and -0.0 exactly."""
+    return struct.pack(">d", value).hex() if isinstance(value, float) else value
 
 
 class Tag(ts.Model):
@@ -247,7 +260,10 @@ class _Device:
                 if kind < 0.12:
                     tally = db.find(Tally, rng.choice(TALLY_IDS))
                     if tally is not None:
-                        tally.hits.increment(rng.randint(1, 5))
+                        amount = rng.randint(1, 5)
+                        if rng.random() < 0.1:  # counter extremes: the sums wrap at 64 bits
+                            amount = rng.choice(COUNTER_EXTREMES)
+                        tally.hits.increment(amount)
                     continue
                 if kind < 0.2:
                     tid = rng.choice(TAG_IDS)
@@ -289,6 +305,8 @@ class _Device:
             doc.n = rng.randint(-1000, 1000)
         elif action == 3:
             doc.score = round(rng.uniform(-10, 10), 3)
+            if rng.random() < 0.1:  # floats a store might change: kept bit for bit
+                doc.score = rng.choice(SPECIAL_FLOATS)
         elif action == 4:
             doc.flag = not doc.flag
         elif action == 5:
@@ -326,7 +344,7 @@ def snapshot(db: Any, models: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out["Doc"][doc.id] = {
             "title": doc.title,
             "n": doc.n,
-            "score": doc.score,
+            "score": float_bits(doc.score),
             "flag": doc.flag,
             "tags": list(doc.tags),
             "labels": sorted(doc.labels),
@@ -350,7 +368,7 @@ def normalize_server(objects: dict[str, dict[Any, dict[str, Any]]]) -> dict[str,
         out["Doc"][pk] = {
             "title": vals.get("title", ""),
             "n": vals.get("n", 0),
-            "score": vals.get("score", 0.0),
+            "score": float_bits(vals.get("score", 0.0)),
             "flag": vals.get("flag", False),
             "tags": list(vals.get("tags") or []),
             "labels": sorted(vals.get("labels") or []),
@@ -517,6 +535,21 @@ def _later_overrides(ins: Instruction, later: Iterable[Instruction]) -> bool:
     return False
 
 
+def _exact(value: Any) -> Any:
+    """``value`` with every float as its bits and sets sorted: equal exactly when the
+    values are the same bit for bit (NaN is not equal to itself; set order is hash
+    order, per process)."""
+    if isinstance(value, float):
+        return ("float", float_bits(value))
+    if isinstance(value, set | frozenset):
+        return ("set", sorted((_exact(v) for v in value), key=repr))
+    if isinstance(value, dict):
+        return ("dict", sorted((k, _exact(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_exact(v) for v in value)
+    return value
+
+
 def _reflected(ins: Instruction, final: dict[str, Any] | None) -> bool:
     """True if the final state shows ``ins`` (for the ops checked by value)."""
     if ins.op == Op.CREATE:
@@ -530,7 +563,7 @@ def _reflected(ins: Instruction, final: dict[str, Any] | None) -> bool:
     if ins.op == Op.SET:
         if isinstance(current, list | set | tuple) and isinstance(ins.value, list | set | tuple):
             return sorted(map(repr, current)) == sorted(map(repr, ins.value))
-        return bool(current == ins.value)
+        return bool(float_bits(current) == float_bits(ins.value))
     if ins.op == Op.SET_ADD:
         return ins.value in (current or [])
     if ins.op == Op.SET_REMOVE:
@@ -584,7 +617,7 @@ def check_convergence(
         stored = history.get((origin, v))
         mine = unpack_instructions(data, origin)
         # compare instructions, not bytes: set values pack in hash order, per process
-        if stored is None or unpack_instructions(stored, origin) != mine:
+        if stored is None or _exact(unpack_instructions(stored, origin)) != _exact(mine):
             report.writes_lost.append(f"changeset {origin}#{v} is not in the server history")
             continue
         for ins in mine:
@@ -610,7 +643,9 @@ def check_convergence(
             all_adds[pk] = sum(int(i.value) for i in instructions if i.op == Op.ADD)
     for pk, vals in server_objects.get("Tally", {}).items():
         hits = int(vals.get("hits") or 0)
-        if hits != sums.get(pk, 0) or hits != all_adds.get(pk, 0):
+        # counters wrap around at 64 bits (docs/merge.md): compare the wrapped sums
+        acked_sum, history_sum = wrap_int64(sums.get(pk, 0)), wrap_int64(all_adds.get(pk, 0))
+        if hits != acked_sum or hits != history_sum:
             report.counter_errors.append(
                 f"Tally {pk}: server {hits}, acknowledged increments {sums.get(pk, 0)}, "
                 f"increments in history {all_adds.get(pk, 0)}"

@@ -17,7 +17,9 @@ is imported only by test code.
 from __future__ import annotations
 
 import asyncio
+import random
 import re
+import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -29,7 +31,8 @@ from ...core.changeset import Changeset, Instruction, Op
 from ...core.hlc import HLC
 from ...core.merge import ObjectState
 from ...core.packing import pack, pack_instructions, unpack
-from ...core.schema import FieldSchema, Kind, ModelSchema
+from ...core.query import bind, parse
+from ...core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ...errors import SchemaMismatchError, TidesyncError
 from ...objectid import ObjectId
 from .base import (
@@ -68,7 +71,42 @@ NOTE_OID = ModelSchema(
     (FieldSchema("id", Kind.OBJECTID, primary_key=True), FieldSchema("text", Kind.STR)),
     "id",
 )
-ALL_MODELS = [TASK, NOTE_INT, NOTE_UUID, NOTE_OID]
+#: Floats in every container, an int and a counter: values at the edges of their types.
+EDGES = ModelSchema(
+    "Edges",
+    (
+        FieldSchema("id", Kind.INT, primary_key=True),
+        FieldSchema("f", Kind.FLOAT),
+        FieldSchema("fs", Kind.FLOAT, Collection.LIST),
+        FieldSchema("fd", Kind.FLOAT, Collection.DICT),
+        FieldSchema("n", Kind.INT),
+        FieldSchema("hits", Kind.COUNTER),
+    ),
+    "id",
+)
+ALL_MODELS = [TASK, NOTE_INT, NOTE_UUID, NOTE_OID, EDGES]
+
+
+def edge_floats(count: int, seed: int = 18) -> list[float]:
+    """NaNs (several payloads and signs), ±inf, ±0.0, subnormals, then random bit
+    patterns: floats a backend might change."""
+    bits = ["7ff8000000000000", "fff8000000000000", "7ff0000000000001", "fff4dead0000beef"]
+    bits += ["7ff0000000000000", "fff0000000000000", "8000000000000000", "0000000000000000"]
+    bits += ["0000000000000001", "800fffffffffffff", "7fefffffffffffff", "3ff0000000000000"]
+    rng = random.Random(seed)
+    bits += [f"{rng.getrandbits(64):016x}" for _ in range(max(0, count - len(bits)))]
+    return [struct.unpack(">d", bytes.fromhex(b))[0] for b in bits[:count]]
+
+
+def float_bits(value: Any) -> Any:
+    """A float (or the floats in a list or dict) as IEEE 754 bits, to compare exactly."""
+    if isinstance(value, float):
+        return struct.pack(">d", value).hex()
+    if isinstance(value, list):
+        return [float_bits(v) for v in value]
+    if isinstance(value, dict):
+        return {k: float_bits(v) for k, v in value.items()}
+    return value
 
 
 class Writer:
@@ -285,6 +323,56 @@ class StorageConformance:
         await storage.integrate([batch(app, a.cs(a.add("x", 5, at=3_000)))])  # before the set
         await storage.integrate([batch(app, a.cs(a.add("x", 7, at=5_000)))])  # after it
         assert (await storage.get_objects(app, "Task"))["x"]["votes"] == 17
+
+    async def test_values_at_their_bounds_are_stored_exactly(
+        self, storage: ServerStorage, app: str, make_storage: StorageFactory
+    ) -> None:
+        """Every float bit for bit (NaN payloads, -0.0), ints at ±2**63, counter sums
+        wrapped into int64 (docs/merge.md), through rendering, states, queries, reopening."""
+        a, b = Writer("A"), Writer("B")
+        floats = edge_floats(40)
+        made = []
+        for i, x in enumerate(floats):
+            value = {"id": i, "f": x, "fs": [x, -x], "fd": {"k": x}, "n": -(2**63), "hits": 0}
+            made.append(Instruction(Op.CREATE, "Edges", i, a.hlc(), value=value))
+        made.append(Instruction(Op.SET, "Edges", 0, a.hlc(), field="n", value=2**63 - 1))
+        made.append(Instruction(Op.ADD, "Edges", 0, a.hlc(), field="hits", value=2**62))
+        await storage.integrate([batch(app, a.cs(*made))])
+        add = Instruction(Op.ADD, "Edges", 0, b.hlc(), field="hits", value=2**62)
+        await storage.integrate([batch(app, b.cs(add))])  # the sum, 2**63, wraps around
+        want = {
+            i: {"f": float_bits(x), "fs": float_bits([x, -x]), "fd": float_bits({"k": x})}
+            for i, x in enumerate(floats)
+        }
+
+        def check(objects: dict[Any, dict[str, Any]]) -> None:
+            got = {
+                pk: {k: float_bits(v[k]) for k in ("f", "fs", "fd")} for pk, v in objects.items()
+            }
+            assert got == want
+            assert objects[0]["n"] == 2**63 - 1 and objects[0]["hits"] == -(2**63)
+            assert objects[1]["n"] == -(2**63) and objects[1]["hits"] == 0
+
+        check(await storage.get_objects(app, "Edges"))
+        keys = [("Edges", pack(i)) for i in range(len(floats))]
+        states = await storage.get_states(app, keys)
+        check(
+            {
+                unpack(k[1]): ObjectState.from_bytes(s.state).render(EDGES) or {}
+                for k, s in states.items()
+            }
+        )
+        check({unpack(k[1]): s.values or {} for k, s in states.items()})
+        query = bind(
+            parse("hits == $0 AND n == $1"), EDGES, {"Edges": EDGES}, [-(2**63), 2**63 - 1]
+        )
+        page = await storage.read_matching(app, "Edges", [query], None, None, 1000)
+        assert [unpack(o.pk) for o in page.objects] == [0]
+        log = await storage.read_log(app, 0, 1 << 24)
+        sent = [pack_instructions(made), pack_instructions([add])]
+        assert [e.instructions for e in log.entries] == sent
+        async with make_storage() as again:
+            check(await again.get_objects(app, "Edges"))
 
     async def test_erase_wins_and_a_later_create_recreates(
         self, storage: ServerStorage, app: str
