@@ -73,9 +73,10 @@ def serve(
     ] = None,
 ) -> None:
     """Run the sync server (development mode) until SIGINT or SIGTERM."""
+    from .errors import DataFolderInUseError, ServerStartError
     from .eventloop import new_event_loop
     from .server.config import ServerConfig
-    from .server.runner import ServerStartError, print_url, serve_forever
+    from .server.runner import print_url, serve_forever
 
     options: dict[str, object] = {"log_level": log_level.lower(), "storage_url": storage}
     if log_format not in ("text", "json"):
@@ -106,6 +107,9 @@ def serve(
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve_forever(data, host, port, config, announce=print_url))
+    except DataFolderInUseError as exc:  # another server runs on --data: status 2
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
     except ServerStartError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc

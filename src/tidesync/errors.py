@@ -20,6 +20,9 @@
     ├── AuthError                   login refused, token missing/expired/forged
     │   └── TooManyAttemptsError    login attempts over the per-minute limit
     ├── ConfigurationError          a server configuration file is invalid
+    ├── MismatchedConfigurationError a file open in this process, opened with another config
+    ├── ServerStartError            the server could not start (port, data folder, ...)
+    │   └── DataFolderInUseError    another server runs on the data folder
     ├── ProtocolError               a peer broke the wire protocol
     │   ├── FrameTooLargeError
     │   └── MalformedMessageError
@@ -116,6 +119,26 @@ class SubscriptionError(TidesyncError, ValueError):
 
 class ConfigurationError(TidesyncError, ValueError):
     """A server configuration (file or options) is invalid; the message names the key."""
+
+
+class MismatchedConfigurationError(TidesyncError):
+    """A synced file already open in this process was opened again with a configuration
+    that differs (another user or app, other models); the message names the file and what
+    differs."""
+
+
+class ServerStartError(TidesyncError):
+    """The server could not start (port in use, unreadable data folder, ...)."""
+
+
+class DataFolderInUseError(ServerStartError):
+    """Another server process holds the data folder; ``pid`` is its process id (None if it
+    could not be read)."""
+
+    def __init__(self, message: str, folder: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.pid = pid
 
 
 class ProtocolError(TidesyncError):
