@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.progress import SyncProgress
-from ..errors import NotSyncedError, OperationCancelledError
+from ..errors import DatabaseClosedError, NotSyncedError, OperationCancelledError
 from ..store.database import LocalDatabase
 from .config import Configuration
 from .subscriptions import SubscriptionSet, SubscriptionSetState
@@ -80,16 +80,22 @@ class Database(LocalDatabase):
 
     @property
     def sync_session(self) -> Session:
-        """The sync session of a synced database (the same object each time)."""
+        """The sync session of a synced database (the same object each time, and the same
+        for every ``Database`` of this file open in the process)."""
         if self._session is None:
             raise NotSyncedError(f"the database {self.path} is local; it has no sync session")
+        if self.is_closed:
+            raise DatabaseClosedError(f"the database {self.path} is closed")
         return self._session
 
     def close(self) -> None:
-        """Close the database and end its sync session. Idempotent."""
+        """Close the database; its sync session ends with the last ``Database`` of the
+        file open in this process. Idempotent."""
         session = self._session
         if session is not None and not self.is_closed:
-            session._close()
+            from .session import release_shared
+
+            release_shared(session, self)
         super().close()
 
     def __enter__(self) -> Database:
