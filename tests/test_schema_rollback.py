@@ -240,7 +240,23 @@ async def test_an_older_release_syncs_beside_a_newer_one(devices: Any) -> None:
     assert c.find(Label2, "l1").name == "home"  # type: ignore[union-attr]
     await new_a.settle()
     assert a.find(Note2, "n1").title == "edited by b"  # type: ignore[union-attr]
-    assert new_a.errors == [] and new_c.errors == []
+    with a.write():  # a field release 1 never sees, on an object b has
+        a.add(Note2(id="n3", title="made by a", tag="gold", marks=["g"]))
+    await new_a.settle()
+    await old_b.settle()
+    assert new_a.errors == [] and new_c.errors == [] and old_b.errors == []
+
+    old_b.close()  # b's file, which never had the field, moves to release 2
+    b = await old_b.open([Note2, Label2], subscribe=False)  # the same subscription set
+    await old_b.settle()
+    got = {n.id: (n.title, n.tag, list(n.marks)) for n in b.all(Note2)}
+    assert got == {
+        "n1": ("edited by b", "blue", ["m"]),
+        "n2": ("made by b", None, []),
+        "n3": ("made by a", "gold", ["g"]),
+    }
+    assert b.find(Label2, "l1") is None  # b's subscriptions never asked for labels
+    assert old_b.errors == []
 
 
 async def test_a_rolled_back_file_keeps_downloading_the_newer_fields(devices: Any) -> None:

@@ -237,7 +237,7 @@ class StoreEngine:
         conn.execute("PRAGMA foreign_keys = OFF")
         full = self._file_schemas(stored)
         definitions_changed = any(stored.get(n) != s for n, s in full.items())
-        if plan or definitions_changed:
+        if plan or definitions_changed or self._declared_skips()[0]:
             with self.transaction():
                 # Another process may have set the file up meanwhile: plan again under the lock.
                 stored = self._stored_schemas()
@@ -246,6 +246,7 @@ class StoreEngine:
                 self._create_base_tables()
                 for statement in plan:
                     conn.execute(statement)
+                self._refetch_skipped()
                 for name, schema in full.items():
                     if stored.get(name) == schema:
                         continue
@@ -262,6 +263,31 @@ class StoreEngine:
         self.schemas = full
         for name in self.schemas:
             self._prepare_sql(name)
+
+    def _declared_skips(self) -> tuple[set[str], set[str]]:
+        """The models and fields downloads skipped (:meth:`_skipped`) that the declared
+        models have, and all that were skipped (both empty if none)."""
+        exists = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='_meta'"
+        ).fetchone()
+        if exists is None:  # a new file
+            return set(), set()
+        row = self.conn.execute("SELECT value FROM _meta WHERE key = 'skipped'").fetchone()
+        if row is None or not row[0]:
+            return set(), set()
+        skipped = set(json.loads(row[0]))
+        declared = set(self.schemas)
+        declared.update(f"{n}.{f.name}" for n, s in self.schemas.items() for f in s.fields)
+        return skipped & declared, skipped
+
+    def _refetch_skipped(self) -> None:
+        """The declared models have a model or field downloads skipped: download everything
+        again (download cursor 0), so the file gets the server's values (the server sends
+        the subscriptions' whole state again; what the file holds merges to the same)."""
+        now, skipped = self._declared_skips()
+        if now:
+            self.set_meta("download_cursor", 0)
+            self.set_meta("skipped", json.dumps(sorted(skipped - now)))
 
     def _file_schemas(self, stored: dict[str, ModelSchema]) -> dict[str, ModelSchema]:
         """Every model of the file as the data holds it: the declared models widened by the
