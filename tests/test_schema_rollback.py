@@ -299,3 +299,28 @@ async def test_a_rolled_back_file_keeps_downloading_the_newer_fields(devices: An
     seen = c.find(Note2, "n1")
     assert seen is not None and (seen.title, seen.tag) == ("release 1 was here", "green")
     assert dev_a.errors == [] and new_c.errors == []
+
+
+async def test_a_fresh_older_file_gets_the_newer_values_when_it_upgrades(devices: Any) -> None:
+    Note2, Label2 = new_release()
+    Note1 = old_release()
+    new_a, early, late = devices("a"), devices("early"), devices("late")
+
+    d = await early.open([Note1])  # bound before anything exists: gets the log's CREATEs
+    a = await new_a.open([Note2, Label2])
+    with a.write():
+        a.add(Note2(id="n1", title="made by a", tag="red", marks=["m"], hits=2))
+    await new_a.settle()
+    await early.settle()
+    b = await late.open([Note1])  # bound after: gets n1 in its subscription's bootstrap
+    for device, db in ((early, d), (late, b)):
+        assert db.find(Note1, "n1").title == "made by a"  # type: ignore[union-attr]
+        assert json.loads(db._engine.get_meta("skipped")) == ["Note.hits", "Note.marks", "Note.tag"]
+        assert device.errors == []
+        device.close()
+        db = await device.open([Note2, Label2], subscribe=False)  # the upgrade
+        await device.settle()
+        n1 = db.find(Note2, "n1")
+        assert n1 is not None and (n1.tag, list(n1.marks), n1.hits.value) == ("red", ["m"], 2)
+        assert json.loads(db._engine.get_meta("skipped")) == []
+        assert device.errors == []

@@ -216,7 +216,7 @@ class StoreEngine:
         #: per transaction: _meta's commit_seq, last_version and hlc, read by begin()
         self._tx_meta: dict[str, Any] | None = None
         self._touched: Touched = {}  # per transaction: what it wrote, for notifiers
-        #: models and fields downloads changed that this file lacks (see _skipped)
+        #: models and fields downloads changed that this file lacks (see note_skipped)
         self._skipped_names: set[str] | None = None
         try:
             self._setup()
@@ -265,7 +265,7 @@ class StoreEngine:
             self._prepare_sql(name)
 
     def _declared_skips(self) -> tuple[set[str], set[str]]:
-        """The models and fields downloads skipped (:meth:`_skipped`) that the declared
+        """The models and fields downloads skipped (:meth:`note_skipped`) that the declared
         models have, and all that were skipped (both empty if none)."""
         exists = self.conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='_meta'"
@@ -747,8 +747,11 @@ class StoreEngine:
             op, model, pk, hlc, field, value, _ = ins
             schema = schemas.get(model)
             if schema is None:
-                self._skipped(model, None)  # a model neither the models nor the file have
+                self.note_skipped(model, None)  # a model neither the models nor the file have
                 continue
+            if op is create and type(value) is dict and len(value) > len(schema.fields):
+                for name in value.keys() - schema.by_name.keys():  # a newer release's fields
+                    self.note_skipped(model, name)
             key = (model, pk)
             if key in absent:
                 if op is create and key not in batched and isinstance(value, dict):
@@ -765,7 +768,7 @@ class StoreEngine:
                     self._insert_new(batch)
                     batched.clear()
             if field is not None and field not in schema.by_name:
-                self._skipped(model, field)  # a newer release's field this file never had
+                self.note_skipped(model, field)  # a newer release's field this file never had
                 continue
             state, where = self.load_state(model, pk)
             if state is None:
@@ -774,7 +777,7 @@ class StoreEngine:
             self.save_state(model, pk, state, where)
         self._insert_new(batch)
 
-    def _skipped(self, model: str, field: str | None) -> None:
+    def note_skipped(self, model: str, field: str | None) -> None:
         """Note in ``_meta`` (``skipped``, inside the current transaction) that a download
         changed a model or field this file lacks: a later release that adds it downloads
         again (:meth:`_plan_schema`), so it sees the server's values."""
