@@ -195,3 +195,36 @@ async def test_opens_from_two_threads_at_once_share_one_session(
             two.close()
     finally:
         app.close()
+
+
+async def test_a_joining_database_sends_its_initial_subscriptions(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    app, other_app = make_app(tmp_path, "a", server.url), make_app(tmp_path, "b", server.url)
+    try:
+        writer = await subscribed(
+            config(await other_app.log_in(ts.Credentials.anonymous()), tmp_path / "w.tidesync")
+        )
+        with writer.write():
+            writer.add(Card(id="w1", text="on the server"))
+        await writer.sync_session.wait_for_upload(T(20))
+        user = await app.log_in(ts.Credentials.anonymous())
+        path = tmp_path / "shared.tidesync"
+        first = ts.Database(config(user, path))  # no subscription set yet
+        await first.sync_session.wait_for_download(T(20))  # bound and caught up
+
+        def subscribe(db: ts.Database) -> None:
+            with db.subscriptions.update() as subs:
+                subs.add(db.all(Card), name="all")
+
+        second = await ts.Database.open(
+            config(user, path, initial_subscriptions=subscribe), cancellation_token=T(20)
+        )
+        assert second.subscriptions.state is ts.SubscriptionSetState.COMPLETE
+        assert texts(first) == texts(second) == {"w1": "on the server"}
+        second.close()
+        first.close()
+        writer.close()
+    finally:
+        app.close()
+        other_app.close()

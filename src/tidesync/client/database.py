@@ -33,8 +33,10 @@ class Database(LocalDatabase):
         self._session: Session | None = None
         if config.sync is not None:
             try:
-                _run_initial_subscriptions(self, config)
+                ran = _run_initial_subscriptions(self, config)
                 self._session = config.sync.user.app._open_session(self, config.sync)
+                if ran:  # a session this database joined has not seen the new set
+                    self._session._subscriptions_changed()
             except BaseException:
                 super().close()
                 raise
@@ -106,11 +108,14 @@ class Database(LocalDatabase):
 _OUTSTANDING = (SubscriptionSetState.PENDING, SubscriptionSetState.BOOTSTRAPPING)
 
 
-def _run_initial_subscriptions(db: Database, config: Configuration) -> None:
+def _run_initial_subscriptions(db: Database, config: Configuration) -> bool:
     """Call ``initial_subscriptions(db)`` when the file has no subscription set yet (or on
-    every open with ``rerun_on_open``); it updates ``db.subscriptions`` itself."""
+    every open with ``rerun_on_open``); it updates ``db.subscriptions`` itself. True if it
+    was called."""
     sync = config.sync
     if sync is None or sync.initial_subscriptions is None:
-        return
+        return False
     if sync.rerun_on_open or db.subscriptions.version == 0:
         sync.initial_subscriptions(db)
+        return True
+    return False

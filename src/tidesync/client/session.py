@@ -330,6 +330,11 @@ class Session:
             self._db = self._dbs[0]
         return not self._dbs
 
+    def _subscriptions_changed(self) -> None:
+        """A new subscription set is in the file: send it if the session is bound."""
+        worker = self._worker
+        self._client.loop.call_soon_threadsafe(worker.send_query)
+
     def _start(self) -> None:
         worker = self._worker
         self._client.call(worker.activate)
