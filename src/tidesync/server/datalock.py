@@ -2,23 +2,48 @@
 
 Two servers on one folder with SQLite storage would each keep their own view of the same
 files (devices on one never see the other's writes), so the second start must fail. The
-lock is ``flock`` on ``<folder>/server.lock``: the kernel drops it when the holder's
-file descriptor closes, also when the process is killed with SIGKILL, so a crash never
-leaves a stale lock behind. The holder writes its pid into the file for the error
-message of the next one. The file itself stays (deleting it would let two servers lock
-two different files of the same name).
+lock is ``flock`` on ``<folder>/server.lock`` (on Windows, ``msvcrt.locking`` of one byte
+of it): the kernel drops it when the holder's file descriptor closes, also when the
+process is killed with SIGKILL, so a crash never leaves a stale lock behind. The holder
+writes its pid into the file for the error message of the next one. The file itself
+stays (deleting it would let two servers lock two different files of the same name).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
+import sys
 from pathlib import Path
 
 from ..errors import DataFolderInUseError, ServerStartError
 
 #: The lock file's name inside the data folder.
 LOCK_FILE = "server.lock"
+#: The byte the lock covers on Windows (past the pid, which others must read; Windows
+#: allows locking past the end of a file).
+_WINDOWS_LOCK_AT = 64
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOINHERIT", 0)
+
+if sys.platform == "win32":  # pragma: no cover - not run on the Linux CI
+    import msvcrt
+
+    def _try_lock(fd: int) -> bool:
+        os.lseek(fd, _WINDOWS_LOCK_AT, os.SEEK_SET)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+
+else:
+    import fcntl
+
+    def _try_lock(fd: int) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
 
 
 class DataFolderLock:
@@ -41,19 +66,18 @@ class DataFolderLock:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, _OPEN_FLAGS, 0o644)
         except OSError as exc:
             raise ServerStartError(f"cannot use the data folder {self.folder}: {exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        if not _try_lock(fd):
             pid = _read_pid(fd)
             os.close(fd)
             message = _in_use_message(self.folder, pid)
-            raise DataFolderInUseError(message, str(self.folder), pid) from None
+            raise DataFolderInUseError(message, str(self.folder), pid)
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, f"{os.getpid()}\n".encode())
         except OSError:  # the pid is only for the message: the lock is what counts
             pass
         self._fd = fd
@@ -67,7 +91,8 @@ class DataFolderLock:
 
 def _read_pid(fd: int) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
