@@ -82,15 +82,21 @@ async def test_two_databases_on_one_file_share_one_session(
             config(await other_app.log_in(ts.Credentials.anonymous()), tmp_path / "o")
         )
 
+        seen_by_one: list[Any] = []
         seen_by_two: list[Any] = []
-        token = two.all(Card).add_listener(seen_by_two.append)
+        tokens = [
+            one.all(Card).add_listener(seen_by_one.append),
+            two.all(Card).add_listener(seen_by_two.append),
+        ]
         with one.write():
             one.add(Card(id="c1", text="from one"))
+        await eventually(lambda: any(0 in ch.inserted for ch in seen_by_two))  # c1
         with two.write():
             two.add(Card(id="c2", text="from two"))
+        await eventually(lambda: any(1 in ch.inserted for ch in seen_by_one))  # c2
         assert texts(one) == texts(two) == {"c1": "from one", "c2": "from two"}
-        await eventually(lambda: any(ch.inserted for ch in seen_by_two))
-        token.cancel()
+        for token in tokens:
+            token.cancel()
         await one.sync_session.wait_for_upload(T(20))
         await two.sync_session.wait_for_upload(T(20))
         await other.sync_session.wait_for_download(T(20))
