@@ -234,3 +234,31 @@ async def test_a_joining_database_sends_its_initial_subscriptions(
     finally:
         app.close()
         other_app.close()
+
+
+async def test_every_sharing_database_is_told_of_a_session_error(
+    tmp_path: Path, server: ServerProcess
+) -> None:
+    app = make_app(tmp_path, "a", server.url)
+    try:
+        user = await app.log_in(ts.Credentials.anonymous())
+        known = await subscribed(config(user, tmp_path / "known.tidesync"))  # Card.text: str
+        known.close()
+
+        class Card(ts.Model):  # the server refuses this one: text changed type
+            id: str = ts.primary_key()
+            text: int = 0
+
+        path = tmp_path / "shared.tidesync"
+        first: list[Exception] = []
+        second: list[Exception] = []
+        one = ts.Database(config(user, path, first, models=[Card]))
+        two = ts.Database(config(user, path, second, models=[Card]))
+        assert one.sync_session is two.sync_session
+        await eventually(lambda: bool(first) and bool(second))
+        for error in (first[0], second[0]):
+            assert isinstance(error, ts.SyncError) and "changed type" in str(error)
+        one.close()
+        two.close()
+    finally:
+        app.close()
