@@ -79,10 +79,10 @@ def serve(
     ] = None,
 ) -> None:
     """Run the sync server (development mode) until SIGINT or SIGTERM."""
-    from .errors import ConfigurationError
+    from .errors import ConfigurationError, DataFolderInUseError, ServerStartError
     from .eventloop import new_event_loop
     from .server.config import ServerConfig
-    from .server.runner import ServerStartError, print_url, serve_forever
+    from .server.runner import print_url, serve_forever
 
     options: dict[str, object] = {"log_level": log_level.lower(), "storage_url": storage}
     if log_format not in ("text", "json"):
@@ -113,7 +113,7 @@ def serve(
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve_forever(data, host, port, config, announce=print_url))
-    except ConfigurationError as exc:  # e.g. a declared schema that retypes stored data
+    except (ConfigurationError, DataFolderInUseError) as exc:  # user mistakes: status 2
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     except ServerStartError as exc:

@@ -23,6 +23,9 @@
     │   └── TooManyAttemptsError    login attempts over the per-minute limit
     ├── ConfigurationError          a server configuration file is invalid
     │   └── SchemaPinError          the declared schema cannot serve the stored data
+    ├── MismatchedConfigurationError a file open in this process, opened with another config
+    ├── ServerStartError            the server could not start (port, data folder, ...)
+    │   └── DataFolderInUseError    another server runs on the data folder
     ├── ProtocolError               a peer broke the wire protocol
     │   ├── FrameTooLargeError
     │   └── MalformedMessageError
@@ -160,6 +163,26 @@ class ConfigurationError(TidesyncError, ValueError):
 class SchemaPinError(ConfigurationError):
     """A declared schema (``[apps.X.schema]``) drops or retypes stored models or fields, or
     adds a required field to them; checked when the server starts, naming each one."""
+
+
+class MismatchedConfigurationError(TidesyncError):
+    """A synced file already open in this process was opened again with a configuration
+    that differs (another user or app, other models); the message names the file and what
+    differs."""
+
+
+class ServerStartError(TidesyncError):
+    """The server could not start (port in use, unreadable data folder, ...)."""
+
+
+class DataFolderInUseError(ServerStartError):
+    """Another server process holds the data folder; ``pid`` is its process id (None if it
+    could not be read)."""
+
+    def __init__(self, message: str, folder: str, pid: int | None) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.pid = pid
 
 
 class ProtocolError(TidesyncError):

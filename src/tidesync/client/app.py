@@ -379,7 +379,9 @@ class App:
             return self._sync_client
 
     def _open_session(self, db: Database, sync: SyncConfiguration) -> Session:
-        return self._client().open_session(db, sync)
+        from .session import open_shared
+
+        return open_shared(self._client(), db, sync)  # one session per file (session.py)
 
     def reconnect(self) -> None:
         """Make every active session try to connect now, resetting every backoff timer; a

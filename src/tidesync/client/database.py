@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.progress import SyncProgress
-from ..errors import NotSyncedError, OperationCancelledError
+from ..errors import DatabaseClosedError, NotSyncedError, OperationCancelledError
 from ..store.database import LocalDatabase
 from .config import Configuration
 from .subscriptions import SubscriptionSet, SubscriptionSetState
@@ -34,8 +34,10 @@ class Database(LocalDatabase):
         self._session: Session | None = None
         if config.sync is not None:
             try:
-                _run_initial_subscriptions(self, config)
+                ran = _run_initial_subscriptions(self, config)
                 self._session = config.sync.user.app._open_session(self, config.sync)
+                if ran:  # a session this database joined has not seen the new set
+                    self._session._subscriptions_changed()
             except BaseException:
                 super().close()
                 raise
@@ -81,16 +83,22 @@ class Database(LocalDatabase):
 
     @property
     def sync_session(self) -> Session:
-        """The sync session of a synced database (the same object each time)."""
+        """The sync session of a synced database (the same object each time, and the same
+        for every ``Database`` of this file open in the process)."""
         if self._session is None:
             raise NotSyncedError(f"the database {self.path} is local; it has no sync session")
+        if self.is_closed:
+            raise DatabaseClosedError(f"the database {self.path} is closed")
         return self._session
 
     def close(self) -> None:
-        """Close the database and end its sync session. Idempotent."""
+        """Close the database; its sync session ends with the last ``Database`` of the
+        file open in this process. Idempotent."""
         session = self._session
         if session is not None and not self.is_closed:
-            session._close()
+            from .session import release_shared
+
+            release_shared(session, self)
         super().close()
 
     def __enter__(self) -> Database:
@@ -101,11 +109,14 @@ class Database(LocalDatabase):
 _OUTSTANDING = (SubscriptionSetState.PENDING, SubscriptionSetState.BOOTSTRAPPING)
 
 
-def _run_initial_subscriptions(db: Database, config: Configuration) -> None:
+def _run_initial_subscriptions(db: Database, config: Configuration) -> bool:
     """Call ``initial_subscriptions(db)`` when the file has no subscription set yet (or on
-    every open with ``rerun_on_open``); it updates ``db.subscriptions`` itself."""
+    every open with ``rerun_on_open``); it updates ``db.subscriptions`` itself. True if it
+    was called."""
     sync = config.sync
     if sync is None or sync.initial_subscriptions is None:
-        return
+        return False
     if sync.rerun_on_open or db.subscriptions.version == 0:
         sync.initial_subscriptions(db)
+        return True
+    return False

@@ -3,6 +3,14 @@
 The work happens on the sync thread (``syncclient.SessionWorker``); this facade reads its
 state and hands requests over. Every coroutine here works from any asyncio event loop, and
 the streams have callback forms for code without one.
+
+One session per synced file in a process: the first synced ``Database`` of a file starts
+it, later ones opened meanwhile (from any thread) join it (:func:`open_shared`), and it
+ends when the last of them closes (:func:`release_shared`). A file is bound once per
+connection, and two sessions of one file would upload its change log twice over. The
+configurations must agree on what the session is (the App, the user, the models, the client
+reset mode), else :class:`~tidesync.errors.MismatchedConfigurationError` names the file
+and what differs.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.progress import ProgressDirection, ProgressMode, SyncProgress
 from ..errors import (
     DatabaseClosedError,
+    MismatchedConfigurationError,
     OperationCancelledError,
     SessionInactiveError,
     SyncDiskFullError,
@@ -76,13 +85,26 @@ class Session:
         self._lock = threading.Lock()
         self._conn_listeners: list[Callable[[ConnectionStateChange], Any]] = []
         self._last_version_sql = "SELECT value FROM _meta WHERE key = 'last_version'"
-        self._db = db
+        self._db = db  # an open one of _dbs (for reads of the change log's head)
+        self._dbs: list[Database] = [db]  # the open databases sharing this session
+        self._schemas = db.schemas
+        self._reset_mode = sync.client_reset
         self._streams: set[_Stream] = set()
 
     @property
     def path(self) -> str:
         """The path of the database file this session syncs."""
         return self._db_path
+
+    def error_handlers(self) -> list[Callable[[Any, Exception], Any]]:
+        """The ``sync_error_handler`` of every database sharing the session, each once."""
+        handlers: list[Callable[[Any, Exception], Any]] = []
+        for db in list(self._dbs):
+            sync = db.config.sync
+            handler = sync.error_handler if sync is not None else None
+            if handler is not None and handler not in handlers:
+                handlers.append(handler)
+        return handlers
 
     def _check(self) -> SessionWorker:
         if self._closed:
@@ -300,6 +322,31 @@ class Session:
         self._track(stream)
         return stream
 
+    # --- sharing (see open_shared) ------------------------------------------------------
+
+    @property
+    def _usable(self) -> bool:
+        return not self._closed and not self._client.is_closed
+
+    def _join(self, db: Database) -> None:
+        self._dbs.append(db)
+
+    def _leave(self, db: Database) -> bool:
+        """``db`` no longer uses the session; True if it was the last one."""
+        self._dbs = [d for d in self._dbs if d is not db]
+        if self._dbs:
+            self._db = self._dbs[0]
+        return not self._dbs
+
+    def _subscriptions_changed(self) -> None:
+        """A new subscription set is in the file: send it if the session is bound."""
+        worker = self._worker
+        self._client.loop.call_soon_threadsafe(worker.send_query)
+
+    def _start(self) -> None:
+        worker = self._worker
+        self._client.call(worker.activate)
+
     def _close(self) -> None:
         if self._closed:
             return
@@ -312,6 +359,88 @@ class Session:
             for stream in list(self._streams):
                 stream.end()
             self._streams.clear()
+
+
+_SHARED: dict[str, Session] = {}  # file path -> the live session syncing it
+_SHARED_LOCK = threading.Lock()
+
+
+def open_shared(client: SyncClient, db: Database, sync: SyncConfiguration) -> Session:
+    """The session syncing ``db``'s file: the one already running in this process (``db``
+    joins it), or a new one. Raises :class:`MismatchedConfigurationError` if ``db`` was
+    opened with a configuration the running session cannot serve."""
+    with _SHARED_LOCK:
+        running = _live_session(db.path)
+        if running is not None:
+            _check_same(running, db, sync)
+            running._join(db)
+            return running
+    # not under the lock: starting a session waits for the sync thread, which may be
+    # running a callback that opens or closes a database itself
+    session = client.open_session(db, sync, start=False)
+    with _SHARED_LOCK:
+        running = _live_session(db.path)
+        if running is None:
+            _SHARED[db.path] = session
+    if running is not None:  # another thread started one meanwhile: join that one
+        session._close()  # (never started)
+        return open_shared(client, db, sync)
+    session._start()
+    return session
+
+
+def release_shared(session: Session, db: Database) -> None:
+    """``db`` closes: the session ends with the last of its databases."""
+    with _SHARED_LOCK:
+        last = session._leave(db)
+        if last and _SHARED.get(session.path) is session:
+            del _SHARED[session.path]
+    if last:
+        session._close()
+
+
+def _live_session(path: str) -> Session | None:
+    session = _SHARED.get(path)
+    if session is not None and not session._usable:
+        del _SHARED[path]  # its App's sync client was closed: start afresh
+        return None
+    return session
+
+
+def _check_same(session: Session, db: Database, sync: SyncConfiguration) -> None:
+    problem = _difference(session, db, sync)
+    if problem is not None:
+        raise MismatchedConfigurationError(
+            f"the file {db.path} is already open in this process with another "
+            f"configuration: {problem}; open it with the same configuration, or close the "
+            "other database first"
+        )
+
+
+def _difference(session: Session, db: Database, sync: SyncConfiguration) -> str | None:
+    """What makes ``db`` (opened with ``sync``) unlike the running session, or None."""
+    first = session.user
+    if sync.user.app is not first.app:
+        return f"it is synced through another App (base URL {first.app.config.base_url})"
+    if sync.user.id != first.id:
+        return f"it is synced as user {first.id}, not {sync.user.id}"
+    mine, theirs = session._schemas, db.schemas
+    if mine != theirs:
+        parts = []
+        added = sorted(set(theirs) - set(mine))
+        missing = sorted(set(mine) - set(theirs))
+        changed = sorted(n for n in set(mine) & set(theirs) if mine[n] != theirs[n])
+        if added:
+            parts.append(f"{', '.join(added)} not among the open one's models")
+        if missing:
+            parts.append(f"{', '.join(missing)} missing")
+        if changed:
+            parts.append(f"the fields of {', '.join(changed)} differ")
+        return "other models (" + "; ".join(parts) + ")"
+    mode, other = type(session._reset_mode).__name__, type(sync.client_reset).__name__
+    if mode != other:
+        return f"its client reset mode is {mode}, not {other}"
+    return None
 
 
 async def _wait_future(fut: asyncio.Future[None]) -> None:

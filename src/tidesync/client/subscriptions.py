@@ -616,6 +616,9 @@ class FlexApplier:
                 self._evict(obj.model, obj.pk)
                 continue
             state = ObjectState.from_bytes(obj.state)
+            if not state.fields.keys() <= schema.by_name.keys():  # a newer release's field
+                for name in state.fields.keys() - schema.by_name.keys():
+                    engine.note_skipped(obj.model, name)  # (see StoreEngine.note_skipped)
             for ins in pending.get((obj.model, obj.pk), ()):
                 state.apply(ins, schema)
             _, where = engine.load_state(obj.model, obj.pk)

@@ -170,8 +170,9 @@ class SyncClient:
             self._connections[user.id] = conn
         return conn
 
-    def open_session(self, db: Database, sync: SyncConfiguration) -> Session:
-        """Start syncing a database; returns its :class:`Session`."""
+    def open_session(self, db: Database, sync: SyncConfiguration, start: bool = True) -> Session:
+        """Start syncing a database (or only make its session, with ``start=False``; its
+        ``_start`` starts it); returns its :class:`Session`."""
         from .session import Session
 
         if self._closed:
@@ -179,7 +180,8 @@ class SyncClient:
         worker = self.call(lambda: SessionWorker(self, db, sync))
         session = Session(self, worker, db, sync)
         worker.session = session
-        self.call(worker.activate)
+        if start:
+            self.call(worker.activate)
         return session
 
     def reconnect(self) -> None:
@@ -453,10 +455,12 @@ class SessionWorker:
     def report_error(self, error: SyncError) -> None:
         """Hand an error to the configuration's error handler (never lost in a task)."""
         log.warning("sync error on %s: %s", self.path, error)
-        handler = self.sync.error_handler
-        if handler is not None and self.session is not None:
+        session = self.session
+        if session is None:
+            return
+        for handler in session.error_handlers():  # of every Database sharing the session
             try:
-                handler(self.session, error)
+                handler(session, error)
             except Exception:
                 log.exception("the sync error handler failed")
 

@@ -155,13 +155,21 @@ class ModelSchema:
         return cls(name=name, fields=fields, primary_key=pk)
 
 
+def may_be_absent(f: FieldSchema) -> bool:
+    """True if objects may lack a value for ``f`` (it reads as its default: None, empty,
+    0): an optional field, a collection or a counter, never the primary key. Only such
+    fields may be added to existing data, or left out by a model (an older release)."""
+    return (f.optional or f.is_collection or f.kind is Kind.COUNTER) and not f.primary_key
+
+
 def check_compatible(stored: ModelSchema, declared: ModelSchema) -> list[FieldSchema]:
     """Check that ``declared`` can open data written with ``stored``.
 
     Returns the fields ``declared`` adds (each must be optional, a collection, or a counter,
-    so existing objects read them as their default). Raises :class:`SchemaMismatchError`
-    naming the model and field for anything else: a changed type, a changed primary key, a
-    removed field, or an added required field.
+    so existing objects read them as their default). ``declared`` may leave out fields of
+    the same kinds (an older release of the app: see :func:`widened`). Raises
+    :class:`SchemaMismatchError` naming the model and field for anything else: a changed
+    type, a changed primary key, a left-out required field, or an added required field.
     """
     if stored.primary_key != declared.primary_key:
         raise SchemaMismatchError(
@@ -172,7 +180,7 @@ def check_compatible(stored: ModelSchema, declared: ModelSchema) -> list[FieldSc
     for f in declared.fields:
         old = stored.by_name.get(f.name)
         if old is None:
-            if not (f.optional or f.is_collection or f.kind is Kind.COUNTER) or f.primary_key:
+            if not may_be_absent(f):
                 raise SchemaMismatchError(
                     f"model {declared.name}: new field {f.name!r} ({f.type_name()}) must be "
                     "optional (or a collection or a counter) to be added to existing data"
@@ -190,9 +198,22 @@ def check_compatible(stored: ModelSchema, declared: ModelSchema) -> list[FieldSc
                 f"{old.type_name()} to {f.type_name()}"
             )
     for old in stored.fields:
-        if old.name not in declared.by_name:
+        if old.name not in declared.by_name and not may_be_absent(old):
             raise SchemaMismatchError(
                 f"model {declared.name}: field {old.name!r} ({old.type_name()}) is in the "
-                "file but not in the model"
+                "file but not in the model; only optional fields, collections and counters "
+                "may be left out (objects created without it would have no value)"
             )
     return added
+
+
+def widened(stored: ModelSchema | None, declared: ModelSchema) -> ModelSchema:
+    """``declared`` plus the fields of ``stored`` it leaves out (kept, in their stored
+    order, after the declared ones): the schema of the data, whatever release reads it.
+    Call after :func:`check_compatible`."""
+    if stored is None:
+        return declared
+    kept = tuple(f for f in stored.fields if f.name not in declared.by_name)
+    if not kept:
+        return declared
+    return ModelSchema(declared.name, declared.fields + kept, declared.primary_key)

@@ -680,6 +680,8 @@ def _known_states(
         schema = view.schemas.get(model)
         if ins.op is not Op.CREATE or schema is None or recent.get(key) != version:
             continue
+        if len(ins.value) > len(schema.fields):
+            continue  # fields the view's schemas predate (a newer release): the stored state
         made = _created(created_state, schema, ins)
         if made is not None:
             out[key] = made

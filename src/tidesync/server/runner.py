@@ -25,20 +25,17 @@ from typing import Any, Self
 
 import uvicorn
 
-from ..errors import TidesyncError
+from ..errors import ServerStartError as ServerStartError  # (was defined here)
 from ..eventloop import new_event_loop
 from .app import StorageFactory, create_app, storage_for
 from .config import ServerConfig
+from .datalock import DataFolderLock
 from .gate import ConnectionGate, protocol_classes
 from .hub import SyncHub
 from .schemapin import check_declared_schemas, declared_apps
 from .storage.base import ServerStorage, StorageError
 
 log = logging.getLogger("tidesync.server.runner")
-
-
-class ServerStartError(TidesyncError):
-    """The server could not start (port in use, unreadable data folder, ...)."""
 
 
 class _Uvicorn(uvicorn.Server):
@@ -108,6 +105,11 @@ class InProcessServer:
     """A sync server on this process's event loop (or a private thread).
 
     ``async with InProcessServer(tmp_path) as server: ... server.url ...``
+
+    With SQLite storage (no ``config.storage_url``) it holds the data folder's lock
+    (``server/datalock.py``) from :meth:`start` to :meth:`stop`: a second server on the
+    folder, in this process or another, fails to start with
+    :class:`~tidesync.errors.DataFolderInUseError`.
     """
 
     def __init__(
@@ -136,6 +138,8 @@ class InProcessServer:
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._thread_stop: asyncio.Event | None = None
+        # PostgreSQL storage keeps nothing in the folder: processes may share it
+        self._folder_lock = None if self.config.storage_url else DataFolderLock(self.data_dir)
 
     # -- properties -------------------------------------------------------------------
 
@@ -182,9 +186,15 @@ class InProcessServer:
         """Start serving; returns once the socket accepts connections."""
         if self._task is not None:
             raise RuntimeError("the server was already started")
-        if declared_apps(self.config):
-            await self._check_schemas()
-        sock = bind_socket(self.host, self._requested_port)
+        if self._folder_lock is not None:
+            self._folder_lock.acquire()  # before the port: the folder is the clearer error
+        try:
+            if declared_apps(self.config):
+                await self._check_schemas()
+            sock = bind_socket(self.host, self._requested_port)
+        except BaseException:
+            self._cleanup()
+            raise
         self._socket = sock
         self._port = int(sock.getsockname()[1])
         self._app = create_app(self.data_dir, self.config, storage_factory=self._storage_factory)
@@ -273,6 +283,8 @@ class InProcessServer:
             self._socket = None
         self._task = None
         self._server = None
+        if self._folder_lock is not None:
+            self._folder_lock.release()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -30,7 +30,7 @@ from ..core.changeset import Instruction, Op
 from ..core.hlc import HLC, HybridClock
 from ..core.merge import ObjectState
 from ..core.packing import join_packed, pack, pack_instructions, packer, unpack
-from ..core.schema import Kind, ModelSchema, check_compatible
+from ..core.schema import Kind, ModelSchema, check_compatible, widened
 from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
 from . import sqlvalues as sv
 from .sqlbatch import insert_rows
@@ -221,6 +221,8 @@ class StoreEngine:
         #: per transaction: _meta's commit_seq, last_version and hlc, read by begin()
         self._tx_meta: dict[str, Any] | None = None
         self._touched: Touched = {}  # per transaction: what it wrote, for notifiers
+        #: models and fields downloads changed that this file lacks (see note_skipped)
+        self._skipped_names: set[str] | None = None
         try:
             self._setup()
         except BaseException:
@@ -238,15 +240,21 @@ class StoreEngine:
             self._enable_wal()
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = OFF")
-        definitions_changed = any(stored.get(n) != s for n, s in self.schemas.items())
-        if plan or definitions_changed:
+        full = self._file_schemas(stored)
+        definitions_changed = any(stored.get(n) != s for n, s in full.items())
+        if plan or definitions_changed or self._declared_skips()[0]:
             with self.transaction():
                 # Another process may have set the file up meanwhile: plan again under the lock.
-                plan = self._plan_schema(self._stored_schemas())
+                stored = self._stored_schemas()
+                plan = self._plan_schema(stored)
+                full = self._file_schemas(stored)
                 self._create_base_tables()
                 for statement in plan:
                     conn.execute(statement)
-                for name, schema in self.schemas.items():
+                self._refetch_skipped()
+                for name, schema in full.items():
+                    if stored.get(name) == schema:
+                        continue
                     conn.execute(
                         "INSERT INTO _schema(model, definition) VALUES (?, ?) "
                         "ON CONFLICT(model) DO UPDATE SET definition = excluded.definition",
@@ -257,8 +265,44 @@ class StoreEngine:
                         "INSERT INTO _meta(key, value) VALUES ('origin', ?)", (os.urandom(8).hex(),)
                     )
         self.origin = str(self.get_meta("origin"))
+        self.schemas = full
         for name in self.schemas:
             self._prepare_sql(name)
+
+    def _declared_skips(self) -> tuple[set[str], set[str]]:
+        """The models and fields downloads skipped (:meth:`note_skipped`) that the declared
+        models have, and all that were skipped (both empty if none)."""
+        exists = self.conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='_meta'"
+        ).fetchone()
+        if exists is None:  # a new file
+            return set(), set()
+        row = self.conn.execute("SELECT value FROM _meta WHERE key = 'skipped'").fetchone()
+        if row is None or not row[0]:
+            return set(), set()
+        skipped = set(json.loads(row[0]))
+        declared = set(self.schemas)
+        declared.update(f"{n}.{f.name}" for n, s in self.schemas.items() for f in s.fields)
+        return skipped & declared, skipped
+
+    def _refetch_skipped(self) -> None:
+        """The declared models have a model or field downloads skipped: download everything
+        again (download cursor 0), so the file gets the server's values (the server sends
+        the subscriptions' whole state again; what the file holds merges to the same)."""
+        now, skipped = self._declared_skips()
+        if now:
+            self.set_meta("download_cursor", 0)
+            self.set_meta("skipped", json.dumps(sorted(skipped - now)))
+
+    def _file_schemas(self, stored: dict[str, ModelSchema]) -> dict[str, ModelSchema]:
+        """Every model of the file as the data holds it: the declared models widened by the
+        fields the file has and they leave out, and the models only the file has (an
+        older release may open a newer one's file: those columns are kept and downloads
+        keep them up to date; see docs/local-database.md)."""
+        full = dict(stored)
+        for name, schema in self.schemas.items():
+            full[name] = widened(stored.get(name), schema)
+        return full
 
     def _enable_wal(self) -> None:
         """Switch a new file to WAL mode. Several processes creating the same file at once
@@ -545,6 +589,7 @@ class StoreEngine:
         """Abandon the current write transaction."""
         self._tx_states.clear()
         self._tx_meta = None
+        self._skipped_names = None  # read again: the transaction's notes are gone
         try:
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")
@@ -710,10 +755,14 @@ class StoreEngine:
         pack_hlc = packer()
         plans = self._row_plans
         for ins in instructions:
-            op, model, pk, hlc, _, value, _ = ins
+            op, model, pk, hlc, field, value, _ = ins
             schema = schemas.get(model)
             if schema is None:
-                continue  # a model this device does not declare
+                self.note_skipped(model, None)  # a model neither the models nor the file have
+                continue
+            if op is create and type(value) is dict and len(value) > len(schema.fields):
+                for name in value.keys() - schema.by_name.keys():  # a newer release's fields
+                    self.note_skipped(model, name)
             key = (model, pk)
             if key in absent:
                 if op is create and key not in batched and isinstance(value, dict):
@@ -729,12 +778,28 @@ class StoreEngine:
                 if batched:  # the object's row must exist before its state is loaded
                     self._insert_new(batch)
                     batched.clear()
+            if field is not None and field not in schema.by_name:
+                self.note_skipped(model, field)  # a newer release's field this file never had
+                continue
             state, where = self.load_state(model, pk)
             if state is None:
                 state = ObjectState.empty()
             state.apply(ins, schema)
             self.save_state(model, pk, state, where)
         self._insert_new(batch)
+
+    def note_skipped(self, model: str, field: str | None) -> None:
+        """Note in ``_meta`` (``skipped``, inside the current transaction) that a download
+        changed a model or field this file lacks: a later release that adds it downloads
+        again (:meth:`_plan_schema`), so it sees the server's values."""
+        name = model if field is None else f"{model}.{field}"
+        known = self._skipped_names
+        if known is None:
+            raw = self.get_meta("skipped")
+            known = self._skipped_names = set(json.loads(raw)) if raw else set()
+        if name not in known:
+            known.add(name)
+            self.set_meta("skipped", json.dumps(sorted(known)))
 
     def _absent_creates(self, instructions: Sequence[Instruction]) -> set[tuple[str, Any]]:
         """Keys of CREATEs in ``instructions`` whose objects this file does not hold
