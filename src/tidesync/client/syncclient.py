@@ -668,6 +668,7 @@ class SessionWorker:
         error = SyncError(ev.code, ev.message, ev.action)
         self.report_error(error)
         self.bound = False
+        self.marks.clear()  # the suspended session answers none: waiters re-ask on rebind
         if ev.action in (SyncAction.STOP, SyncAction.CLIENT_RESET):
             self.deactivate(f"the server stopped this session: {ev.message}")
             return
