@@ -3,13 +3,16 @@ that goes back, the offset a device measures, and re-stamping unsent changesets.
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import tidesync as ts
 from tests.test_merge import SIM, Sim, apply_all, fingerprint, steps_strategy
 from tidesync.core.changeset import Changeset, Instruction
 from tidesync.core.clocks import (
@@ -22,7 +25,7 @@ from tidesync.core.clocks import (
 )
 from tidesync.core.hlc import HLC, MAX_AHEAD_MS, RESERVED_SHIFT, ZERO, HybridClock
 from tidesync.core.merge import ObjectState, Replica
-from tidesync.core.packing import pack, unpack
+from tidesync.core.packing import pack, unpack, unpack_instructions
 
 YEAR_MS = 365 * 24 * 3600 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -290,3 +293,98 @@ def test_remap_touches_only_this_origins_timestamps(origin_text: str) -> None:
         [5, 1, "ox"],
         {"k": [2, 0, origin_text]},
     ]
+
+
+# ------------------------------------------------------------------ the server's limit, ERROR 236
+
+
+def test_the_clock_skew_limit_is_bounded_by_what_devices_adopt() -> None:
+    from tidesync.errors import ConfigurationError
+    from tidesync.server.limits import Limits
+
+    assert Limits().max_clock_skew_ms == 3_600_000 == MAX_AHEAD_MS
+    assert Limits(max_clock_skew_ms=60_000).max_clock_skew_ms == 60_000
+    for bad in (59_999, MAX_AHEAD_MS + 1):
+        with pytest.raises(ConfigurationError, match="max_clock_skew_ms must be between"):
+            Limits(max_clock_skew_ms=bad)
+
+
+def test_the_clock_skew_message_carries_the_version_and_the_servers_time() -> None:
+    from tidesync.protocol.messages import clock_skew_message, clock_skew_of
+
+    message = clock_skew_message(7, 5_000_000, 1_000_000, 3_600_000)
+    assert "changeset version 7 has a timestamp 4000000 ms ahead" in message
+    assert "this device's clock is wrong" in message
+    assert clock_skew_of(message) == (7, 1_000_000)
+    assert clock_skew_of("no such line") is None
+    assert clock_skew_of('clock: {"version": "x", "server_time_ms": 1}') is None
+    assert clock_skew_of("clock: {not json") is None
+
+
+# ------------------------------------------------------------------ a file whose clock was ahead
+
+
+class Note(ts.Model):
+    id: str = ts.primary_key()
+    text: str = ""
+
+
+def test_a_file_whose_acknowledged_timestamps_are_ahead_sets_its_clock_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Timestamps others have seen (acknowledged before servers bounded them) are 3 days
+    ahead: the clock goes back to the right time and never issues one of them again."""
+    from tidesync.store import engine as store_engine
+    from tidesync.store.restamp import clock_ahead, restamp_unsent
+
+    real = store_engine.now_ms
+    with ts.Database(ts.Configuration.local([Note], path=tmp_path / "f.tidesync")) as db:
+        monkeypatch.setattr(store_engine, "now_ms", lambda: real() + 3 * DAY_MS)
+        with db.write():
+            db.add(Note(id="a", text="ahead"))
+        monkeypatch.setattr(store_engine, "now_ms", real)
+        engine = db._engine
+        ahead = json.loads(str(engine.get_meta("hlc")))
+        assert clock_ahead(engine, real())
+        # version 1 was acknowledged; nothing unsent: the clock alone is set back
+        assert restamp_unsent(engine, 1, 2, real()) == 0
+        assert not clock_ahead(engine, real())
+        assert json.loads(str(engine.get_meta("hlc_reserved"))) == [ahead[0], RESERVED_SHIFT]
+        with db.write():
+            note = db.find(Note, "a")
+            assert note is not None
+            note.text = "now"
+        (_, data), *_ = engine.read_changelog(1, 1 << 20)
+        (ins,) = unpack_instructions(data, engine.origin)
+        assert abs(ins.hlc.wall - real()) < 60_000 and ins.hlc.counter >= RESERVED_SHIFT
+        # the acknowledged far-ahead write still wins locally, as it does everywhere
+        assert db.find(Note, "a") is not None
+        assert db.find(Note, "a").text == "ahead"  # type: ignore[union-attr]
+
+
+def test_restamping_unsent_changes_on_a_file_keeps_them_and_their_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tidesync.store import engine as store_engine
+    from tidesync.store.restamp import restamp_unsent
+
+    real = store_engine.now_ms
+    with ts.Database(ts.Configuration.local([Note], path=tmp_path / "f.tidesync")) as db:
+        monkeypatch.setattr(store_engine, "now_ms", lambda: real() + 3 * DAY_MS)
+        with db.write():
+            db.add(Note(id="a", text="one"))
+        with db.write():
+            db.find(Note, "a").text = "two"  # type: ignore[union-attr]
+        monkeypatch.setattr(store_engine, "now_ms", real)
+        engine = db._engine
+        assert restamp_unsent(engine, 0, 1, real()) == 2
+        stamps = [
+            i.hlc
+            for _, data in engine.read_changelog(0, 1 << 20)
+            for i in unpack_instructions(data, engine.origin)
+        ]
+        assert stamps == sorted(stamps) and all(abs(h.wall - real()) < 60_000 for h in stamps)
+        assert db.find(Note, "a").text == "two"  # type: ignore[union-attr]
+        with db.write():
+            db.find(Note, "a").text = "three"  # type: ignore[union-attr]
+        assert db.find(Note, "a").text == "three"  # type: ignore[union-attr]

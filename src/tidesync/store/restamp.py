@@ -102,8 +102,8 @@ def restamp_unsent(engine: StoreEngine, acked: int, refused: int, now_ms: int) -
     if plan.dropped:
         notes.append(f"{plan.dropped} change(s) to far-future list elements left out")
     log.warning(
-        "%s: this device's clock was ahead of the server's; %d unsent changeset(s) "
-        "re-stamped at the corrected time%s",
+        "%s: this device's clock was ahead of the server's; clock set back to the "
+        "corrected time, %d unsent changeset(s) re-stamped%s",
         engine.path,
         count,
         f" ({'; '.join(notes)})" if notes else "",
