@@ -18,6 +18,7 @@ import pytest
 
 import tidesync as ts
 from tests.flex_helpers import FAST, T
+from tests.test_convergence import _server_state
 from tests.test_server_process import login
 from tests.test_server_sync import SCHEMA, RawClient, create_task
 from tidesync.core.changeset import Changeset, Instruction, Op
@@ -29,6 +30,7 @@ from tidesync.protocol.messages import ErrorCode
 from tidesync.server.storage import UploadBatch
 from tidesync.server.storage.sqlite import SQLiteStorage
 from tidesync.testing import ServerProcess
+from tidesync.testing.devices import DeviceProcess, check_convergence
 
 DAY_MS = 24 * 3600 * 1000
 YEAR_MS = 365 * DAY_MS
@@ -337,3 +339,52 @@ async def test_far_future_data_already_stored_stops_no_download(
     assert (await old.synced())["new"] == ("new", [])
     assert session_errors(old) == [] and session_errors(fresh) == []
     await asyncio.sleep(0)
+
+
+def test_device_processes_with_skewed_clocks_converge(tmp_path: Path) -> None:
+    """The convergence harness's clock seam: random writers 3 days fast, 2 hours slow,
+    and right, on one server; every acknowledged write checks out against the merge
+    rules and every device ends equal to the server (no faults: those are the soak's)."""
+    server = ServerProcess(tmp_path / "server").start()
+    devices: list[DeviceProcess] = []
+    try:
+        setup = DeviceProcess(tmp_path, "setup", server.url, 1, setup=True)
+        setup.start()
+        setup.wait_phase("setup", 60)
+        setup.stop()
+        for i, skew in enumerate([3 * DAY_MS, -2 * 3600 * 1000, 0]):
+            device = DeviceProcess(tmp_path, f"dev{i}", server.url, 10 + i, clock_skew_ms=skew)
+            device.start()
+            devices.append(device)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # until each has written for a while
+            if all(sum(r["t"] == "cs" for r in d.records()) >= 40 for d in devices):
+                break
+            time.sleep(0.5)
+        for device in devices:
+            device.command("upload")
+        uploaded = [device.wait_phase("uploaded") for device in devices]
+        for device in devices:
+            device.command("download")
+        for device in devices:
+            device.wait_phase("downloaded")
+        snapshots = {d.name: d.snapshot() for d in devices}
+        logs = {d.name: d.records() for d in devices}
+        logs["setup"] = setup.records()
+        for device in devices:
+            device.stop()
+        server.stop()
+        log, objects = asyncio.run(_server_state(tmp_path / "server" / "server.sqlite3"))
+        report = check_convergence(logs, snapshots, log, objects)
+        problems = report.writes_lost + report.devices_diverged + report.counter_errors
+        assert report.ok, "\n".join(problems[:20])
+        assert all(sum(r["t"] == "cs" for r in logs[d.name]) >= 40 for d in devices)
+        assert report.writes_checked > 0
+        # the fast device may have been told its clock was wrong (if it wrote before its
+        # first WELCOME), nothing else; the others saw no error at all
+        assert all("[236]" in e and "clock is wrong" in e for e in uploaded[0]["errors"])
+        assert uploaded[1]["errors"] == [] and uploaded[2]["errors"] == []
+    finally:
+        for device in devices:
+            device.kill()
+        server.kill()
