@@ -18,7 +18,6 @@ import pytest
 
 import tidesync as ts
 from tests.flex_helpers import FAST, T
-from tests.test_convergence import _server_state
 from tests.test_server_process import login
 from tests.test_server_sync import SCHEMA, RawClient, create_task
 from tidesync.core.changeset import Changeset, Instruction, Op
@@ -30,7 +29,7 @@ from tidesync.protocol.messages import ErrorCode
 from tidesync.server.storage import UploadBatch
 from tidesync.server.storage.sqlite import SQLiteStorage
 from tidesync.testing import ServerProcess
-from tidesync.testing.devices import DeviceProcess, check_convergence
+from tidesync.testing.devices import APP_ID, DeviceProcess, check_convergence
 
 DAY_MS = 24 * 3600 * 1000
 YEAR_MS = 365 * DAY_MS
@@ -341,6 +340,23 @@ async def test_far_future_data_already_stored_stops_no_download(
     await asyncio.sleep(0)
 
 
+async def server_state(
+    path: Path,
+) -> tuple[list[tuple[str, int, bytes]], dict[str, dict[Any, dict[str, Any]]]]:
+    """The convergence app's history and objects, read from a stopped server's storage."""
+    async with SQLiteStorage(path) as storage:
+        log: list[tuple[str, int, bytes]] = []
+        after = 0
+        while True:
+            page = await storage.read_log(APP_ID, after, 1 << 22)
+            log += [(e.origin, e.client_version, e.instructions) for e in page.entries]
+            if page.cursor >= page.latest_version:
+                break
+            after = page.cursor
+        objects = {m: await storage.get_objects(APP_ID, m) for m in ("Doc", "Tag", "Tally")}
+    return log, objects
+
+
 def test_device_processes_with_skewed_clocks_converge(tmp_path: Path) -> None:
     """The convergence harness's clock seam: random writers 3 days fast, 2 hours slow,
     and right, on one server; every acknowledged write checks out against the merge
@@ -374,7 +390,7 @@ def test_device_processes_with_skewed_clocks_converge(tmp_path: Path) -> None:
         for device in devices:
             device.stop()
         server.stop()
-        log, objects = asyncio.run(_server_state(tmp_path / "server" / "server.sqlite3"))
+        log, objects = asyncio.run(server_state(tmp_path / "server" / "server.sqlite3"))
         report = check_convergence(logs, snapshots, log, objects)
         problems = report.writes_lost + report.devices_diverged + report.counter_errors
         assert report.ok, "\n".join(problems[:20])

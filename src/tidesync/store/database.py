@@ -361,8 +361,12 @@ class LocalDatabase:
 
     def _element_op_raw(self, obj: Model, name: str, op: Op, value: Any, key: Any) -> None:
         model = type(obj).__name__
-        hlc = self._engine.tick()
-        if key is not None and key >= hlc:  # the clock did not adopt it: far in the future
+        engine = self._engine
+        hlc = engine.tick()
+        if key is not None and key >= hlc:  # an element op must be newer than its element
+            engine.observe(key)  # adopted unless far in the future (core/hlc.py)
+            hlc = engine.tick()
+        if key is not None and key >= hlc:
             raise FutureTimestampError(
                 f"{model} {obj._pk!r}: element {key} of list {name!r} has a timestamp "
                 f"{key.wall - hlc.wall} ms in the future (written by a device whose clock "
