@@ -223,6 +223,14 @@ async def test_a_device_three_days_fast_stops_nobody_and_wall_clock_order_wins(
     expected = {"x": ("skewed-last", ["s1", "s2", "a1"]), "y": ("a-later", [])}
     assert {k: tuple(v) for k, v in again["items"].items()} == expected
     assert await a.synced() == expected
+    assert json.loads(again["hlc"])[0] < wall_now() + MAX_AHEAD_MS  # stamped at the right time
+    # and the existing device's next write wins over that one (it was not stamped ahead)
+    with a.db.write():
+        x = a.db.find(Item, "x")
+        assert x is not None
+        x.text = "a-final"
+    expected = {"x": ("a-final", ["s1", "s2", "a1"]), "y": ("a-later", [])}
+    assert await a.synced() == expected
     # a new device's first download works, and it keeps syncing
     b = await devices("b")
     assert await b.synced() == expected
