@@ -11,6 +11,7 @@
     │   ├── NestedWriteError
     │   ├── DuplicatePrimaryKeyError
     │   ├── ObjectDeletedError      the object was deleted (invalidated)
+    │   ├── FutureTimestampError    a list element stamped far in the future (bad clock)
     │   ├── ValueTypeError          a value does not fit the field's type
     │   ├── DiskFullError           the disk holding the file is full (nothing was written)
     │   └── ObjectTooLargeError     an object over ``Configuration.max_object_bytes``
@@ -78,6 +79,12 @@ class DuplicatePrimaryKeyError(WriteError):
 
 class ObjectDeletedError(WriteError):
     """The object was deleted; it can no longer be read or changed."""
+
+
+class FutureTimestampError(WriteError):
+    """A list element's id is a timestamp far in the future (written by a device with a
+    wrong clock before servers bounded timestamps: docs/merge.md, "Clocks"); it cannot be
+    changed, removed or inserted after until that time. Nothing was written."""
 
 
 class ValueTypeError(WriteError, TypeError):

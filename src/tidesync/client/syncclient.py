@@ -25,6 +25,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from ..core.backoff import Backoff
+from ..core.clocks import measure_offset
 from ..core.packing import unpack_instructions
 from ..core.progress import ProgressDirection, ProgressMode, ProgressTracker, SyncProgress
 from ..errors import (
@@ -46,11 +47,14 @@ from ..protocol.messages import (
     ErrorCode,
     PongReceived,
     UploadChangeset,
+    clock_skew_of,
     error_code_of,
 )
+from ..store import engine as store_engine
 from ..store.diskfull import is_disk_full
 from ..store.engine import StoreEngine, add_waker, remove_waker
 from ..store.gcpause import gc_paused
+from ..store.restamp import clock_ahead, restamp_unsent
 from .refusals import refused_error
 from .reset import (
     DiscardUnsyncedChanges,
@@ -92,6 +96,9 @@ CURSOR_SAVE_DELAY = 0.5
 #: Longest wait between two tries of a session whose file's disk is full (the waits start
 #: at ``reconnect_initial_delay`` and double, also capped by ``reconnect_max_delay``).
 DISK_FULL_MAX_DELAY = 30.0
+#: A clock offset measured at WELCOME is written to the file only when it differs from
+#: the stored one by more than this (ms): measurements of a right clock differ by noise.
+OFFSET_TOLERANCE_MS = 250
 
 
 class ConnectionState(enum.Enum):
@@ -535,6 +542,27 @@ class SessionWorker:
 
         fut.add_done_callback(release)
 
+    def learn_offset(self, offset_ms: int) -> None:
+        """The server's time minus this machine's, measured at WELCOME: the file stamps
+        its HLCs with local time plus it from now on (docs/merge.md, "Clocks")."""
+        engine = self.engine
+        stored = int(engine.get_meta("clock_offset", 0) or 0)
+        if abs(offset_ms - stored) <= OFFSET_TOLERANCE_MS:
+            engine.clock_offset = stored
+            return
+        self._persist(clock_offset=offset_ms)
+        engine.clock_offset = offset_ms
+        log.info("%s: clock offset to the server's time is %d ms", self.path, offset_ms)
+
+    def _set_clock_back(self) -> None:
+        """At BOUND: a file whose clock is far ahead of the corrected time (timestamps it
+        took in before the server bounded them) and that has nothing unsent sets its
+        clock back now, so its next writes are not refused (docs/merge.md, "Clocks")."""
+        engine = self.engine
+        last_version = int(engine.get_meta("last_version", 0) or 0)
+        if last_version <= self.upload_acked and clock_ahead(engine, engine.now()):
+            restamp_unsent(engine, self.upload_acked, last_version + 1, engine.now())
+
     def on_bound(self, ev: pc.SessionBound) -> None:
         """BOUND: the server's view of our uploads; start uploading and re-ask marks."""
         self.bound = True
@@ -542,6 +570,7 @@ class SessionWorker:
         if ev.upload_acked > self.upload_acked:
             self._set_acked(ev.upload_acked)
         self.upload_sent = self.upload_acked
+        self._set_clock_back()
         self.set_conn_state(ConnectionState.CONNECTED)
         self.send_query()  # the subscription set first: the server checks uploads against it
         self.pump_upload()
@@ -721,9 +750,12 @@ class SessionWorker:
             self.bound = False
             self.client_reset(ev.message)
             return
+        if ev.code == ErrorCode.CLOCK_SKEW:
+            self._on_clock_skew(ev.message)
         error = SyncError(ev.code, ev.message, ev.action)
         self.report_error(error)
         self.bound = False
+        self.marks.clear()  # the suspended session answers none: waiters re-ask on rebind
         if ev.action in (SyncAction.STOP, SyncAction.CLIENT_RESET):
             self.deactivate(f"the server stopped this session: {ev.message}")
             return
@@ -731,6 +763,22 @@ class SessionWorker:
         conn = self.connection
         if conn is not None:
             conn.rebind_later(self, delay)
+
+    def _on_clock_skew(self, message: str) -> None:
+        """ERROR 236: the server refused an upload whose timestamps were too far ahead of
+        its clock. Learn the offset from the server's time in the error, and re-stamp the
+        refused changeset and those after it (the server integrated none of them) at the
+        corrected time; the session then binds again and uploads them (the report and
+        the rebind follow in :meth:`on_session_error`)."""
+        parsed = clock_skew_of(message)
+        if parsed is None:
+            return
+        version, server_ms = parsed
+        self.learn_offset(server_ms - store_engine.now_ms())
+        self.in_flight.clear()
+        self.upload_sent = self.upload_acked
+        restamp_unsent(self.engine, self.upload_acked, version, self.engine.now())
+        self.flex.reset()  # its cache of the change log holds the old timestamps
 
     def client_reset(self, message: str) -> None:
         """ERROR 211: reset the file by the configured mode (``client/reset.py``), then
@@ -1013,6 +1061,8 @@ class Connection:
         self.disconnected_at: float | None = None
         #: connection attempts made (for tests and diagnostics)
         self.attempts = 0
+        #: the server's time minus this machine's (ms), measured at the last WELCOME
+        self.clock_offset: int | None = None
 
     # --- sessions ------------------------------------------------------------------------
 
@@ -1026,6 +1076,9 @@ class Connection:
         self.workers[no] = worker
         worker.session_no = no
         if self.state is ConnectionState.CONNECTED and self.proto is not None:
+            self._worker_call(no, self._learn_offset)
+            if self.workers.get(no) is not worker:  # a failure there stopped the session
+                return
             unbinding = self._detaching.get(worker.file_ident)
             if unbinding is not None and self.proto.has_session(unbinding):
                 # paused and resumed before the server confirmed the UNBIND: the file binds
@@ -1038,6 +1091,10 @@ class Connection:
         else:
             worker.on_connecting()
             self._ensure_running(immediate=True)
+
+    def _learn_offset(self, worker: SessionWorker) -> None:
+        if self.clock_offset is not None:
+            worker.learn_offset(self.clock_offset)
 
     def detach(self, worker: SessionWorker) -> None:
         """Remove a session (unbinding it if bound); the socket lingers, then closes."""
@@ -1285,15 +1342,19 @@ class Connection:
         self.ws = ws
         proto = pc.ClientProtocol()
         self.proto = proto
+        sent_at = store_engine.now_ms()
         proto.start(token)
         await self._flush()
         try:
             first = await asyncio.wait_for(ws.recv(decode=False), timeouts.connect_timeout)
+            received_at = store_engine.now_ms()
             events = proto.receive_data(first)
             for ev in events:
                 if isinstance(ev, pc.ErrorReceived):
                     await self._on_connection_error(ev)
                     return False
+                if isinstance(ev, pc.Welcomed):
+                    self.clock_offset = measure_offset(ev.server_time_ms, sent_at, received_at)
             self.set_state(ConnectionState.CONNECTED)
             now = time.monotonic()
             gone = self.disconnected_at
@@ -1301,7 +1362,9 @@ class Connection:
             self.connected_at = now
             self._last_pong = now
             for no, w in list(self.workers.items()):
-                w.bind(proto, no, slow_reconnect=slow)
+                self._worker_call(no, self._learn_offset)
+                if self.workers.get(no) is w:  # (a failure there stopped the session)
+                    w.bind(proto, no, slow_reconnect=slow)
             await self._flush()
             keepalive = asyncio.ensure_future(self._keepalive())
             refresher = asyncio.ensure_future(self._token_refresher())
@@ -1402,9 +1465,7 @@ class Connection:
                 if self.ws is not None:
                     await self.ws.close()
             else:
-                w = self.workers.get(ev.session)
-                if w is not None:
-                    w.on_session_error(ev)
+                self._worker_call(ev.session, lambda w: w.on_session_error(ev))
         elif isinstance(ev, PongReceived):
             self._last_pong = time.monotonic()
             self._urgent_ping_at = None

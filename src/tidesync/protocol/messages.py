@@ -108,6 +108,7 @@ class ErrorCode(IntEnum):
     BAD_SCHEMA = 225
     COMPENSATING_WRITE = 231
     CHANGESET_REFUSED = 232
+    CLOCK_SKEW = 236
 
     @property
     def is_connection_level(self) -> bool:
@@ -159,6 +160,7 @@ _DEFAULT_ACTIONS: dict[ErrorCode, SyncAction] = {
     ErrorCode.BAD_SCHEMA: _S,
     ErrorCode.COMPENSATING_WRITE: _R,
     ErrorCode.CHANGESET_REFUSED: _R,
+    ErrorCode.CLOCK_SKEW: _R,
 }
 
 
@@ -701,3 +703,42 @@ def refused_changesets_of(message: str) -> list[tuple[int, str]]:
         except (ValueError, TypeError):
             return []
     return []
+
+
+# -- clock skew (ERROR 236) ------------------------------------------------------------------
+
+#: The line of a CLOCK_SKEW message that carries the refused version and the server's time.
+CLOCK_PREFIX = "clock: "
+
+
+def clock_skew_message(version: int, wall: int, server_ms: int, limit_ms: int) -> str:
+    """The ERROR 236 message: what was refused and why, then one line with the refused
+    changeset version and the server's time (ms) as JSON, for the client to decode."""
+    import json
+
+    ahead = wall - server_ms
+    return (
+        f"changeset version {version} has a timestamp {ahead} ms ahead of the server's "
+        f"clock, more than the limit of {limit_ms} ms: this device's clock is wrong (set it "
+        "right); a current client re-stamps its unsent changes at the server's time and "
+        f"uploads them again\n{CLOCK_PREFIX}"
+        + json.dumps({"version": version, "server_time_ms": server_ms})
+    )
+
+
+def clock_skew_of(message: str) -> tuple[int, int] | None:
+    """``(refused version, server time ms)`` from a :func:`clock_skew_message`, or None."""
+    import json
+
+    for line in message.splitlines():
+        if not line.startswith(CLOCK_PREFIX):
+            continue
+        try:
+            raw = json.loads(line[len(CLOCK_PREFIX) :])
+            version, server_ms = raw["version"], raw["server_time_ms"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        if type(version) is int and type(server_ms) is int and version >= 1 and server_ms >= 0:
+            return version, server_ms
+        return None
+    return None

@@ -22,6 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
+from operator import itemgetter
 from typing import Any
 
 from starlette.websockets import WebSocket
@@ -43,6 +44,7 @@ from ..protocol.messages import (
     InvalidMessageError,
     PingReceived,
     PongReceived,
+    clock_skew_message,
     error_code_of,
     is_session_level_code,
     refused_changesets_message,
@@ -92,6 +94,9 @@ DISK_FULL_MESSAGE = "the server's disk is full: the upload was not stored; try a
 #: would only push the others out and cost more to remember than the reads it saves).
 RECENT_CREATES = 50_000
 RECENT_BATCH = 2_000
+
+#: An instruction's HLC, an HLC's wall time (for the clock-skew bound of uploads).
+_HLC, _WALL = itemgetter(3), itemgetter(0)
 
 #: WebSocket close codes.
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR = 1000, 1001, 1002
@@ -820,6 +825,19 @@ class SyncConnection:
                     await self._session_error(event.session, ErrorCode.BAD_CHANGESET, reason)
                     return
                 refused.append((cs.version, reason))
+            elif instructions:
+                # one comparison per changeset: its greatest wall time (a C-level max)
+                wall = max(map(_WALL, map(_HLC, instructions)))
+                server_ms = int(self.hub.clock() * 1000)
+                skew = self.hub.config.limits.max_clock_skew_ms
+                if wall > server_ms + skew:  # the device re-stamps and uploads again
+                    await self._session_error(
+                        event.session,
+                        ErrorCode.CLOCK_SKEW,
+                        clock_skew_message(cs.version, wall, server_ms, skew),
+                        SyncAction.RETRY,
+                    )
+                    return
             changesets.append(Changeset(session.file_ident, cs.version, instructions))
         if refused:
             # integrated as nothing (so the versions after it go on), and reported first:

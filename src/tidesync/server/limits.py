@@ -14,7 +14,14 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.hlc import MAX_AHEAD_MS
 from ..errors import ConfigurationError
+
+#: The range of ``max_clock_skew_ms``: at least a minute (devices measure the server's
+#: time to within a round trip), at most ``MAX_AHEAD_MS``, how far ahead of their clock
+#: devices adopt timestamps (docs/merge.md, "Clocks").
+MIN_CLOCK_SKEW_MS = 60_000
+MAX_CLOCK_SKEW_MS = MAX_AHEAD_MS
 
 #: An ASGI application (kept loose: Starlette's own types are not needed here).
 ASGIApp = Callable[
@@ -59,12 +66,21 @@ class Limits:
     max_models_per_app: int = 1000
     #: Fields of one model whose schema is learnt from clients (no declared schema).
     max_fields_per_model: int = 1000
+    #: Milliseconds an uploaded timestamp (HLC wall time) may be ahead of the server's
+    #: clock; a changeset further ahead is refused with ERROR 236 (CLOCK_SKEW).
+    max_clock_skew_ms: int = 3_600_000
 
     def __post_init__(self) -> None:
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigurationError(f"limits.{name} must be a positive integer, not {value!r}")
+        if not MIN_CLOCK_SKEW_MS <= self.max_clock_skew_ms <= MAX_CLOCK_SKEW_MS:
+            raise ConfigurationError(
+                f"limits.max_clock_skew_ms must be between {MIN_CLOCK_SKEW_MS} and "
+                f"{MAX_CLOCK_SKEW_MS} (devices adopt timestamps up to that far ahead), "
+                f"not {self.max_clock_skew_ms}"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> Limits:

@@ -21,6 +21,7 @@ from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..core.validate import validate_value
 from ..errors import (
     DatabaseClosedError,
+    FutureTimestampError,
     NestedWriteError,
     ObjectDeletedError,
     SchemaError,
@@ -397,7 +398,18 @@ class LocalDatabase:
 
     def _element_op_raw(self, obj: Model, name: str, op: Op, value: Any, key: Any) -> None:
         model = type(obj).__name__
-        ins = Instruction(op, model, obj._pk, self._engine.tick(), name, value, key)
+        engine = self._engine
+        hlc = engine.tick()
+        if key is not None and key >= hlc:  # an element op must be newer than its element
+            engine.observe(key)  # adopted unless far in the future (core/hlc.py)
+            hlc = engine.tick()
+        if key is not None and key >= hlc:
+            raise FutureTimestampError(
+                f"{model} {obj._pk!r}: element {key} of list {name!r} has a timestamp "
+                f"{key.wall - hlc.wall} ms in the future (written by a device whose clock "
+                "was wrong); it cannot be changed, removed or inserted after until then"
+            )
+        ins = Instruction(op, model, obj._pk, hlc, name, value, key)
         self._engine.apply((ins,))
         self._record(ins)
 

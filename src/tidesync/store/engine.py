@@ -42,7 +42,10 @@ _WAKERS: dict[str, weakref.WeakSet[threading.Event]] = {}
 _WAKERS_LOCK = threading.Lock()
 
 #: The ``_meta`` values every commit updates, read once when a transaction begins.
-_TX_META_SQL = "SELECT key, value FROM _meta WHERE key IN ('commit_seq', 'last_version', 'hlc')"
+_TX_META_SQL = (
+    "SELECT key, value FROM _meta WHERE key IN "
+    "('commit_seq', 'last_version', 'hlc', 'clock_offset', 'hlc_reserved')"
+)
 
 
 @functools.lru_cache(maxsize=16)
@@ -190,7 +193,9 @@ def touched_between(path: str, after: int, upto: int) -> Touched | None:
 
 
 def now_ms() -> int:
-    """Wall-clock milliseconds, the clock input of HLCs."""
+    """This machine's wall-clock milliseconds, the clock input of HLCs (with the file's
+    clock offset added: :meth:`StoreEngine.now`). Tests skew a device's clock by replacing
+    this function (``tidesync.testing.devices.skew_clock``)."""
     return time.time_ns() // 1_000_000
 
 
@@ -210,6 +215,9 @@ class StoreEngine:
         register_functions(self.conn)
         self._tx_states: dict[tuple[str, Any], tuple[ObjectState, str | None]] = {}
         self.clock: HybridClock | None = None
+        #: server time minus this machine's (ms), as the file's ``clock_offset`` holds it
+        #: (read when a write transaction begins; see docs/merge.md, "Clocks")
+        self.clock_offset = 0
         self.origin = ""
         self._sql: dict[str, dict[str, str]] = {}
         self._row_plans: dict[str, _RowPlan] = {}  # per model: see _row_params
@@ -463,7 +471,13 @@ class StoreEngine:
             if raw:
                 wall, counter = json.loads(raw)
                 last = HLC(int(wall), int(counter), self.origin)
-            self.clock = HybridClock(self.origin, last)
+            self.clock_offset = int(meta.get("clock_offset") or 0)
+            reserved = None
+            raw = meta.get("hlc_reserved")
+            if raw:
+                r_wall, r_shift = json.loads(raw)
+                reserved = (int(r_wall), int(r_shift))
+            self.clock = HybridClock(self.origin, last, reserved)
         except BaseException:
             self.rollback()
             raise
@@ -599,7 +613,12 @@ class StoreEngine:
     def tick(self) -> HLC:
         """A new HLC for an instruction of the current transaction."""
         assert self.clock is not None, "no write transaction"
-        return self.clock.tick(now_ms())
+        return self.clock.tick(now_ms() + self.clock_offset)
+
+    def now(self) -> int:
+        """The time this file stamps with: this machine's clock plus the file's offset
+        (as of the current or last write transaction)."""
+        return max(0, now_ms() + self.clock_offset)
 
     # --- object states -------------------------------------------------------------------
 
@@ -866,9 +885,10 @@ class StoreEngine:
                 rows.clear()
 
     def observe(self, hlc: HLC) -> None:
-        """Move the clock past a downloaded timestamp."""
+        """Move the clock past a downloaded timestamp (unless it is far ahead: see
+        :meth:`~tidesync.core.hlc.HybridClock.observe`)."""
         if self.clock is not None:
-            self.clock.observe(hlc, now_ms())
+            self.clock.observe(hlc, now_ms() + self.clock_offset)
 
     # --- change log ----------------------------------------------------------------------
 

@@ -14,7 +14,13 @@ rewrites (``run``, ``pause``, ``upload``, ``download``, ``exit``) and appends to
   ``downloaded``); the download phase also writes a snapshot of the data (JSON).
 
 A device killed with ``kill -9`` and started again continues with the same file and user;
-at start it logs any committed changeset its previous life did not get to log.
+at start it logs any committed changeset its previous life did not get to log. A changeset
+the device re-stamped (its clock was ahead: docs/merge.md, "Clocks") is logged again with
+its new data once acknowledged (the last record of a version counts).
+
+``--clock-skew-ms N`` (``DeviceProcess(clock_skew_ms=N)``) runs the device with its clock
+``N`` ms fast (negative: slow), through :func:`skew_clock`: what a phone with a wrong clock
+does, for the convergence soak.
 
 The harness side is :class:`DeviceProcess` (start, kill, command, read the log) and
 :func:`check_convergence`, which compares the devices' snapshots with the server's data and
@@ -98,6 +104,25 @@ def _models() -> dict[str, Any]:
     return {"Tag": Tag, "Doc": Doc, "Tally": Tally}
 
 
+def skew_clock(skew_ms: int) -> None:
+    """Make this process's tidesync clock run ``skew_ms`` ms fast (negative: slow).
+
+    A testing hook: it replaces :func:`tidesync.store.engine.now_ms`, the one wall-clock
+    input of every HLC a device issues and of the clock offset it measures at WELCOME.
+    Call it before opening any database; the library itself never does."""
+    from ..store import engine
+
+    real = engine.now_ms
+    if getattr(real, "skewed_from", None) is not None:
+        real = real.skewed_from  # type: ignore[attr-defined]
+
+    def skewed() -> int:
+        return real() + skew_ms
+
+    skewed.skewed_from = real  # type: ignore[attr-defined]
+    engine.now_ms = skewed
+
+
 # -- the device process ----------------------------------------------------------------------
 
 
@@ -111,10 +136,13 @@ class _Device:
         self.logged = 0
         self.lives = 0
         self.origin = ""
+        self.logged_data: dict[int, str] = {}  # version -> data (hex) as last logged
+        self.final = 0  # versions up to this one are logged as the server has them
         if self.log_path.exists():
             for rec in read_log(self.log_path):
                 if rec["t"] == "cs":
                     self.logged = max(self.logged, int(rec["v"]))
+                    self.logged_data[int(rec["v"])] = rec["data"]
                 elif rec["t"] == "start":
                     self.lives += 1
         self.rng = random.Random(opts.seed * 1000 + self.lives)
@@ -136,8 +164,23 @@ class _Device:
             rows = db._engine.read_changelog(self.logged, 1 << 40)
         for version, data in rows:
             self.log(t="cs", origin=self.origin, v=version, data=bytes(data).hex())
+            self.logged_data[version] = bytes(data).hex()
             self.logged = version
         return self.logged
+
+    def relog_restamped(self, db: Any, upto: int) -> None:
+        """Log again the changesets up to ``upto`` whose data changed since they were
+        logged (re-stamped before their upload: see the module docstring)."""
+        with db._lock:
+            rows = db._engine.read_changelog(self.final, 1 << 40)
+        for version, data in rows:
+            if version > upto:
+                break
+            hexed = bytes(data).hex()
+            if self.logged_data.get(version) != hexed:
+                self.log(t="cs", origin=self.origin, v=version, data=hexed)
+                self.logged_data[version] = hexed
+        self.final = max(self.final, upto)  # acknowledged: never re-stamped again
 
     async def main(self) -> None:
         timeouts = ts.SyncTimeoutOptions(
@@ -198,6 +241,7 @@ class _Device:
         self.log_new_changesets(db)
         v = self.logged
         await db.sync_session.wait_for_upload(ts.TimeoutCancellationToken(PHASE_TIMEOUT))
+        self.relog_restamped(db, v)
         self.log(t="acked", origin=self.origin, v=v)
         self.log(t="phase", name="setup")
 
@@ -207,6 +251,7 @@ class _Device:
             await db.sync_session.wait_for_upload(ts.TimeoutCancellationToken(limit))
         except TidesyncError:
             return False
+        self.relog_restamped(db, v)
         self.log(t="acked", origin=self.origin, v=v)
         return True
 
@@ -407,8 +452,11 @@ class DeviceProcess:
         *,
         setup: bool = False,
         subscribe: bool = False,
+        clock_skew_ms: int = 0,
     ) -> None:
         self.root = Path(root) / name
+        #: How many ms fast (negative: slow) the device's clock runs (see :func:`skew_clock`).
+        self.clock_skew_ms = clock_skew_ms
         #: The device subscribes to every object of every model (flexible sync) instead of
         #: keeping a file without a subscription set (whole-app mode).
         self.subscribe = subscribe
@@ -436,6 +484,8 @@ class DeviceProcess:
             cmd.append("--setup")
         if self.subscribe:
             cmd.append("--subscribe")
+        if self.clock_skew_ms:
+            cmd += ["--clock-skew-ms", str(self.clock_skew_ms)]
         out = open(self.root / "output.txt", "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -671,7 +721,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--setup", action="store_true")
     parser.add_argument("--subscribe", action="store_true", help="subscribe to everything")
+    parser.add_argument("--clock-skew-ms", type=int, default=0, help="run the clock fast by N ms")
     opts = parser.parse_args(argv)
+    if opts.clock_skew_ms:
+        skew_clock(opts.clock_skew_ms)
     asyncio.run(_Device(opts).main())
 
 

@@ -1,0 +1,121 @@
+"""Re-stamping a file's unsent changesets when the server refused them for a clock ahead.
+
+The server refuses an upload whose timestamps are further ahead of its clock than its
+bound (ERROR 236, docs/merge.md "Clocks"); nothing from the refused changeset on was
+integrated, and no other replica has seen it. :func:`restamp_unsent` gives those
+changesets new timestamps from the corrected time (``core/clocks.py`` decides them) and
+moves the old ones everywhere the file holds them: the change log and the merge states
+of the objects they touched, so the file is exactly as if the writes had been stamped
+that way. One write transaction; the app's own transactions see all of it or none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from ..core.clocks import hlcs_in, is_ahead, plan_restamp, remap
+from ..core.hlc import HLC, MAX_AHEAD_MS, ZERO, HybridClock
+from ..core.merge import ObjectState
+from ..core.packing import pack, pack_instructions, unpack, unpack_instructions
+from .engine import StoreEngine
+
+log = logging.getLogger("tidesync.sync")
+
+
+def _greatest(data: bytes | None, origin: str) -> HLC:
+    if data is None:
+        return ZERO
+    instructions = unpack_instructions(data, origin)
+    return max((ins.hlc for ins in instructions), default=ZERO)
+
+
+def restamp_unsent(engine: StoreEngine, acked: int, refused: int, now_ms: int) -> int:
+    """Re-stamp the changesets with versions from ``refused`` on (all above ``acked``, the
+    last version the server integrated) at ``now_ms``, the corrected time, and set the
+    clock back. Returns how many changesets were re-stamped."""
+    origin = engine.origin
+    engine.begin()
+    try:
+        conn = engine.conn
+        rows = conn.execute(
+            "SELECT version, data FROM _changelog WHERE version > ? ORDER BY version", (acked,)
+        ).fetchall()
+        pending = [unpack_instructions(data, origin) for _, data in rows]
+        first = next((i for i, (v, _) in enumerate(rows) if v >= refused), len(rows))
+        row = conn.execute("SELECT data FROM _changelog WHERE version = ?", (acked,)).fetchone()
+        acked_last = _greatest(row[0] if row else None, origin)
+        # the objects the re-stamped changesets touched, and the timestamps they hold
+        old = {(i.hlc.wall, i.hlc.counter) for cs in pending[first:] for i in cs}
+        touched: dict[tuple[str, Any], None] = {}
+        for cs in pending[first:]:
+            for ins in cs:
+                if ins.model in engine.schemas:
+                    touched[(ins.model, ins.pk)] = None
+        trees: dict[tuple[str, Any], tuple[Any, str | None]] = {}
+        floor = ZERO
+        beyond = 0
+        for model, pk in touched:
+            state, where = engine.load_state(model, pk)
+            if state is None:
+                continue
+            tree = unpack(state.to_bytes())
+            trees[(model, pk)] = (tree, where)
+            for h in hlcs_in(tree):
+                if (h.wall, h.counter) in old and (
+                    h.origin == origin or h.origin.startswith(origin + "#")
+                ):
+                    continue
+                if is_ahead(h.wall, now_ms):
+                    beyond += 1  # far-future data: it stays above whatever is stamped now
+                elif h > floor:
+                    floor = h
+        plan = plan_restamp(
+            origin,
+            pending,
+            now_ms,
+            first=first,
+            floor=floor,
+            acked_last=acked_last,
+            reserved=engine.clock.reserved if engine.clock is not None else None,
+        )
+        for (model, pk), (tree, where) in trees.items():
+            state = ObjectState.from_bytes(pack(remap(tree, origin, plan.mapping)))
+            engine.save_state(model, pk, state, where)
+        for (version, _), instructions in zip(rows[plan.first :], plan.changesets, strict=True):
+            data = pack_instructions(instructions)
+            conn.execute(
+                "UPDATE _changelog SET data = ?, size = ? WHERE version = ?",
+                (data, len(data), version),
+            )
+        engine.clock = HybridClock(origin, plan.last, plan.reserved)
+        meta = {"hlc_reserved": json.dumps(list(plan.reserved))} if plan.reserved else None
+        engine.commit((), meta=meta)
+    except BaseException:
+        engine.rollback()
+        raise
+    count = len(plan.changesets)
+    notes = []
+    if beyond:
+        notes.append(f"{beyond} far-future timestamp(s) in those objects stay above them")
+    if plan.dropped:
+        notes.append(f"{plan.dropped} change(s) to far-future list elements left out")
+    log.warning(
+        "%s: this device's clock was ahead of the server's; clock set back to the "
+        "corrected time, %d unsent changeset(s) re-stamped%s",
+        engine.path,
+        count,
+        f" ({'; '.join(notes)})" if notes else "",
+    )
+    return count
+
+
+def clock_ahead(engine: StoreEngine, now_ms: int) -> bool:
+    """True if the file's clock (its last timestamp) is more than
+    :data:`~tidesync.core.hlc.MAX_AHEAD_MS` ahead of ``now_ms`` (a read, no lock)."""
+    raw = engine.get_meta("hlc")
+    if not raw:
+        return False
+    wall = int(json.loads(raw)[0])
+    return wall > now_ms + MAX_AHEAD_MS
