@@ -31,6 +31,19 @@ from tidesync.testing.devices import APP_ID, DeviceProcess, check_convergence
 
 DEVICES = 4
 SHORT_SECONDS = float(os.environ.get("TIDESYNC_SHORT_SECONDS", "35"))
+#: Each device's clock: 3 days fast, 2 hours slow, 5 hours fast, right (issue 18: a device
+#: with a wrong clock must stop nobody, and its writes order by the server's time).
+CLOCK_SKEWS_MS = [3 * 86_400_000, -2 * 3_600_000, 5 * 3_600_000, 0]
+#: The server's frame limit in the run: a big transaction (testing.devices.Bulk, about
+#: 400 KB) is larger, so it travels in parts both ways and is applied whole.
+FRAME_BYTES = 256 * 1024
+
+
+def bulk_rate(seconds: float) -> float:
+    """The chance that a device's write is a big transaction: a few per device in a short
+    run, fewer per second in a long one (the checker compares every pair of writes to an
+    object, so the history of the big objects must stay small)."""
+    return 0.003 if seconds <= 120 else 0.001
 
 
 async def _server_state(
@@ -45,7 +58,9 @@ async def _server_state(
             if page.cursor >= page.latest_version:
                 break
             after = page.cursor
-        objects = {m: await storage.get_objects(APP_ID, m) for m in ("Doc", "Tag", "Tally")}
+        objects = {
+            m: await storage.get_objects(APP_ID, m) for m in ("Doc", "Tag", "Tally", "Bulk")
+        }
     return log, objects
 
 
@@ -55,7 +70,8 @@ def run_chaos(root: Path, seed: int, seconds: float, subscribe: bool = False) ->
     files without a subscription set."""
     rng = random.Random(seed)
     faults: collections.Counter[str] = collections.Counter()
-    server = ServerProcess(root / "server").start()
+    server = ServerProcess(root / "server", extra_args=["--max-frame-size", str(FRAME_BYTES)])
+    server.start()
     proxies: list[FaultProxy] = []
     devices: list[DeviceProcess] = []
     try:
@@ -67,7 +83,15 @@ def run_chaos(root: Path, seed: int, seconds: float, subscribe: bool = False) ->
             proxy = FaultProxy("127.0.0.1", server.port, seed=seed * 31 + i)
             proxy.start_in_thread()
             proxies.append(proxy)
-            device = DeviceProcess(root, f"dev{i}", proxy.url, seed * 100 + i, subscribe=subscribe)
+            device = DeviceProcess(
+                root,
+                f"dev{i}",
+                proxy.url,
+                seed * 100 + i,
+                subscribe=subscribe,
+                clock_skew_ms=CLOCK_SKEWS_MS[i % len(CLOCK_SKEWS_MS)],
+                bulk_rate=bulk_rate(seconds),
+            )
             device.start()
             devices.append(device)
         pending: list[tuple[float, str, int]] = []  # (when, what to undo, device index)
@@ -134,6 +158,9 @@ def run_chaos(root: Path, seed: int, seconds: float, subscribe: bool = False) ->
         for device in devices:
             device.wait_phase("downloaded")
         snapshots = {d.name: d.snapshot() for d in devices}
+        finals = {d.name: d.wait_phase("downloaded", 5) for d in devices}
+        stopped = [f"{n}: {f['state']}" for n, f in finals.items() if f.get("state") != "active"]
+        errors = [e for f in finals.values() for e in f.get("errors", [])]
         logs = {d.name: d.records() for d in devices}
         logs["setup"] = setup.records()
         for device in devices:
@@ -157,6 +184,11 @@ def run_chaos(root: Path, seed: int, seconds: float, subscribe: bool = False) ->
             "devices_diverged": len(report.devices_diverged),
             "counter_errors": len(report.counter_errors),
             "objects": {m: len(v) for m, v in objects.items()},
+            "big_transactions": sum(
+                1 for records in logs.values() for r in records if r["t"] == "bulk"
+            ),
+            "clock_refusals": sum(1 for e in errors if "clock is wrong" in e),
+            "sessions_stopped": len(stopped),
         }
         if os.environ.get("TIDESYNC_REPORT"):
             with open(os.environ["TIDESYNC_REPORT"], "a", encoding="utf-8") as fh:
@@ -164,6 +196,7 @@ def run_chaos(root: Path, seed: int, seconds: float, subscribe: bool = False) ->
         print(json.dumps(counts))
         problems = report.writes_lost + report.devices_diverged + report.counter_errors
         assert report.ok, "\n".join(problems[:20])
+        assert not stopped, f"sessions stopped: {stopped}; errors: {errors[:10]}"
         assert report.writes_checked > 0 and report.increments_acked > 0
         assert sum(faults.values()) > 0
         return counts

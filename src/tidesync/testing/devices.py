@@ -100,8 +100,23 @@ class Tally(ts.Model):
     hits: ts.Counter
 
 
+class Bulk(ts.Model):
+    """Objects written :data:`BULK_SIZE` at a time: one transaction larger than the server's
+    frame (the convergence run lowers it), so it travels in parts and is applied whole."""
+
+    id: str = ts.primary_key()
+    who: str = ""
+    n: int = 0
+    text: str = ""
+
+
+#: How many objects one big transaction writes (every one of them, created or updated).
+BULK_SIZE = 600
+BULK_IDS = [f"b{i}" for i in range(BULK_SIZE)]
+
+
 def _models() -> dict[str, Any]:
-    return {"Tag": Tag, "Doc": Doc, "Tally": Tally}
+    return {"Tag": Tag, "Doc": Doc, "Tally": Tally, "Bulk": Bulk}
 
 
 def skew_clock(skew_ms: int) -> None:
@@ -271,7 +286,10 @@ class _Device:
                 session.resume()
                 paused = False
             if cmd in ("run", "pause"):
-                self.random_write(db)
+                if self.rng.random() < self.opts.bulk_rate:
+                    self.bulk_write(db)
+                else:
+                    self.random_write(db)
                 self.log_new_changesets(db)
                 if not paused and self.rng.random() < 0.15:
                     await self.ack(db, 3.0)
@@ -292,9 +310,29 @@ class _Device:
                 tmp.write_text(json.dumps(snap, sort_keys=True), encoding="utf-8")
                 os.replace(tmp, self.root / "snapshot.json")
                 done.add("downloaded")
-                self.log(t="phase", name="downloaded", errors=self.errors)
+                self.log(
+                    t="phase",
+                    name="downloaded",
+                    errors=self.errors,
+                    state=str(session.state.value),
+                )
             else:
                 await asyncio.sleep(0.05)
+
+    def bulk_write(self, db: Any) -> None:
+        """One big transaction: every :class:`Bulk` object created or rewritten (about
+        400 KB of changeset)."""
+        bulk = self.models["Bulk"]
+        n = self.rng.randrange(1 << 30)
+        text = self.rng.choice(WORDS) * 100
+        with db.write():
+            for i, pk in enumerate(BULK_IDS):
+                obj = db.find(bulk, pk)
+                if obj is None:
+                    db.add(bulk(id=pk, who=self.origin, n=n + i, text=text))
+                else:
+                    obj.who, obj.n, obj.text = self.origin, n + i, text
+        self.log(t="bulk", size=BULK_SIZE)
 
     def random_write(self, db: Any) -> None:
         rng = self.rng
@@ -385,6 +423,9 @@ def snapshot(db: Any, models: dict[str, Any]) -> dict[str, dict[str, Any]]:
         out["Tag"][tag.id] = {"name": tag.name}
     for tally in db.all(models["Tally"]):
         out["Tally"][tally.id] = {"hits": int(tally.hits.value)}
+    bulk = {b.id: {"who": b.who, "n": b.n, "text": b.text} for b in db.all(models["Bulk"])}
+    if bulk:  # only where the run wrote any (as normalize_server)
+        out["Bulk"] = bulk
     for doc in db.all(models["Doc"]):
         out["Doc"][doc.id] = {
             "title": doc.title,
@@ -408,6 +449,11 @@ def normalize_server(objects: dict[str, dict[Any, dict[str, Any]]]) -> dict[str,
         out["Tag"][pk] = {"name": vals.get("name", "")}
     for pk, vals in objects.get("Tally", {}).items():
         out["Tally"][pk] = {"hits": int(vals.get("hits") or 0)}
+    if objects.get("Bulk"):
+        out["Bulk"] = {
+            pk: {"who": v.get("who", ""), "n": v.get("n", 0), "text": v.get("text", "")}
+            for pk, v in objects["Bulk"].items()
+        }
     for pk, vals in objects.get("Doc", {}).items():
         owner = vals.get("owner")
         out["Doc"][pk] = {
@@ -453,8 +499,11 @@ class DeviceProcess:
         setup: bool = False,
         subscribe: bool = False,
         clock_skew_ms: int = 0,
+        bulk_rate: float = 0.0,
     ) -> None:
         self.root = Path(root) / name
+        #: The chance that a write is a big transaction (:meth:`_Device.bulk_write`).
+        self.bulk_rate = bulk_rate
         #: How many ms fast (negative: slow) the device's clock runs (see :func:`skew_clock`).
         self.clock_skew_ms = clock_skew_ms
         #: The device subscribes to every object of every model (flexible sync) instead of
@@ -486,6 +535,8 @@ class DeviceProcess:
             cmd.append("--subscribe")
         if self.clock_skew_ms:
             cmd += ["--clock-skew-ms", str(self.clock_skew_ms)]
+        if self.bulk_rate:
+            cmd += ["--bulk-rate", str(self.bulk_rate)]
         out = open(self.root / "output.txt", "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -722,6 +773,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setup", action="store_true")
     parser.add_argument("--subscribe", action="store_true", help="subscribe to everything")
     parser.add_argument("--clock-skew-ms", type=int, default=0, help="run the clock fast by N ms")
+    parser.add_argument(
+        "--bulk-rate", type=float, default=0.0, help="chance that a write is a big transaction"
+    )
     opts = parser.parse_args(argv)
     if opts.clock_skew_ms:
         skew_clock(opts.clock_skew_ms)
