@@ -58,9 +58,7 @@ async def _server_state(
             if page.cursor >= page.latest_version:
                 break
             after = page.cursor
-        objects = {
-            m: await storage.get_objects(APP_ID, m) for m in ("Doc", "Tag", "Tally", "Bulk")
-        }
+        objects = {m: await storage.get_objects(APP_ID, m) for m in ("Doc", "Tag", "Tally", "Bulk")}
     return log, objects
 
 
