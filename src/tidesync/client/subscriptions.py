@@ -536,6 +536,8 @@ class FlexApplier:
         #: Keys received by the bootstrap in progress, as ``(model, the primary key as its
         #: column holds it)`` (None: no bootstrap in progress).
         self.received: set[tuple[str, Any]] | None = None
+        #: The set version of the bootstrap ``received`` belongs to.
+        self._receiving = 0
         self._log: _PendingLog | None = None
         self._specs: dict[str, tuple[ModelSchema, _FastSpec | None]] = {}
 
@@ -579,8 +581,14 @@ class FlexApplier:
         """Apply a DOWNLOAD's rows, objects and bootstrap flag (inside the caller's
         transaction)."""
         engine = self.engine
-        if bootstrap != BOOTSTRAP_NONE and self.received is None:
+        if bootstrap != BOOTSTRAP_NONE and (
+            self.received is None or query_version != self._receiving
+        ):
+            # a page of a newer set: the server gave up the bootstrap in progress (a newer
+            # set replaced it) and scans again from the start; what the old one sent is
+            # not the new set's, so the end of the new bootstrap must not keep it
             self.received = set()
+            self._receiving = query_version
             if query_version:
                 set_state(engine.conn, query_version, SubscriptionSetState.BOOTSTRAPPING)
         if objects or rows or bootstrap == BOOTSTRAP_LAST:

@@ -309,6 +309,7 @@ class SessionWorker:
         if self.connection is not None:
             self.connection.detach(self)
         self.bound = False
+        self.down_known = False  # until the next binding's first DOWNLOAD says (item 5)
         self.in_flight.clear()
         self.upload_sent = self.upload_acked
         self.set_conn_state(ConnectionState.DISCONNECTED)
@@ -402,13 +403,22 @@ class SessionWorker:
             self.down_known,
         )
 
+    def _position(self, direction: ProgressDirection) -> tuple[int, int]:
+        """``(download cursor, server's latest version)`` for the download (the outstanding
+        work is done once the cursor reaches the latest version of when it was fixed;
+        core/progress.py); ``(0, 0)`` for the upload, whose bytes are exact."""
+        if direction is ProgressDirection.UPLOAD:
+            return 0, 0
+        return self.download_cursor, self.server_latest
+
     def add_progress_listener(self, listener: _ProgressListener) -> None:
         """Register a listener and report its first value at once."""
         if self.closed:
             raise DatabaseClosedError("the session ended: its database was closed")
         t, total, known = self.counters(listener.direction)
+        _, latest = self._position(listener.direction)
         listener.tracker = ProgressTracker(
-            listener.mode, t, total, known=known, from_start=listener.from_start
+            listener.mode, t, total, known=known, from_start=listener.from_start, latest=latest
         )
         self.progress_listeners.append(listener)
         self._feed(listener, t, total, known, False)
@@ -435,7 +445,10 @@ class SessionWorker:
     ) -> None:
         tracker = listener.tracker
         assert tracker is not None
-        progress = tracker.update(t, total, known=known, complete=complete)
+        cursor, latest = self._position(listener.direction)
+        progress = tracker.update(
+            t, total, known=known, complete=complete, cursor=cursor, latest=latest
+        )
         if progress is not None:
             listener.deliver(progress)
         if tracker.done:
@@ -481,6 +494,7 @@ class SessionWorker:
     def on_disconnected(self) -> None:
         """The connection dropped; uploads not acknowledged will be sent again."""
         self.bound = False
+        self.down_known = False  # the server says what is outstanding again after BIND
         self.in_flight.clear()
         self.upload_sent = self.upload_acked
         self.marks.clear()  # MARK replies are lost; waiters re-ask on rebind
@@ -505,6 +519,7 @@ class SessionWorker:
         )
         self.query_sent = 0
         self.flex.reset()
+        self.down_known = False  # a new binding: its first DOWNLOAD says what is outstanding
         self.set_conn_state(ConnectionState.CONNECTING)
 
     def send_query(self) -> None:

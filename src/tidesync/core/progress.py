@@ -12,12 +12,27 @@ listener turns successive counter values into estimates with the semantics of it
   the tracker is done once it has reported 1.0 (at once when there was nothing to do).
 - ``REPORT_INDEFINITELY``: the share done of all work since the count last restarted; the count
   restarts when new work arrives after everything was done. Never done by itself.
+
+An *unknown* total (``known=False``: the other side has not said what is outstanding yet,
+e.g. a download while paused or before the first DOWNLOAD of a binding) never completes a
+tracker and never moves its target: a tracker that has no target yet reports 0.0 and waits;
+one that has a target keeps it (``FOR_CURRENTLY_OUTSTANDING_WORK``) or keeps its last value
+(``REPORT_INDEFINITELY``) until the total is known again.
+
+Bytes are an estimate (a flexible-sync DOWNLOAD may send an object whole where the server
+counted its log entry), so a download's outstanding work also has a *position*: the
+server's latest version when the target was fixed (``latest``). The tracker completes only
+once the download cursor (``cursor``) reached it; until then a byte count that says
+"done" reports just below 1.0.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+
+#: The highest estimate of outstanding work that is not finished yet.
+ALMOST_DONE = 0.999
 
 
 class ProgressDirection(enum.Enum):
@@ -65,6 +80,7 @@ class ProgressTracker:
         *,
         known: bool = True,
         from_start: bool = False,
+        latest: int = 0,
     ) -> None:
         if transferred < 0 or transferable < 0:
             raise ValueError("progress counters must not be negative")
@@ -73,28 +89,45 @@ class ProgressTracker:
         self._base = 0 if from_start else transferred
         self._target: int | None = None
         self._last: SyncProgress | None = None
-        self._inputs: tuple[int, int, bool] | None = None
+        self._inputs: tuple[int, int, bool, int] | None = None
+        #: The version the download cursor must reach before the tracker completes.
+        self._goal = 0
         if known:
             self._target = max(transferable, transferred)
+            self._goal = latest
 
     def update(
-        self, transferred: int, transferable: int, *, known: bool = True, complete: bool = False
+        self,
+        transferred: int,
+        transferable: int,
+        *,
+        known: bool = True,
+        complete: bool = False,
+        cursor: int = 0,
+        latest: int = 0,
     ) -> SyncProgress | None:
         """Feed the current counters; returns the progress to report, or None when nothing
         changed (or the tracker is done). ``complete`` says the transfer is known to be
-        finished (e.g. the server answered a download-completion request)."""
+        finished (e.g. the server answered a download-completion request). ``cursor`` and
+        ``latest`` are the download cursor and the server's latest version (0 for an
+        upload)."""
         if self.done:
             return None
         transferable = max(transferable, transferred)
         if complete:
             known = True
             transferable = transferred
-        inputs = (transferred, transferable, known)
+            cursor = max(cursor, self._goal)
+        if known and self._target is None:
+            self._goal = latest
+        inputs = (transferred, transferable, known, cursor)
         if inputs == self._inputs:
             return None
         self._inputs = inputs
+        if not known and self._last is not None and self.mode is ProgressMode.REPORT_INDEFINITELY:
+            return None  # nothing to say until the total is known again
         if self.mode is ProgressMode.FOR_CURRENTLY_OUTSTANDING_WORK:
-            progress = self._outstanding(transferred, transferable, known)
+            progress = self._outstanding(transferred, transferable, known, cursor)
         else:
             progress = self._indefinite(transferred, transferable, known)
         last = self._last
@@ -110,16 +143,24 @@ class ProgressTracker:
         self._last = progress
         return progress
 
-    def _outstanding(self, transferred: int, transferable: int, known: bool) -> SyncProgress:
-        if not known and self._target is None:
-            return SyncProgress(0.0, 0, 0)
-        target = transferable if self._target is None else min(self._target, transferable)
-        self._target = target
+    def _outstanding(
+        self, transferred: int, transferable: int, known: bool, cursor: int
+    ) -> SyncProgress:
+        if not known:
+            if self._target is None:
+                return SyncProgress(0.0, 0, 0)
+            target = self._target  # an unknown total neither fixes nor shrinks the target
+        else:
+            target = transferable if self._target is None else min(self._target, transferable)
+            self._target = target
         total = target - self._base
         done = min(transferred, target) - self._base
         if total <= 0 or done >= total:
-            return SyncProgress(1.0, max(total, 0), max(total, 0))
-        return SyncProgress(max(0.0, done / total), max(done, 0), total)
+            if cursor >= self._goal:
+                return SyncProgress(1.0, max(total, 0), max(total, 0))
+            # the bytes say done, the cursor says not yet: just below 1.0
+            return SyncProgress(ALMOST_DONE, max(total, 0), max(total, 0))
+        return SyncProgress(min(ALMOST_DONE, max(0.0, done / total)), max(done, 0), total)
 
     def _indefinite(self, transferred: int, transferable: int, known: bool) -> SyncProgress:
         if not known:
@@ -133,4 +174,4 @@ class ProgressTracker:
         return SyncProgress(done / total, done, total)
 
 
-__all__ = ["ProgressDirection", "ProgressMode", "ProgressTracker", "SyncProgress"]
+__all__ = ["ALMOST_DONE", "ProgressDirection", "ProgressMode", "ProgressTracker", "SyncProgress"]

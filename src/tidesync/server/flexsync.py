@@ -409,6 +409,14 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
     assert version is not None
     view.bootstrap = None
     page_bytes = hub.config.page_bytes
+    # The acknowledgement the last page carries is taken *before* the scan starts: every
+    # upload it covers is then committed before the scan reads anything, so the scan holds
+    # the objects it wrote (when visible). An upload acknowledged during the scan may have
+    # been integrated after the scan passed its objects; the device must not see that
+    # acknowledgement yet, or it would evict its own new object as one the bootstrap did
+    # not send (its changes still count as unacknowledged there, so it keeps them). The
+    # next DOWNLOAD acknowledges it, with the reconciled state of what it touched.
+    acked = session.acked
     target = await hub.storage.latest_version(app)
     schemas = view.schemas = await hub.storage.get_schemas(app)
     view.perms.schemas = schemas
@@ -455,7 +463,6 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
     view.held = held
     view.held_complete = True
     latest = max(rest.latest_version, session.latest, target)
-    acked = session.acked
     objects, blocks = batch.take()
     conn.proto.download(
         session.number,
