@@ -981,6 +981,10 @@ def _refusal(
         return None  # malformed: the storage's validation refuses the whole batch
     after = trial.render(schema)
     perms = view.perms
+    if before is None and after is None:
+        if perms.writes_anything(model) or trial.to_bytes() == state.to_bytes():
+            return None  # nothing to guard, or a change that changes nothing
+        return _refusal_of_dead(perms, schema, state, inss)
     if before is not None and not perms.can_write(model, before):
         if not perms.can_read(model, before):
             return "the object is not readable by this user (write rule)"
@@ -998,3 +1002,25 @@ def _refusal(
         if not inside:
             return "the object is outside the session's subscriptions"
     return None
+
+
+def _refusal_of_dead(
+    perms: Permissions, schema: ModelSchema, state: ObjectState, inss: list[Instruction]
+) -> str | None:
+    """:func:`_refusal` for a change that leaves a missing (or erased) object dead and
+    alters its stored state: allowed only when its CREATE made the object alive on the way
+    (then an ERASE) with values the write rule allows. An update or erase of an object that
+    does not exist has no values to check, and stored, a SET would show through (an ERASE
+    hide) a later CREATE of that primary key: it is refused."""
+    step = ObjectState.from_bytes(state.to_bytes())
+    alive = False
+    for ins in inss:
+        step.apply(ins, schema)
+        values = step.render(schema)
+        if values is not None:
+            if not perms.can_write(schema.name, values):
+                return "the write rule does not allow creating this object"
+            alive = True
+    if alive:
+        return None
+    return "the object does not exist (or is erased) and the change does not create it"
