@@ -113,14 +113,16 @@ class Hostile:
             self.refusals.append(event.message)
         return event
 
-    async def wait_acked(self, version: int, within: float = 20.0) -> None:
+    async def wait_acked(self, version: int, within: float = 20.0, quiet: float = 0.3) -> None:
         """Until ``version`` is acknowledged, then until the refusal that may follow it
-        (ERROR 231 comes right after the DOWNLOAD that acknowledges) or a quiet moment."""
+        (ERROR 231 comes right after the DOWNLOAD that acknowledges) or ``quiet`` seconds
+        without a message."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while self.client.proto.progress(1).upload_acked < version:
             await self.pump(max(0.01, deadline - loop.time()))
-        await self.drain(0.3)
+        if quiet > 0:
+            await self.drain(quiet)
 
     async def caught_up(self, within: float = 20.0) -> None:
         """Upload nothing more and wait until the session has downloaded everything the
@@ -147,6 +149,9 @@ class Hostile:
                 return
 
     async def close(self) -> None:
+        """Close the WebSocket (without waiting long for a reply: the frames the server
+        sent meanwhile may fill the client's queue, and no one reads them any more)."""
+        self.client.ws.close_timeout = 1
         await self.client.close()
 
 
@@ -169,7 +174,6 @@ def rules_config(folder: Path, rules: str, app_id: str = "todo") -> Path:
     addresses confirmed at once) and ``rules``."""
     path = folder / "tidesync.toml"
     path.write_text(
-        f'[apps.{app_id}]\nauth = ["anonymous", "email_password"]\nauto_confirm = true\n\n'
-        f"{rules}"
+        f'[apps.{app_id}]\nauth = ["anonymous", "email_password"]\nauto_confirm = true\n\n{rules}'
     )
     return path

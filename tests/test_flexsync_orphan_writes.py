@@ -26,8 +26,8 @@ from tidesync.server.storage.base import ServerStorage
 from tidesync.server.storage.sqlite import SQLiteStorage
 from tidesync.testing import ServerProcess
 
-from .rules_helpers import HOUR_MS, Hostile, now_ms, rules_config, stored_log
 from .flex_helpers import eventually
+from .rules_helpers import HOUR_MS, Hostile, now_ms, rules_config, stored_log
 from .test_flexsync_e2e import Device, Task, subscribe
 
 DSN = os.environ.get("TIDESYNC_TEST_PG_DSN", "")

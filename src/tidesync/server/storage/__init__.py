@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import (
     BatchRejectedError,
     ClientOwnershipError,
+    CommitCheck,
     CursorAheadError,
     HistoryTrimmedError,
     LogEntry,
@@ -24,6 +25,7 @@ from .sqlite import SQLiteStorage
 __all__ = [
     "BatchRejectedError",
     "ClientOwnershipError",
+    "CommitCheck",
     "CursorAheadError",
     "HistoryTrimmedError",
     "LogEntry",
