@@ -56,7 +56,7 @@ from ..protocol.messages import (
 from ..store.gcpause import gc_paused
 from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
 from .storage.base import CommitCheck, ObjectKey, StoredObject, UploadResult, object_keys
-from .writecheck import CommitRecheck, created_or_none, judge
+from .writecheck import CommitRecheck, count_keys, created_or_none, judge
 
 if TYPE_CHECKING:
     from .hub import SyncConnection, SyncHub, _Session
@@ -850,12 +850,12 @@ async def check_upload(
         # remember each lone CREATE so that reconciling need not send the object back
         view.uploads.append(_unrefused(view, changesets, keyed, judged_with))
         return changesets, None
-    keys = {key for cs_keys in keyed for key in cs_keys}
-    stored = await conn.hub.storage.get_state_bytes(conn.app_id, keys)
+    counted = count_keys(changesets, keyed)
+    stored = await conn.hub.storage.get_state_bytes(conn.app_id, counted[0])
     judged = FlexView(view.perms, schemas, view.subs)  # as of now, for the recheck too
-    verdict = judge(judged, schemas, changesets, keyed, stored)
+    verdict = judge(judged, schemas, changesets, keyed, stored, counted)
     upload = CheckedUpload(
-        changesets[-1].version, keys, verdict.refused, verdict.created, judged_with
+        changesets[-1].version, set(counted[0]), verdict.refused, verdict.created, judged_with
     )
     view.uploads.append(upload)
     return verdict.changesets, CommitRecheck(judged, schemas, stored, verdict, upload)

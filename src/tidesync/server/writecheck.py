@@ -45,8 +45,6 @@ class Verdict:
     #: The objects made from nothing by one CREATE alone, as
     #: :attr:`~.flexsync.CheckedUpload.created` keeps them.
     created: dict[ObjectKey, tuple[HLC, bool]]
-    #: Every object the changesets touch -> its primary key.
-    keys: dict[ObjectKey, Any]
 
 
 def judge(
@@ -55,18 +53,15 @@ def judge(
     changesets: list[Changeset],
     keyed: list[list[ObjectKey]],
     stored: Mapping[ObjectKey, bytes],
+    counted: tuple[dict[ObjectKey, Any], dict[ObjectKey, int]] | None = None,
 ) -> Verdict:
     """Judge ``changesets`` (``keyed``: each one's instructions' object keys) against the
     ``stored`` state bytes of the objects they touch (missing: never stored): each
     object's instructions in each changeset are tried on a copy of its state (as the
     earlier changesets left it) and dropped when :func:`refusal` says why; an object
-    refused once is refused in the later changesets too."""
-    keys: dict[ObjectKey, Any] = {}
-    seen: dict[ObjectKey, int] = {}  # instructions per object in the whole upload
-    for cs, cs_keys in zip(changesets, keyed):
-        for key, ins in zip(cs_keys, cs.instructions):
-            keys[key] = ins.pk
-            seen[key] = seen.get(key, 0) + 1
+    refused once is refused in the later changesets too. ``counted``: what
+    :func:`count_keys` gives for them, when the caller has it already."""
+    keys, seen = count_keys(changesets, keyed) if counted is None else counted
     refused: list[tuple[str, Any, str]] = []
     refused_keys: set[ObjectKey] = set()
     created: dict[ObjectKey, tuple[HLC, bool]] = {}
@@ -115,7 +110,21 @@ def judge(
         else:
             kept = tuple(i for k, i in zip(cs_keys, cs.instructions) if k in allowed)
             out.append(Changeset(cs.origin, cs.version, kept))
-    return Verdict(out, refused, created, keys)
+    return Verdict(out, refused, created)
+
+
+def count_keys(
+    changesets: list[Changeset], keyed: list[list[ObjectKey]]
+) -> tuple[dict[ObjectKey, Any], dict[ObjectKey, int]]:
+    """Every object the changesets touch -> its primary key, and -> how many of their
+    instructions touch it."""
+    keys: dict[ObjectKey, Any] = {}
+    seen: dict[ObjectKey, int] = {}
+    for cs, cs_keys in zip(changesets, keyed):
+        for key, ins in zip(cs_keys, cs.instructions):
+            keys[key] = ins.pk
+            seen[key] = seen.get(key, 0) + 1
+    return keys, seen
 
 
 class CommitRecheck(CommitCheck):
