@@ -26,6 +26,7 @@ Errors::
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -39,6 +40,8 @@ from ...core.query import BoundQuery, evaluate, is_always_true
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
 from ...core.validate import validate_changeset
 from ...errors import SchemaMismatchError, TidesyncError
+
+log = logging.getLogger("tidesync.server.storage")
 
 #: The key of one object inside an app: ``(model name, core.packing.pack(pk))``.
 ObjectKey = tuple[str, bytes]
@@ -489,8 +492,17 @@ def rechecked(
     batch: UploadBatch, new: list[Changeset], states: Mapping[ObjectKey, bytes]
 ) -> list[Changeset]:
     """``new`` as ``batch``'s :class:`CommitCheck` lets it through (``new`` itself when the
-    batch has no check, or the check still holds)."""
-    return new if batch.check is None else batch.check.recheck(new, states)
+    batch has no check, or the check still holds). A check that fails (a bug) refuses its
+    batch alone (:class:`BatchRejectedError`), never the other batches of the commit."""
+    if batch.check is None:
+        return new
+    try:
+        return batch.check.recheck(new, states)
+    except Exception as exc:
+        log.exception("the commit check of an upload of %s failed", batch.origin)
+        raise BatchRejectedError(
+            RejectReason.INVALID, f"the upload could not be checked again: {exc}"
+        ) from exc
 
 
 def held_in(

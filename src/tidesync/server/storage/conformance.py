@@ -147,6 +147,15 @@ class _RefuseStored(CommitCheck):
         ]
 
 
+class _Broken(CommitCheck):
+    """A commit check with a bug."""
+
+    def recheck(
+        self, changesets: list[Changeset], states: Mapping[ObjectKey, bytes]
+    ) -> list[Changeset]:
+        raise RuntimeError("a bug in the check")
+
+
 def _checked(app: str, check: CommitCheck, *changesets: Changeset) -> UploadBatch:
     return UploadBatch(app, changesets[0].origin, list(changesets), check)
 
@@ -664,6 +673,13 @@ class StorageConformance:
         objects = await storage.get_objects(app, "Task")
         assert not objects["y"]["done"] and not objects["z"]["done"]
         assert objects["y"]["title"] == "changed"
+        # a check that fails refuses its batch alone
+        (good, bad) = await storage.integrate(
+            [batch(app, b.cs(b.create("w"))), _checked(app, _Broken(), a.cs(a.create("v")))]
+        )
+        assert good.ok and not bad.ok and bad.reason is RejectReason.INVALID
+        assert bad.acked_version == 3
+        assert set(await storage.get_objects(app, "Task")) == {"x", "y", "z", "w"}
 
     # -- concurrency ----------------------------------------------------------------------
 
