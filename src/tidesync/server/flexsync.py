@@ -17,8 +17,10 @@ it. The view remembers which objects the device holds (``held``).
 - **Uploads** (:func:`check_upload`): each object's instructions are tried on a copy of its
   stored state; when the write rule refuses the object before or after the change, or the
   object is outside the subscriptions, they are dropped (the rest of the changeset is kept).
-  Once the upload is acknowledged the device gets the authoritative state of every object it
-  touched (or an eviction) and, if something was refused, ERROR 231 listing it.
+  The judging is :mod:`.writecheck`'s, done again inside the commit's transaction on the
+  states it sees. Once the upload is acknowledged the device gets the authoritative state
+  of every object it touched (or an eviction) and, if something was refused, ERROR 231
+  listing it.
 
 See docs/flexible-sync.md for the exact message sequence.
 """
@@ -30,16 +32,15 @@ import inspect
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ..core import query as q
 from ..core.changeset import Changeset, Instruction, Op
 from ..core.hlc import HLC
-from ..core.merge import ObjectState, created_at, created_state, created_values
+from ..core.merge import created_at, created_state
 from ..core.packing import pack, pack_instructions, unpack, unpack_instructions
 from ..core.schema import ModelSchema
 from ..errors import QueryError
@@ -54,14 +55,13 @@ from ..protocol.messages import (
 )
 from ..store.gcpause import gc_paused
 from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
-from .storage.base import ObjectKey, StoredObject, UploadResult, object_keys
+from .storage.base import CommitCheck, ObjectKey, StoredObject, UploadResult, object_keys
+from .writecheck import CommitRecheck, count_keys, created_or_none, judge
 
 if TYPE_CHECKING:
     from .hub import SyncConnection, SyncHub, _Session
 
 log = logging.getLogger("tidesync.server.flexsync")
-
-T = TypeVar("T")
 
 #: Objects read from storage per bootstrap batch.
 BOOTSTRAP_BATCH = 2000
@@ -689,7 +689,7 @@ def _known_states(
             continue
         if len(ins.value) > len(schema.fields):
             continue  # fields the view's schemas predate (a newer release): the stored state
-        made = _created(created_state, schema, ins)
+        made = created_or_none(created_state, schema, ins)
         if made is not None:
             out[key] = made
     return out
@@ -836,9 +836,11 @@ def write_guard(
 
 async def check_upload(
     conn: SyncConnection, session: _Session, changesets: list[Changeset]
-) -> list[Changeset]:
+) -> tuple[list[Changeset], CommitCheck | None]:
     """Drop the instructions the rules or the subscriptions refuse; remember what to send
-    back once the upload is acknowledged."""
+    back once the upload is acknowledged. Returns the changesets to commit and the check
+    the commit must do again in its transaction (:class:`~.writecheck.CommitRecheck`;
+    None when nothing can be refused)."""
     view = session.flex
     assert view is not None
     schemas = view.schemas
@@ -856,67 +858,16 @@ async def check_upload(
         # no rules and only always-true subscriptions of these models: nothing is refused;
         # remember each lone CREATE so that reconciling need not send the object back
         view.uploads.append(_unrefused(view, changesets, keyed, judged_with))
-        return changesets
-    keys: dict[ObjectKey, Any] = {}
-    seen: dict[ObjectKey, int] = {}  # instructions per object in the whole upload
-    for cs, cs_keys in zip(changesets, keyed):
-        for key, ins in zip(cs_keys, cs.instructions):
-            keys[key] = ins.pk
-            seen[key] = seen.get(key, 0) + 1
-    refused: list[tuple[str, Any, str]] = []
-    refused_keys: set[ObjectKey] = set()
-    created: dict[ObjectKey, tuple[HLC, bool]] = {}
-    stored: dict[ObjectKey, StoredObject] = await conn.hub.storage.get_states(conn.app_id, keys)
-    states: dict[ObjectKey, ObjectState] = {}
-    out: list[Changeset] = []
-    for cs, cs_keys in zip(changesets, keyed):
-        groups: dict[ObjectKey, list[Instruction]] = {}
-        for key, ins in zip(cs_keys, cs.instructions):
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [ins]
-            else:
-                group.append(ins)
-        allowed: set[ObjectKey] = set()
-        for key, inss in groups.items():
-            schema = schemas.get(key[0])
-            if key in refused_keys or schema is None:
-                continue  # unknown model: the storage's validation refuses the batch
-            after = None
-            if seen[key] == 1 and key not in stored and inss[0].op is Op.CREATE:
-                after = _created(created_values, schema, inss[0])
-            if after is not None:  # a new object made by one CREATE: no state to build
-                reason = _refusal_of_new(view, schema.name, after)
-                if reason is None:
-                    allowed.add(key)
-                    created[key] = (inss[0].hlc, view.visible(schema.name, after))
-                else:
-                    refused.append((key[0], keys[key], reason))
-                    refused_keys.add(key)
-                continue
-            state = states.get(key)
-            if state is None:
-                row = stored.get(key)
-                state = ObjectState.from_bytes(row.state) if row is not None else ObjectState()
-                states[key] = state
-            reason = _refusal(view, schema, state, inss)
-            if reason is None:
-                allowed.add(key)
-                for ins in inss:
-                    state.apply(ins, schema)
-            else:
-                refused.append((key[0], keys[key], reason))
-                refused_keys.add(key)
-        if len(allowed) == len(groups):
-            out.append(cs)
-        else:
-            kept = tuple(i for k, i in zip(cs_keys, cs.instructions) if k in allowed)
-            out.append(Changeset(cs.origin, cs.version, kept))
-    if changesets:
-        view.uploads.append(
-            CheckedUpload(changesets[-1].version, set(keys), refused, created, judged_with)
-        )
-    return out
+        return changesets, None
+    counted = count_keys(changesets, keyed)
+    stored = await conn.hub.storage.get_state_bytes(conn.app_id, counted[0])
+    judged = FlexView(view.perms, schemas, view.subs)  # as of now, for the recheck too
+    verdict = judge(judged, schemas, changesets, keyed, stored, counted)
+    upload = CheckedUpload(
+        changesets[-1].version, set(counted[0]), verdict.refused, verdict.created, judged_with
+    )
+    view.uploads.append(upload)
+    return verdict.changesets, CommitRecheck(judged, schemas, stored, verdict, upload)
 
 
 _model_of = attrgetter("model")
@@ -952,58 +903,3 @@ def _unrefused(
     return CheckedUpload(
         changesets[-1].version, touched, [], created, judged_with, stay, None, True
     )
-
-
-def _created(
-    how: Callable[[Instruction, ModelSchema], T | None], schema: ModelSchema, ins: Instruction
-) -> T | None:
-    """``how(ins, schema)`` (:func:`created_state` or :func:`created_values` of a new
-    object after its CREATE ``ins`` alone), or None when the general path must judge it
-    (collection fields, a malformed value)."""
-    try:
-        return how(ins, schema)
-    except (ValueError, TypeError, KeyError):
-        return None  # the general path leaves malformed input to the storage's validation
-
-
-def _refusal_of_new(view: FlexView, model: str, after: dict[str, Any]) -> str | None:
-    """:func:`_refusal` for an object that did not exist, created by one CREATE giving
-    ``after`` (the same rules: the write rule on the new values, then the subscriptions)."""
-    if not view.perms.can_write(model, after):
-        return "the write rule does not allow creating this object"
-    if view.subs is not None and not view.in_subscriptions(model, after):
-        return "the object is outside the session's subscriptions"
-    return None
-
-
-def _refusal(
-    view: FlexView, schema: ModelSchema, state: ObjectState, inss: list[Instruction]
-) -> str | None:
-    """Why a group of instructions on one object is refused (None: allowed)."""
-    model = schema.name
-    before = state.render(schema)
-    trial = ObjectState.from_bytes(state.to_bytes())
-    try:
-        for ins in inss:
-            trial.apply(ins, schema)
-    except (ValueError, TypeError, KeyError):
-        return None  # malformed: the storage's validation refuses the whole batch
-    after = trial.render(schema)
-    perms = view.perms
-    if before is not None and not perms.can_write(model, before):
-        if not perms.can_read(model, before):
-            return "the object is not readable by this user (write rule)"
-        return "the write rule does not allow changing this object"
-    if before is None and after is not None and any(i.op is Op.CREATE for i in inss):
-        if not perms.can_write(model, after):
-            return "the write rule does not allow creating this object"
-    elif after is not None and not perms.can_write(model, after):
-        return "the write rule does not allow the object's new values"
-    probe = after if after is not None else before
-    if probe is not None and view.subs is not None:
-        inside = view.in_subscriptions(model, probe) or (
-            before is not None and view.in_subscriptions(model, before)
-        )
-        if not inside:
-            return "the object is outside the session's subscriptions"
-    return None

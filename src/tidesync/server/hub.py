@@ -845,11 +845,12 @@ class SyncConnection:
             await self._refuse_changesets(event.session, refused)
         if not changesets:
             return
-        # a rule check and its commit are one step per app (server/flexsync.py)
+        # a rule check and its commit are one step (server/flexsync.py, writecheck.py)
         async with flexsync.write_guard(self, session, changesets) as guard:
+            check = None
             if session.flex is not None:
-                changesets = await flexsync.check_upload(self, session, changesets)
-            batch = UploadBatch(self.app_id, session.file_ident, changesets)
+                changesets, check = await flexsync.check_upload(self, session, changesets)
+            batch = UploadBatch(self.app_id, session.file_ident, changesets, check)
             try:
                 future = self.hub.committer.submit(batch)
             except StorageError as exc:

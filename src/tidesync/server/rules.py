@@ -289,6 +289,14 @@ class Permissions:
         """May the user write an object with these values (checked before and after)?"""
         return self._allows(model, "write", values)
 
+    def writes_anything(self, model: str) -> bool:
+        """May the user write every object of ``model``, whatever its values (no rules, or
+        a write rule that is always true for this user)?"""
+        if self.rules is None:
+            return True
+        bound = self._filter(model, "write")
+        return bound is not None and q.is_always_true(bound)
+
 
 def _no_links(model: str, pk: Any) -> dict[str, Any] | None:
     """Rules see one object at a time: a link path reads as a missing object."""

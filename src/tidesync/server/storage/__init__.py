@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import (
     BatchRejectedError,
     ClientOwnershipError,
+    CommitCheck,
     CursorAheadError,
     HistoryTrimmedError,
     LogEntry,
@@ -25,6 +26,7 @@ from .sqlite import SQLiteStorage
 __all__ = [
     "BatchRejectedError",
     "ClientOwnershipError",
+    "CommitCheck",
     "CursorAheadError",
     "HistoryTrimmedError",
     "LogEntry",

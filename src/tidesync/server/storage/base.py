@@ -26,7 +26,8 @@ Errors::
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Container, Iterable, Sequence
+import logging
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -39,6 +40,8 @@ from ...core.query import BoundQuery, evaluate, is_always_true
 from ...core.schema import PK_KINDS, Kind, ModelSchema, check_compatible
 from ...core.validate import validate_changeset
 from ...errors import SchemaMismatchError, TidesyncError
+
+log = logging.getLogger("tidesync.server.storage")
 
 #: The key of one object inside an app: ``(model name, core.packing.pack(pk))``.
 ObjectKey = tuple[str, bytes]
@@ -90,13 +93,43 @@ class CursorAheadError(StorageError):
     """A cursor is past the app's latest server version (wiped or foreign data)."""
 
 
+class CommitCheck(abc.ABC):
+    """A check an upload passed before its commit, to be passed again *inside* the
+    transaction that commits it (flexible sync's write rules, ``server/writecheck.py``), so
+    that a check and its commit are one step for every process sharing the storage.
+
+    A backend calls :meth:`recheck` for each batch that carries one and has changesets to
+    integrate, once per attempt of the transaction, after it has locked the app's versions
+    (so no other commit of the app can come between) and before it applies the batch, and
+    integrates the changesets it returns instead of the batch's.
+    """
+
+    @abc.abstractmethod
+    def recheck(
+        self, changesets: list[Changeset], states: Mapping[ObjectKey, bytes]
+    ) -> list[Changeset]:
+        """The changesets to integrate: ``changesets`` itself (the same list) when the
+        check still holds, else copies without the instructions it now refuses.
+
+        ``changesets`` are the batch's new ones (duplicates dropped). ``states`` holds the
+        merge state bytes (as :meth:`ServerStorage.get_state_bytes` gives them) of the
+        objects they touch as this transaction sees them, including what earlier batches
+        of the transaction wrote; an object missing from it is never stored, or is one the
+        batch only CREATEs and the backend takes for new without looking (should it be
+        stored after all, the attempt must fail and be done again). Must not block; it may
+        run on the backend's worker thread.
+        """
+
+
 @dataclass(frozen=True)
 class UploadBatch:
-    """One client's upload: changesets of ``origin`` in increasing version order."""
+    """One client's upload: changesets of ``origin`` in increasing version order, and the
+    check they must pass again in the commit (None: none)."""
 
     app_id: str
     origin: str
     changesets: list[Changeset]
+    check: CommitCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -458,6 +491,23 @@ def select_new_changesets(
         new.append(cs)
         expected += 1
     return new
+
+
+def rechecked(
+    batch: UploadBatch, new: list[Changeset], states: Mapping[ObjectKey, bytes]
+) -> list[Changeset]:
+    """``new`` as ``batch``'s :class:`CommitCheck` lets it through (``new`` itself when the
+    batch has no check, or the check still holds). A check that fails (a bug) refuses its
+    batch alone (:class:`BatchRejectedError`), never the other batches of the commit."""
+    if batch.check is None:
+        return new
+    try:
+        return batch.check.recheck(new, states)
+    except Exception as exc:
+        log.exception("the commit check of an upload of %s failed", batch.origin)
+        raise BatchRejectedError(
+            RejectReason.INVALID, f"the upload could not be checked again: {exc}"
+        ) from exc
 
 
 def held_in(

@@ -21,7 +21,7 @@ import random
 import re
 import struct
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import pytest
@@ -30,7 +30,7 @@ import pytest_asyncio
 from ...core.changeset import Changeset, Instruction, Op
 from ...core.hlc import HLC
 from ...core.merge import ObjectState
-from ...core.packing import pack, pack_instructions, unpack
+from ...core.packing import pack, pack_instructions, unpack, unpack_instructions
 from ...core.query import bind, parse
 from ...core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ...errors import SchemaMismatchError, TidesyncError
@@ -38,9 +38,11 @@ from ...objectid import ObjectId
 from .base import (
     BatchRejectedError,
     ClientOwnershipError,
+    CommitCheck,
     CursorAheadError,
     HistoryTrimmedError,
     LogEntry,
+    ObjectKey,
     RejectReason,
     ServerStorage,
     StorageError,
@@ -158,6 +160,46 @@ class Writer:
 def batch(app: str, *changesets: Changeset, origin: str | None = None) -> UploadBatch:
     """An upload of ``changesets`` (origin taken from the first one)."""
     return UploadBatch(app, origin or changesets[0].origin, list(changesets))
+
+
+class _RefuseStored(CommitCheck):
+    """A commit check that refuses every instruction on an object the transaction shows
+    it (a stored one), and records each ``states`` it was shown."""
+
+    def __init__(self) -> None:
+        self.shown: list[dict[ObjectKey, bytes]] = []
+
+    def recheck(
+        self, changesets: list[Changeset], states: Mapping[ObjectKey, bytes]
+    ) -> list[Changeset]:
+        self.shown.append(dict(states))
+        if not states:
+            return changesets
+        return [
+            Changeset(
+                cs.origin,
+                cs.version,
+                tuple(i for i in cs.instructions if (i.model, pack(i.pk)) not in states),
+            )
+            for cs in changesets
+        ]
+
+
+class _Broken(CommitCheck):
+    """A commit check with a bug."""
+
+    def recheck(
+        self, changesets: list[Changeset], states: Mapping[ObjectKey, bytes]
+    ) -> list[Changeset]:
+        raise RuntimeError("a bug in the check")
+
+
+def _checked(app: str, check: CommitCheck, *changesets: Changeset) -> UploadBatch:
+    return UploadBatch(app, changesets[0].origin, list(changesets), check)
+
+
+def _instructions(entry: LogEntry) -> list[Instruction]:
+    return list(unpack_instructions(entry.instructions, entry.origin))
 
 
 class StorageConformance:
@@ -698,6 +740,54 @@ class StorageConformance:
         rows = await storage.read_objects(app, "Task", None, 10)
         assert [r.pk for r in rows] == [pack("y")]
         assert await storage.objects_size(app, "Task") == (1, len(rows[0].state))
+
+    # -- the check an upload passes again in its commit (base.CommitCheck) ---------------
+
+    async def test_commit_checks_judge_what_the_transaction_sees(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        a, b = Writer("A"), Writer("B")
+        x, y = ("Task", pack("x")), ("Task", pack("y"))
+        # new objects only: nothing stored to show; what the check returns is integrated
+        check = _RefuseStored()
+        (res,) = await storage.integrate([_checked(app, check, a.cs(a.create("x")))])
+        assert res.ok and check.shown == [{}]
+        stored = await storage.get_state_bytes(app, [x])
+        # an update of a stored object and a new one: the check is shown the stored state
+        # as get_state_bytes gives it, and refuses the update; the CREATE is kept, the
+        # changeset keeps its version
+        check = _RefuseStored()
+        upload = a.cs(a.set("x", "title", "refused"), a.create("y", title="kept"))
+        (res,) = await storage.integrate([_checked(app, check, upload)])
+        assert res.ok and res.acked_version == 2 and res.server_versions == [2]
+        assert check.shown == [stored]
+        objects = await storage.get_objects(app, "Task")
+        assert objects["x"]["title"] == "t" and objects["y"]["title"] == "kept"
+        page = await storage.read_log(app, 1, 1 << 20)
+        assert [i.pk for e in page.entries for i in _instructions(e)] == ["y"]
+        # in one transaction, after another batch changed the object: the check sees that
+        check = _RefuseStored()
+        (first, second) = await storage.integrate(
+            [
+                batch(app, b.cs(b.set("y", "title", "changed", at=2_000), b.create("z"))),
+                _checked(app, check, a.cs(a.set("y", "done", True), a.set("z", "done", True))),
+            ]
+        )
+        assert first.ok and second.ok and second.server_versions == [4]
+        (shown,) = check.shown
+        assert set(shown) == {y, ("Task", pack("z"))}
+        seen_y = ObjectState.from_bytes(shown[y]).render(TASK)
+        assert seen_y is not None and seen_y["title"] == "changed"
+        objects = await storage.get_objects(app, "Task")
+        assert not objects["y"]["done"] and not objects["z"]["done"]
+        assert objects["y"]["title"] == "changed"
+        # a check that fails refuses its batch alone
+        (good, bad) = await storage.integrate(
+            [batch(app, b.cs(b.create("w"))), _checked(app, _Broken(), a.cs(a.create("v")))]
+        )
+        assert good.ok and not bad.ok and bad.reason is RejectReason.INVALID
+        assert bad.acked_version == 3
+        assert set(await storage.get_objects(app, "Task")) == {"x", "y", "z", "w"}
 
     # -- concurrency ----------------------------------------------------------------------
 

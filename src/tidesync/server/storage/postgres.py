@@ -72,6 +72,7 @@ from .base import (
     merge_schemas,
     object_matches,
     only_new_creates,
+    rechecked,
     select_new_changesets,
 )
 from .pgquery import compile_filter
@@ -626,6 +627,24 @@ class PostgresStorage(ServerStorage):
             raise StorageError(f"get_states failed: {exc}") from exc
         return out
 
+    async def get_state_bytes(
+        self, app_id: str, keys: Iterable[ObjectKey]
+    ) -> dict[ObjectKey, bytes]:
+        """The state bytes of ``keys`` (the values are not read)."""
+        by_model: dict[str, list[bytes]] = {}
+        for model, pk in keys:
+            by_model.setdefault(model, []).append(pk)
+        out: dict[ObjectKey, bytes] = {}
+        try:
+            async with self._db.acquire() as conn:
+                for model, pks in by_model.items():
+                    rows = await conn.fetch(_BY_KEYS.format("pk, state"), app_id, model, pks)
+                    for r in rows:
+                        out[(model, r["pk"])] = r["state"]
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"get_state_bytes failed: {exc}") from exc
+        return out
+
     async def objects_size(self, app_id: str, model: str) -> tuple[int, int]:
         """``(count, total state bytes)`` of the alive objects of ``model``."""
         try:
@@ -823,7 +842,8 @@ class _Group:
                 if self.guess:
                     held = held_in(app, self.states, self.raw, self.fresh)
                     made = only_new_creates(new, schemas, held)
-                    if made is not None:  # what the merge below would make of them
+                    # (the transaction knows none of these objects: nothing to recheck on)
+                    if made is not None and rechecked(batch, new, {}) is new:
                         fresh, keyed = made
                         versions = self._append_log(app, batch.origin, new, last)
                         for (model, pk), encoded in fresh.items():
@@ -833,8 +853,15 @@ class _Group:
                             batch.origin, last + len(new), versions, created=created
                         )
                 by_object = instructions_by_object(new)
-            overlay = await self.working_copies(app, by_object.keys())
+            seen: dict[ObjectKey, bytes] | None = None if batch.check is None else {}
+            overlay = await self.working_copies(app, by_object.keys(), seen)
             with gc_paused:
+                if seen is not None:  # the write check again, on what this transaction sees
+                    checked = rechecked(batch, new, seen)
+                    if checked is not new:
+                        new = checked
+                        by_object = instructions_by_object(new)
+                        overlay = {k: v for k, v in overlay.items() if k in by_object}
                 lone = {k: v for k, v in by_object.items() if len(v) == 1 and k not in overlay}
                 apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
@@ -864,9 +891,10 @@ class _Group:
         return versions
 
     async def working_copies(
-        self, app: str, keys: Iterable[ObjectKey]
+        self, app: str, keys: Iterable[ObjectKey], seen: dict[ObjectKey, bytes] | None = None
     ) -> dict[ObjectKey, ObjectState]:
-        """Private copies of the touched objects' states (absent = never stored)."""
+        """Private copies of the touched objects' states (absent = never stored); ``seen``
+        gets the state bytes each copy was made from."""
         keys = list(keys)
         missing: dict[str, list[bytes]] = {}
         for model, pk in keys:
@@ -881,11 +909,16 @@ class _Group:
         for model, pk in keys:
             full = (app, model, pk)
             if full in self.states:
-                copies[(model, pk)] = ObjectState.from_bytes(self.states[full].to_bytes())
+                data = self.states[full].to_bytes()
             elif full in self.fresh:
-                copies[(model, pk)] = ObjectState.from_bytes(stored_state(*self.fresh[full]))
+                data = stored_state(*self.fresh[full])
             elif full in self.raw:
-                copies[(model, pk)] = ObjectState.from_bytes(self.raw[full])
+                data = self.raw[full]
+            else:
+                continue
+            copies[(model, pk)] = ObjectState.from_bytes(data)
+            if seen is not None:
+                seen[(model, pk)] = data
         return copies
 
     async def write(self) -> None:

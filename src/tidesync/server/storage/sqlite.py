@@ -68,6 +68,7 @@ from .base import (
     matches_everything,
     merge_schemas,
     only_new_creates,
+    rechecked,
     select_new_changesets,
 )
 
@@ -509,7 +510,9 @@ class SQLiteStorage(ServerStorage):
             if guess:  # the group's objects, in any form, are not new
                 held = held_in(app, group.states, group.raw, group.fresh)
                 made = only_new_creates(new, schemas, held)
-            if made is not None:  # the same outcome as below, without the general passes
+            # (the transaction knows none of these objects: nothing to recheck on)
+            if made is not None and rechecked(batch, new, {}) is new:
+                # the same outcome as below, without the general passes
                 fresh, keyed = made
                 versions = group.append_log(app, batch.origin, new)
                 created = {key: v for keys, v in zip(keyed, versions) for key in keys}
@@ -518,12 +521,23 @@ class SQLiteStorage(ServerStorage):
                 return UploadResult(batch.origin, last + len(new), versions, created=created)
             by_object = instructions_by_object(new)
             guessed = _guessed_new(by_object, schemas) if guess else set()
-            overlay = group.working_copies(app, by_object.keys(), guessed)
+            seen: dict[ObjectKey, bytes] | None = None if batch.check is None else {}
+            overlay = group.working_copies(app, by_object.keys(), guessed, seen)
+            if seen is not None:  # the write check again, on what this transaction sees
+                checked = rechecked(batch, new, seen)
+                if checked is not new:
+                    new = checked
+                    by_object = instructions_by_object(new)
+                    overlay = {k: v for k, v in overlay.items() if k in by_object}
+                    guessed = {k for k in guessed if k in by_object}
             lone = {k: v for k, v in by_object.items() if len(v) == 1 and k not in overlay}
             fresh = _fresh_creates(by_object, schemas, overlay)
             unsure = [k for k in guessed if k not in fresh]  # not written by INSERT: look
             if unsure:
-                overlay.update(group.working_copies(app, unsure))
+                more = group.working_copies(app, unsure)
+                if seen is not None and not more.keys() <= seen.keys():
+                    raise _GuessedWrong  # the recheck took a stored object for new: again
+                overlay.update(more)
             apply_changesets(by_object, schemas, overlay)
         except BatchRejectedError as exc:
             return UploadResult(batch.origin, last, [], str(exc), exc.reason)
@@ -791,9 +805,11 @@ class _Group:
         app: str,
         keys: Iterable[ObjectKey],
         guessed: set[ObjectKey] | frozenset[Any] = frozenset(),
+        seen: dict[ObjectKey, bytes] | None = None,
     ) -> dict[ObjectKey, ObjectState]:
         """Private copies of the touched objects' states (absent = never stored). Objects
-        in ``guessed`` are not looked up in the file (guessed new, see ``_integrate_txn``)."""
+        in ``guessed`` are not looked up in the file (guessed new, see ``_integrate_txn``);
+        ``seen`` gets the state bytes each copy was made from."""
         missing: dict[str, list[bytes]] = {}
         for key in keys:
             model, pk = key
@@ -816,11 +832,16 @@ class _Group:
         for model, pk in keys:
             full = (app, model, pk)
             if full in self.states:
-                copies[(model, pk)] = ObjectState.from_bytes(self.states[full].to_bytes())
+                data = self.states[full].to_bytes()
             elif full in self.fresh:
-                copies[(model, pk)] = ObjectState.from_bytes(stored_state(*self.fresh[full]))
+                data = stored_state(*self.fresh[full])
             elif full in self.raw:
-                copies[(model, pk)] = ObjectState.from_bytes(self.raw[full])
+                data = self.raw[full]
+            else:
+                continue
+            copies[(model, pk)] = ObjectState.from_bytes(data)
+            if seen is not None:
+                seen[(model, pk)] = data
         return copies
 
     def append_log(self, app: str, origin: str, changesets: list[Any]) -> list[int]:
