@@ -21,11 +21,10 @@ from tidesync.core.clocks import (
     hlcs_in,
     measure_offset,
     plan_restamp,
-    remap,
 )
 from tidesync.core.hlc import HLC, MAX_AHEAD_MS, RESERVED_SHIFT, ZERO, HybridClock
-from tidesync.core.merge import ObjectState, Replica
-from tidesync.core.packing import pack, unpack, unpack_instructions
+from tidesync.core.merge import Replica
+from tidesync.core.packing import unpack, unpack_instructions
 
 YEAR_MS = 365 * 24 * 3600 * 1000
 DAY_MS = 24 * 3600 * 1000
@@ -182,7 +181,8 @@ def _restamp_replica(
     rep: Replica, origin: str, pending: list[Changeset], now: int, first: int
 ) -> tuple[Replica, list[Changeset]]:
     """What store/restamp.py does to a file, on a core Replica: re-stamp ``pending[first:]``
-    above what the objects they touch hold, and move their timestamps in the states."""
+    above what the objects they touch hold, then reset the objects to the unsent
+    changesets alone (the download starts over)."""
     instructions = [cs.instructions for cs in pending]
     old = {(i.hlc.wall, i.hlc.counter) for cs in instructions[first:] for i in cs}
     touched = {(i.model, i.pk) for cs in instructions[first:] for i in cs}
@@ -196,14 +196,16 @@ def _restamp_replica(
             if not (mine and (h.wall, h.counter) in old) and h.wall <= now + MAX_AHEAD_MS:
                 floor = max(floor, h)
     plan = plan_restamp(origin, instructions, now, first=first, floor=floor)
-    out = Replica(rep.schemas)
-    for key, state in rep.objects.items():
-        tree = remap(unpack(state.to_bytes()), origin, plan.mapping)
-        out.objects[key] = ObjectState.from_bytes(pack(tree))
     new = list(pending[: plan.first]) + [
         Changeset(origin, cs.version, ins)
         for cs, ins in zip(pending[plan.first :], plan.changesets, strict=True)
     ]
+    out = Replica(rep.schemas)
+    if plan.changesets:
+        for cs in new:
+            out.apply_changeset(cs)
+    else:
+        out = rep
     return out, new
 
 
@@ -218,10 +220,10 @@ def _restamp_replica(
 def test_restamping_unsent_changesets_is_as_if_they_had_been_stamped_so(
     n: int, skews: list[int], steps: list[tuple[int, int, int, int]], cut: int, back: int
 ) -> None:
-    """Re-stamp the changesets of replica 0 that no other replica has seen: its remapped
-    states equal a fresh merge of everything it holds with the new timestamps, the new
-    timestamps keep their order and sort after everything else it holds, and every
-    replica converges on the new log."""
+    """Re-stamp the changesets of replica 0 that no other replica has seen: the new
+    timestamps keep their order and sort after everything else it holds; its file, reset
+    to its unsent changes and downloaded again from the start, is exactly the merge of
+    the new log; and every replica converges on the new log."""
     sim = Sim(n, skews)
     for r, action, a, b in steps:
         sim.step(r % n, action, a, b)
@@ -236,19 +238,16 @@ def test_restamping_unsent_changesets_is_as_if_they_had_been_stamped_so(
     assert new_stamps == sorted(new_stamps) and len(set(new_stamps)) == len(new_stamps)
     assert len(new_stamps) == len(old_stamps)
     assert all(h.wall <= max(now, sim.clocks[0].last.wall) for h in new_stamps)
-    # replica 0's file, remapped, is exactly the merge of what it holds, re-stamped
     replaced = {(cs.origin, cs.version): cs for cs in new_pending}
     new_log = [replaced.get((cs.origin, cs.version), cs) for cs in sim.log]
-    holds = [cs for cs in new_log[: sim.cursor[0]] if cs.origin != "r0"]
-    holds += [cs for cs in new_log if cs.origin == "r0"]
-    assert fingerprint(rep) == fingerprint(apply_all(holds))
-    # and every order of the new log converges, replica 0's state included once synced
     reference = fingerprint(apply_all(new_log))
+    # every order of the new log converges
     assert fingerprint(apply_all(list(reversed(new_log)))) == reference
-    for cs in new_log[sim.cursor[0] :]:
-        if cs.origin != "r0":
+    if new_stamps:
+        # replica 0's reset file downloads the whole log again (its own changesets too)
+        for cs in new_log:
             rep.apply_changeset(cs)
-    assert fingerprint(rep)[1] == reference[1]
+        assert fingerprint(rep) == reference
 
 
 def test_restamp_keeps_order_and_the_element_ids_that_point_at_restamped_ones() -> None:
@@ -281,18 +280,6 @@ def test_restamp_reserves_what_others_have_seen() -> None:
     )
     assert plan.reserved == (3 * DAY_MS, RESERVED_SHIFT)
     assert plan.changesets[0][0].hlc == HLC(1_000, RESERVED_SHIFT, "o")
-
-
-@pytest.mark.parametrize("origin_text", ["o", "o#2"])
-def test_remap_touches_only_this_origins_timestamps(origin_text: str) -> None:
-    mapping = {(5, 1): (2, 0)}
-    tree = [[5, 1, origin_text], [5, 1, "other"], [5, 1, "ox"], {"k": [5, 1, origin_text]}]
-    assert remap(tree, "o", mapping) == [
-        [2, 0, origin_text],
-        [5, 1, "other"],
-        [5, 1, "ox"],
-        {"k": [2, 0, origin_text]},
-    ]
 
 
 # ------------------------------------------------------------------ the server's limit, ERROR 236

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..core.packing import unpack_instructions
 from ..errors import ClientResetError, SyncAction
-from ..store import sqlvalues as sv
 from ..store.engine import StoreEngine
+from ..store.restamp import reset_objects
 
 if TYPE_CHECKING:
     from ..store.model import Model
@@ -157,19 +157,8 @@ def reset_file(engine: StoreEngine, *, recover: bool) -> ResetOutcome:
         pending = conn.execute(
             "SELECT version, data FROM _changelog WHERE version > ? ORDER BY version", (acked,)
         ).fetchall()
-        for model in engine.schemas:
-            conn.execute(f"DELETE FROM {sv.table_name(model)}")
-        conn.execute("DELETE FROM _dead")
-        if recover:
-            conn.execute("DELETE FROM _changelog WHERE version <= ?", (acked,))
-        else:
-            conn.execute("DELETE FROM _changelog")
-        engine.set_meta("download_cursor", 0)
-        engine.set_meta("upload_acked", 0)
-        if recover:
-            for _, data in pending:
-                instructions = unpack_instructions(data, engine.origin)
-                engine.apply(instructions)
+        again = [unpack_instructions(data, engine.origin) for _, data in pending]
+        reset_objects(engine, acked, again if recover else None)
         engine.commit(())
     except BaseException:
         engine.rollback()

@@ -792,7 +792,11 @@ class SessionWorker:
         self.learn_offset(server_ms - store_engine.now_ms())
         self.in_flight.clear()
         self.upload_sent = self.upload_acked
-        restamp_unsent(self.engine, self.upload_acked, version, self.engine.now())
+        self.save_cursors()  # the re-stamp reads which changes were acknowledged from the file
+        if restamp_unsent(self.engine, self.upload_acked, version, self.engine.now()):
+            # the objects were reset and the unsent changes applied again (store/restamp.py):
+            # the download starts over, as after a client reset that recovers them
+            self._after_reset(True)
         self.flex.reset()  # its cache of the change log holds the old timestamps
 
     def client_reset(self, message: str) -> None:

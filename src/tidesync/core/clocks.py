@@ -58,31 +58,6 @@ def remap_hlc(hlc: HLC, origin: str, mapping: Mapping) -> HLC:
     return HLC(new[0], new[1], hlc.origin)
 
 
-def remap(obj: Any, origin: str, mapping: Mapping) -> Any:
-    """A decoded structure (an object state as ``unpack`` gives it) with every timestamp
-    of ``origin`` that ``mapping`` moves replaced: a timestamp is a list or HLC
-    ``[wall, counter, who]`` with ``who`` the origin or one of its derived element ids.
-    (A user value of that exact shape would need this file's random origin id in it.)"""
-    if type(obj) is HLC:
-        return remap_hlc(obj, origin, mapping)
-    if isinstance(obj, list | tuple):
-        if (
-            len(obj) == 3
-            and type(obj[0]) is int
-            and type(obj[1]) is int
-            and type(obj[2]) is str
-            and _mine(origin, obj[2])
-        ):
-            new = mapping.get((obj[0], obj[1]))
-            if new is not None:
-                return [new[0], new[1], obj[2]]
-            return obj
-        return [remap(x, origin, mapping) for x in obj]
-    if isinstance(obj, dict):
-        return {k: remap(v, origin, mapping) for k, v in obj.items()}
-    return obj
-
-
 def hlcs_in(obj: Any) -> Iterable[HLC]:
     """Every timestamp-shaped ``[wall, counter, who]`` in a decoded structure."""
     if type(obj) is HLC:

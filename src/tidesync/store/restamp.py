@@ -3,10 +3,14 @@
 The server refuses an upload whose timestamps are further ahead of its clock than its
 bound (ERROR 236, docs/merge.md "Clocks"); nothing from the refused changeset on was
 integrated, and no other replica has seen it. :func:`restamp_unsent` gives those
-changesets new timestamps from the corrected time (``core/clocks.py`` decides them) and
-moves the old ones everywhere the file holds them: the change log and the merge states
-of the objects they touched, so the file is exactly as if the writes had been stamped
-that way. One write transaction; the app's own transactions see all of it or none.
+changesets new timestamps from the corrected time (``core/clocks.py`` decides them) in
+the change log, then resets the file's objects as a client reset that recovers unsynced
+changes does (:func:`reset_objects`): the objects are cleared, every unsent changeset is
+applied again, and the download starts over from the beginning. Moving the timestamps
+inside the stored merge states instead is not enough: a re-stamped write can move past a
+write of another device the state already merged (or dropped, having lost to the old
+timestamp), and only the server's history can say what the state is then. One write
+transaction; the app's own transactions see all of it or none.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ import json
 import logging
 from typing import Any
 
-from ..core.clocks import hlcs_in, is_ahead, plan_restamp, remap
+from ..core.changeset import Instruction
+from ..core.clocks import hlcs_in, is_ahead, plan_restamp
 from ..core.hlc import HLC, MAX_AHEAD_MS, ZERO, HybridClock
-from ..core.merge import ObjectState
-from ..core.packing import pack, pack_instructions, unpack, unpack_instructions
+from ..core.packing import pack_instructions, unpack, unpack_instructions
+from . import sqlvalues as sv
 from .engine import StoreEngine
 
 log = logging.getLogger("tidesync.sync")
@@ -53,16 +58,13 @@ def restamp_unsent(engine: StoreEngine, acked: int, refused: int, now_ms: int) -
             for ins in cs:
                 if ins.model in engine.schemas:
                     touched[(ins.model, ins.pk)] = None
-        trees: dict[tuple[str, Any], tuple[Any, str | None]] = {}
         floor = ZERO
         beyond = 0
         for model, pk in touched:
-            state, where = engine.load_state(model, pk)
+            state, _ = engine.load_state(model, pk)
             if state is None:
                 continue
-            tree = unpack(state.to_bytes())
-            trees[(model, pk)] = (tree, where)
-            for h in hlcs_in(tree):
+            for h in hlcs_in(unpack(state.to_bytes())):
                 if (h.wall, h.counter) in old and (
                     h.origin == origin or h.origin.startswith(origin + "#")
                 ):
@@ -80,15 +82,14 @@ def restamp_unsent(engine: StoreEngine, acked: int, refused: int, now_ms: int) -
             acked_last=acked_last,
             reserved=engine.clock.reserved if engine.clock is not None else None,
         )
-        for (model, pk), (tree, where) in trees.items():
-            state = ObjectState.from_bytes(pack(remap(tree, origin, plan.mapping)))
-            engine.save_state(model, pk, state, where)
         for (version, _), instructions in zip(rows[plan.first :], plan.changesets, strict=True):
             data = pack_instructions(instructions)
             conn.execute(
                 "UPDATE _changelog SET data = ?, size = ? WHERE version = ?",
                 (data, len(data), version),
             )
+        if plan.changesets:
+            reset_objects(engine, acked, list(pending[: plan.first]) + list(plan.changesets))
         engine.clock = HybridClock(origin, plan.last, plan.reserved)
         meta = {"hlc_reserved": json.dumps(list(plan.reserved))} if plan.reserved else None
         engine.commit((), meta=meta)
@@ -109,6 +110,28 @@ def restamp_unsent(engine: StoreEngine, acked: int, refused: int, now_ms: int) -
         f" ({'; '.join(notes)})" if notes else "",
     )
     return count
+
+
+def reset_objects(
+    engine: StoreEngine, acked: int, pending: list[tuple[Instruction, ...]] | None
+) -> None:
+    """Inside an open write transaction: clear every object, forget the changesets up to
+    ``acked`` and the download cursor, and apply ``pending`` (the unsent changesets, in
+    order) again; with ``pending`` None every changeset is forgotten. The file then holds
+    only what this device has not uploaded, and downloads everything else from the start
+    (a client reset: ``client/reset.py``)."""
+    conn = engine.conn
+    for model in engine.schemas:
+        conn.execute(f"DELETE FROM {sv.table_name(model)}")
+    conn.execute("DELETE FROM _dead")
+    if pending is None:
+        conn.execute("DELETE FROM _changelog")
+    else:
+        conn.execute("DELETE FROM _changelog WHERE version <= ?", (acked,))
+    engine.set_meta("download_cursor", 0)
+    engine.set_meta("upload_acked", 0)
+    for instructions in pending or ():
+        engine.apply(instructions)
 
 
 def clock_ahead(engine: StoreEngine, now_ms: int) -> bool:
