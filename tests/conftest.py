@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -56,3 +57,20 @@ def db(db_path: Path) -> Iterator[ts.Database]:
 @pytest.fixture
 def utc_now() -> dt.datetime:
     return dt.datetime(2026, 11, 26, 12, 30, 15, 123456, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A PostgreSQL storage URL (``TIDESYNC_TEST_PG_DSN``) with a schema of its own,
+    dropped after the test; the test is skipped when the variable is unset."""
+    dsn = os.environ.get("TIDESYNC_TEST_PG_DSN", "")
+    if not dsn:
+        pytest.skip("TIDESYNC_TEST_PG_DSN is not set")
+    asyncpg = pytest.importorskip("asyncpg")
+    schema = "ts_t_" + uuid.uuid4().hex[:12]
+    yield f"{dsn}?schema={schema}"
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,18 +44,6 @@ TRIALS, NEW, PER_ROUND = 200, 50, 10
 SCHEMA = [Task.__schema__.to_dict()]
 #: What one claim uploads: ``(claimant, primary key, wall time) -> instructions``.
 Claim = Callable[[Hostile, str, int], list[Instruction]]
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A storage URL with a PostgreSQL schema of its own, dropped after the test."""
-    schema = "ts_slots_" + uuid.uuid4().hex[:12]
-    yield f"{DSN}?schema={schema}"
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

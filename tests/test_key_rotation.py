@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,39 +138,23 @@ def test_which_key_signs_and_which_are_dropped() -> None:
     assert "x" not in repr(a)  # no secret in logs
 
 
-DSN = os.environ.get("TIDESYNC_TEST_PG_DSN", "")
-
-
 @pytest.fixture
-def pg_pair(tmp_path: Path) -> Iterator[tuple[list[ServerProcess], str]]:
-    if not DSN:
-        pytest.skip("TIDESYNC_TEST_PG_DSN is not set")
-    asyncpg = pytest.importorskip("asyncpg")
-    schema = "ts_keys_" + uuid.uuid4().hex[:12]
-    url = f"{DSN}?schema={schema}"
+def pg_pair(tmp_path: Path, pg_url: str) -> Iterator[tuple[list[ServerProcess], str]]:
+    """Two server processes on one PostgreSQL schema, each with its own data folder."""
     config = config_file(tmp_path)
     made = [
         ServerProcess(
-            tmp_path / f"data-{n}", extra_args=["--storage", url, "--config", f"{config}"]
+            tmp_path / f"data-{n}", extra_args=["--storage", pg_url, "--config", f"{config}"]
         )
         for n in "ab"
     ]
     try:
         for proc in made:
             proc.start()
-        yield made, url
+        yield made, pg_url
     finally:
         for proc in made:
             proc.kill()
-
-        async def drop() -> None:
-            conn = await asyncpg.connect(DSN)
-            try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            finally:
-                await conn.close()
-
-        asyncio.run(drop())
 
 
 async def test_rotate_a_postgresql_deployment(

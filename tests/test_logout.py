@@ -7,7 +7,6 @@ serve`` processes sharing PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 import time
 import uuid
@@ -189,18 +188,12 @@ async def test_expired_tokens_are_purged_on_a_schedule(tmp_path: Path) -> None:
 
 # -- two processes, PostgreSQL ----------------------------------------------------------------
 
-DSN = os.environ.get("TIDESYNC_TEST_PG_DSN", "")
-
 
 @pytest.fixture
-def pg_pair(tmp_path: Path) -> Iterator[list[ServerProcess]]:
-    if not DSN:
-        pytest.skip("TIDESYNC_TEST_PG_DSN is not set")
-    asyncpg = pytest.importorskip("asyncpg")
-    schema = "ts_logout_" + uuid.uuid4().hex[:12]
-    url = f"{DSN}?schema={schema}"
+def pg_pair(tmp_path: Path, pg_url: str) -> Iterator[list[ServerProcess]]:
+    """Two server processes on one PostgreSQL schema, each with its own data folder."""
     made = [
-        ServerProcess(tmp_path / f"data-{name}", extra_args=["--storage", url])
+        ServerProcess(tmp_path / f"data-{name}", extra_args=["--storage", pg_url])
         for name in ("a", "b")
     ]
     try:
@@ -211,15 +204,6 @@ def pg_pair(tmp_path: Path) -> Iterator[list[ServerProcess]]:
     finally:
         for proc in made:
             proc.kill()
-
-        async def drop() -> None:
-            conn = await asyncpg.connect(DSN)
-            try:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            finally:
-                await conn.close()
-
-        asyncio.run(drop())
 
 
 async def test_logout_through_one_process_ends_the_login_on_the_other(

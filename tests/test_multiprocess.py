@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -101,18 +100,6 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     finally:
         with contextlib.suppress(OSError, RuntimeError):
             writer.close()
-
-
-@pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A storage URL with a PostgreSQL schema of its own, dropped after the test."""
-    schema = "ts_mp_" + uuid.uuid4().hex[:12]
-    yield f"{DSN}?schema={schema}"
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

@@ -46,18 +46,6 @@ APP = "todo"
 
 
 @pytest.fixture
-async def pg_url() -> AsyncIterator[str]:
-    """A storage URL with a PostgreSQL schema of its own, dropped after the test."""
-    schema = "ts_users_" + uuid.uuid4().hex[:12]
-    yield f"{DSN}?schema={schema}"
-    conn = await asyncpg.connect(DSN)
-    try:
-        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
 def pair(tmp_path: Path, pg_url: str) -> Iterator[list[ServerProcess]]:
     """Two server processes on one database, each with its own data folder, started at
     the same time (both run the migrations: the advisory lock orders them)."""
