@@ -20,7 +20,8 @@ import httpx
 import jwt
 
 from ..errors import AuthError, TidesyncError, TooManyAttemptsError
-from .urls import check_app_id, check_base_url
+from .urls import check_app_id, check_base_url, host_and_port
+from .wording import describe_failure
 
 if TYPE_CHECKING:
     from .config import SyncConfiguration
@@ -361,7 +362,8 @@ class App:
             ) as http:
                 resp = await http.request(method, self._url(tail), json=body, headers=headers)
         except httpx.HTTPError as exc:
-            raise AuthError(f"{what} failed: cannot reach {self.base_url}: {exc}") from exc
+            words = describe_failure(exc, host_and_port(self.base_url))
+            raise AuthError(f"{what} failed: {words}") from exc
         if resp.status_code == 204:
             return {}
         try:
