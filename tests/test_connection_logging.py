@@ -15,7 +15,7 @@ import tidesync as ts
 from tidesync.testing import ServerProcess
 
 from .flex_helpers import FAST
-from .test_session_state import Item, device, server, wait_connected, wait_until
+from .test_session_state import CS, Item, device, server, wait_connected, wait_until
 
 __all__ = ["device", "server"]  # fixtures used here
 
@@ -44,6 +44,8 @@ async def test_outages_are_worded_and_logged_once_at_info_with_a_handler(
     db = await d.open()
     s = db.sync_session
     await wait_connected(s)
+    changes: list[ts.ConnectionStateChange] = []
+    s.add_connection_state_listener(changes.append)
     for outage in (1, 2):
         caplog.clear()
         d.errors.clear()
@@ -66,6 +68,11 @@ async def test_outages_are_worded_and_logged_once_at_info_with_a_handler(
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING], outage
         back = [r for r in caplog.records if "is up again after" in r.getMessage()]
         assert len(back) == 1 and back[0].levelno == logging.INFO
+        drops = [c for c in changes if c.current is ts.ConnectionState.DISCONNECTED]
+        assert [c.reason for c in drops if c.reason] == messages  # each failure, same words
+        assert drops[-1].reason == REFUSED.format(port=server.port)
+        assert all(c.reason is None for c in changes if c.current is not CS.DISCONNECTED)
+        changes.clear()
 
 
 async def test_without_a_handler_the_first_failure_is_a_warning(

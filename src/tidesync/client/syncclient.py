@@ -459,13 +459,14 @@ class SessionWorker:
 
     # --- state ---------------------------------------------------------------------------
 
-    def set_conn_state(self, state: ConnectionState) -> None:
-        """Change the session's connection state and tell listeners."""
+    def set_conn_state(self, state: ConnectionState, reason: str | None = None) -> None:
+        """Change the session's connection state and tell listeners (``reason``: why it
+        went DISCONNECTED, in words)."""
         if state is self.conn_state:
             return
         previous, self.conn_state = self.conn_state, state
         if self.session is not None:
-            self.session._connection_changed(previous, state)
+            self.session._connection_changed(previous, state, reason)
 
     def _emit(self, what: str) -> None:
         for cb in list(self.listeners):
@@ -501,15 +502,16 @@ class SessionWorker:
         self.bound = False
         self.set_conn_state(ConnectionState.CONNECTING)
 
-    def on_disconnected(self) -> None:
-        """The connection dropped; uploads not acknowledged will be sent again."""
+    def on_disconnected(self, reason: str | None = None) -> None:
+        """The connection dropped (``reason``: why, in words); uploads not acknowledged
+        will be sent again."""
         self.bound = False
         self.down_known = False  # the server says what is outstanding again after BIND
         self.in_flight.clear()
         self.upload_sent = self.upload_acked
         self.marks.clear()  # MARK replies are lost; waiters re-ask on rebind
         if self.active:
-            self.set_conn_state(ConnectionState.DISCONNECTED)
+            self.set_conn_state(ConnectionState.DISCONNECTED, reason)
 
     def bind(self, proto: pc.ClientProtocol, session_no: int, slow_reconnect: bool = False) -> None:
         """Send BIND for this file on a fresh connection. After a slow reconnect (offline
@@ -1087,6 +1089,7 @@ class Connection:
         #: INFO (or WARNING) line was logged (docs/sync-session.md, "Logging")
         self.outage_failures = 0
         self._outage_logged = False
+        self._failure: str | None = None  # why this attempt failed, in words
         self._rebinds: dict[SessionWorker, asyncio.TimerHandle] = {}
         self._unbinding: dict[int, SessionWorker] = {}  # session no -> worker to rebind
         self._detaching: dict[str, int] = {}  # file ident -> session no of its UNBIND in flight
@@ -1253,6 +1256,7 @@ class Connection:
         handler, and to the log once per outage (INFO with a handler, WARNING without)
         and at DEBUG for every retry after; the outage ends at the next WELCOME."""
         self.outage_failures += 1
+        self._failure = error.message
         workers = list(self.workers.values())
         if self._outage_logged:
             level = logging.DEBUG
@@ -1340,6 +1344,7 @@ class Connection:
                 w.on_connecting()
             worked = False
             self._error_reported = False
+            self._failure = None
             self._reconnect_at_once = False
             self.attempts += 1
             try:
@@ -1369,7 +1374,7 @@ class Connection:
                 self.set_state(ConnectionState.DISCONNECTED)
                 self._unbinding.clear()  # those workers bind afresh on the next connection
                 for w in list(self.workers.values()):
-                    w.on_disconnected()
+                    w.on_disconnected(self._failure)
             if not self.workers or self.closed:
                 break
             if worked:
@@ -1455,6 +1460,7 @@ class Connection:
         except ProtocolError as exc:
             code = error_code_of(exc) if hasattr(exc, "code") else None  # type: ignore[arg-type]
             log.warning("the server broke the protocol (%s): %s", code, exc)
+            self._failure = f"the server broke the protocol: {exc}"
             self._report(SyncError(int(code or 101), str(exc), SyncAction.RETRY))
             self._error_reported = True
             return False
@@ -1484,6 +1490,7 @@ class Connection:
         if ev.action is SyncAction.RETRY:
             self.connection_failed(error)
         else:
+            self._failure = error.message
             self._report(error)
         self._error_reported = True
         if ev.action is SyncAction.STOP:
