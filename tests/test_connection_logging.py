@@ -12,9 +12,12 @@ from typing import Any
 import pytest
 
 import tidesync as ts
+from tidesync.server.config import ServerConfig
+from tidesync.server.runner import InProcessServer
 from tidesync.testing import ServerProcess
 
 from .flex_helpers import FAST
+from .test_security_tls import make_certs
 from .test_session_state import CS, Item, device, server, wait_connected, wait_until
 
 __all__ = ["device", "server"]  # fixtures used here
@@ -117,3 +120,45 @@ async def test_a_login_to_a_port_with_nothing_listening_says_so(tmp_path: Path) 
         assert str(info.value) == "logging in failed: " + REFUSED.format(port=port)
     finally:
         app.close()
+
+
+async def test_a_certificate_that_does_not_verify_is_named_for_login_and_sync(
+    tmp_path: Path,
+) -> None:
+    chain, key, bundle = make_certs(tmp_path)
+    config = ServerConfig(tls_cert=str(chain), tls_key=str(key))
+    untrusted = "the TLS certificate of 127.0.0.1 could not be verified (unable to get local "
+    async with InProcessServer(tmp_path / "data", config=config) as srv:
+
+        def config(ca_bundle: Path | None) -> ts.AppConfiguration:
+            return ts.AppConfiguration(
+                "todo", srv.url, tmp_path / "c", sync_timeouts=FAST, ca_bundle=ca_bundle
+            )
+
+        trusting = ts.App(config(bundle))
+        await trusting.log_in(ts.Credentials.anonymous())  # the user is kept in base_path
+        trusting.close()
+        app = ts.App(config(None))
+        try:
+            with pytest.raises(ts.AuthError) as info:
+                await app.log_in(ts.Credentials.anonymous())
+            assert str(info.value).startswith("logging in failed: " + untrusted)
+            user = app.current_user
+            assert user is not None
+            errors: list[Exception] = []
+            db = await asyncio.to_thread(
+                ts.Database,
+                ts.Configuration.flexible_sync(
+                    user, [Item], sync_error_handler=lambda s, e: errors.append(e)
+                ),
+            )
+            try:
+                await wait_until(lambda: bool(errors), 15, "a reported TLS failure")
+                error = errors[0]
+                assert isinstance(error, ts.SyncError)
+                assert error.message.startswith(untrusted), error.message
+                assert "AppConfiguration(ca_bundle=...)" in error.message
+            finally:
+                await asyncio.to_thread(db.close)
+        finally:
+            await asyncio.to_thread(app.close)
