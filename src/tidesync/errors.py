@@ -22,7 +22,7 @@
     ├── SessionInactiveError        a wait on a paused or closed session
     ├── AuthError                   login refused, token missing/expired/forged
     │   └── TooManyAttemptsError    login attempts over the per-minute limit
-    ├── ConfigurationError          a server configuration file is invalid
+    ├── ConfigurationError          a configuration is invalid (server file, client options, URL)
     │   └── SchemaPinError          the declared schema cannot serve the stored data
     ├── MismatchedConfigurationError a file open in this process, opened with another config
     ├── ServerStartError            the server could not start (port, data folder, ...)
@@ -164,7 +164,8 @@ class SubscriptionError(TidesyncError, ValueError):
 
 
 class ConfigurationError(TidesyncError, ValueError):
-    """A server configuration (file or options) is invalid; the message names the key."""
+    """A configuration is invalid (a server's file or options, a client's options, an
+    app's ``base_url`` or app id); the message names the key and what is wrong."""
 
 
 class SchemaPinError(ConfigurationError):

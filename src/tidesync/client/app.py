@@ -20,6 +20,8 @@ import httpx
 import jwt
 
 from ..errors import AuthError, TidesyncError, TooManyAttemptsError
+from .urls import check_app_id, check_base_url, host_and_port
+from .wording import describe_failure
 
 if TYPE_CHECKING:
     from .config import SyncConfiguration
@@ -44,7 +46,12 @@ class SyncTimeoutOptions:
 
 @dataclass(frozen=True)
 class AppConfiguration:
-    """Where the server is and where this app keeps its files."""
+    """Where the server is and where this app keeps its files.
+
+    ``app_id`` and ``base_url`` are checked here: a bad one raises
+    :class:`~tidesync.ConfigurationError` naming it and what is wrong (``base_url`` is
+    ``http://`` or ``https://``, a host, an optional port in 1-65535 and no path beyond a
+    trailing ``/``; docs/sync-session.md, "Logging")."""
 
     app_id: str
     base_url: str = "http://127.0.0.1:8765"
@@ -54,6 +61,10 @@ class AppConfiguration:
     #: PEM file of the certificate authorities to trust for ``https``/``wss`` (instead of
     #: the system's); certificates are always verified.
     ca_bundle: str | Path | None = None
+
+    def __post_init__(self) -> None:
+        check_app_id(self.app_id)
+        check_base_url(self.base_url)
 
     def resolved_base_path(self) -> Path:
         """``base_path``, or ``./tidesync/<app_id>`` when not given."""
@@ -351,7 +362,8 @@ class App:
             ) as http:
                 resp = await http.request(method, self._url(tail), json=body, headers=headers)
         except httpx.HTTPError as exc:
-            raise AuthError(f"{what} failed: cannot reach {self.base_url}: {exc}") from exc
+            words = describe_failure(exc, host_and_port(self.base_url))
+            raise AuthError(f"{what} failed: {words}") from exc
         if resp.status_code == 204:
             return {}
         try:

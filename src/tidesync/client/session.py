@@ -51,10 +51,13 @@ class SessionState(enum.Enum):
 
 @dataclass(frozen=True)
 class ConnectionStateChange:
-    """One change of a session's connection state."""
+    """One change of a session's connection state. ``reason`` says in words why a
+    connection went ``DISCONNECTED`` (e.g. "connection refused by 127.0.0.1:8765 (is the
+    server running?)"); None for the other changes and for a drop on purpose."""
 
     previous: ConnectionState
     current: ConnectionState
+    reason: str | None = None
 
 
 class _Token:
@@ -293,8 +296,10 @@ class Session:
 
     # --- connection state changes --------------------------------------------------------
 
-    def _connection_changed(self, previous: ConnectionState, current: ConnectionState) -> None:
-        change = ConnectionStateChange(previous, current)
+    def _connection_changed(
+        self, previous: ConnectionState, current: ConnectionState, reason: str | None = None
+    ) -> None:
+        change = ConnectionStateChange(previous, current, reason)
         for cb in list(self._conn_listeners):
             try:
                 cb(change)

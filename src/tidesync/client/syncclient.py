@@ -76,6 +76,8 @@ from .subscriptions import (
     latest_row,
     query_error,
 )
+from .urls import host_and_port
+from .wording import describe_failure
 
 if TYPE_CHECKING:
     from .app import App, User
@@ -457,13 +459,14 @@ class SessionWorker:
 
     # --- state ---------------------------------------------------------------------------
 
-    def set_conn_state(self, state: ConnectionState) -> None:
-        """Change the session's connection state and tell listeners."""
+    def set_conn_state(self, state: ConnectionState, reason: str | None = None) -> None:
+        """Change the session's connection state and tell listeners (``reason``: why it
+        went DISCONNECTED, in words)."""
         if state is self.conn_state:
             return
         previous, self.conn_state = self.conn_state, state
         if self.session is not None:
-            self.session._connection_changed(previous, state)
+            self.session._connection_changed(previous, state, reason)
 
     def _emit(self, what: str) -> None:
         for cb in list(self.listeners):
@@ -472,9 +475,17 @@ class SessionWorker:
             except Exception:
                 log.exception("a sync listener failed")
 
-    def report_error(self, error: SyncError) -> None:
-        """Hand an error to the configuration's error handler (never lost in a task)."""
-        log.warning("sync error on %s: %s", self.path, error)
+    def has_error_handler(self) -> bool:
+        """Whether a ``sync_error_handler`` will be told of this session's errors."""
+        session = self.session
+        return session is not None and bool(session.error_handlers())
+
+    def report_error(self, error: SyncError, *, logged: bool = False) -> None:
+        """Hand an error to the configuration's error handler (never lost in a task);
+        logged at WARNING unless the caller ``logged`` it already (connection failures:
+        :meth:`Connection.connection_failed`)."""
+        if not logged:
+            log.warning("sync error on %s: %s", self.path, error)
         session = self.session
         if session is None:
             return
@@ -491,15 +502,16 @@ class SessionWorker:
         self.bound = False
         self.set_conn_state(ConnectionState.CONNECTING)
 
-    def on_disconnected(self) -> None:
-        """The connection dropped; uploads not acknowledged will be sent again."""
+    def on_disconnected(self, reason: str | None = None) -> None:
+        """The connection dropped (``reason``: why, in words); uploads not acknowledged
+        will be sent again."""
         self.bound = False
         self.down_known = False  # the server says what is outstanding again after BIND
         self.in_flight.clear()
         self.upload_sent = self.upload_acked
         self.marks.clear()  # MARK replies are lost; waiters re-ask on rebind
         if self.active:
-            self.set_conn_state(ConnectionState.DISCONNECTED)
+            self.set_conn_state(ConnectionState.DISCONNECTED, reason)
 
     def bind(self, proto: pc.ClientProtocol, session_no: int, slow_reconnect: bool = False) -> None:
         """Send BIND for this file on a fresh connection. After a slow reconnect (offline
@@ -1072,6 +1084,12 @@ class Connection:
         self._reconnect_at_once = False
         self._server_delay: float | None = None
         self._error_reported = False
+        self._target = host_and_port(client.app.base_url)
+        #: failed attempts since the last good connection, and whether that outage's one
+        #: INFO (or WARNING) line was logged (docs/sync-session.md, "Logging")
+        self.outage_failures = 0
+        self._outage_logged = False
+        self._failure: str | None = None  # why this attempt failed, in words
         self._rebinds: dict[SessionWorker, asyncio.TimerHandle] = {}
         self._unbinding: dict[int, SessionWorker] = {}  # session no -> worker to rebind
         self._detaching: dict[str, int] = {}  # file ident -> session no of its UNBIND in flight
@@ -1220,13 +1238,51 @@ class Connection:
         exc = task.exception()
         if exc is not None:  # never lost: logged, reported, and the connection retried
             log.error("a sync task failed", exc_info=exc)
-            self._report(SyncError(int(ErrorCode.OTHER_ERROR), repr(exc), SyncAction.RETRY))
+            words = describe_failure(exc, self._target)
+            self._report(
+                SyncError(
+                    int(ErrorCode.OTHER_ERROR), f"a sync task failed: {words}", SyncAction.RETRY
+                )
+            )
             if self.ws is not None:
                 self.ws.transport.abort()
 
     def _report(self, error: SyncError) -> None:
         for w in list(self.workers.values()):
             w.report_error(error)
+
+    def connection_failed(self, error: SyncError) -> None:
+        """Report a connection failure that will be retried: to every session's error
+        handler, and to the log once per outage (INFO with a handler, WARNING without)
+        and at DEBUG for every retry after; the outage ends at the next WELCOME."""
+        self.outage_failures += 1
+        self._failure = error.message
+        workers = list(self.workers.values())
+        if self._outage_logged:
+            level = logging.DEBUG
+        else:
+            handled = any(w.has_error_handler() for w in workers)
+            level = logging.INFO if handled else logging.WARNING
+            self._outage_logged = True
+        log.log(
+            level,
+            "sync connection to %s failed: %s (attempt %d since the last good connection)",
+            self.client.app.base_url,
+            error.message,
+            self.outage_failures,
+        )
+        for w in workers:
+            w.report_error(error, logged=True)
+
+    def _connected(self) -> None:
+        if self.outage_failures:
+            log.info(
+                "sync connection to %s is up again after %d failed attempts",
+                self.client.app.base_url,
+                self.outage_failures,
+            )
+        self.outage_failures = 0
+        self._outage_logged = False
 
     def _ensure_running(self, immediate: bool = False) -> None:
         if self._task is None or self._task.done():
@@ -1264,7 +1320,7 @@ class Connection:
             self._urgent_check = None
             if self._urgent_ping_at == sent_at and self.ws is ws:
                 self._urgent_ping_at = None
-                self._report(
+                self.connection_failed(
                     SyncError(
                         int(ErrorCode.CONNECTION_CLOSED),
                         f"no answer to an urgent ping within {wait} s: the connection is dead",
@@ -1288,6 +1344,7 @@ class Connection:
                 w.on_connecting()
             worked = False
             self._error_reported = False
+            self._failure = None
             self._reconnect_at_once = False
             self.attempts += 1
             try:
@@ -1295,15 +1352,13 @@ class Connection:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # every failure ends this attempt; we retry
-                log.info("sync connection to %s ended: %r", self.client.app.base_url, exc)
+                words = describe_failure(exc, self._target)
                 if not self._error_reported and self.workers and not self.closed:
-                    self._report(
-                        SyncError(
-                            int(ErrorCode.CONNECTION_CLOSED),
-                            f"the sync connection failed: {exc!r}",
-                            SyncAction.RETRY,
-                        )
+                    self.connection_failed(
+                        SyncError(int(ErrorCode.CONNECTION_CLOSED), words, SyncAction.RETRY)
                     )
+                else:  # reported already (a dead ping, a server ERROR) or dropped on purpose
+                    log.debug("sync connection to %s ended: %s", self.client.app.base_url, words)
             finally:
                 self.ws = None
                 self.proto = None
@@ -1319,7 +1374,7 @@ class Connection:
                 self.set_state(ConnectionState.DISCONNECTED)
                 self._unbinding.clear()  # those workers bind afresh on the next connection
                 for w in list(self.workers.values()):
-                    w.on_disconnected()
+                    w.on_disconnected(self._failure)
             if not self.workers or self.closed:
                 break
             if worked:
@@ -1375,6 +1430,7 @@ class Connection:
                 if isinstance(ev, pc.Welcomed):
                     self.clock_offset = measure_offset(ev.server_time_ms, sent_at, received_at)
             self.set_state(ConnectionState.CONNECTED)
+            self._connected()
             now = time.monotonic()
             gone = self.disconnected_at
             slow = gone is not None and now - gone > timeouts.fast_reconnect_limit
@@ -1404,6 +1460,7 @@ class Connection:
         except ProtocolError as exc:
             code = error_code_of(exc) if hasattr(exc, "code") else None  # type: ignore[arg-type]
             log.warning("the server broke the protocol (%s): %s", code, exc)
+            self._failure = f"the server broke the protocol: {exc}"
             self._report(SyncError(int(code or 101), str(exc), SyncAction.RETRY))
             self._error_reported = True
             return False
@@ -1430,7 +1487,11 @@ class Connection:
                     w.deactivate(str(error))
                 return
         error = SyncError(ev.code, ev.message, ev.action)
-        self._report(error)
+        if ev.action is SyncAction.RETRY:
+            self.connection_failed(error)
+        else:
+            self._failure = error.message
+            self._report(error)
         self._error_reported = True
         if ev.action is SyncAction.STOP:
             for w in list(self.workers.values()):
@@ -1506,11 +1567,7 @@ class Connection:
             try:
                 await asyncio.wait_for(self._pong.wait(), timeouts.pong_keep_alive_timeout)
             except TimeoutError:
-                log.info(
-                    "no pong within %.1f s: the connection is dead",
-                    timeouts.pong_keep_alive_timeout,
-                )
-                self._report(
+                self.connection_failed(
                     SyncError(
                         int(ErrorCode.CONNECTION_CLOSED),
                         f"no answer to a ping within {timeouts.pong_keep_alive_timeout} s: "
