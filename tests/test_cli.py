@@ -1,18 +1,28 @@
 """The ``tidesync`` command line as real processes: ``--version``, ``serve``'s option checks
-(each mistake one ``error:`` line and exit status 2, never a traceback or a usage panel).
+(each mistake one ``error:`` line and exit status 2, never a traceback or a usage panel),
+and ``inspect`` on real local and synced files (after a real sync with a server).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tidesync
+import tidesync as ts
+from tidesync.testing import TestServer
 from tidesync.testing.process import ServerProcess
+
+from .flex_helpers import FAST
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -118,3 +128,149 @@ def test_keys_and_schema_mistakes_are_one_line_exit_2(tmp_path: Path) -> None:
     line = one_error_line(run_cli("keys", "rotate", "--after", "-1", "--data", str(tmp_path)))
     assert "'--after'" in line
     assert "No such command 'nosuch'" in one_error_line(run_cli("nosuch"))
+
+
+# -- inspect -------------------------------------------------------------------------------------
+
+
+class Note(ts.Model):
+    id: str = ts.primary_key()
+    text: str = ""
+    tags: list[str]
+    n: int = ts.field(default=0, indexed=True)
+
+
+class Tag(ts.Model):
+    name: str = ts.primary_key()
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def changelog(path: Path) -> list[tuple[int, int]]:
+    """``(version, len(data))`` of every changeset the file's change log holds."""
+    with sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT version, data FROM _changelog ORDER BY version").fetchall()
+    return [(int(v), len(d)) for v, d in rows]
+
+
+def inspect_json(path: Path) -> dict[str, Any]:
+    result = run_cli("inspect", str(path), "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def test_inspect_a_local_file_with_objects_and_pending_changes(tmp_path: Path) -> None:
+    path = tmp_path / "local.tidesync"
+    with ts.Database(ts.Configuration.local([Note, Tag], path=path)) as db:
+        with db.write():
+            for i in range(7):
+                db.add(Note(id=f"n{i}", text="x" * i, tags=["a", "b"], n=i))
+            db.add(Tag(name="[red]"))
+        with db.write():
+            gone, changed = db.find(Note, "n0"), db.find(Note, "n1")
+            assert gone is not None and changed is not None
+            db.delete(gone)
+            changed.text = "changed"
+    before = digest(path)
+    log = changelog(path)
+    assert len(log) == 2
+
+    report = inspect_json(path)
+    assert digest(path) == before  # read-only: not one byte changed
+    assert report["file_bytes"] == path.stat().st_size
+    assert {name: m["objects"] for name, m in report["models"].items()} == {"Note": 6, "Tag": 1}
+    note = report["models"]["Note"]
+    assert note["primary_key"] == "id"
+    assert [(f["name"], f["type"]) for f in note["fields"]] == [
+        ("id", "str"),
+        ("text", "str"),
+        ("tags", "list[str]"),
+        ("n", "int"),
+    ]
+    assert [f["name"] for f in note["fields"] if f["primary_key"]] == ["id"]
+    assert report["pending"] == {"changesets": 2, "bytes": sum(size for _, size in log)}
+    assert report["cursors"] == {"download_cursor": 0, "upload_acked": 0, "last_version": 2}
+    assert report["subscription_set"] is None and report["subscriptions"] == []
+
+    human = run_cli("inspect", str(path))
+    assert human.returncode == 0, human.stderr
+    assert "list[str]" in human.stdout  # escaped, not taken for rich markup
+    for word in ("Note", "Tag", "pending changesets", "last version", "No subscription set"):
+        assert word in human.stdout, human.stdout
+    assert digest(path) == before
+
+
+async def test_inspect_a_synced_file_after_a_sync(tmp_path: Path) -> None:
+    with TestServer(tmp_path / "server") as server:
+        app = ts.App(
+            ts.AppConfiguration(
+                "todo", base_url=server.url, base_path=tmp_path / "d", sync_timeouts=FAST
+            )
+        )
+        try:
+            user = await app.log_in(ts.Credentials.anonymous())
+            db = ts.Database(ts.Configuration.flexible_sync(user, [Note, Tag]))
+            try:
+                with db.subscriptions.update() as subs:
+                    subs.add(db.query(Note, "n >= $0", 2), name="big notes")
+                    subs.add(db.all(Tag))
+                await db.subscriptions.wait_for_synchronization(ts.TimeoutCancellationToken(20))
+                with db.write():
+                    for i in range(5):
+                        db.add(Note(id=f"s{i}", n=i + 2))
+                with db.write():
+                    db.add(Tag(name="t"))
+                await db.sync_session.wait_for_upload(ts.TimeoutCancellationToken(20))
+                path = Path(db.path)
+                # read while the device still has the file open and syncing
+                report = await asyncio.to_thread(inspect_json, path)
+            finally:
+                db.close()
+        finally:
+            app.close()
+    assert {name: m["objects"] for name, m in report["models"].items()} == {"Note": 5, "Tag": 1}
+    assert report["pending"] == {"changesets": 0, "bytes": 0}
+    cursors = report["cursors"]
+    assert cursors["last_version"] == 2 and cursors["upload_acked"] == 2
+    assert cursors["download_cursor"] > 0
+    assert report["subscription_set"]["state"] == "complete"
+    assert report["subscription_set"]["version"] >= 1
+    subs = {(s["name"], s["model"]): (s["query"], s["args"]) for s in report["subscriptions"]}
+    assert subs == {("big notes", "Note"): ("n >= $0", [2]), (None, "Tag"): ("TRUEPREDICATE", [])}
+    human = await asyncio.to_thread(run_cli, "inspect", str(path))
+    assert "complete" in human.stdout and "big notes" in human.stdout
+
+
+def test_inspect_refuses_what_is_not_a_readable_tidesync_file(tmp_path: Path) -> None:
+    line = one_error_line(run_cli("inspect", str(tmp_path / "missing.db")))
+    assert "missing.db: no such file" in line
+    text = tmp_path / "notes.txt"
+    text.write_text("hello, not SQLite " * 100)
+    assert "is not a tidesync database" in one_error_line(run_cli("inspect", str(text)))
+    assert text.read_text() == "hello, not SQLite " * 100
+    other = tmp_path / "other.sqlite3"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    assert "is not a tidesync database" in one_error_line(run_cli("inspect", str(other)))
+    assert "not a file" in one_error_line(run_cli("inspect", str(tmp_path)))
+
+
+def test_inspect_a_locked_file_is_one_line_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "local.tidesync"
+    with ts.Database(ts.Configuration.local([Note], path=path)) as db, db.write():
+        db.add(Note(id="a"))
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("UPDATE _meta SET value = value WHERE key = 'origin'")
+        line = one_error_line(run_cli("inspect", str(path), "--json"))
+        assert "is locked" in line
+    finally:
+        holder.close()
+    assert inspect_json(path)["models"]["Note"]["objects"] == 1  # free again: it reads

@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -334,6 +334,76 @@ def schema_export(
     except (TidesyncError, ValueError) as exc:
         fail(str(exc), 1)
     typer.echo(text, nl=False)
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A local or synced database file.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (for scripts).")
+    ] = False,
+) -> None:
+    """Show what a database file holds (schema, objects, pending changes, subscriptions,
+    cursors, size), reading it without changing it and without syncing."""
+    import json
+
+    from .client.inspection import inspect_file
+    from .errors import DatabaseFileError
+
+    try:
+        report = inspect_file(file)
+    except DatabaseFileError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, default=str))
+        return
+    _print_report(report.to_json())
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    """``tidesync inspect``'s human output: rich tables of the report's parts (every value
+    from the file is escaped, so ``list[str]`` or a query's brackets print as written)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    size = f"{report['file_bytes']:,} bytes"
+    if report["wal_bytes"]:
+        size += f" (+ {report['wal_bytes']:,} bytes of write-ahead log)"
+    console.print(f"[bold]{escape(report['path'])}[/bold]: {size}, origin {report['origin']}")
+    models = Table(title="Models")
+    for column in ("model", "objects", "primary key", "fields"):
+        models.add_column(column, justify="right" if column == "objects" else "left")
+    for name, model in report["models"].items():
+        fields = ", ".join(f"{f['name']}: {f['type']}" for f in model["fields"])
+        models.add_row(
+            escape(name), str(model["objects"]), escape(model["primary_key"]), escape(fields)
+        )
+    console.print(models)
+    sync = Table(title="Sync")
+    sync.add_column("")
+    sync.add_column("value", justify="right")
+    pending = report["pending"]
+    sync.add_row("pending changesets", str(pending["changesets"]))
+    sync.add_row("pending bytes", f"{pending['bytes']:,}")
+    for key, value in report["cursors"].items():
+        sync.add_row(key.replace("_", " "), str(value))
+    console.print(sync)
+    subs = report["subscription_set"]
+    if subs is None:
+        console.print("No subscription set (a local file, or flexible sync never subscribed).")
+        return
+    note = f" ({subs['error']})" if subs["error"] else ""
+    table = Table(title=escape(f"Subscription set {subs['version']}: {subs['state']}{note}"))
+    for column in ("name", "model", "query", "args"):
+        table.add_column(column)
+    for sub in report["subscriptions"]:
+        args = ", ".join(repr(a) for a in sub["args"])
+        table.add_row(
+            escape(sub["name"] or ""), escape(sub["model"]), escape(sub["query"]), escape(args)
+        )
+    console.print(table)
 
 
 @app.command()
