@@ -3,14 +3,21 @@
 This is the console-script entry point declared in ``pyproject.toml``. Commands are thin:
 they parse options into the library's own configuration objects and call the library, so
 everything a command does is also available from Python.
+
+Every mistake a user can make on the command line (a bad option value, an unknown option,
+a configuration file that does not parse) is one line on stderr, ``error: ...``, and exit
+status 2, through :func:`fail` (and :func:`main` for the mistakes typer finds itself);
+never a traceback, never a multi-line usage panel. A failure to start (port in use) is 1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -27,15 +34,63 @@ app = typer.Typer(
 )
 
 
+#: The log levels ``--log-level`` accepts (uvicorn's names, any case).
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+#: The formats ``--log-format`` accepts.
+LOG_FORMATS = ("text", "json")
+#: Exit status of a usage mistake (bad option, unparsable configuration).
+USAGE_ERROR = 2
+
+
+def say_error(message: str) -> None:
+    """Write ``error: MESSAGE`` on stderr as one line (newlines in it become spaces)."""
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+
+
+def fail(message: str, status: int = USAGE_ERROR) -> NoReturn:
+    """Report a mistake as one ``error:`` line on stderr and exit with ``status``."""
+    say_error(message)
+    raise typer.Exit(status)
+
+
+def version() -> str:
+    """The installed tidesync's version (the package's ``__version__`` when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("tidesync")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tidesync {version()}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the version and exit.",
+            is_eager=True,
+            callback=_print_version,
+        ),
+    ] = False,
+) -> None:
     """tidesync: an offline-first database for Python with device sync."""
 
 
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port (0 picks a free one).", min=0)] = 8765,
+    port: Annotated[int, typer.Option(help="TCP port, 0-65535 (0 picks a free one).")] = 8765,
     data: Annotated[Path, typer.Option(help="Data folder (SQLite storage, token secret).")] = Path(
         "./tidesync-data"
     ),
@@ -74,7 +129,6 @@ def serve(
         typer.Option(
             help="Trim sync history older than this many days (fractions allowed; off by "
             "default). Devices further behind get a client reset.",
-            min=0.0,
         ),
     ] = None,
 ) -> None:
@@ -84,9 +138,10 @@ def serve(
     from .server.config import ServerConfig
     from .server.runner import print_url, serve_forever
 
+    _check_serve_options(port, log_level, log_format, access_token_ttl, max_frame_size)
+    if history_retention_days is not None and not history_retention_days >= 0:
+        fail(f"--history-retention-days must not be negative (got {history_retention_days})")
     options: dict[str, object] = {"log_level": log_level.lower(), "storage_url": storage}
-    if log_format not in ("text", "json"):
-        raise typer.BadParameter("--log-format must be text or json")
     if access_token_ttl is not None:
         options["access_token_ttl"] = access_token_ttl
     if max_frame_size is not None:
@@ -105,8 +160,9 @@ def serve(
             config = load_config(config_file, **options)
         else:
             config = ServerConfig(**options)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    except ValueError as exc:  # ConfigurationError is one: it names the file and line
+        fail(str(exc))
+    _check_data_folder(data)
     from .server.logfmt import configure_logging
 
     configure_logging(log_level, log_format)
@@ -114,11 +170,43 @@ def serve(
         with asyncio.Runner(loop_factory=new_event_loop) as runner:
             runner.run(serve_forever(data, host, port, config, announce=print_url))
     except (ConfigurationError, DataFolderInUseError) as exc:  # user mistakes: status 2
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
+        fail(str(exc))
     except ServerStartError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        fail(str(exc), 1)
+
+
+def _check_serve_options(
+    port: int,
+    log_level: str,
+    log_format: str,
+    access_token_ttl: float | None,
+    max_frame_size: int | None,
+) -> None:
+    """``tidesync serve``'s option values, checked before anything starts."""
+    from .protocol.messages import MIN_MAX_FRAME_SIZE
+
+    if not 0 <= port <= 65535:
+        fail(f"--port {port} is outside 0-65535")
+    if log_level.lower() not in LOG_LEVELS:
+        fail(f"--log-level {log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if log_format not in LOG_FORMATS:
+        fail(f"--log-format {log_format!r} is not one of {', '.join(LOG_FORMATS)}")
+    if access_token_ttl is not None and not access_token_ttl > 0:
+        fail(f"--access-token-ttl must be a positive number of seconds (got {access_token_ttl})")
+    if max_frame_size is not None and max_frame_size < MIN_MAX_FRAME_SIZE:
+        fail(f"--max-frame-size must be at least {MIN_MAX_FRAME_SIZE} bytes (got {max_frame_size})")
+
+
+def _check_data_folder(data: Path) -> None:
+    """``--data`` is a writable directory, or is created now (as the server would)."""
+    if data.exists() and not data.is_dir():
+        fail(f"--data {data} exists and is not a directory")
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"--data {data} cannot be created: {exc.strerror or exc}")
+    if not os.access(data, os.W_OK | os.X_OK):
+        fail(f"--data {data} is not writable")
 
 
 keys_app = typer.Typer(help="Token signing keys: list them, rotate them.", no_args_is_help=True)
@@ -194,8 +282,7 @@ def _user_store(data: Path, storage: str) -> UserStore:
     from .server.users import user_store_for
 
     if not storage and not data.is_dir():
-        typer.echo(f"error: --data {data} is not a server's data folder", err=True)
-        raise typer.Exit(2)
+        fail(f"--data {data} is not a server's data folder")
     return user_store_for(storage, data)
 
 
@@ -206,8 +293,7 @@ async def _guarded(work: Awaitable[T]) -> T:
     try:
         return await work
     except (TidesyncError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(str(exc))
 
 
 schema_app = typer.Typer(
@@ -240,16 +326,84 @@ def schema_export(
     from .server.schemapin import export_schema
 
     if not storage and not (data / "server.sqlite3").is_file():
-        typer.echo(f"error: no server data in {data} (server.sqlite3 is missing)", err=True)
-        raise typer.Exit(2)
+        fail(f"no server data in {data} (server.sqlite3 is missing)")
     try:
         config = ServerConfig(storage_url=storage)
         prefix = "" if schema_file else f"apps.{app_id}.schema."
         text = asyncio.run(export_schema(data, config, app_id, prefix))
     except (TidesyncError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+        fail(str(exc), 1)
     typer.echo(text, nl=False)
+
+
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A local or synced database file.")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (for scripts).")
+    ] = False,
+) -> None:
+    """Show what a database file holds (schema, objects, pending changes, subscriptions,
+    cursors, size), reading it without changing it and without syncing."""
+    import json
+
+    from .client.inspection import inspect_file
+    from .errors import DatabaseFileError
+
+    try:
+        report = inspect_file(file)
+    except DatabaseFileError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2, default=str))
+        return
+    _print_report(report.to_json())
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    """``tidesync inspect``'s human output: rich tables of the report's parts (every value
+    from the file is escaped, so ``list[str]`` or a query's brackets print as written)."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    size = f"{report['file_bytes']:,} bytes"
+    if report["wal_bytes"]:
+        size += f" (+ {report['wal_bytes']:,} bytes of write-ahead log)"
+    console.print(f"[bold]{escape(report['path'])}[/bold]: {size}, origin {report['origin']}")
+    models = Table(title="Models")
+    for column in ("model", "objects", "primary key", "fields"):
+        models.add_column(column, justify="right" if column == "objects" else "left")
+    for name, model in report["models"].items():
+        fields = ", ".join(f"{f['name']}: {f['type']}" for f in model["fields"])
+        models.add_row(
+            escape(name), str(model["objects"]), escape(model["primary_key"]), escape(fields)
+        )
+    console.print(models)
+    sync = Table(title="Sync")
+    sync.add_column("")
+    sync.add_column("value", justify="right")
+    pending = report["pending"]
+    sync.add_row("pending changesets", str(pending["changesets"]))
+    sync.add_row("pending bytes", f"{pending['bytes']:,}")
+    for key, value in report["cursors"].items():
+        sync.add_row(key.replace("_", " "), str(value))
+    console.print(sync)
+    subs = report["subscription_set"]
+    if subs is None:
+        console.print("No subscription set (a local file, or flexible sync never subscribed).")
+        return
+    note = f" ({subs['error']})" if subs["error"] else ""
+    table = Table(title=escape(f"Subscription set {subs['version']}: {subs['state']}{note}"))
+    for column in ("name", "model", "query", "args"):
+        table.add_column(column)
+    for sub in report["subscriptions"]:
+        args = ", ".join(repr(a) for a in sub["args"])
+        table.add_row(
+            escape(sub["name"] or ""), escape(sub["model"]), escape(sub["query"]), escape(args)
+        )
+    console.print(table)
 
 
 @app.command()
@@ -262,9 +416,21 @@ def demo(
     raise typer.Exit(run_demo(limit))
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the command and exits with its status. A mistake
+    typer finds (an unknown option, a value of the wrong type) is one ``error:`` line and
+    exit status 2, like the commands' own checks."""
+    try:
+        status = app(args=argv, prog_name="tidesync", standalone_mode=False)
+    except typer.TyperException as exc:  # typer's usage errors (click's, vendored)
+        # A group run without a command has printed its help already; typer itself tells
+        # this error by its name (typer/rich_utils.py), as it is not exported.
+        if type(exc).__name__ != "NoArgsIsHelpError":
+            say_error(exc.format_message())
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

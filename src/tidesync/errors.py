@@ -25,6 +25,7 @@
     ├── ConfigurationError          a configuration is invalid (server file, client options, URL)
     │   └── SchemaPinError          the declared schema cannot serve the stored data
     ├── MismatchedConfigurationError a file open in this process, opened with another config
+    ├── DatabaseFileError           a file to inspect is missing, not tidesync's, or locked
     ├── ServerStartError            the server could not start (port, data folder, ...)
     │   └── DataFolderInUseError    another server runs on the data folder
     ├── ProtocolError               a peer broke the wire protocol
@@ -177,6 +178,11 @@ class MismatchedConfigurationError(TidesyncError):
     """A synced file already open in this process was opened again with a configuration
     that differs (another user or app, other models); the message names the file and what
     differs."""
+
+
+class DatabaseFileError(TidesyncError):
+    """A database file to read (``tidesync inspect``) is missing, is not a tidesync
+    database, or is locked by another process; the message names the file."""
 
 
 class ServerStartError(TidesyncError):

@@ -127,15 +127,30 @@ def ensure_table(conn: sqlite3.Connection) -> None:
     conn.execute(_TABLE)
 
 
-def latest_row(conn: sqlite3.Connection) -> tuple[int, str, str | None, list[Subscription]]:
-    """``(version, state, error, subscriptions)`` of the newest set (version 0: none)."""
-    ensure_table(conn)
+def latest_row(
+    conn: sqlite3.Connection, *, create: bool = True
+) -> tuple[int, str, str | None, list[Subscription]]:
+    """``(version, state, error, subscriptions)`` of the newest set (version 0: none);
+    ``create`` makes the table first if the file lacks it."""
+    if create:
+        ensure_table(conn)
     row = conn.execute(
         "SELECT version, state, error, subs FROM _sub_sets ORDER BY version DESC LIMIT 1"
     ).fetchone()
     if row is None:
         return 0, SubscriptionSetState.COMPLETE.value, None, []
     return int(row[0]), str(row[1]), row[2], [Subscription._from_row(x) for x in unpack(row[3])]
+
+
+def stored_latest(
+    conn: sqlite3.Connection,
+) -> tuple[int, str, str | None, list[Subscription]] | None:
+    """The newest set as :func:`latest_row` gives it, without creating anything (for a
+    read-only look at a file); None if the file has never had a subscription set."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sub_sets'"
+    ).fetchone()
+    return None if exists is None else latest_row(conn, create=False)
 
 
 def queries_of(subs: list[Subscription]) -> tuple[dict[str, list[str]], dict[str, list[list[Any]]]]:
