@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import itertools
 import json
 import math
 import os
@@ -700,6 +702,19 @@ def check_convergence(
     for origin, _, data in server_log:
         for ins in unpack_instructions(data, origin):
             by_object[(ins.model, ins.pk)].append(ins)
+    erased_objects = {
+        k for k, history in by_object.items() if any(j.op == Op.ERASE for j in history)
+    }
+    sorted_history: dict[tuple[str, Any], tuple[list[Instruction], list[Any]]] = {}
+
+    def ordered(key: tuple[str, Any]) -> tuple[list[Instruction], list[Any]]:
+        """The object's history sorted by HLC, and the HLCs (sorted once, on first use)."""
+        found = sorted_history.get(key)
+        if found is None:
+            history = sorted(by_object[key], key=lambda j: j.hlc)
+            found = sorted_history[key] = (history, [j.hlc for j in history])
+        return found
+
     acked: dict[tuple[str, int], bytes] = {}
     for records in device_logs.values():
         written = {
@@ -728,11 +743,13 @@ def check_convergence(
                 report.increments_acked += 1
                 continue
             final = server_objects.get(ins.model, {}).get(ins.pk)
-            history_of = by_object[(ins.model, ins.pk)]
-            later = [j for j in history_of if j.hlc > ins.hlc]
-            erased = final is None and any(j.op == Op.ERASE for j in history_of)
+            key = (ins.model, ins.pk)
+            history_of, stamps = ordered(key)
+            erased = final is None and key in erased_objects
             if ins.op not in (Op.CREATE, Op.ERASE) and erased:
                 continue  # an erase hides every update, concurrent or later
+            # the instructions later than ins, nearest first (so the search stops early)
+            later = itertools.islice(history_of, bisect.bisect_right(stamps, ins.hlc), None)
             if not _reflected(ins, final) and not _later_overrides(ins, later):
                 report.writes_lost.append(
                     f"{origin}#{v}: {ins.op.name} {ins.model}/{ins.pk}.{ins.field}="
