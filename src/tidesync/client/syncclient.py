@@ -1146,14 +1146,7 @@ class Connection:
                 )
             return
         del self.workers[no]
-        proto = self.proto
-        if proto is not None and proto.has_session(no):
-            try:
-                proto.unbind(no)
-                self._detaching[worker.file_ident] = no
-                self.flush_soon()
-            except ProtocolError:
-                pass
+        self._unbind(worker, no)
         if not self.workers:
             self._linger = self.client.loop.call_later(
                 self.timeouts.connection_linger_time, self._linger_expired
@@ -1180,15 +1173,20 @@ class Connection:
         no = worker.session_no
         if no is not None and self.workers.get(no) is worker:
             del self.workers[no]
-            proto = self.proto
-            if proto is not None and proto.has_session(no):
-                try:
-                    proto.unbind(no)
-                    self._detaching[worker.file_ident] = no
-                    self.flush_soon()
-                except ProtocolError:
-                    pass
+            self._unbind(worker, no)
         self.rebind_later(worker, delay)
+
+    def _unbind(self, worker: SessionWorker, no: int) -> None:
+        """Send UNBIND for session ``no`` (if the connection still has it) and note that
+        ``worker``'s file waits for the UNBOUND before it may bind again."""
+        proto = self.proto
+        if proto is not None and proto.has_session(no):
+            try:
+                proto.unbind(no)
+                self._detaching[worker.file_ident] = no
+                self.flush_soon()
+            except ProtocolError:
+                pass
 
     def _rebind(self, worker: SessionWorker) -> None:
         self._rebinds.pop(worker, None)
