@@ -457,7 +457,8 @@ class Authenticator:
             raise AuthError(BAD_CREDENTIALS)
         return await self.new_login(user_id, app_id)
 
-    def _admin_key(self, key: str) -> bool:
+    def is_admin_key(self, key: str) -> bool:
+        """True when ``key`` is one of ``[server] admin_keys`` (compared in constant time)."""
         return any(
             hmac.compare_digest(key.encode("utf-8", "surrogatepass"), k.encode())
             for k in self._config.auth.admin_keys
@@ -465,7 +466,7 @@ class Authenticator:
 
     async def login_api_key(self, app_id: str, key: str) -> LoginResult:
         """Log in with a user's API key or a server admin key (a "server" user per key)."""
-        if self._admin_key(key):
+        if self.is_admin_key(key):
             user_id = await self.users.user_for_identity(
                 app_id,
                 "server_api_key",
@@ -889,7 +890,7 @@ async def _admin_user(request: Request, auth: Authenticator, app_id: str) -> Res
     except AuthError as exc:
         raise _HttpError(401, str(exc), "invalid_token") from None
     auth.check_rate(app_id, "admin", _address(request))
-    if not auth._admin_key(key):
+    if not auth.is_admin_key(key):
         raise _HttpError(401, "admin access refused: not an admin key", "invalid_token")
     user_id = request.path_params["user_id"]
     action = request.path_params.get("action", "")

@@ -1,0 +1,16 @@
+"""The backend's way in (DESIGN.md §8): the Data API, the change feed and webhooks.
+
+Every route lives under ``/api/v1/apps/{app_id}/`` and answers JSON; every refusal is a
+4xx ``{"error", "code"}`` (:class:`~.access.ApiError`). Writes take the sync path: the
+hub's commit queue, the same merge and rules, fan-out to every device.
+"""
+
+from __future__ import annotations
+
+from starlette.routing import BaseRoute
+
+
+def api_routes() -> list[BaseRoute]:
+    """Every route of the backend API (they find the hub in ``app.state.hub``)."""
+    routes: list[BaseRoute] = []
+    return routes
