@@ -22,6 +22,7 @@ GROUPS = {
     "scale": "benchmarks.scale",
     "session": "benchmarks.session",
     "postgres": "benchmarks.postgres",
+    "api": "benchmarks.api",
 }
 
 
