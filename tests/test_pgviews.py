@@ -26,6 +26,7 @@ from tidesync.server.storage.base import UploadBatch
 
 asyncpg = pytest.importorskip("asyncpg")
 
+from tidesync.server.storage import pgviews  # noqa: E402
 from tidesync.server.storage.pgviews import (  # noqa: E402
     LOG_VIEW,
     pg_identifier,
@@ -538,3 +539,22 @@ async def test_open_makes_missing_or_outdated_views(storage: PostgresStorage, sq
     finally:
         await sql.execute(f"DROP OWNED BY {role}")
         await sql.execute(f"DROP ROLE {role}")
+
+
+async def test_a_long_reporting_query_does_not_hold_up_sync(
+    storage: PostgresStorage, sql: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pgviews, "VIEW_LOCK_TIMEOUT", 0.2)
+    w = await setup_app(storage)
+    await push(storage, "shop", w, w.create("Other", 1, id=1, n="a"))
+    other = view(storage, "shop", "Other")
+    wider = ModelSchema("Other", (*OTHER.fields, FieldSchema("m", Kind.INT, optional=True)), "id")
+    async with sql.transaction():  # a report's transaction holds the view's lock meanwhile
+        assert len(await sql.fetch(f"SELECT * FROM {other}")) == 1
+        await asyncio.wait_for(storage.put_schemas("shop", [wider]), 5)
+        await asyncio.wait_for(push(storage, "shop", w, w.set("Other", 1, "m", 1)), 5)
+    assert list((await sql.fetchrow(f"SELECT * FROM {other}")).keys()) == ["id", "n"]
+    # the next schema change (of another model) makes every view of the app again
+    extra = ModelSchema("Extra", (FieldSchema("id", Kind.INT, primary_key=True),), "id")
+    await storage.put_schemas("shop", [extra])
+    assert dict(await sql.fetchrow(f"SELECT * FROM {other}")) == {"id": 1, "n": "a", "m": 1}

@@ -50,6 +50,7 @@ __all__ = [
     "LOG_VIEW",
     "VIEWS_FORMAT",
     "VIEWS_TABLE_DDL",
+    "VIEW_LOCK_TIMEOUT",
     "column_sql",
     "drop_app_views",
     "drop_views_of_storage",
@@ -60,6 +61,7 @@ __all__ = [
     "quote_literal",
     "refresh_views",
     "stale_apps",
+    "views_current",
     "views_schema_name",
 ]
 
@@ -67,6 +69,9 @@ __all__ = [
 VIEWS_FORMAT = 1
 #: The change-log view's name (a model by that name gets no view: it is logged).
 LOG_VIEW = "_log"
+#: How long (seconds) view DDL waits for a view's lock (a reporting query reading it); then
+#: the views are left as they were (and the app's sync goes on).
+VIEW_LOCK_TIMEOUT = 2.0
 #: PostgreSQL keeps this many bytes of an identifier (NAMEDATALEN - 1).
 MAX_IDENTIFIER = 63
 #: The storage's table of made views (a migration of ``postgres.MIGRATIONS`` creates it).
@@ -278,13 +283,24 @@ async def refresh_views(
     generation: int,
     models: Iterable[str] | None = None,
 ) -> bool:
-    """Make or update ``app_id``'s views (of ``models``, None: every model, and the log) in
-    the caller's transaction, and record ``generation``. A failure is logged and rolled back
-    to a savepoint (views never stop sync); returns whether the views are current."""
+    """Make or update ``app_id``'s views in the caller's transaction (its app row locked)
+    and record ``generation``: those of ``models`` when the views were current before this
+    generation, else every model's and the log's. A failure (among them a reporting query
+    holding a view longer than :data:`VIEW_LOCK_TIMEOUT`) is logged and rolled back to a
+    savepoint: views never stop sync. Returns whether the views are current."""
     view_schema = views_schema_name(storage_schema, app_id)
-    names = list(schemas) if models is None else [m for m in models if m in schemas]
     try:
         async with conn.transaction():
+            before = await conn.fetchval("SELECT current_setting('lock_timeout')")
+            await conn.execute(
+                "SELECT set_config('lock_timeout', $1, true)",
+                f"{int(VIEW_LOCK_TIMEOUT * 1000)}ms",
+            )
+            old = await conn.fetchval(
+                "SELECT generation FROM sql_views WHERE app = $1 AND format = $2",
+                app_id,
+                VIEWS_FORMAT,
+            )
             await conn.execute(
                 "INSERT INTO sql_views (app, view_schema, generation, format) "
                 "VALUES ($1, $2, -1, $3) ON CONFLICT (app) DO NOTHING",
@@ -297,21 +313,24 @@ async def refresh_views(
             )
             if fresh:
                 await conn.execute(f"CREATE SCHEMA {quote_ident(view_schema)}")
-                names = list(schemas)
+            whole = fresh or models is None or old != generation - 1
+            names = set(schemas) if whole else set(models or ()) & set(schemas)
             about = f"tidesync: read-only views of app {app_id} (storage schema {storage_schema})"
             await conn.execute(
                 f"COMMENT ON SCHEMA {quote_ident(view_schema)} IS {quote_literal(about)}"
             )
-            if fresh or models is None:
+            if whole:
                 await conn.execute(log_view_ddl(storage_schema, view_schema, app_id))
             infinity = await _numeric_infinity(conn)
             taken = {LOG_VIEW}
-            for name in sorted(names):
+            for name in sorted(schemas):  # every model, so a clash is found the same way
                 view_name = pg_identifier(name)
                 if view_name in taken:
                     log.warning("app %s: model %r has no SQL view (name taken)", app_id, name)
                     continue
                 taken.add(view_name)
+                if name not in names:
+                    continue
                 ddl = model_view_ddl(
                     storage_schema,
                     view_schema,
@@ -328,20 +347,41 @@ async def refresh_views(
                 generation,
                 VIEWS_FORMAT,
             )
+            await conn.execute("SELECT set_config('lock_timeout', $1, true)", before)
     except (asyncpg.PostgresError, ValueError) as exc:
-        if isinstance(exc, asyncpg.PostgresConnectionError | asyncpg.QueryCanceledError):
+        if isinstance(exc, asyncpg.PostgresConnectionError):
             raise
-        log.warning("app %s: its SQL views in %s are not updated: %s", app_id, view_schema, exc)
+        log.warning(
+            "app %s: its SQL views in %s are not updated (made again at the next schema "
+            "change or start): %s",
+            app_id,
+            view_schema,
+            exc,
+        )
         return False
     return True
 
 
+async def views_current(conn: asyncpg.Connection, app_id: str, generation: int) -> bool:
+    """True if ``app_id``'s views were made from ``generation`` in this format."""
+    value = await conn.fetchval(
+        "SELECT 1 FROM sql_views WHERE app = $1 AND generation = $2 AND format = $3 "
+        "AND to_regnamespace(quote_ident(view_schema)) IS NOT NULL",
+        app_id,
+        generation,
+        VIEWS_FORMAT,
+    )
+    return value is not None
+
+
 async def stale_apps(conn: asyncpg.Connection) -> list[tuple[str, int]]:
-    """``(app, schema generation)`` of every app whose views are missing or out of date."""
+    """``(app, schema generation)`` of every app whose views are missing or out of date
+    (or whose view schema is gone: a dump of the storage schema alone restored)."""
     rows = await conn.fetch(
         "SELECT a.app, a.schema_generation FROM apps AS a "
         "LEFT JOIN sql_views AS v ON v.app = a.app "
         "WHERE v.app IS NULL OR v.generation <> a.schema_generation OR v.format <> $1 "
+        "OR to_regnamespace(quote_ident(v.view_schema)) IS NULL "  # e.g. a restored dump
         "ORDER BY a.app",
         VIEWS_FORMAT,
     )

@@ -87,6 +87,7 @@ from .pgviews import (
     drop_views_of_storage,
     refresh_views,
     stale_apps,
+    views_current,
     views_schema_name,
 )
 
@@ -295,6 +296,8 @@ class PostgresStorage(ServerStorage):
         for app_id, _ in await stale_apps(conn):
             async with conn.transaction():
                 generation = await _lock_app(conn, app_id)
+                if await views_current(conn, app_id, generation):
+                    continue  # another process made them meanwhile
                 schemas = await self._schemas_at(conn, app_id, generation)
                 await refresh_views(conn, self._schema, app_id, schemas, generation)
 
