@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -558,3 +559,136 @@ async def test_a_long_reporting_query_does_not_hold_up_sync(
     extra = ModelSchema("Extra", (FieldSchema("id", Kind.INT, primary_key=True),), "id")
     await storage.put_schemas("shop", [extra])
     assert dict(await sql.fetchrow(f"SELECT * FROM {other}")) == {"id": 1, "n": "a", "m": 1}
+
+
+E2E_CONFIG = """
+[apps.todo]
+auth = ["anonymous"]
+"""
+
+
+async def test_a_device_writes_and_sql_reads_it_through_a_real_server(
+    tmp_path: Path, sql: Any
+) -> None:
+    """``tidesync serve --storage postgresql://...``: a device's model becomes a view (its
+    schema arrives with the device), its writes rows, its user the log's."""
+    from tests.test_flexsync_e2e import Device, Task
+    from tidesync.testing import ServerProcess
+
+    schema = "ts_v_" + uuid.uuid4().hex[:12]
+    config = tmp_path / "tidesync.toml"
+    config.write_text(E2E_CONFIG)
+    sep = "&" if "?" in DSN else "?"
+    proc = ServerProcess(
+        tmp_path / "server",
+        extra_args=["--storage", f"{DSN}{sep}schema={schema}", "--config", str(config)],
+    ).start()
+    device = Device(tmp_path, "d1", proc.url)
+    try:
+        db = await device.open()
+        assert device.user is not None
+        with db.write():
+            for i in range(3):
+                db.add(Task(id=f"t{i}", owner_id=device.user.id, summary=f"task {i}", n=i))
+        await device.settle()
+        with db.write():
+            db.find(Task, "t1").n = 10
+            db.delete(db.find(Task, "t2"))
+        await device.settle()
+        views = views_schema_name(schema, "todo")
+        rows = await sql.fetch(f'SELECT * FROM {quote_ident(views)}."Task" ORDER BY id')
+        assert [dict(r) for r in rows] == [
+            {"id": "t0", "owner_id": device.user.id, "summary": "task 0", "n": 0, "shared": False},
+            {"id": "t1", "owner_id": device.user.id, "summary": "task 1", "n": 10, "shared": False},
+        ]
+        users = await sql.fetch(f"SELECT DISTINCT user_id FROM {quote_ident(views)}._log")
+        assert [r[0] for r in users] == [device.user.id]
+    finally:
+        device.shutdown()
+        proc.kill()
+        await pgviews.drop_views_of_storage(sql, schema)
+        await sql.execute(f"DROP SCHEMA IF EXISTS {quote_ident(schema)} CASCADE")
+
+
+def doc_sql(after: str) -> list[str]:
+    """The statements of the first ```sql block after ``after`` in docs/storage.md."""
+    text = (Path(__file__).parent.parent / "docs" / "storage.md").read_text()
+    block = text[text.index(after) :].split("```sql\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("--", 1)[0] for line in block.splitlines()]
+    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+async def test_the_documented_queries_run(storage: PostgresStorage, sql: Any) -> None:
+    customer = ModelSchema(
+        "Customer",
+        (FieldSchema("id", Kind.INT, primary_key=True), FieldSchema("name", Kind.STR)),
+        "id",
+    )
+    order = ModelSchema(
+        "Order",
+        (
+            FieldSchema("id", Kind.STR, primary_key=True),
+            FieldSchema("total", Kind.DECIMAL),
+            FieldSchema("created_at", Kind.DATETIME),
+            FieldSchema("status", Kind.STR),
+            FieldSchema("customer", Kind.LINK, optional=True, target="Customer"),
+            FieldSchema("tags", Kind.STR, Collection.SET),
+            FieldSchema("attrs", Kind.FLOAT, Collection.DICT),
+        ),
+        "id",
+    )
+    await storage.put_schemas("shop", [customer, order])
+    await storage.register_client("shop", "dev1", "alice")
+    w = Writer("dev1")
+    now = dt.datetime.now(dt.UTC)
+    await push(
+        storage,
+        "shop",
+        w,
+        w.create("Customer", 1, id=1, name="Ada"),
+        *(
+            w.create(
+                "Order",
+                f"o{i}",
+                id=f"o{i}",
+                total=Decimal(f"{i}.10"),
+                created_at=now - dt.timedelta(days=i),
+                status="open" if i % 2 else "paid",
+                customer=1,
+                tags={"gift"} if i == 1 else set(),
+                attrs={"weight": 1.5},
+            )
+            for i in range(1, 4)
+        ),
+    )
+    schema = storage.views_schema("shop")
+    results = [
+        await sql.fetch(statement.replace("tidesync_app_shop", quote_ident(schema)))
+        for statement in doc_sql("Examples (app `shop`")
+    ]
+    open_orders, per_day, gifts, tags, weights, writers = results
+    assert [(r["id"], r["name"]) for r in open_orders] == [("o1", "Ada"), ("o3", "Ada")]
+    assert sum(r["sum"] for r in per_day) == Decimal("6.30")
+    assert [r["id"] for r in gifts] == ["o1"] and [tuple(r) for r in tags] == [("o1", "gift")]
+    assert {r[1] for r in weights} == {Decimal("1.5")}
+    assert [(r["user_id"], r["changesets"]) for r in writers] == [("alice", 1)]
+    listed = doc_sql("name; each schema's comment names its app exactly")
+    [found] = await sql.fetch(listed[0].replace("tidesync_app_", f"{storage.schema}_app_"))
+    assert found["nspname"] == schema and "app shop " in found["obj_description"]
+
+
+async def test_dropping_the_storage_drops_only_its_view_schemas(
+    storage: PostgresStorage, sql: Any
+) -> None:
+    await setup_app(storage)
+    lookalike = storage.views_schema("shop") + "x"  # a schema of someone else's, alike
+    await sql.execute(f"CREATE SCHEMA {quote_ident(lookalike)}")
+    try:
+        await storage.drop_schema()
+        gone = await sql.fetchval(
+            "SELECT to_regnamespace($1)", quote_ident(storage.views_schema("shop"))
+        )
+        assert gone is None
+        assert await sql.fetchval("SELECT to_regnamespace($1)", quote_ident(lookalike))
+    finally:
+        await sql.execute(f"DROP SCHEMA {quote_ident(lookalike)}")

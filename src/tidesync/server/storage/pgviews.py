@@ -315,7 +315,7 @@ async def refresh_views(
                 await conn.execute(f"CREATE SCHEMA {quote_ident(view_schema)}")
             whole = fresh or models is None or old != generation - 1
             names = set(schemas) if whole else set(models or ()) & set(schemas)
-            about = f"tidesync: read-only views of app {app_id} (storage schema {storage_schema})"
+            about = f"tidesync: read-only views of app {app_id} {_schema_note_end(storage_schema)}"
             await conn.execute(
                 f"COMMENT ON SCHEMA {quote_ident(view_schema)} IS {quote_literal(about)}"
             )
@@ -398,11 +398,19 @@ async def drop_app_views(conn: asyncpg.Connection, storage_schema: str, app_id: 
 
 
 async def drop_views_of_storage(conn: asyncpg.Connection, storage_schema: str) -> None:
-    """Drop every app's view schema of the storage schema ``storage_schema`` (by their
-    names' ``<storage schema>_app_`` start: works once the storage's tables are gone too)."""
+    """Drop every app's view schema of the storage schema ``storage_schema``: those named
+    ``<storage schema>_app_...`` whose comment (set with the schema) ends with this storage
+    schema's name, so this works once the storage's tables are gone too, and never drops
+    another schema that only happens to start alike."""
     rows = await conn.fetch(
-        "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1)",
+        "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, $1) "
+        "AND right(obj_description(oid, 'pg_namespace'), length($2)) = $2",
         f"{storage_schema}_app_",
+        _schema_note_end(storage_schema),
     )
     for r in rows:
         await conn.execute(f"DROP SCHEMA IF EXISTS {quote_ident(r['nspname'])} CASCADE")
+
+
+def _schema_note_end(storage_schema: str) -> str:
+    return f"(storage schema {storage_schema})"
