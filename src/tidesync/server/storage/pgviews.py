@@ -11,9 +11,9 @@ Column types (``doc`` renders values as JSON; each column casts its JSON back):
 - ``bool`` -> ``boolean``; ``int`` and ``counter`` -> ``bigint``; ``float`` -> ``double
   precision`` (NaN and the infinities kept); ``str`` -> ``text``; ``bytes`` -> ``bytea``;
   ``datetime`` -> ``timestamptz``; ``Decimal`` -> ``numeric`` (NaN kept; a signalling NaN,
-  an exponent beyond 999 or more than 1,000 digits read as NULL: ``numeric`` cannot hold them
-  and one cast error would fail every query of the view); ``UUID`` -> ``uuid``; ``ObjectId``
-  -> ``text`` (24 hexadecimal digits);
+  an exponent beyond 999 or a text over 1,000 characters read as NULL: ``numeric`` cannot
+  hold them all and one cast error would fail every query of the view); ``UUID`` ->
+  ``uuid``; ``ObjectId`` -> ``text`` (24 hexadecimal digits);
 - a link -> the linked object's primary key, typed as that key's column;
 - a list, set or dict -> ``jsonb``: an array (a set's sorted) or an object, elements in the
   ``doc`` JSON form (datetimes ISO 8601, bytes base64, Decimals strings, ...).
@@ -29,8 +29,9 @@ locked) for the models it changed; ``open`` calls it for apps whose views are mi
 were made from another schema generation or :data:`VIEWS_FORMAT`. Fields are only ever added
 at the end of a model, so ``CREATE OR REPLACE VIEW`` keeps the columns, the grants and any
 user's views built on them; if PostgreSQL refuses that, the view is dropped and created
-again with its grants copied. A view that cannot be made is logged and skipped: views never
-stop sync. The push path does not touch them (views are DDL only).
+again with its grants copied. DDL waits at most :data:`VIEW_LOCK_TIMEOUT` for a view a
+report is reading. A view that cannot be made is logged and rolled back to a savepoint:
+views never stop sync. The push path does not touch them (views are DDL only).
 """
 
 from __future__ import annotations
