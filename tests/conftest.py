@@ -71,6 +71,9 @@ async def pg_url() -> AsyncIterator[str]:
     yield f"{dsn}?schema={schema}"
     conn = await asyncpg.connect(dsn)
     try:
+        from tidesync.server.storage.pgviews import drop_views_of_storage
+
+        await drop_views_of_storage(conn, schema)  # the apps' SQL view schemas
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()

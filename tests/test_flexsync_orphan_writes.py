@@ -68,6 +68,9 @@ class Deployment:
             conn = await asyncpg.connect(DSN)
             try:
                 schema = self.pg_url.rsplit("schema=", 1)[1]
+                from tidesync.server.storage.pgviews import drop_views_of_storage
+
+                await drop_views_of_storage(conn, schema)  # the apps' SQL view schemas
                 await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             finally:
                 await conn.close()

@@ -375,6 +375,9 @@ def pg_server(tmp_path: Path) -> Iterator[Any]:
         async def drop() -> None:
             conn = await asyncpg.connect(DSN)
             try:
+                from tidesync.server.storage.pgviews import drop_views_of_storage
+
+                await drop_views_of_storage(conn, schema)  # the apps' SQL view schemas
                 await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             finally:
                 await conn.close()

@@ -42,6 +42,9 @@ pytestmark = pytest.mark.skipif(not DSN, reason="TIDESYNC_TEST_PG_DSN is not set
 async def _drop(schema: str) -> None:
     conn = await asyncpg.connect(DSN)
     try:
+        from tidesync.server.storage.pgviews import drop_views_of_storage
+
+        await drop_views_of_storage(conn, schema)  # the apps' SQL view schemas
         await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     finally:
         await conn.close()

@@ -109,6 +109,9 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerPro
             async def drop() -> None:
                 conn = await asyncpg.connect(DSN)
                 try:
+                    from tidesync.server.storage.pgviews import drop_views_of_storage
+
+                    await drop_views_of_storage(conn, schema)  # the apps' SQL view schemas
                     await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
                 finally:
                     await conn.close()

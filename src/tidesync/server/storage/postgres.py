@@ -20,6 +20,11 @@ callbacks fire when a watched app's latest version grows through another process
 poll of the watched apps' counters every ``poll_interval`` seconds covers any
 missed notification (and a dropped listener connection, which the poll re-opens).
 
+SQL views. Per app, a schema of read-only views (one per model, typed columns, and the change
+log) lets reporting tools read the data with plain SQL; :mod:`.pgviews` makes them, in the
+``put_schemas`` transaction and at ``open`` (``docs/storage.md``). Integrating never
+touches them.
+
 Migrations are versioned (``schema_migrations``) and run by :meth:`PostgresStorage.open`
 under a PostgreSQL advisory lock, so several processes may start at once.
 """
@@ -76,6 +81,15 @@ from .base import (
     select_new_changesets,
 )
 from .pgquery import compile_filter
+from .pgviews import (
+    VIEWS_TABLE_DDL,
+    drop_app_views,
+    drop_views_of_storage,
+    refresh_views,
+    stale_apps,
+    views_current,
+    views_schema_name,
+)
 
 log = logging.getLogger("tidesync.server.storage.postgres")
 
@@ -135,6 +149,8 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    # the apps' read-only SQL views (pgviews); made for existing apps by ``open``
+    (2, VIEWS_TABLE_DDL),
 ]
 #: The newest layout this code knows.
 FORMAT_VERSION = MIGRATIONS[-1][0]
@@ -234,6 +250,10 @@ class PostgresStorage(ServerStorage):
         """The PostgreSQL schema holding the tables."""
         return self._schema
 
+    def views_schema(self, app_id: str) -> str:
+        """The PostgreSQL schema of ``app_id``'s read-only SQL views (see :mod:`.pgviews`)."""
+        return views_schema_name(self._schema, app_id)
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
@@ -258,6 +278,7 @@ class PostgresStorage(ServerStorage):
         try:
             async with pool.acquire() as conn:
                 await self._migrate(conn)
+                await self._refresh_stale_views(conn)
         except BaseException as exc:
             await pool.close()
             if isinstance(exc, _DRIVER_ERRORS):
@@ -269,6 +290,16 @@ class PostgresStorage(ServerStorage):
 
     async def _migrate(self, conn: asyncpg.Connection) -> None:
         await run_migrations(conn, self._schema, "schema_migrations", MIGRATIONS, "format")
+
+    async def _refresh_stale_views(self, conn: asyncpg.Connection) -> None:
+        """Make the SQL views of apps that lack them or whose views are out of date."""
+        for app_id, _ in await stale_apps(conn):
+            async with conn.transaction():
+                generation = await _lock_app(conn, app_id)
+                if await views_current(conn, app_id, generation):
+                    continue  # another process made them meanwhile
+                schemas = await self._schemas_at(conn, app_id, generation)
+                await refresh_views(conn, self._schema, app_id, schemas, generation)
 
     async def _connect_listener(self) -> None:
         try:
@@ -473,6 +504,8 @@ class PostgresStorage(ServerStorage):
                 await conn.execute(
                     "UPDATE apps SET schema_generation = $2 WHERE app = $1", app_id, gen + 1
                 )
+                names = None if not stored else [m.name for m in changed]
+                await refresh_views(conn, self._schema, app_id, merged, gen + 1, names)
             self._schemas[app_id] = (gen + 1, merged)
             return dict(merged)
         except _DRIVER_ERRORS as exc:
@@ -745,6 +778,7 @@ class PostgresStorage(ServerStorage):
         """Delete all of the app's data."""
         try:
             async with self._db.acquire() as conn, conn.transaction():
+                await drop_app_views(conn, self._schema, app_id)
                 for table in ("objects", "log", "clients", "schemas", "apps"):
                     await conn.execute(f"DELETE FROM {table} WHERE app = $1", app_id)
         except _DRIVER_ERRORS as exc:
@@ -755,7 +789,9 @@ class PostgresStorage(ServerStorage):
     async def drop_schema(self) -> None:
         """Drop the whole PostgreSQL schema with every app in it (tests, decommissioning)."""
         try:
-            await self._db.execute(f'DROP SCHEMA IF EXISTS "{self._schema}" CASCADE')
+            async with self._db.acquire() as conn, conn.transaction():
+                await drop_views_of_storage(conn, self._schema)
+                await conn.execute(f'DROP SCHEMA IF EXISTS "{self._schema}" CASCADE')
         except _DRIVER_ERRORS as exc:
             raise StorageError(f"drop_schema failed: {exc}") from exc
         self._schemas.clear()
