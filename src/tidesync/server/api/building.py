@@ -4,8 +4,9 @@ instructions a device would make, against the objects' current merge states.
 An operation is one of:
 
 - ``create`` (``POST .../data/{Model}``): an object's values. A new object (or one erased)
-  gets one CREATE; an existing one a SET of each field given (the rest keep their
-  values), as a device's ``add(update=True)`` sets its fields.
+  gets one CREATE (every field but optional, collection and counter fields must be
+  given); an existing one a SET of each field given (the rest keep their values), as a
+  device's ``add(update=True)`` sets its fields.
 - ``update`` (``PATCH .../data/{Model}/{pk}``): fields to change. A plain JSON value
   replaces the field's value (a whole list, set or dict included); an operator object
   changes part of it with the element instructions the merge rules give meaning to:
@@ -69,10 +70,10 @@ def invalid(exc: JSONValueError) -> ApiError:
 def parse_create(schema: ModelSchema, schemas: dict[str, ModelSchema], body: Any) -> WriteOp:
     """A ``create`` of one JSON object (its primary key must be given)."""
     try:
-        values = object_from_json(schema, body, schemas)
+        values = object_from_json(schema, body, schemas, partial=True)
     except JSONValueError as exc:
         raise invalid(exc) from None
-    pk = values[schema.primary_key]
+    pk = values.get(schema.primary_key)
     if pk is None:
         raise ApiError(
             400,
@@ -143,6 +144,20 @@ def parse_pk_json(schema: ModelSchema, value: Any) -> Any:
         raise invalid(exc) from None
 
 
+def _require_all(schema: ModelSchema, values: dict[str, Any]) -> None:
+    """A new object needs every field but optional, collection and counter fields."""
+    for f in schema.fields:
+        required = not (f.optional or f.is_collection or f.kind is Kind.COUNTER)
+        if required and f.name not in values:
+            where = f"{schema.name}.{f.name}"
+            raise ApiError(
+                400,
+                f"{where}: this required field is missing (a new object needs it)",
+                "invalid_value",
+                {"field": where},
+            )
+
+
 class Builder:
     """Turns operations into instructions, in order, each later one seeing what the earlier
     ones did (``states``: the objects' merge states, updated as instructions are made).
@@ -178,6 +193,7 @@ class Builder:
         state = self._alive(key)
         if op.kind == CREATE:
             if state is None:
+                _require_all(schema, op.values)
                 ins = Instruction(Op.CREATE, op.model, op.pk, self.tick(), value=dict(op.values))
                 self._emit(schema, key, ins)
                 return
