@@ -240,6 +240,25 @@ async def test_bad_input_is_a_clear_4xx_and_the_server_keeps_serving(
         await refused(await anon.get(BASE, headers={"Authorization": "Bearer wrong"}), 401)
         _, other_token = await log_in(server.url, "other")
         await refused(await anon.get(BASE, headers={"Authorization": f"Bearer {other_token}"}), 401)
+    body = await refused(
+        await http.patch(f"{BASE}/Task/p-00", json={"id": "p-99"}), 400, "primary key"
+    )
+    body = await refused(
+        await http.patch(f"{BASE}/Task/p-00", json={"n": {"$inc": 1}}), 400, "$inc"
+    )
+    assert body["field"] == "Task.n"
+    await refused(await http.get(f"{BASE}/Task", params={"limit": 5000}), 400, "limit")
+    await refused(
+        await http.get(f"{BASE}/Task", params={"query": "n > $0", "args": "{}"}), 400, "array"
+    )
+    await refused(
+        await http.get(f"{BASE}/Task", params={"query": "n > 1 SORT(n ASC)"}), 400, "sort"
+    )
+    body = await refused(
+        await http.get(f"{BASE}/Thing", params={"query": "at < $0", "args": '["soon"]'}), 400, "$0"
+    )
+    assert body["code"] == "bad_query"
+    await refused(await http.post(f"{BASE}/_transaction", json=[{"op": "upsert"}]), 400, "[0]")
     assert (await http.get(f"{BASE}/Task/p-00")).status_code == 200  # still serving
     assert (await http.get(f"{BASE}/Task/e")).status_code == 404  # nothing stored
 
