@@ -3,6 +3,7 @@ the JSON values of every field type, paging, rules for user tokens, and bad inpu
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -319,3 +320,18 @@ async def test_user_tokens_follow_the_rules(server: TestServer, http: httpx.Asyn
         assert (await user.get(f"{BASE}/Task/r-alice")).json()["n"] == 0  # nothing stored
     assert (await http.get(f"{BASE}/Task/r-forged")).status_code == 404
     assert (await http.get(f"{BASE}/Task/r-shared")).json()["summary"] == ""
+
+
+async def test_concurrent_writes_are_serialised_and_all_stored(http: httpx.AsyncClient) -> None:
+    thing = {**THING, "id": 3, "hits": 0}
+    assert (await http.post(f"{BASE}/Thing", json=thing)).status_code == 200
+
+    async def bump(i: int) -> int:
+        answer = await http.patch(f"{BASE}/Thing/3", json={"hits": {"$inc": i}})
+        assert answer.status_code == 200, answer.text
+        hits: int = answer.json()["hits"]
+        return hits
+
+    seen = await asyncio.gather(*(bump(i) for i in range(1, 21)))
+    assert max(seen) == sum(range(1, 21))  # dense versions of one origin: none lost
+    assert (await http.get(f"{BASE}/Thing/3")).json()["hits"] == sum(range(1, 21))
