@@ -34,6 +34,7 @@ from typing import Any
 
 from ...core.changeset import Changeset
 from ...core.hlc import HLC, HybridClock
+from ...core.jsonvalues import scalar_to_json
 from ...core.merge import ObjectState
 from ...core.schema import ModelSchema
 from ...core.validate import validate_changeset
@@ -88,16 +89,17 @@ class WholeRecheck(CommitCheck):
         return [Changeset(cs.origin, cs.version, ()) for cs in changesets]
 
 
-def refused_error(status: int, message: str, refused: Refused) -> ApiError:
-    """The 403 (or 409) naming each refused object and why."""
-    listed = [{"model": m, "pk": _pk_json(pk), "reason": r} for m, pk, r in refused]
-    return ApiError(
-        status, message, "forbidden" if status == 403 else "conflict", {"refused": listed}
-    )
-
-
-def _pk_json(pk: Any) -> Any:
-    return pk if isinstance(pk, str | int) and not isinstance(pk, bool) else str(pk)
+def refused_error(
+    status: int, message: str, refused: Refused, schemas: dict[str, ModelSchema]
+) -> ApiError:
+    """The 403 (or 409) naming each refused object (its primary key in JSON) and why."""
+    listed = []
+    for model, pk, reason in refused:
+        schema = schemas.get(model)
+        pk_json = scalar_to_json(schema.pk_field.kind, pk) if schema is not None else str(pk)
+        listed.append({"model": model, "pk": pk_json, "reason": reason})
+    code = "forbidden" if status == 403 else "conflict"
+    return ApiError(status, message, code, {"refused": listed})
 
 
 @dataclass
@@ -215,7 +217,10 @@ class DataWriter:
             verdict = judge(view, schemas, [cs], [object_keys(cs.instructions)], stored)
             if verdict.refused:
                 raise refused_error(
-                    403, "the write rules refuse this write; nothing was stored", verdict.refused
+                    403,
+                    "the write rules refuse this write; nothing was stored",
+                    verdict.refused,
+                    schemas,
                 )
             check = WholeRecheck(view, schemas, stored)
         result = await self._submit(app_id, origin, cs, check)
@@ -225,6 +230,7 @@ class DataWriter:
                 "another write changed these objects meanwhile and the write rules now "
                 "refuse this write; nothing was stored",
                 check.refused,
+                schemas,
             )
         return WriteResult(keys, result.server_versions[0] if result.server_versions else None)
 
