@@ -174,6 +174,16 @@ class Builder:
         self.states = states
         self.tick = tick
         self.instructions: list[Instruction] = []
+        #: CREATEs of objects never stored, whose states are made only if a later
+        #: operation of the request touches them (most bulk inserts never do)
+        self._fresh: dict[ObjectKey, tuple[ModelSchema, Instruction]] = {}
+
+    def _materialize(self, key: ObjectKey) -> None:
+        pending = self._fresh.pop(key, None)
+        if pending is not None:
+            schema, ins = pending
+            state = self.states[key] = ObjectState.empty()
+            state.apply(ins, schema)
 
     def _emit(self, schema: ModelSchema, key: ObjectKey, ins: Instruction) -> None:
         state = self.states.get(key)
@@ -190,12 +200,17 @@ class Builder:
         """Make the instructions of one operation."""
         schema = self.schemas[op.model]
         key = op.key
+        self._materialize(key)
         state = self._alive(key)
         if op.kind == CREATE:
             if state is None:
                 _require_all(schema, op.values)
                 ins = Instruction(Op.CREATE, op.model, op.pk, self.tick(), value=dict(op.values))
-                self._emit(schema, key, ins)
+                if key in self.states:
+                    self._emit(schema, key, ins)
+                else:
+                    self._fresh[key] = (schema, ins)
+                    self.instructions.append(ins)
                 return
             for name, value in op.values.items():
                 if name != schema.primary_key:
