@@ -61,6 +61,9 @@ async def test_two_processes_on_postgres_share_the_data(tmp_path: Path, pg_url: 
             await eventually(lambda: "pg-1" in phone.tasks())
             await http.patch(f"{BASE}/Task/pg-1", json={"n": 7})
             await eventually(lambda: phone.tasks()["pg-1"]["n"] == 7)
+            # a query evaluated by PostgreSQL itself, with a JSON argument
+            found = await http.get(f"{BASE}/Task", params={"query": "n == $0", "args": "[7]"})
+            assert [o["id"] for o in found.json()["objects"]] == ["pg-1"]
             assert phone.db is not None
             with phone.db.write():
                 phone.db.add(Task(id="pg-2", owner_id=phone.user_id, summary="typed"))
