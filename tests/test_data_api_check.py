@@ -3,6 +3,8 @@ nothing, on the states the transaction sees. Pure code: real rules, real merge s
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 
 from tidesync.core.changeset import Changeset, Instruction, Op
@@ -10,8 +12,13 @@ from tidesync.core.hlc import HLC
 from tidesync.core.merge import ObjectState
 from tidesync.core.packing import pack
 from tidesync.core.schema import FieldSchema, Kind, ModelSchema
-from tidesync.server.api.writes import WholeRecheck
+from tidesync.server.api.access import Caller
+from tidesync.server.api.building import CREATE, WriteOp
+from tidesync.server.api.writes import DataWriter, WholeRecheck
+from tidesync.server.auth import Authenticator
+from tidesync.server.config import ServerConfig
 from tidesync.server.flexsync import FlexView
+from tidesync.server.hub import SyncHub
 from tidesync.server.rules import Permissions, parse_rules, user_fields
 from tidesync.server.storage.base import UploadBatch
 from tidesync.server.storage.sqlite import SQLiteStorage
@@ -94,3 +101,38 @@ async def test_the_storage_integrates_a_refused_write_as_nothing(tmp_path: Path)
         assert [pk for _, pk, _ in check.refused] == ["t"]
         objects = await storage.get_objects("todo", "Task")
         assert objects == {"t": values}  # nothing of the refused write
+
+
+async def test_a_write_cancelled_at_any_point_never_loses_the_next(tmp_path: Path) -> None:
+    """A request that goes away mid-write (its task cancelled) must leave its origin's
+    version right: the next write of that origin is stored, not taken for a duplicate."""
+    config = ServerConfig()
+    auth = Authenticator(tmp_path, config)
+    await auth.open()
+    storage = SQLiteStorage.in_folder(tmp_path)
+    await storage.open()
+    hub = SyncHub(storage, auth, config)
+    hub.start()
+    try:
+        await storage.put_schemas("todo", [TASK])
+        writer = DataWriter(hub)
+        caller = Caller("todo", None)
+
+        def op(pk: str) -> WriteOp:
+            values = {"id": pk, "owner_id": "o", "summary": pk}
+            return WriteOp(CREATE, "Task", pk, values=values)
+
+        for delay in range(40):  # cancelled after 0 to 20 ms: before, in and after its commit
+            task = asyncio.ensure_future(writer.write(caller, SCHEMAS, None, [op(f"c{delay}")]))
+            await asyncio.sleep(delay / 2000)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            kept = await writer.write(caller, SCHEMAS, None, [op(f"k{delay}")])
+            assert kept.server_version is not None, delay
+        objects = await storage.get_objects("todo", "Task")
+        assert {f"k{d}" for d in range(40)} <= set(objects)
+    finally:
+        await hub.close()
+        await storage.close()
+        await auth.aclose()

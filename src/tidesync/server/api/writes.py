@@ -239,11 +239,28 @@ class DataWriter:
     ) -> UploadResult:
         batch = UploadBatch(app_id, origin.name, [cs], check)
         try:
-            result = await self.hub.committer.submit(batch)
+            future = self.hub.committer.submit(batch)
+            try:
+                result = await asyncio.shield(future)
+            except asyncio.CancelledError:
+                # the request is gone but its commit goes on: hold the origin (its lock)
+                # until it is done, so that the origin's next version is the right one
+                await asyncio.wait([future])
+                failed = future.cancelled() or future.exception() is not None
+                done = None if failed else future.result()
+                origin.version = done.acked_version if done is not None and done.ok else None
+                raise
         except Exception as exc:
             origin.version = None  # read it back: the commit may have been done
             log.warning("app %s: a Data API write of %s failed: %s", app_id, origin.name, exc)
             raise ApiError(503, f"the write was not stored: {exc}", "unavailable") from None
+        if result.ok and not result.server_versions:
+            # taken for a duplicate: the version was stale (never expected); nothing stored
+            origin.version = None
+            log.error(
+                "app %s: Data API origin %s reused version %d", app_id, origin.name, cs.version
+            )
+            raise ApiError(503, "the write was not stored; try again", "unavailable")
         if result.ok:
             origin.version = result.acked_version
             return result
