@@ -62,6 +62,12 @@ class WriteOp:
         return (self.model, pack(self.pk))
 
 
+def not_found(model: str, pk: Any) -> ApiError:
+    """The 404 of a missing object (its key as written in JSON)."""
+    shown = repr(pk) if isinstance(pk, str | int) else repr(str(pk))
+    return ApiError(404, f"there is no {model} with primary key {shown}", "not_found")
+
+
 def invalid(exc: JSONValueError) -> ApiError:
     """A 400 naming the field a value does not fit."""
     return ApiError(400, str(exc), "invalid_value", {"field": exc.field})
@@ -218,7 +224,7 @@ class Builder:
                     self._emit(schema, key, ins)
             return
         if state is None:
-            raise ApiError(404, f"there is no {op.model} with primary key {op.pk!r}", "not_found")
+            raise not_found(op.model, op.pk)
         if op.kind == DELETE:
             self._emit(schema, key, Instruction(Op.ERASE, op.model, op.pk, self.tick()))
             return

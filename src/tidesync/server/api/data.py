@@ -28,7 +28,16 @@ from ..hub import SyncHub
 from ..rules import Permissions
 from ..storage.base import ObjectKey, StorageError
 from .access import ApiError, Caller, endpoint, json_body
-from .building import CREATE, DELETE, UPDATE, WriteOp, parse_create, parse_pk_json, parse_update
+from .building import (
+    CREATE,
+    DELETE,
+    UPDATE,
+    WriteOp,
+    not_found,
+    parse_create,
+    parse_pk_json,
+    parse_update,
+)
 from .perms import permissions_of
 from .reads import (
     DEFAULT_LIMIT,
@@ -116,11 +125,11 @@ async def _object(request: Request, hub: SyncHub, caller: Caller) -> Response:
     if request.method == "GET":
         values = await read_object(hub.storage, caller.app_id, schema, pk, perms)
         if values is None:
-            raise ApiError(404, f"there is no {schema.name} with primary key {pk!r}", "not_found")
+            raise not_found(schema.name, pk)
         return JSONResponse(object_to_json(schema, values, schemas))
     if perms is not None:  # a user cannot tell an object they may not read from none
         if await read_object(hub.storage, caller.app_id, schema, pk, perms) is None:
-            raise ApiError(404, f"there is no {schema.name} with primary key {pk!r}", "not_found")
+            raise not_found(schema.name, pk)
     if request.method == "DELETE":
         op = WriteOp(DELETE, schema.name, pk)
         await _write(hub, caller, schemas, perms, [op])
