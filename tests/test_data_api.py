@@ -301,6 +301,9 @@ async def test_user_tokens_follow_the_rules(server: TestServer, http: httpx.Asyn
     async with as_user(server.url, alice_token) as user:
         page = await user.get(f"{BASE}/Task", params={"query": "id BEGINSWITH 'r-'"})
         assert sorted(o["id"] for o in page.json()["objects"]) == ["r-alice", "r-shared"]
+        params = {"query": "id BEGINSWITH 'r-'", "sort": "id", "desc": "true"}
+        page = await user.get(f"{BASE}/Task", params=params)  # the sorted scan: filtered too
+        assert [o["id"] for o in page.json()["objects"]] == ["r-shared", "r-alice"]
         assert (await user.get(f"{BASE}/Task/r-bob")).status_code == 404
         assert (await user.get(f"{BASE}/Thing")).json()["objects"] == []  # no rule: nothing
         mine = await user.patch(f"{BASE}/Task/r-alice", json={"summary": "mine"})
