@@ -72,8 +72,9 @@ def _float_to_json(value: float) -> float | str:
 def _datetime_to_json(value: _dt.datetime) -> str:
     if value.tzinfo is None:
         value = value.replace(tzinfo=_dt.UTC)
-    value = value.astimezone(_dt.UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%f") + "Z"
+    value = value.astimezone(_dt.UTC).replace(tzinfo=None)
+    # isoformat, not strftime: strftime's %Y does not pad years before 1000 to 4 digits
+    return value.isoformat(timespec="microseconds") + "Z"
 
 
 def scalar_to_json(

@@ -736,11 +736,32 @@ _ORDERED = {"<", "<=", ">", ">=", "between"}
 _NUMERIC = (Kind.INT, Kind.FLOAT, Kind.COUNTER, Kind.DECIMAL)
 
 
+#: Converts an argument to the Python value a path compares with (see :func:`bind`).
+ArgConverter = Callable[["BoundPath", Any], Any]
+
+
 class _Binder:
-    def __init__(self, query: Query, schemas: dict[str, ModelSchema], args: Sequence[Any]):
+    def __init__(
+        self,
+        query: Query,
+        schemas: dict[str, ModelSchema],
+        args: Sequence[Any],
+        convert: ArgConverter | None = None,
+    ):
         self.text = query.text
         self.schemas = schemas
         self.args = args
+        self.convert = convert
+
+    def converted(self, o: Literal | Arg, path: BoundPath, raw: Any) -> Any:
+        """An argument as ``convert`` makes it for ``path`` (a ``ValueError`` of it is a
+        :class:`QueryError` at the argument); a literal as it is."""
+        if self.convert is None or not isinstance(o, Arg) or raw is None:
+            return raw
+        try:
+            return self.convert(path, raw)
+        except ValueError as exc:
+            raise self.err(f"argument ${o.index}: {exc}", o.pos) from None
 
     def err(self, message: str, pos: int) -> QueryError:
         return _err(message, self.text, pos)
@@ -798,7 +819,7 @@ class _Binder:
 
     def value(self, o: Literal | Arg, path: BoundPath, op: str) -> Any:
         raw, lexeme = self.raw(o)
-        return self.coerce(raw, lexeme, path, op, o.pos)
+        return self.coerce(self.converted(o, path, raw), lexeme, path, op, o.pos)
 
     def raw(self, o: Literal | Arg) -> tuple[Any, str | None]:
         if isinstance(o, Literal):
@@ -878,7 +899,9 @@ class _Binder:
             raw, _ = self.raw(right)
             if not isinstance(raw, (list, tuple, set, frozenset)):
                 raise self.err("IN needs {values} or a list argument", right.pos)
-            values = tuple(self.coerce(v, None, path, op, right.pos) for v in raw)
+            values = tuple(
+                self.coerce(self.converted(right, path, v), None, path, op, right.pos) for v in raw
+            )
         else:
             assert isinstance(right, (Literal, Arg))
             values = (self.value(right, path, op),)
@@ -898,12 +921,21 @@ class _Binder:
 
 
 def bind(
-    query: Query, model: ModelSchema, schemas: dict[str, ModelSchema], args: Sequence[Any]
+    query: Query,
+    model: ModelSchema,
+    schemas: dict[str, ModelSchema],
+    args: Sequence[Any],
+    convert: ArgConverter | None = None,
 ) -> BoundQuery:
-    """Resolve fields and kinds and substitute arguments; :class:`QueryError` on any mismatch."""
+    """Resolve fields and kinds and substitute arguments; :class:`QueryError` on any mismatch.
+
+    ``convert(path, value)``: turns each (non-null) argument into the value ``path``
+    compares with before it is checked (the Data API's JSON arguments: a date-time string
+    for a datetime field); a ``ValueError`` it raises is a :class:`QueryError` at the
+    argument."""
     all_schemas = dict(schemas)
     all_schemas.setdefault(model.name, model)
-    b = _Binder(query, all_schemas, args)
+    b = _Binder(query, all_schemas, args, convert)
     pred = b.predicate(model, query.predicate)
     sort_paths = tuple(b.order_path(model, s.path, "SORT") for s in query.sort or ())
     distinct_paths = tuple(b.order_path(model, p, "DISTINCT") for p in query.distinct or ())

@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from .api import api_routes
 from .auth import Authenticator, auth_routes
 from .config import ServerConfig
 from .hub import SyncHub
@@ -144,6 +145,7 @@ def create_app(
         Route("/ready", _ready, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
         *auth_routes(),
+        *api_routes(),
         WebSocketRoute(SYNC_PATH, _sync),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

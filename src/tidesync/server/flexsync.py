@@ -830,8 +830,14 @@ def write_guard(
         models = {ins.model for cs in changesets for ins in cs.instructions}
         if not any(view.can_refuse(model) for model in models):
             return WriteGuard(None)
-    locks = _WRITE_LOCKS.setdefault(conn.hub, {})
-    return WriteGuard(locks.setdefault(conn.app_id, asyncio.Lock()))
+    return WriteGuard(app_write_lock(conn.hub, conn.app_id))
+
+
+def app_write_lock(hub: SyncHub, app_id: str) -> asyncio.Lock:
+    """The lock that makes a rule check and its commit one step for ``app_id`` on ``hub``
+    (checked uploads of devices, and the Data API's checked writes)."""
+    locks = _WRITE_LOCKS.setdefault(hub, {})
+    return locks.setdefault(app_id, asyncio.Lock())
 
 
 async def check_upload(

@@ -289,6 +289,14 @@ class Permissions:
         """May the user write an object with these values (checked before and after)?"""
         return self._allows(model, "write", values)
 
+    def read_filter(self, model: str) -> tuple[bool, q.BoundQuery | None]:
+        """``(readable at all, the read rule's bound filter or None for no filter)`` of
+        ``model`` for this user (what ``storage.read_matching`` takes as its rule)."""
+        if self.rules is None:
+            return True, None
+        bound = self._filter(model, "read")
+        return bound is not None, bound
+
     def writes_anything(self, model: str) -> bool:
         """May the user write every object of ``model``, whatever its values (no rules, or
         a write rule that is always true for this user)?"""

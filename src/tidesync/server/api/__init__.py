@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
+from .data import data_routes
+
 
 def api_routes() -> list[BaseRoute]:
     """Every route of the backend API (they find the hub in ``app.state.hub``)."""
-    routes: list[BaseRoute] = []
+    routes: list[BaseRoute] = [*data_routes()]
     return routes

@@ -8,6 +8,7 @@ user: the app's read and write rules apply exactly as on sync. Anything else is 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,9 @@ from ...errors import AuthError, TooManyAttemptsError
 from ..auth import ACCESS, Authenticator
 from ..hub import SyncHub
 from ..settings import AppSettings
+from ..storage.base import StorageError
+
+log = logging.getLogger("tidesync.server.api")
 
 #: The user id the Data API's writes with an admin key are registered under (the change
 #: feed reports them with ``"by": {"user_id": null, ...}``).
@@ -160,7 +164,8 @@ Handler = Callable[[Request, SyncHub, Caller], Awaitable[Response]]
 
 
 def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """Wrap a handler: the hub and caller in, every :class:`ApiError` a JSON answer out."""
+    """Wrap a handler: the hub and caller in, every :class:`ApiError` a JSON answer out
+    (a storage failure a 503, anything unexpected a 500 logged with its traceback)."""
 
     async def run(request: Request) -> Response:
         try:
@@ -169,6 +174,12 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return await handler(request, hub, caller)
         except ApiError as exc:
             return exc.response()
+        except StorageError as exc:  # the storage is down or full: try again later
+            log.warning("%s %s: the storage failed: %s", request.method, request.url.path, exc)
+            return ApiError(503, f"the storage failed: {exc}", "unavailable").response()
+        except Exception:
+            log.exception("%s %s failed", request.method, request.url.path)
+            return ApiError(500, "internal error (see the server log)", "internal").response()
 
     run.__name__ = handler.__name__
     return run
