@@ -12,7 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..core.jsonvalues import from_json, scalar_to_json, to_json
-from ..core.schema import Kind, ModelSchema
+from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..errors import TidesyncError
 from ..store.model import Model
 
@@ -109,7 +109,7 @@ class Codec:
     def __init__(self, models: Iterable[Mapping[str, Any]]) -> None:
         self.schemas: dict[str, ModelSchema] = {}
         for m in models:
-            schema = ModelSchema.from_dict(dict(m))
+            schema = _schema_of(m)
             self.schemas[schema.name] = schema
 
     def schema(self, name: str) -> ModelSchema:
@@ -153,6 +153,23 @@ class Codec:
             fs = schema.by_name.get(key)
             out[key] = value if fs is None else from_json(fs, value, name, self.schemas)
         return out
+
+
+def _schema_of(model: Mapping[str, Any]) -> ModelSchema:
+    """A model as ``GET .../data`` describes it."""
+    pk = str(model["primary_key"])
+    fields = tuple(
+        FieldSchema(
+            name=str(f["name"]),
+            kind=Kind(f["kind"]),
+            collection=Collection(f.get("collection") or "none"),
+            optional=bool(f.get("optional", False)),
+            target=f.get("target"),
+            primary_key=f["name"] == pk,
+        )
+        for f in model["fields"]
+    )
+    return ModelSchema(str(model["name"]), fields, pk)
 
 
 def _is_operator(value: Any) -> bool:
@@ -297,7 +314,7 @@ class Transaction:
         """Create (or upsert) one object."""
         name = model_name(model)
         body = self._codec_of().encode(name, obj)
-        self.operations.append({"op": "insert", "model": name, "object": body})
+        self.operations.append({"op": "create", "model": name, "object": body})
 
     def update(self, model: ModelRef, pk: Any, changes: Mapping[str, Any]) -> None:
         """Set fields of one object (``{"$inc": n}`` for counters)."""
