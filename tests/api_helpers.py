@@ -18,6 +18,9 @@ CONFIG = f"""
 [server]
 admin_keys = ["{ADMIN_KEY}"]
 
+[limits]
+max_api_body_bytes = 200000
+
 [apps.todo]
 auth = ["anonymous"]
 auto_confirm = true

@@ -338,3 +338,15 @@ async def test_concurrent_writes_are_serialised_and_all_stored(http: httpx.Async
     seen = await asyncio.gather(*(bump(i) for i in range(1, 21)))
     assert max(seen) == sum(range(1, 21))  # dense versions of one origin: none lost
     assert (await http.get(f"{BASE}/Thing/3")).json()["hits"] == sum(range(1, 21))
+
+
+def test_the_data_api_has_its_own_body_limit() -> None:
+    from tidesync.server.limits import BodySizeLimit, Limits
+
+    limits = Limits()
+    gate = BodySizeLimit(None, limits.max_request_body_bytes, limits.max_api_body_bytes)  # type: ignore[arg-type]
+    assert gate.limit_for("/api/v1/apps/todo/data/Task") == limits.max_api_body_bytes
+    assert gate.limit_for("/api/v1/apps/todo/data") == limits.max_api_body_bytes
+    assert gate.limit_for("/api/v1/apps/todo/auth/email/register") == 64 * 1024
+    assert gate.limit_for("/api/v1/apps/data/auth/anonymous") == 64 * 1024
+    assert limits.max_api_body_bytes >= 16 * 2**20  # a bulk POST of 10,000s of objects

@@ -149,5 +149,9 @@ def create_app(
         WebSocketRoute(SYNC_PATH, _sync),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_request_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.limits.max_request_body_bytes,
+        api_max_bytes=settings.limits.max_api_body_bytes,
+    )
     return app

@@ -60,8 +60,11 @@ class Limits:
     max_connections_per_address: int = 256
     #: Largest frame a sync WebSocket may send before its HELLO is verified.
     max_frame_bytes_before_hello: int = 64 * 1024
-    #: Bytes of one HTTP request body.
+    #: Bytes of one HTTP request body (the auth API and everything else but the Data API).
     max_request_body_bytes: int = 64 * 1024
+    #: Bytes of one Data API request body (``/api/v1/apps/{app}/data...``): a backend's
+    #: bulk ``POST`` of 10,000s of objects fits; its objects still meet ``max_object_bytes``.
+    max_api_body_bytes: int = 32 * 1024 * 1024
     #: Models of one app whose schema is learnt from clients (no declared schema).
     max_models_per_app: int = 1000
     #: Fields of one model whose schema is learnt from clients (no declared schema).
@@ -156,9 +159,18 @@ class BodySizeLimit:
     WebSocket traffic passes through untouched (frames have their own limit).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, api_max_bytes: int | None = None) -> None:
+        """``api_max_bytes``: the limit of Data API paths (None: ``max_bytes``)."""
         self.app = app
         self.max_bytes = max_bytes
+        self.api_max_bytes = max_bytes if api_max_bytes is None else api_max_bytes
+
+    def limit_for(self, path: str) -> int:
+        """The body limit of a request path."""
+        parts = path.split("/")  # "", "api", "v1", "apps", app, "data", ...
+        if len(parts) > 5 and parts[1:4] == ["api", "v1", "apps"] and parts[5] == "data":
+            return self.api_max_bytes
+        return self.max_bytes
 
     async def __call__(
         self,
@@ -170,6 +182,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limit_for(str(scope.get("path", "")))
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
@@ -177,8 +190,8 @@ class BodySizeLimit:
                 except ValueError:
                     await _too_large(send, "invalid Content-Length header", 400)
                     return
-                if declared > self.max_bytes:
-                    await _too_large(send, self._message(), 413)
+                if declared > limit:
+                    await _too_large(send, self._message(limit), 413)
                     return
         seen = 0
         refused = False
@@ -188,7 +201,7 @@ class BodySizeLimit:
             message = await receive()
             if message.get("type") == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     refused = True
                     raise _BodyTooLarge
             return message
@@ -205,15 +218,15 @@ class BodySizeLimit:
             await self.app(scope, counting_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await _too_large(send, self._message(), 413)
+                await _too_large(send, self._message(limit), 413)
         except Exception:
             if not refused:
                 raise
             if not started:
-                await _too_large(send, self._message(), 413)
+                await _too_large(send, self._message(limit), 413)
 
-    def _message(self) -> str:
-        return f"the request body is larger than the limit of {self.max_bytes} bytes"
+    def _message(self, limit: int) -> str:
+        return f"the request body is larger than the limit of {limit} bytes"
 
 
 class _BodyTooLarge(Exception):
