@@ -21,6 +21,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
+from .api import api_routes
+from .api.webhooks import WebhookManager
 from .auth import Authenticator, auth_routes
 from .config import ServerConfig
 from .hub import SyncHub
@@ -123,6 +125,9 @@ def create_app(
             raise
         hub = SyncHub(storage, auth, settings)
         hub.start()
+        webhooks = WebhookManager(hub)  # each hook its own task; stopped before the hub
+        webhooks.start()
+        app.state.webhooks = webhooks
         auth.on_user_gone = hub.disconnect_user
         auth.on_login_ended = hub.disconnect_login
         app.state.auth = auth
@@ -133,6 +138,7 @@ def create_app(
             yield
         finally:
             try:
+                await webhooks.aclose()
                 await hub.close()
             finally:
                 await storage.close()
@@ -144,6 +150,7 @@ def create_app(
         Route("/ready", _ready, methods=["GET"]),
         Route("/metrics", _metrics, methods=["GET"]),
         *auth_routes(),
+        *api_routes(),
         WebSocketRoute(SYNC_PATH, _sync),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)

@@ -289,6 +289,14 @@ class Permissions:
         """May the user write an object with these values (checked before and after)?"""
         return self._allows(model, "write", values)
 
+    def reads_anything(self, model: str) -> bool:
+        """May the user read every object of ``model``, whatever its values (no rules, or
+        a read rule that is always true for this user)?"""
+        if self.rules is None:
+            return True
+        bound = self._filter(model, "read")
+        return bound is not None and q.is_always_true(bound)
+
     def writes_anything(self, model: str) -> bool:
         """May the user write every object of ``model``, whatever its values (no rules, or
         a write rule that is always true for this user)?"""

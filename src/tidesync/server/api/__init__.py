@@ -12,5 +12,8 @@ from starlette.routing import BaseRoute
 
 def api_routes() -> list[BaseRoute]:
     """Every route of the backend API (they find the hub in ``app.state.hub``)."""
-    routes: list[BaseRoute] = []
+    from .changes import change_routes
+    from .hooks import webhook_routes
+
+    routes: list[BaseRoute] = [*change_routes(), *webhook_routes()]
     return routes
