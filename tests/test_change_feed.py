@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tidesync.server.config import ServerConfig
-from tidesync.server.settings import AuthSettings
+from tidesync.server.settings import AppSettings, AuthSettings
 from tidesync.testing import ServerProcess, TestServer
 
 from .backend_helpers import ADMIN_KEY, SSEReader, Writer, admin, read_all
@@ -258,3 +258,50 @@ async def test_feed_across_a_server_restart_loses_nothing(tmp_path: Path) -> Non
     finally:
         w.close()
         proc.stop()
+
+
+async def test_rules_filter_a_user_tokens_feed(tmp_path: Path) -> None:
+    rules = {
+        "Task": {"read": "owner_id == $user.id OR shared == true", "write": "owner_id == $user.id"}
+    }
+    app = AppSettings("todo", ("anonymous",), rules=rules)
+    config = ServerConfig(development_mode=False, auth=AuthSettings({"todo": app}, (ADMIN_KEY,)))
+    with TestServer(tmp_path / "server", config=config) as server:
+        u1, u2 = Writer(tmp_path, "u1", server.url), Writer(tmp_path, "u2", server.url)
+        try:
+            db1, db2 = await u1.open(), await u2.open()
+            assert u1.user is not None and u2.user is not None
+            me, other = u1.user.id, u2.user.id
+            with db2.write():
+                db2.add(Task(id="secret", owner_id=other))
+                db2.add(Task(id="public", owner_id=other, shared=True))
+            await u2.settle()
+            with db1.write():
+                db1.add(Task(id="mine", owner_id=me))
+            await u1.settle()
+            with db2.write():
+                db2.find(Task, "secret").summary = "still secret"
+                db2.delete(db2.find(Task, "public"))  # u1 cannot tell it from a secret erase
+            await u2.settle()
+            async with httpx.AsyncClient() as client:
+                url = feed_url(server.url)
+                everything, _ = await read_all(client, url)
+                assert [(e["op"], e["pk"]) for e in everything] == [
+                    ("create", "secret"),
+                    ("create", "public"),
+                    ("create", "mine"),
+                    ("update", "secret"),
+                    ("erase", "public"),
+                ]
+                seen, _ = await read_all(
+                    client, url, headers={"Authorization": f"Bearer {u1.token}"}
+                )
+                assert [(e["op"], e["pk"]) for e in seen] == [("create", "mine")]
+                theirs, _ = await read_all(
+                    client, url, headers={"Authorization": f"Bearer {u2.token}"}
+                )
+                assert [e["pk"] for e in theirs] == ["secret", "secret"]
+                assert theirs[0]["by"]["user_id"] == other
+        finally:
+            u1.close()
+            u2.close()
