@@ -20,6 +20,7 @@ from tidesync.server.settings import AppSettings, AuthSettings
 from tidesync.testing import ServerProcess, TestServer
 
 from .backend_helpers import ADMIN_KEY, SSEReader, Writer, admin, read_all
+from .flex_helpers import eventually
 from .test_flexsync_e2e import Task
 
 
@@ -305,3 +306,31 @@ async def test_rules_filter_a_user_tokens_feed(tmp_path: Path) -> None:
         finally:
             u1.close()
             u2.close()
+
+
+async def test_streams_end_when_the_client_goes_or_the_server_stops(
+    tmp_path: Path, server: TestServer, writer: Writer
+) -> None:
+    hub = server.server.hub
+    url = feed_url(server.url)
+    headers = {**admin(), "Accept": "text/event-stream"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream("GET", url, headers=headers) as stream:
+            assert stream.status_code == 200
+            await eventually(lambda: hub.listener_count("todo") == 1)
+        await eventually(lambda: hub.listener_count("todo") == 0)  # the client went
+        poll = asyncio.ensure_future(
+            client.get(url, params={"since": "now", "wait": 30}, headers=admin())
+        )
+        async with client.stream("GET", url, headers=headers) as stream:
+            lines = stream.aiter_lines()
+            assert await anext(lines) == "retry: 1000"
+            await eventually(lambda: hub.listener_count("todo") == 2)
+            began = time.monotonic()
+            await asyncio.to_thread(server.stop)
+            rest = [line async for line in lines]  # the stream ends
+            assert all(not line or line.startswith((":", "id:", "data:")) for line in rest)
+        answer = await asyncio.wait_for(poll, 10)  # the long poll answered, not cut
+        assert answer.status_code == 200 and answer.json()["events"] == []
+        assert time.monotonic() - began < 10
+        assert hub.listener_count("todo") == 0

@@ -321,6 +321,10 @@ class SyncHub:
                 del self._sessions[app_id]
                 self._unwatch_if_idle(app_id)
 
+    def listener_count(self, app_id: str) -> int:
+        """How many :meth:`listen` callbacks ``app_id`` has (open feeds, webhooks)."""
+        return len(self._listeners.get(app_id, ()))
+
     def listen(self, app_id: str, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` after each commit of new versions of ``app_id``, by this
         process or (through :meth:`ServerStorage.watch`) another one sharing the storage.
