@@ -116,6 +116,9 @@ class HookWorker:
         self._task: asyncio.Task[None] | None = None
         self._waker: Waker | None = None
         self._lease_at = 0.0
+        self._counted = False  # counted in the paused gauge
+        #: The body of the batch being delivered, by delivery id (retries send it again).
+        self._body: tuple[str, bytes] | None = None
 
     def start(self) -> None:
         """Start the worker's task."""
@@ -134,6 +137,7 @@ class HookWorker:
             self._waker.close()
         if self.active:
             self.active = False
+            self._count_paused()
             try:
                 await self.hub.storage.drop_lease(self.app_id, self.key, self.holder)
             except Exception as exc:  # the lease then expires by itself
@@ -153,7 +157,7 @@ class HookWorker:
         await storage.put_record(self.app_id, self.key, state.dump())
         if self.active:
             self.state = state
-            self.hub.metrics.webhooks_paused = max(0, self.hub.metrics.webhooks_paused - 1)
+            self._count_paused()
         self._wake.set()
         log.info("webhook %s of app %s resumed at cursor %s", self.index, self.app_id, state.cursor)
         return state
@@ -207,6 +211,7 @@ class HookWorker:
                 )
         elif self.active:
             self.active = False
+            self._count_paused()
             log.warning("webhook %s of app %s: another process took it over", *self._me)
         return got
 
@@ -220,8 +225,14 @@ class HookWorker:
                 start = await self.hub.storage.latest_version(self.app_id)
             self.state = HookState(cursor=start)
             await self._save()
-        if self.state.paused:
-            self.hub.metrics.webhooks_paused += 1
+        self._count_paused()
+
+    def _count_paused(self) -> None:
+        """Keep the ``tidesync_webhooks_paused`` gauge true to this worker's state."""
+        paused = self.active and self.state.paused
+        if paused != self._counted:
+            self._counted = paused
+            self.hub.metrics.webhooks_paused += 1 if paused else -1
 
     async def _save(self) -> None:
         await self.hub.storage.put_record(self.app_id, self.key, self.state.dump())
@@ -253,7 +264,17 @@ class HookWorker:
             return
         assert self._waker is not None
         self._waker.clear()
-        reader = FeedReader(self.hub.storage, self.app_id, await self._filter())
+        try:
+            flt = await self._filter()
+        except ApiError as exc:
+            if exc.code != "unknown_model":
+                await self._fail_for_good(exc)  # e.g. a query that does not fit the models
+                return
+            # development mode: no device declared the hook's models yet
+            log.debug("webhook %s of app %s: %s; waiting", *self._me, exc.message)
+            await self._sleep(idle, on_commit=True)
+            return
+        reader = FeedReader(self.hub.storage, self.app_id, flt)
         try:
             if state.pending_to is None:
                 page = await reader.page(state.cursor, self.hook.batch_size)
@@ -266,39 +287,58 @@ class HookWorker:
                     return
                 state.pending_to, state.delivery = page.cursor, uuid.uuid4().hex
                 await self._save()  # before the first attempt: a retry is the same batch
-            else:
+            elif self._body is not None and self._body[0] == state.delivery:
+                await self._deliver(client, self._body[1])  # a retry: the very same body
+                return
+            else:  # after a restart or a takeover: the same changes, the same id
                 page = await reader.page(state.cursor, 1 << 30, until=state.pending_to)
         except ApiError as exc:
             await self._fail_for_good(exc)
             return
+        if page.events:
+            await self._deliver(client, self._encode(page.events))
+        else:  # the batch's objects no longer match (filters see current values)
+            await self._delivered()
+
+    def _encode(self, events: list[dict[str, Any]]) -> bytes:
+        state = self.state
+        assert state.delivery is not None
         body = json.dumps(
             {
                 "hook": self.index,
                 "delivery": state.delivery,
-                "events": page.events,
+                "events": events,
                 "next": str(state.pending_to),
             },
             separators=(",", ":"),
         ).encode()
+        self._body = (state.delivery, body)
+        return body
+
+    async def _deliver(self, client: httpx.AsyncClient, body: bytes) -> None:
         try:
             await self._post(client, body)
         except _Failure as exc:
             await self._failed(str(exc))
             return
+        await self._delivered()
+        self.hub.metrics.webhook_deliveries_total += 1
+
+    async def _delivered(self) -> None:
+        state = self.state
+        assert state.pending_to is not None
         state.cursor, state.pending_to, state.delivery = state.pending_to, None, None
         state.failures, state.last_error = 0, None
         state.delivered += 1
+        self._body = None
         await self._save()
-        self.hub.metrics.webhook_deliveries_total += 1
 
     async def _load_paused(self) -> None:
         """A paused hook: see whether it was resumed (maybe by another process)."""
         text = await self.hub.storage.get_record(self.app_id, self.key)
         if text is not None:
-            fresh = HookState.parse(text)
-            if not fresh.paused and self.state.paused:
-                self.hub.metrics.webhooks_paused = max(0, self.hub.metrics.webhooks_paused - 1)
-            self.state = fresh
+            self.state = HookState.parse(text)
+            self._count_paused()
 
     async def _filter(self) -> Any:
         caller = Caller(self.app_id, None)  # a hook sees every object (no rules)
@@ -332,7 +372,7 @@ class HookWorker:
         if state.failures >= self.hook.max_failures:
             state.paused = True
             self.hub.metrics.webhook_pauses_total += 1
-            self.hub.metrics.webhooks_paused += 1
+            self._count_paused()
             log.error(
                 "webhook %s of app %s (%s) paused after %d consecutive failures (last: %s); "
                 "resume it with POST /api/v1/apps/%s/webhooks/%s/resume",
@@ -374,7 +414,7 @@ class HookWorker:
         elif exc.code == "bad_cursor":
             state.cursor, state.pending_to, state.delivery = 0, None, None
         self.hub.metrics.webhook_pauses_total += 1
-        self.hub.metrics.webhooks_paused += 1
+        self._count_paused()
         log.error("webhook %s of app %s paused: %s", *self._me, state.last_error)
         await self._save()
 

@@ -789,7 +789,7 @@ class PostgresStorage(ServerStorage):
             )
         except _DRIVER_ERRORS as exc:
             raise StorageError(f"take_lease failed: {exc}") from exc
-        return got == holder
+        return bool(got == holder)
 
     async def drop_lease(self, app_id: str, name: str, holder: str) -> None:
         """Give up the lease ``name`` if ``holder`` holds it."""
