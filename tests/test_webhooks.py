@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,45 @@ def test_webhook_settings_are_checked_at_load(tmp_path: Path) -> None:
     for text, message in bad.items():
         with pytest.raises(ConfigurationError, match=re.escape(message)):
             load(text)
+
+
+async def test_a_dead_or_slow_receiver_holds_up_neither_sync_nor_other_hooks(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    slow = Receiver()
+    slow.mode, slow.slow_seconds = "slow", 3.0
+    dead = Receiver()
+    dead.stop()  # nothing listens there any more
+    options = {"retry_initial": 0.05, "retry_max": 0.2, "max_failures": 1000, "start": "beginning"}
+    hooks = (
+        WebhookSettings(dead.url, ("Task",), SECRET, timeout=2.0, **options),
+        WebhookSettings(slow.url, ("Task",), SECRET, timeout=2.0, **options),
+        WebhookSettings(receiver.url, ("Task",), SECRET, "n > 5", timeout=2.0, **options),
+    )
+    app = AppSettings("todo", DEV_PROVIDERS, auto_confirm=True, webhooks=hooks)
+    config = ServerConfig(auth=AuthSettings({"todo": app}, (ADMIN_KEY,)))
+    with TestServer(tmp_path / "server", config=config) as server:
+        a, b = Writer(tmp_path, "a", server.url), Writer(tmp_path, "b", server.url)
+        try:
+            await a.open()
+            db_b = await b.open()
+            with db_b.subscriptions.update() as subs:
+                subs.add(db_b.query(Task, "TRUEPREDICATE"), name="all")
+            assert a.db is not None
+            began = time.monotonic()
+            for i in range(10):
+                with a.db.write():
+                    a.db.add(Task(id=f"k{i}", n=i))
+            await eventually(lambda: len(list(db_b.all(Task))) == 10, limit=20)
+            synced = time.monotonic() - began
+            await eventually(
+                lambda: [e["pk"] for e in delivered_events(receiver)] == ["k6", "k7", "k8", "k9"],
+                limit=20,
+            )
+            delivered = time.monotonic() - began
+            assert synced < 2.0 and delivered < 2.0, (synced, delivered)  # not held 2-3 s
+            assert slow.max_active >= 1  # the slow one was being held up meanwhile
+        finally:
+            a.close()
+            b.close()
+            slow.stop()
