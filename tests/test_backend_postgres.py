@@ -72,7 +72,8 @@ async def test_feed_and_webhooks_across_two_processes(
     w1 = Writer(tmp_path, "w1", one.url)
     w2 = Writer(tmp_path, "w2", two.url)
     try:
-        db1, db2 = await w1.open(), await w2.open()
+        db1 = await w1.open()
+        await w2.open()
         async with httpx.AsyncClient(timeout=30) as client:
             url2 = f"{two.url}/api/v1/apps/todo/changes"
             start = (await client.get(url2, params={"since": "now"}, headers=admin())).json()
