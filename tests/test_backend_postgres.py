@@ -95,6 +95,13 @@ async def test_feed_and_webhooks_across_two_processes(
                     db1.add(Task(id="x2"))
                 assert (await sse.next_event(15))["pk"] == "x2"
 
+            # a reader switching processes mid-way skips nothing
+            url1 = f"{one.url}/api/v1/apps/todo/changes"
+            first = await client.get(url1, params={"limit": 1}, headers=admin())
+            rest = await client.get(url2, params={"since": first.json()["next"]}, headers=admin())
+            pks = [e["pk"] for e in first.json()["events"] + rest.json()["events"]]
+            assert pks == ["x1", "x2"]
+
             # one process delivers the hook; the other stands by
             await eventually(lambda: [e["pk"] for e in delivered_events(receiver)] == ["x1", "x2"])
             states = [await hooks(client, p.url) for p in servers]

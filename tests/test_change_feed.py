@@ -334,3 +334,23 @@ async def test_streams_end_when_the_client_goes_or_the_server_stops(
         assert answer.status_code == 200 and answer.json()["events"] == []
         assert time.monotonic() - began < 10
         assert hub.listener_count("todo") == 0
+
+
+async def test_a_quiet_stream_sends_heartbeats(
+    server: TestServer, writer: Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tidesync.server.api import changes
+
+    monkeypatch.setattr(changes, "HEARTBEAT_SECONDS", 0.2)
+    headers = {**admin(), "Accept": "text/event-stream"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        url = feed_url(server.url)
+        async with client.stream("GET", url, params={"since": "now"}, headers=headers) as stream:
+            lines = stream.aiter_lines()
+            beats = 0
+            async with asyncio.timeout(10):
+                async for line in lines:
+                    beats += line == ": heartbeat"
+                    if beats == 2:
+                        break
+            assert beats == 2

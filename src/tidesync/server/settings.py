@@ -33,6 +33,13 @@ id, anonymous and email/password logins, accounts confirmed automatically. The f
     [apps.todo.rules.Task]          # kept as a plain dict for the permissions engine
     read = true
 
+    [[apps.todo.webhooks]]          # docs/backend.md, "Webhooks"
+    url = "https://backend.example/hook"
+    models = ["Task"]
+    secret = "a-long-random-secret"
+    query = "done == false"         # optional; timeout, max_failures, retry_initial,
+                                    # retry_max, batch_size, start also optional
+
     [apps.todo.schema.Task]         # the declared schema (server/schemapin.py); or
     primary_key = "id"              # schema_file = "todo-schema.toml" in [apps.todo]
     fields = { id = "objectid", owner_id = "str", summary = "str", due = "datetime | None" }
