@@ -289,3 +289,43 @@ async def test_a_dead_or_slow_receiver_holds_up_neither_sync_nor_other_hooks(
             a.close()
             b.close()
             slow.stop()
+
+
+async def test_a_hook_behind_trimmed_history_pauses_and_resumes_from_the_oldest(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    hook = WebhookSettings(
+        receiver.url,
+        ("Task",),
+        SECRET,
+        timeout=0.5,
+        retry_initial=0.05,
+        retry_max=0.1,
+        max_failures=1000,
+        start="beginning",
+    )
+    app = AppSettings("todo", DEV_PROVIDERS, auto_confirm=True, webhooks=(hook,))
+    config = ServerConfig(auth=AuthSettings({"todo": app}, (ADMIN_KEY,)), history_retention=1.0)
+    with TestServer(tmp_path / "server", config=config) as server:
+        w = Writer(tmp_path, "a", server.url)
+        try:
+            await w.open()
+            receiver.mode = "fail"
+            write(w, "h1")
+            await eventually(lambda: attempts(receiver) >= 1)
+            write(w, "h2")  # after the batch in flight: trimmed before it is delivered
+            write(w, "h3")
+            await w.settle()
+            await asyncio.sleep(1.8)  # retention 1 s: the history is trimmed meanwhile
+            receiver.mode = "ok"
+            await eventually_async(lambda: _in_state(server.url, "paused"))
+            paused = await status(server.url)
+            assert "trimmed" in paused["last_error"] and "lost" in paused["last_error"]
+            assert [e["pk"] for e in delivered_events(receiver)] == ["h1"]
+            url = f"{server.url}/api/v1/apps/todo/webhooks/0/resume"
+            assert (await call("POST", url)).status_code == 200
+            write(w, "h4")
+            await eventually(lambda: [e["pk"] for e in delivered_events(receiver)][-1:] == ["h4"])
+            assert "h2" not in [e["pk"] for e in delivered_events(receiver)]
+        finally:
+            w.close()
