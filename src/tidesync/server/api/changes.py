@@ -165,8 +165,7 @@ async def _stream(reader: FeedReader, hub: SyncHub, first: FeedPage) -> AsyncIte
                 page = await reader.page(cursor, STREAM_PAGE)
             sent = bool(page.events) or page.cursor != cursor
             if sent:
-                for chunk in _sse_lines(page):
-                    yield chunk
+                yield "".join(_sse_lines(page))  # one write per page
             cursor, more = page.cursor, page.more
             page = None
             if not more:

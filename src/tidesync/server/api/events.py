@@ -30,11 +30,12 @@ writer's clock as the server accepted it), ISO 8601 UTC with milliseconds.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...core.changeset import Op
-from ...core.jsonvalues import scalar_to_json, to_json
+from ...core.jsonvalues import SAFE_INT, scalar_to_json, to_json
 from ...core.packing import unpack_instructions
 from ...core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..storage.base import LogEntry, ObjectKey, object_keys
@@ -65,9 +66,17 @@ class ChangeEvent:
         fields: dict[str, Any] = {}
         if schema is not None:
             pk = scalar_to_json(schema.pk_field.kind, self.pk)
+            by_name = schema.by_name
             for name, fold in self.fields.items():
-                spec = schema.by_name.get(name)
-                if spec is not None:
+                spec = by_name.get(name)
+                if spec is None:
+                    continue
+                if fold[0] == "value":
+                    plain = _PLAIN.get((spec.kind, spec.collection))
+                    fields[name] = (
+                        plain(fold[1]) if plain is not None else to_json(spec, fold[1], schemas)
+                    )
+                else:
                     fields[name] = _fold_to_json(spec, fold, schemas)
         return {
             "version": self.version,
@@ -80,6 +89,25 @@ class ChangeEvent:
         }
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
+def _safe_int(value: Any) -> Any:
+    return value if value is None or -SAFE_INT <= value <= SAFE_INT else str(value)
+
+
+#: Whole values whose JSON form needs no schema lookups (the common, hot case): by
+#: ``(kind, collection)``; the rest go through :func:`~tidesync.core.jsonvalues.to_json`.
+_PLAIN: dict[tuple[Kind, Collection], Any] = {
+    (Kind.STR, Collection.NONE): _same,
+    (Kind.BOOL, Collection.NONE): _same,
+    (Kind.INT, Collection.NONE): _safe_int,
+    (Kind.COUNTER, Collection.NONE): _safe_int,
+}
+
+
+@functools.lru_cache(maxsize=4096)
 def iso_millis(wall_ms: int) -> str:
     """Milliseconds since the epoch as ISO 8601 UTC (``2026-12-08T04:10:00.123Z``)."""
     moment = _EPOCH + _dt.timedelta(milliseconds=wall_ms)

@@ -185,14 +185,24 @@ class FeedReader:
                 break
             schemas = await self._get_schemas()
             candidates: list[list[ChangeEvent]] = []
-            for entry in entries:
+            taken = len(events)
+            for entry in entries:  # decoded only as far as the page may need
                 found = changeset_events(entry, schemas)
                 if any(ev.model not in schemas for ev in found):
                     schemas = await self._reload_schemas()
                 candidates.append([ev for ev in found if self.filter.wants(ev.model)])
-            states = await self._states(ev for group in candidates for ev in group)
-            for entry, group in zip(entries, candidates, strict=True):
-                events.extend(ev for ev in group if self._visible(ev, states))
+                taken += len(candidates[-1])
+                if taken >= limit:
+                    break
+            filtered = bool(self.filter.queries) or self.filter.perms is not None
+            states = {}
+            if filtered:
+                states = await self._states(ev for group in candidates for ev in group)
+            for entry, group in zip(entries, candidates, strict=False):
+                if filtered:
+                    events.extend(ev for ev in group if self._visible(ev, states))
+                else:
+                    events.extend(group)
                 cursor = entry.server_version
                 scanned += 1
                 if len(events) >= limit or scanned >= MAX_SCAN_ENTRIES:
