@@ -354,3 +354,24 @@ async def test_a_quiet_stream_sends_heartbeats(
                     if beats == 2:
                         break
             assert beats == 2
+
+
+async def test_a_users_stream_ends_when_its_access_token_expires(tmp_path: Path) -> None:
+    config = ServerConfig(auth=AuthSettings(admin_keys=(ADMIN_KEY,)), access_token_ttl=1.5)
+    with TestServer(tmp_path / "server", config=config) as server:
+        w = Writer(tmp_path, "a", server.url)
+        try:
+            await w.open()
+            headers = {"Authorization": f"Bearer {w.token}", "Accept": "text/event-stream"}
+            async with httpx.AsyncClient(timeout=30) as client:
+                url = feed_url(server.url)
+                async with client.stream("GET", url, headers=headers) as stream:
+                    assert stream.status_code == 200
+                    async with asyncio.timeout(10):
+                        lines = [line async for line in stream.aiter_lines()]
+            assert "event: error" in lines
+            error = next(line for line in lines if line.startswith("data:"))
+            assert "invalid_token" in error and "expired" in error
+            assert server.server.hub.listener_count("todo") == 0
+        finally:
+            w.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -17,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from ...errors import AuthError
+from ..auth import ACCESS, TokenClaims
 from ..hub import SyncHub
 from .access import ApiError, Caller, endpoint
 from .feed import DEFAULT_LIMIT, MAX_LIMIT, FeedPage, FeedReader, build_filter, parse_cursor
@@ -27,6 +30,8 @@ MAX_WAIT = 60.0
 HEARTBEAT_SECONDS = 15.0
 #: Events an SSE stream reads per page.
 STREAM_PAGE = 500
+#: Seconds between two looks at whether a user's stream may go on (user disabled, logout).
+GRANT_CHECK = 5.0
 
 
 class Waker:
@@ -59,6 +64,42 @@ class Waker:
     def close(self) -> None:
         """Stop listening."""
         self._stop()
+
+
+class Grant:
+    """Whether a user's stream may go on: its access token unexpired, its user active, its
+    login not logged out (checked at most every :data:`GRANT_CHECK` seconds). An admin
+    key's stream always may."""
+
+    def __init__(self, hub: SyncHub, caller: Caller, request: Request) -> None:
+        self.hub = hub
+        self.app_id = caller.app_id
+        self.claims: TokenClaims | None = None
+        self._checked = time.monotonic()
+        if not caller.admin:
+            token = request.headers.get("authorization", "").partition(" ")[2].strip()
+            try:
+                self.claims = hub.auth.verify(token, caller.app_id, ACCESS)
+            except AuthError as exc:  # it was valid a moment ago (caller_of)
+                raise ApiError(401, f"access refused: {exc}", "invalid_token") from None
+
+    def seconds_left(self) -> float:
+        """Until the token expires (infinity for an admin)."""
+        if self.claims is None:
+            return math.inf
+        return self.claims.expires_at - time.time()
+
+    async def refusal(self) -> str | None:
+        """Why the stream must end now, or None."""
+        if self.claims is None:
+            return None
+        if self.seconds_left() <= 0:
+            return "the access token expired (open the stream again with a fresh one)"
+        now = time.monotonic()
+        if now - self._checked < GRANT_CHECK:
+            return None
+        self._checked = now
+        return await self.hub.auth.access_refusal(self.app_id, self.claims)
 
 
 def _number(request: Request, name: str, default: float, low: float, high: float) -> float:
@@ -94,9 +135,10 @@ async def changes(request: Request, hub: SyncHub, caller: Caller) -> Response:
         where = "Last-Event-ID" if last else "since"
         since = None if since_text is None else _since(since_text, where)
         cursor = await _first_cursor(reader, hub, since)
+        grant = Grant(hub, caller, request)
         first = await reader.page(cursor, STREAM_PAGE)  # errors answer before streaming
         return StreamingResponse(
-            _stream(reader, hub, first),
+            _stream(reader, hub, first, grant),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -153,13 +195,18 @@ def _sse_lines(page: FeedPage) -> list[str]:
     return out
 
 
-async def _stream(reader: FeedReader, hub: SyncHub, first: FeedPage) -> AsyncIterator[str]:
+async def _stream(
+    reader: FeedReader, hub: SyncHub, first: FeedPage, grant: Grant
+) -> AsyncIterator[str]:
     waker = Waker(hub, reader.app_id)
     try:
         yield "retry: 1000\n\n"
         page: FeedPage | None = first
         cursor = first.cursor
         while not hub.stopping.is_set():
+            refusal = await grant.refusal()
+            if refusal is not None:
+                raise ApiError(401, f"access refused: {refusal}", "invalid_token")
             if page is None:
                 waker.clear()
                 page = await reader.page(cursor, STREAM_PAGE)
@@ -169,7 +216,7 @@ async def _stream(reader: FeedReader, hub: SyncHub, first: FeedPage) -> AsyncIte
             cursor, more = page.cursor, page.more
             page = None
             if not more:
-                await waker.wait(HEARTBEAT_SECONDS)
+                await waker.wait(min(HEARTBEAT_SECONDS, max(0.0, grant.seconds_left())))
                 if not waker.event.is_set() and not hub.stopping.is_set():
                     yield ": heartbeat\n\n"
     except ApiError as exc:  # e.g. trimmed while streaming: say so, then end
