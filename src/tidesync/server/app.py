@@ -22,6 +22,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .api import api_routes
+from .api.webhooks import WebhookManager
 from .auth import Authenticator, auth_routes
 from .config import ServerConfig
 from .hub import SyncHub
@@ -124,6 +125,9 @@ def create_app(
             raise
         hub = SyncHub(storage, auth, settings)
         hub.start()
+        webhooks = WebhookManager(hub)  # each hook its own task; stopped before the hub
+        webhooks.start()
+        app.state.webhooks = webhooks
         auth.on_user_gone = hub.disconnect_user
         auth.on_login_ended = hub.disconnect_login
         app.state.auth = auth
@@ -134,6 +138,7 @@ def create_app(
             yield
         finally:
             try:
+                await webhooks.aclose()
                 await hub.close()
             finally:
                 await storage.close()

@@ -232,7 +232,11 @@ class SyncHub:
         self._connections: set[SyncConnection] = set()
         self._sessions: dict[str, set[_Session]] = {}
         self._unwatch: dict[str, Callable[[], None]] = {}  # app -> stop watching storage
+        #: Per app, the callbacks :meth:`listen` added (the change feed, webhooks).
+        self._listeners: dict[str, set[Callable[[], None]]] = {}
         self._accepting = True
+        #: Set when the server starts going away: long polls and event streams end.
+        self.stopping = asyncio.Event()
         #: Per app, the objects recent uploads made with one CREATE alone (newest last, at
         #: most ``RECENT_CREATES`` per app): key -> the server version of that CREATE
         #: (``UploadResult.created``). Flexible sync sends such an object whole without
@@ -276,6 +280,11 @@ class SyncHub:
         acknowledgement in a transaction of its own, as the app wrote next; it no longer
         does: see ``SessionWorker._note_cursors``.)
         """
+        for listener in list(self._listeners.get(app_id, ())):
+            try:
+                listener()
+            except Exception:
+                log.exception("a commit listener of app %s failed", app_id)
         sessions = self._sessions.get(app_id, ())
         if writers:
             for session in sessions:
@@ -290,8 +299,18 @@ class SyncHub:
         self.metrics.sessions_total += 1
         if self.trimmer is not None:
             self.trimmer.note_app(app_id)
+        self._watch(app_id)
+
+    def _watch(self, app_id: str) -> None:
         if app_id not in self._unwatch:  # commits of other server processes wake it too
             self._unwatch[app_id] = self.storage.watch(app_id, partial(self._remote, app_id))
+
+    def _unwatch_if_idle(self, app_id: str) -> None:
+        if app_id in self._sessions or app_id in self._listeners:
+            return
+        unwatch = self._unwatch.pop(app_id, None)
+        if unwatch is not None:
+            unwatch()
 
     def unregister(self, app_id: str, session: _Session) -> None:
         """Remove a session from the app's fan-out set."""
@@ -300,9 +319,29 @@ class SyncHub:
             sessions.discard(session)
             if not sessions:
                 del self._sessions[app_id]
-                unwatch = self._unwatch.pop(app_id, None)
-                if unwatch is not None:
-                    unwatch()
+                self._unwatch_if_idle(app_id)
+
+    def listener_count(self, app_id: str) -> int:
+        """How many :meth:`listen` callbacks ``app_id`` has (open feeds, webhooks)."""
+        return len(self._listeners.get(app_id, ()))
+
+    def listen(self, app_id: str, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` after each commit of new versions of ``app_id``, by this
+        process or (through :meth:`ServerStorage.watch`) another one sharing the storage.
+        It must not block. Returns the function that stops calling it."""
+        self._listeners.setdefault(app_id, set()).add(callback)
+        self._watch(app_id)
+
+        def stop() -> None:
+            callbacks = self._listeners.get(app_id)
+            if callbacks is None or callback not in callbacks:
+                return
+            callbacks.discard(callback)
+            if not callbacks:
+                del self._listeners[app_id]
+                self._unwatch_if_idle(app_id)
+
+        return stop
 
     @property
     def session_count(self) -> int:
@@ -332,6 +371,7 @@ class SyncHub:
     async def going_away(self) -> None:
         """Stop accepting; send ERROR 115 and close (1001) every connection; wait for them."""
         self._accepting = False
+        self.stopping.set()
         connections = list(self._connections)
         if not connections:
             return

@@ -64,6 +64,10 @@ class ServerMetrics:
     commit_failures_total: int = 0
     remote_wakeups_total: int = 0  # commits of other processes that woke sessions here
     errors_total: dict[int, int] = field(default_factory=dict)
+    webhook_deliveries_total: int = 0  # webhook POSTs answered 2xx
+    webhook_failures_total: int = 0  # webhook attempts that failed (error, timeout, non-2xx)
+    webhook_pauses_total: int = 0  # hooks paused after too many consecutive failures
+    webhooks_paused: int = 0  # gauge: hooks this process holds that are paused now
     commit_seconds: Histogram = field(default_factory=Histogram)
 
     def error(self, code: int) -> None:
@@ -116,6 +120,26 @@ class ServerMetrics:
             "tidesync_remote_wakeups_total",
             "Wake-ups for commits made by other server processes.",
             self.remote_wakeups_total,
+        )
+        counter(
+            "tidesync_webhook_deliveries_total",
+            "Webhook batches delivered (answered 2xx).",
+            self.webhook_deliveries_total,
+        )
+        counter(
+            "tidesync_webhook_failures_total",
+            "Webhook delivery attempts that failed (network error, timeout, non-2xx).",
+            self.webhook_failures_total,
+        )
+        counter(
+            "tidesync_webhook_pauses_total",
+            "Webhooks paused after too many consecutive failures.",
+            self.webhook_pauses_total,
+        )
+        gauge(
+            "tidesync_webhooks_paused",
+            "Webhooks delivered by this process that are paused now.",
+            self.webhooks_paused,
         )
         metric(
             "tidesync_errors_total",

@@ -297,6 +297,14 @@ class Permissions:
         bound = self._filter(model, "read")
         return bound is not None, bound
 
+    def reads_anything(self, model: str) -> bool:
+        """May the user read every object of ``model``, whatever its values (no rules, or
+        a read rule that is always true for this user)?"""
+        if self.rules is None:
+            return True
+        bound = self._filter(model, "read")
+        return bound is not None and q.is_always_true(bound)
+
     def writes_anything(self, model: str) -> bool:
         """May the user write every object of ``model``, whatever its values (no rules, or
         a write rule that is always true for this user)?"""

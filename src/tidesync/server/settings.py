@@ -33,6 +33,13 @@ id, anonymous and email/password logins, accounts confirmed automatically. The f
     [apps.todo.rules.Task]          # kept as a plain dict for the permissions engine
     read = true
 
+    [[apps.todo.webhooks]]          # docs/backend.md, "Webhooks"
+    url = "https://backend.example/hook"
+    models = ["Task"]
+    secret = "a-long-random-secret"
+    query = "done == false"         # optional; timeout, max_failures, retry_initial,
+                                    # retry_max, batch_size, start also optional
+
     [apps.todo.schema.Task]         # the declared schema (server/schemapin.py); or
     primary_key = "id"              # schema_file = "todo-schema.toml" in [apps.todo]
     fields = { id = "objectid", owner_id = "str", summary = "str", due = "datetime | None" }
@@ -105,6 +112,29 @@ class JwtSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebhookSettings:
+    """One ``[[apps.X.webhooks]]`` entry (docs/backend.md, "Webhooks"): where each batch of
+    committed changes of ``models`` (matching ``query``) is POSTed, signed with ``secret``."""
+
+    url: str
+    models: tuple[str, ...]
+    secret: str
+    query: str | None = None
+    #: Seconds one POST may take (connect, send, answer) before it counts as failed.
+    timeout: float = 10.0
+    #: Consecutive failed attempts after which the hook is paused (until resumed).
+    max_failures: int = 10
+    #: The first retry's delay (seconds); it doubles up to ``retry_max``.
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
+    #: Events per POST at most (a changeset's events are never split).
+    batch_size: int = 500
+    #: Where a new hook starts: "now" (changes committed after it is first started) or
+    #: "beginning" (the oldest history kept).
+    start: str = "now"
+
+
+@dataclass(frozen=True, slots=True)
 class AppSettings:
     """One declared app: its auth providers, JWT settings, (opaque) rules and schema."""
 
@@ -115,6 +145,8 @@ class AppSettings:
     rules: dict[str, Any] = field(default_factory=dict)
     #: The declared models by name (``server/schemapin.py``); None: learnt from clients.
     schema: dict[str, ModelSchema] | None = None
+    #: The app's webhooks, in configuration order (their index names them).
+    webhooks: tuple[WebhookSettings, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.auth if p not in PROVIDERS]
@@ -168,7 +200,19 @@ _SERVER_KEYS: dict[str, type | tuple[type, ...]] = {
     "tls_key": str,
     "storage_url": str,
 }
-_APP_KEYS = {"auth", "auto_confirm", "jwt", "rules", "schema", "schema_file"}
+_APP_KEYS = {"auth", "auto_confirm", "jwt", "rules", "schema", "schema_file", "webhooks"}
+_WEBHOOK_KEYS = {
+    "url",
+    "models",
+    "query",
+    "secret",
+    "timeout",
+    "max_failures",
+    "retry_initial",
+    "retry_max",
+    "batch_size",
+    "start",
+}
 _JWT_KEYS = {
     "algorithm",
     "secret",
@@ -240,6 +284,92 @@ def _jwt(raw: dict[str, Any], where: str, base: Path) -> JwtSettings:
     )
 
 
+def _positive(raw: dict[str, Any], key: str, where: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigurationError(f"{where}.{key} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _count(raw: dict[str, Any], key: str, where: str, default: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{where}.{key} must be a positive integer, not {value!r}")
+    return value
+
+
+def _webhook(raw: dict[str, Any], where: str) -> WebhookSettings:
+    _reject_unknown(raw, _WEBHOOK_KEYS, where)
+    url = raw.get("url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigurationError(f"{where}.url must be an http:// or https:// URL, not {url!r}")
+    if "models" not in raw:
+        raise ConfigurationError(f"{where}.models is missing (the models whose changes it gets)")
+    models = _str_list(raw["models"], f"{where}.models")
+    if not models:
+        raise ConfigurationError(f"{where}.models must name at least one model")
+    secret = raw.get("secret")
+    if not isinstance(secret, str) or len(secret) < 16:
+        raise ConfigurationError(f"{where}.secret must be a string of at least 16 characters")
+    query = raw.get("query")
+    if query is not None and (not isinstance(query, str) or not query.strip()):
+        raise ConfigurationError(f"{where}.query must be a non-empty query string")
+    start = raw.get("start", "now")
+    if start not in ("now", "beginning"):
+        raise ConfigurationError(f"{where}.start must be 'now' or 'beginning', not {start!r}")
+    initial = _positive(raw, "retry_initial", where, 1.0)
+    retry_max = _positive(raw, "retry_max", where, max(300.0, initial))
+    if retry_max < initial:
+        raise ConfigurationError(f"{where}.retry_max must not be below retry_initial")
+    return WebhookSettings(
+        url=url,
+        models=models,
+        secret=secret,
+        query=query,
+        timeout=_positive(raw, "timeout", where, 10.0),
+        max_failures=_count(raw, "max_failures", where, 10),
+        retry_initial=initial,
+        retry_max=retry_max,
+        batch_size=_count(raw, "batch_size", where, 500),
+        start=str(start),
+    )
+
+
+def _check_query(hook: WebhookSettings, where: str, schema: dict[str, ModelSchema] | None) -> None:
+    from ..core.query import bind, parse
+    from ..errors import QueryError
+
+    assert hook.query is not None
+    schemas = schema or {}
+    try:
+        parsed = parse(hook.query)
+        for model in hook.models if schemas else ():
+            bind(parsed, schemas[model], schemas, ())
+    except QueryError as exc:
+        raise ConfigurationError(f"{where}.query: {exc}") from exc
+
+
+def _webhooks(
+    raw: Any, where: str, schema: dict[str, ModelSchema] | None
+) -> tuple[WebhookSettings, ...]:
+    if not isinstance(raw, list):
+        raise ConfigurationError(f"{where} must be an array of tables ([[{where}]])")
+    hooks: list[WebhookSettings] = []
+    for index, body in enumerate(raw):
+        here = f"{where}[{index}]"
+        hook = _webhook(_table(body, here), here)
+        unknown = sorted(set(hook.models) - set(schema)) if schema is not None else []
+        if unknown:  # a typo would deliver nothing, silently
+            raise ConfigurationError(
+                f"{here}.models names model(s) the app's schema does not declare: "
+                f"{', '.join(unknown)}"
+            )
+        if hook.query is not None:
+            _check_query(hook, here, schema)
+        hooks.append(hook)
+    return tuple(hooks)
+
+
 def _app(app_id: str, raw: dict[str, Any], base: Path) -> AppSettings:
     where = f"apps.{app_id}"
     _reject_unknown(raw, _APP_KEYS, where)
@@ -263,7 +393,8 @@ def _app(app_id: str, raw: dict[str, Any], base: Path) -> AppSettings:
             f"[{where}.rules] names model(s) {where}.schema does not declare: "
             f"{', '.join(undeclared)}"
         )
-    return AppSettings(app_id, auth, auto_confirm, jwt, dict(rules), schema)
+    webhooks = _webhooks(raw.get("webhooks", []), f"{where}.webhooks", schema)
+    return AppSettings(app_id, auth, auto_confirm, jwt, dict(rules), schema, webhooks)
 
 
 def load_delivery_function(spec: str) -> DeliveryFunction:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from starlette.routing import BaseRoute
 
+from .changes import change_routes
 from .data import data_routes
+from .hooks import webhook_routes
 
 
 def api_routes() -> list[BaseRoute]:
     """Every route of the backend API (they find the hub in ``app.state.hub``)."""
-    routes: list[BaseRoute] = [*data_routes()]
+    routes: list[BaseRoute] = [*data_routes(), *change_routes(), *webhook_routes()]
     return routes

@@ -420,6 +420,35 @@ class ServerStorage(abc.ABC):
             len(rows) < max(1, limit),
         )
 
+    # -- the backend API (change feed, webhooks); see docs/backend.md ----------------------
+
+    async def client_users(self, app_id: str, origins: Iterable[str]) -> dict[str, str]:
+        """The user id each registered origin of ``origins`` belongs to (origins never
+        registered, or wiped, are absent)."""
+        raise StorageError(f"{type(self).__name__} does not support the change feed yet")
+
+    async def get_record(self, app_id: str, key: str) -> str | None:
+        """The small durable text value stored under ``key`` for ``app_id`` (None if none):
+        a webhook's delivery cursor, for one."""
+        raise StorageError(f"{type(self).__name__} does not support records yet")
+
+    async def put_record(self, app_id: str, key: str, value: str) -> None:
+        """Store ``value`` under ``key`` for ``app_id`` (replacing any), durably."""
+        raise StorageError(f"{type(self).__name__} does not support records yet")
+
+    async def take_lease(self, app_id: str, name: str, holder: str, ttl: float) -> bool:
+        """Try to hold the lease ``name`` of ``app_id`` for ``ttl`` seconds as ``holder``.
+
+        True when ``holder`` holds it now: it was free, expired, or already ``holder``'s
+        (then it is renewed). False while another holder's lease runs. Several processes
+        sharing the storage use it so one of them does a job at a time (a webhook's
+        deliveries); when the holder dies its lease expires and another takes over."""
+        raise StorageError(f"{type(self).__name__} does not support leases yet")
+
+    async def drop_lease(self, app_id: str, name: str, holder: str) -> None:
+        """Give up the lease ``name`` if ``holder`` holds it (else do nothing)."""
+        raise StorageError(f"{type(self).__name__} does not support leases yet")
+
     @abc.abstractmethod
     async def trim_history(self, app_id: str, before_version: int) -> int:
         """Delete log entries ``<= before_version`` (clamped to the latest); return how many."""

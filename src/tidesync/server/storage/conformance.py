@@ -679,6 +679,58 @@ class StorageConformance:
         assert await storage.latest_version(other) == 1
         await storage.wipe_app(other)
 
+    # -- the backend API: origins' users, records, leases ------------------------------------
+
+    async def test_client_users_name_each_registered_origin(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        assert await storage.client_users(app, ["A", "C", "nobody", "A"]) == {
+            "A": "user-A",
+            "C": "user-C",
+        }
+        assert await storage.client_users(app, []) == {}
+        many = [f"o{i}" for i in range(1200)]  # more than one chunk of parameters
+        for origin in many[:3]:
+            await storage.register_client(app, origin, "u-" + origin)
+        found = await storage.client_users(app, many)
+        assert found == {o: "u-" + o for o in many[:3]}
+        assert await storage.client_users(app + "-other", ["A"]) == {}
+
+    async def test_records_are_durable_and_per_app(
+        self, make_storage: StorageFactory, storage: ServerStorage, app: str
+    ) -> None:
+        other = app + "-other"
+        await storage.wipe_app(other)
+        assert await storage.get_record(app, "hook:0") is None
+        await storage.put_record(app, "hook:0", '{"cursor": 3}')
+        await storage.put_record(app, "hook:0", '{"cursor": 7}')
+        await storage.put_record(other, "hook:0", "x")
+        assert await storage.get_record(app, "hook:0") == '{"cursor": 7}'
+        await storage.close()
+        async with make_storage() as reopened:
+            assert await reopened.get_record(app, "hook:0") == '{"cursor": 7}'
+            assert await reopened.get_record(other, "hook:0") == "x"
+            await reopened.wipe_app(app)
+            assert await reopened.get_record(app, "hook:0") is None
+            assert await reopened.get_record(other, "hook:0") == "x"
+            await reopened.wipe_app(other)
+
+    async def test_a_lease_has_one_holder_until_it_expires_or_is_dropped(
+        self, storage: ServerStorage, app: str
+    ) -> None:
+        assert await storage.take_lease(app, "hook:0", "p1", 30)
+        assert not await storage.take_lease(app, "hook:0", "p2", 30)
+        assert await storage.take_lease(app, "hook:0", "p1", 30)  # renewed
+        assert await storage.take_lease(app, "hook:1", "p2", 30)  # another lease
+        await storage.drop_lease(app, "hook:0", "p2")  # not p2's: nothing happens
+        assert not await storage.take_lease(app, "hook:0", "p2", 30)
+        await storage.drop_lease(app, "hook:0", "p1")
+        assert await storage.take_lease(app, "hook:0", "p2", 0.2)
+        assert not await storage.take_lease(app, "hook:0", "p1", 30)
+        await asyncio.sleep(0.4)  # p2 died: its lease ran out
+        assert await storage.take_lease(app, "hook:0", "p1", 30)
+        assert not await storage.take_lease(app, "hook:0", "p2", 30)
+
     # -- flexible sync reads ----------------------------------------------------------------
 
     async def test_read_objects_pages_in_packed_pk_byte_order(

@@ -151,6 +151,24 @@ MIGRATIONS: list[tuple[int, str]] = [
     ),
     # the apps' read-only SQL views (pgviews); made for existing apps by ``open``
     (2, VIEWS_TABLE_DDL),
+    (
+        3,
+        """
+        CREATE TABLE records (
+            app TEXT NOT NULL,
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,
+            PRIMARY KEY (app, key)
+        );
+        CREATE TABLE leases (
+            app TEXT NOT NULL,
+            name TEXT NOT NULL,
+            holder TEXT NOT NULL,
+            expires TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (app, name)
+        );
+        """,
+    ),
 ]
 #: The newest layout this code knows.
 FORMAT_VERSION = MIGRATIONS[-1][0]
@@ -749,6 +767,75 @@ class PostgresStorage(ServerStorage):
         except _DRIVER_ERRORS as exc:
             raise StorageError(f"query failed: {exc}") from exc
 
+    # -- the backend API ------------------------------------------------------------------
+
+    async def client_users(self, app_id: str, origins: Iterable[str]) -> dict[str, str]:
+        """The user id of each registered origin of ``origins``."""
+        wanted = sorted(set(origins))
+        if not wanted:
+            return {}
+        try:
+            rows = await self._db.fetch(
+                "SELECT origin, user_id FROM clients WHERE app = $1 AND origin = ANY($2::text[])",
+                app_id,
+                wanted,
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"client_users failed: {exc}") from exc
+        return {str(r["origin"]): str(r["user_id"]) for r in rows}
+
+    async def get_record(self, app_id: str, key: str) -> str | None:
+        """The durable value under ``key`` (None if none)."""
+        value = await self._fetchval(
+            "SELECT value FROM records WHERE app = $1 AND key = $2", app_id, key
+        )
+        return None if value is None else str(value)
+
+    async def put_record(self, app_id: str, key: str, value: str) -> None:
+        """Store ``value`` under ``key``, durably."""
+        try:
+            await self._db.execute(
+                "INSERT INTO records (app, key, value) VALUES ($1, $2, $3) "
+                "ON CONFLICT (app, key) DO UPDATE SET value = excluded.value",
+                app_id,
+                key,
+                value,
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"put_record failed: {exc}") from exc
+
+    async def take_lease(self, app_id: str, name: str, holder: str, ttl: float) -> bool:
+        """Hold the lease ``name`` for ``ttl`` seconds unless another holder's runs (the
+        database's clock decides, so the processes' clocks need not agree)."""
+        try:
+            got = await self._db.fetchval(
+                "INSERT INTO leases (app, name, holder, expires) "
+                "VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4)) "
+                "ON CONFLICT (app, name) DO UPDATE SET holder = excluded.holder, "
+                "expires = excluded.expires "
+                "WHERE leases.holder = excluded.holder OR leases.expires <= clock_timestamp() "
+                "RETURNING holder",
+                app_id,
+                name,
+                holder,
+                float(ttl),
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"take_lease failed: {exc}") from exc
+        return bool(got == holder)
+
+    async def drop_lease(self, app_id: str, name: str, holder: str) -> None:
+        """Give up the lease ``name`` if ``holder`` holds it."""
+        try:
+            await self._db.execute(
+                "DELETE FROM leases WHERE app = $1 AND name = $2 AND holder = $3",
+                app_id,
+                name,
+                holder,
+            )
+        except _DRIVER_ERRORS as exc:
+            raise StorageError(f"drop_lease failed: {exc}") from exc
+
     # -- administration -------------------------------------------------------------------
 
     async def trim_history(self, app_id: str, before_version: int) -> int:
@@ -779,7 +866,7 @@ class PostgresStorage(ServerStorage):
         try:
             async with self._db.acquire() as conn, conn.transaction():
                 await drop_app_views(conn, self._schema, app_id)
-                for table in ("objects", "log", "clients", "schemas", "apps"):
+                for table in ("objects", "log", "clients", "schemas", "apps", "records", "leases"):
                     await conn.execute(f"DELETE FROM {table} WHERE app = $1", app_id)
         except _DRIVER_ERRORS as exc:
             raise StorageError(f"wipe_app failed: {exc}") from exc

@@ -132,6 +132,19 @@ CREATE TABLE IF NOT EXISTS objects (
     alive INTEGER NOT NULL,
     PRIMARY KEY (app, model, pk)
 );
+CREATE TABLE IF NOT EXISTS records (
+    app TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (app, key)
+);
+CREATE TABLE IF NOT EXISTS leases (
+    app TEXT NOT NULL,
+    name TEXT NOT NULL,
+    holder TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (app, name)
+);
 """
 
 #: Object rows are written many per statement (``store.sqlbatch.insert_rows``), each of
@@ -693,6 +706,49 @@ class SQLiteStorage(ServerStorage):
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    # -- the backend API ------------------------------------------------------------------
+
+    async def client_users(self, app_id: str, origins: Iterable[str]) -> dict[str, str]:
+        """The user id of each registered origin of ``origins``."""
+        wanted = sorted(set(origins))
+        if not wanted:
+            return {}
+        return await self._run(self._client_users_sync, app_id, wanted)
+
+    def _client_users_sync(self, app_id: str, origins: list[str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for start in range(0, len(origins), _CHUNK):
+            chunk = origins[start : start + _CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            rows = self._db.execute(
+                f"SELECT origin, user_id FROM clients WHERE app = ? AND origin IN ({marks})",
+                (app_id, *chunk),
+            ).fetchall()
+            out.update((str(o), str(u)) for o, u in rows)
+        return out
+
+    async def get_record(self, app_id: str, key: str) -> str | None:
+        """The durable value under ``key`` (None if none)."""
+        return await self._run(self._get_record_sync, app_id, key)
+
+    def _get_record_sync(self, app_id: str, key: str) -> str | None:
+        row = self._db.execute(
+            "SELECT value FROM records WHERE app = ? AND key = ?", (app_id, key)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    async def put_record(self, app_id: str, key: str, value: str) -> None:
+        """Store ``value`` under ``key``, durably."""
+        await self._run(self._transaction, _put_record, app_id, key, value)
+
+    async def take_lease(self, app_id: str, name: str, holder: str, ttl: float) -> bool:
+        """Hold the lease ``name`` for ``ttl`` seconds unless another holder's runs."""
+        return await self._run(self._transaction, _take_lease, app_id, name, holder, ttl)
+
+    async def drop_lease(self, app_id: str, name: str, holder: str) -> None:
+        """Give up the lease ``name`` if ``holder`` holds it."""
+        await self._run(self._transaction, _drop_lease, app_id, name, holder)
+
     # -- administration -------------------------------------------------------------------
 
     async def trim_history(self, app_id: str, before_version: int) -> int:
@@ -712,7 +768,7 @@ class SQLiteStorage(ServerStorage):
             self._tails.pop(app_id, None)
 
     def _wipe_txn(self, conn: sqlite3.Connection, app_id: str) -> None:
-        for table in ("objects", "log", "clients", "schemas", "apps"):
+        for table in ("objects", "log", "clients", "schemas", "apps", "records", "leases"):
             conn.execute(f"DELETE FROM {table} WHERE app = ?", (app_id,))
         self._schemas.pop(app_id, None)
 
@@ -959,6 +1015,36 @@ def _register_client(conn: sqlite3.Connection, app: str, origin: str, user_id: s
         (app, origin, user_id),
     )
     return 0
+
+
+def _put_record(conn: sqlite3.Connection, app: str, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO records (app, key, value) VALUES (?, ?, ?) "
+        "ON CONFLICT (app, key) DO UPDATE SET value = excluded.value",
+        (app, key, value),
+    )
+
+
+def _take_lease(conn: sqlite3.Connection, app: str, name: str, holder: str, ttl: float) -> bool:
+    now = time.time()
+    row = conn.execute(
+        "SELECT holder, expires FROM leases WHERE app = ? AND name = ?", (app, name)
+    ).fetchone()
+    if row is not None and row[0] != holder and float(row[1]) > now:
+        return False
+    conn.execute(
+        "INSERT INTO leases (app, name, holder, expires) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (app, name) DO UPDATE SET holder = excluded.holder, "
+        "expires = excluded.expires",
+        (app, name, holder, now + ttl),
+    )
+    return True
+
+
+def _drop_lease(conn: sqlite3.Connection, app: str, name: str, holder: str) -> None:
+    conn.execute(
+        "DELETE FROM leases WHERE app = ? AND name = ? AND holder = ?", (app, name, holder)
+    )
 
 
 #: A log row: app, server version, origin, client version, instructions, size, cum_size.

@@ -1,0 +1,221 @@
+"""Change events from the storage's log: one event per object per committed changeset.
+
+Pure code (no I/O): :func:`changeset_events` turns one :class:`~..storage.base.LogEntry`
+into the :class:`ChangeEvent` of each object its instructions touch, in the order the
+changeset first touches them; :meth:`ChangeEvent.to_json` gives the change feed's and the
+webhooks' JSON form (docs/backend.md, "Change feed")::
+
+    {"version": 12, "model": "Task", "pk": "t1", "op": "update",
+     "fields": {"done": true, "votes": {"$inc": 2}},
+     "by": {"user_id": "6f1c...", "origin": "f3a9..."}, "at": "2026-12-08T04:10:00.123Z"}
+
+``op`` is ``erase`` when the changeset's last CREATE/ERASE of the object is an ERASE
+(``fields`` is then empty), ``create`` when it holds a CREATE (an upsert of an existing key
+too), else ``update``. ``fields`` holds what the changeset did to each field, folded:
+
+- a whole value (CREATE, SET): the value in its JSON form (``core/jsonvalues.py``);
+- counter ADDs: ``{"$inc": n}`` (their sum), or the new value when the changeset also
+  set the whole field;
+- set elements: ``{"$add": [...], "$remove": [...]}``; dictionary keys:
+  ``{"$set": {key: value}, "$unset": [key, ...]}`` (applied to the whole value instead
+  when the changeset also set it);
+- list elements (whose positions are element ids no reader can use):
+  ``{"$insert": [...], "$replace": [...], "$erase": n}``: the values inserted, the new
+  values of replaced elements, how many were erased; read the object for its order.
+
+``at`` is the wall time of the object's last instruction in the changeset (its HLC's, the
+writer's clock as the server accepted it), ISO 8601 UTC with milliseconds.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...core.changeset import Op
+from ...core.jsonvalues import SAFE_INT, scalar_to_json, to_json
+from ...core.packing import unpack_instructions
+from ...core.schema import Collection, FieldSchema, Kind, ModelSchema
+from ..storage.base import LogEntry, ObjectKey, object_keys
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+
+#: A field's fold: ``("value", python value)`` or ``("ops", {"$op": ...})``.
+_Fold = tuple[str, Any]
+
+
+@dataclass
+class ChangeEvent:
+    """What one changeset did to one object (see the module docstring)."""
+
+    version: int
+    model: str
+    pk: Any
+    key: ObjectKey
+    op: str
+    origin: str
+    wall_ms: int
+    fields: dict[str, _Fold] = field(default_factory=dict)
+
+    def to_json(self, schemas: dict[str, ModelSchema], user_id: str | None) -> dict[str, Any]:
+        """The event's JSON form; ``user_id`` is the writer's user (None: an admin)."""
+        schema = schemas.get(self.model)
+        pk: Any = self.pk
+        fields: dict[str, Any] = {}
+        if schema is not None:
+            pk = scalar_to_json(schema.pk_field.kind, self.pk)
+            by_name = schema.by_name
+            for name, fold in self.fields.items():
+                spec = by_name.get(name)
+                if spec is None:
+                    continue
+                if fold[0] == "value":
+                    plain = _PLAIN.get((spec.kind, spec.collection))
+                    fields[name] = (
+                        plain(fold[1]) if plain is not None else to_json(spec, fold[1], schemas)
+                    )
+                else:
+                    fields[name] = _fold_to_json(spec, fold, schemas)
+        return {
+            "version": self.version,
+            "model": self.model,
+            "pk": pk,
+            "op": self.op,
+            "fields": fields,
+            "by": {"user_id": user_id, "origin": self.origin},
+            "at": iso_millis(self.wall_ms),
+        }
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _safe_int(value: Any) -> Any:
+    return value if value is None or -SAFE_INT <= value <= SAFE_INT else str(value)
+
+
+#: Whole values whose JSON form needs no schema lookups (the common, hot case): by
+#: ``(kind, collection)``; the rest go through :func:`~tidesync.core.jsonvalues.to_json`.
+_PLAIN: dict[tuple[Kind, Collection], Any] = {
+    (Kind.STR, Collection.NONE): _same,
+    (Kind.BOOL, Collection.NONE): _same,
+    (Kind.INT, Collection.NONE): _safe_int,
+    (Kind.COUNTER, Collection.NONE): _safe_int,
+}
+
+
+@functools.lru_cache(maxsize=4096)
+def iso_millis(wall_ms: int) -> str:
+    """Milliseconds since the epoch as ISO 8601 UTC (``2026-12-08T04:10:00.123Z``)."""
+    moment = _EPOCH + _dt.timedelta(milliseconds=wall_ms)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def _fold_to_json(spec: FieldSchema, fold: _Fold, schemas: dict[str, ModelSchema]) -> Any:
+    kind, value = fold
+    if kind == "value":
+        return to_json(spec, value, schemas)
+
+    def one(v: Any) -> Any:
+        return scalar_to_json(spec.kind, v, schemas, spec.target)
+
+    out: dict[str, Any] = {}
+    for name, item in value.items():
+        if name == "$inc":
+            out[name] = scalar_to_json(Kind.INT, item)
+        elif name in ("$add", "$remove", "$insert", "$replace"):
+            out[name] = [one(v) for v in item]
+        elif name == "$set":
+            out[name] = {k: one(v) for k, v in item.items()}
+        else:  # $unset: keys; $erase: a count
+            out[name] = item
+    return out
+
+
+def changeset_events(entry: LogEntry, schemas: dict[str, ModelSchema]) -> list[ChangeEvent]:
+    """The events of one log entry, in the order its instructions first touch each object.
+
+    Raises ``ValueError`` for instructions that do not decode (a corrupt entry)."""
+    instructions = unpack_instructions(entry.instructions, entry.origin)
+    events: dict[ObjectKey, ChangeEvent] = {}
+    for key, ins in zip(object_keys(instructions), instructions, strict=True):
+        event = events.get(key)
+        if event is None:
+            event = events[key] = ChangeEvent(
+                entry.server_version, ins.model, ins.pk, key, "update", entry.origin, 0
+            )
+        event.wall_ms = max(event.wall_ms, ins.hlc.wall)
+        op = ins.op
+        if op is Op.CREATE:
+            event.op = "create"
+            for name, value in (ins.value or {}).items():
+                event.fields[name] = ("value", value)
+            continue
+        if op is Op.ERASE:
+            event.op = "erase"
+            event.fields.clear()
+            continue
+        if event.op == "erase":  # changes after an erase in one changeset change nothing
+            continue
+        name = ins.field
+        if name is None:
+            continue
+        schema = schemas.get(ins.model)
+        spec = schema.by_name.get(name) if schema is not None else None
+        event.fields[name] = _fold(event.fields.get(name), op, ins.value, ins.key, spec)
+    return list(events.values())
+
+
+def _fold(old: _Fold | None, op: Op, value: Any, key: Any, spec: FieldSchema | None) -> _Fold:
+    """``old`` (what the changeset did to the field so far) after one more instruction."""
+    if op is Op.SET:
+        return ("value", value)
+    whole = old is not None and old[0] == "value"
+    current = old[1] if old is not None else None
+    if op is Op.ADD:
+        if whole:
+            return ("value", (current or 0) + value)
+        ops: dict[str, Any] = dict(current or {})
+        ops["$inc"] = ops.get("$inc", 0) + value
+        return ("ops", ops)
+    if op in (Op.SET_ADD, Op.SET_REMOVE):
+        if whole:
+            elements = set(current or ())
+            if op is Op.SET_ADD:
+                elements.add(value)
+            else:
+                elements.discard(value)
+            return ("value", elements)
+        ops = dict(current or {})
+        name = "$add" if op is Op.SET_ADD else "$remove"
+        ops[name] = [*ops.get(name, []), value]
+        return ("ops", ops)
+    if op in (Op.DICT_SET, Op.DICT_ERASE):
+        if whole:
+            mapping = dict(current or {})
+            if op is Op.DICT_SET:
+                mapping[key] = value
+            else:
+                mapping.pop(key, None)
+            return ("value", mapping)
+        ops = dict(current or {})
+        if op is Op.DICT_SET:
+            ops["$set"] = {**ops.get("$set", {}), key: value}
+        else:
+            ops["$unset"] = [*ops.get("$unset", []), key]
+        return ("ops", ops)
+    # list element ops: positions are element ids (HLCs) no reader can use
+    is_list = spec is None or spec.collection is Collection.LIST
+    ops = dict(current or {}) if old is not None and old[0] == "ops" else {}
+    if not is_list:
+        return ("ops", ops)
+    if op is Op.LIST_INSERT:
+        ops["$insert"] = [*ops.get("$insert", []), value]
+    elif op is Op.LIST_SET:
+        ops["$replace"] = [*ops.get("$replace", []), value]
+    elif op is Op.LIST_ERASE:
+        ops["$erase"] = ops.get("$erase", 0) + 1
+    return ("ops", ops)
