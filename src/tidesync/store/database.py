@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from . import sqlvalues as sv
 from .collections import ManagedDict, ManagedList, ManagedSet
 from .diskfull import disk_full_error
 from .engine import StoreEngine
+from .migration import MigrationCallback, file_schema_version, open_versioned
 from .model import Counter, Model, iter_models
 from .notify import Notifier
 from .objsize import check_object_sizes
@@ -53,20 +54,23 @@ _FAST_TYPES: dict[Kind, set[type]] = {
 class LocalDatabase:
     """A local database file holding objects of the given models."""
 
-    def __init__(self, path: str | Path, models: Sequence[type[Model]]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        models: Sequence[type[Model]],
+        *,
+        schema_version: int | None = None,
+        migration_callback: MigrationCallback | None = None,
+    ) -> None:
+        """Open (or create) ``path`` for ``models``. With ``schema_version`` the file's
+        schema version is checked and, if it is lower, the file is migrated first, calling
+        ``migration_callback`` (``store/migration.py``, docs/migrations.md); without it the
+        version is not looked at (only additive schema changes)."""
         classes = list(iter_models(models))
         if not classes:
             raise SchemaError("a database needs at least one model")
         self._classes: dict[str, type[Model]] = {m.__name__: m for m in classes}
         self._schemas: dict[str, ModelSchema] = {n: m.schema() for n, m in self._classes.items()}
-        try:
-            self._engine = StoreEngine(path, self._schemas)
-        except sqlite3.Error as exc:  # e.g. no room for the WAL index (-shm) of the file
-            error = disk_full_error(exc, str(Path(path).resolve()), "opening the database")
-            if error is not None:
-                raise error from exc
-            raise
-        self.path = self._engine.path
         self._lock = threading.RLock()
         self._writer: int | None = None
         self._pending: list[bytes] = []
@@ -77,6 +81,47 @@ class LocalDatabase:
         self._add_plans: dict[str, list[tuple[str, FieldSchema, frozenset[type]]]] = {}
         #: Most bytes one transaction may write to one object (store/objsize.py).
         self.max_object_bytes = DEFAULT_MAX_OBJECT_BYTES
+        try:
+            self._engine = StoreEngine(path, self._schemas, set_up=schema_version is None)
+            self.path = self._engine.path
+            if schema_version is not None:
+                try:
+                    open_versioned(
+                        self._engine, self._classes, schema_version, migration_callback, self
+                    )
+                except BaseException:
+                    self._engine.close()
+                    raise
+        except sqlite3.Error as exc:  # e.g. no room for the WAL index (-shm) of the file
+            error = disk_full_error(exc, str(Path(path).resolve()), "opening the database")
+            if error is not None:
+                raise error from exc
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the file records (0 when it has none)."""
+        with self._lock:
+            return file_schema_version(self._engine.conn)
+
+    @contextlib.contextmanager
+    def migration_writes(self) -> Iterator[Callable[[], None]]:
+        """For ``store/migration.py``: the calling thread writes in the transaction the
+        migration holds open on this database's engine, as inside ``db.write()``, but what
+        it writes goes into no changeset (a migration is not synced). Yields a function
+        that makes the objects re-read their values (after SQL that changed rows)."""
+
+        def invalidate() -> None:
+            self._local_version += 1
+
+        self._writer = threading.get_ident()
+        self._pending = []
+        try:
+            yield invalidate
+        finally:
+            self._writer = None
+            self._pending = []
+            self._local_version += 1
 
     # --- lifecycle -----------------------------------------------------------------------
 
