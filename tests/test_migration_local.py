@@ -24,6 +24,9 @@ import pytest
 
 import tidesync as ts
 from tidesync.store.database import LocalDatabase
+from tidesync.testing import ServerProcess
+
+from .flex_helpers import FAST, T
 
 # -- releases of one app ------------------------------------------------------------------
 
@@ -592,3 +595,107 @@ def test_kill_9_in_the_middle_of_a_migration_leaves_the_file_as_it_was(tmp_path:
         assert len(db.all(Person)) == 20_000
         p = db.find(Person, "p7")
         assert p is not None and (p.full_name, p.initials) == ("Ann Lee 7", "A")
+
+
+# -- writes inside the callback ------------------------------------------------------------
+
+
+def test_enumerate_objects_and_writes_of_every_kind(tmp_path: Path) -> None:
+    path = tmp_path / "app.tidesync"
+    seed(path, 5)
+
+    class Person(ts.Model):
+        id: str = ts.primary_key()
+        full_name: str
+        initials: str
+        age: int = ts.field(default=0, indexed=True)
+        tags: list[str]
+        hits: ts.Counter
+
+    def migrate(migration: ts.Migration, old_version: int) -> None:
+        migration.rename_field("Person", "name", "full_name")
+        new_db = migration.new_db
+        new_db.delete(new_db.find(Person, "p4"))
+        pairs = list(migration.enumerate_objects("Person"))
+        assert [old["id"] for old, _ in pairs] == ["p0", "p1", "p2", "p3"]  # p4 is gone
+        for old, new in pairs:
+            new.initials = old["name"][:1]
+            new.tags.append("migrated")  # a collection op (the merge) after a plain set
+            new.hits.increment(2)
+            new.full_name = new.full_name.upper()  # and a plain set after it
+        with pytest.raises(ts.ValueTypeError, match=r"Person\.initials"):
+            pairs[0][1].initials = 5
+        with pytest.raises(ts.MigrationError, match="not among the configured models"):
+            next(migration.enumerate_objects("Legacy"))
+
+    with open_local([Person], path, 1, migrate) as db:
+        got = [(p.id, p.full_name, p.initials, list(p.tags), p.hits.value) for p in db.all(Person)]
+        assert got == [(f"p{i}", f"ANN LEE {i}", "A", ["migrated"], 2) for i in range(4)]
+        with db.write():  # later writes merge as usual
+            p0 = db.find(Person, "p0")
+            assert p0 is not None
+            p0.tags.append("later")
+            p0.hits.increment()
+        assert (list(p0.tags), p0.hits.value) == (["migrated", "later"], 3)
+    conn = sqlite3.connect(path)
+    states = conn.execute('SELECT COUNT(*) FROM "t_Person" WHERE "_state" IS NULL').fetchone()[0]
+    conn.close()
+    assert states == 3  # the migration's states restarted; p0 was written since
+
+
+def test_an_object_deleted_in_the_callback_cannot_be_set(tmp_path: Path) -> None:
+    path = tmp_path / "app.tidesync"
+    seed(path, 2)
+
+    class Person(ts.Model):
+        id: str = ts.primary_key()
+        name: str
+        level: int = 0
+
+    def migrate(migration: ts.Migration, old_version: int) -> None:
+        p1 = migration.new_db.find(Person, "p1")
+        assert p1 is not None
+        migration.new_db.delete(p1)
+        with pytest.raises(ts.ObjectDeletedError, match="p1"):
+            p1.level = 3
+
+    with open_local([Person], path, 1, migrate) as db:
+        assert [p.id for p in db.all(Person)] == ["p0"]
+
+
+# -- synced files (a real server) -------------------------------------------------------------
+
+
+async def test_synced_files_are_not_migrated_locally(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path / "server").start()
+    app = ts.App(
+        ts.AppConfiguration(
+            "notes", base_url=server.url, base_path=tmp_path / "device", sync_timeouts=FAST
+        )
+    )
+    try:
+        user = await app.log_in(ts.Credentials.anonymous())
+        Person, Legacy = release1()
+        synced = tmp_path / "synced.tidesync"
+        config = ts.Configuration.flexible_sync(user, [Person, Legacy], path=synced)
+        with await ts.Database.open(config) as db:
+            with db.subscriptions.update() as subs:
+                subs.add(db.all(Person), name="people")
+            await db.subscriptions.wait_for_synchronization(T(20))
+            with db.write():
+                db.add(Person(id="s1", name="Sam"))
+            await db.sync_session.wait_for_upload(T(20))
+        before = dump(synced)
+        with pytest.raises(ts.MigrationError, match="is a synced database"):
+            open_local([Person, Legacy], synced, 1)
+        assert dump(synced) == before
+
+        migrated = tmp_path / "local.tidesync"  # and a file migrated locally is not synced
+        seed(migrated)
+        with open_local([Person, Legacy], migrated, 1):
+            pass
+        with pytest.raises(ts.SchemaVersionError, match="migrated locally to schema version 1"):
+            ts.Database(ts.Configuration.flexible_sync(user, [Person, Legacy], path=migrated))
+    finally:
+        app.close()
+        server.kill()

@@ -81,6 +81,8 @@ class LocalDatabase:
         self._add_plans: dict[str, list[tuple[str, FieldSchema, frozenset[type]]]] = {}
         #: Most bytes one transaction may write to one object (store/objsize.py).
         self.max_object_bytes = DEFAULT_MAX_OBJECT_BYTES
+        #: During a migration: the models whose fields are set column by column.
+        self._direct: frozenset[str] = frozenset()
         try:
             self._engine = StoreEngine(path, self._schemas, set_up=schema_version is None)
             self.path = self._engine.path
@@ -105,22 +107,26 @@ class LocalDatabase:
             return file_schema_version(self._engine.conn)
 
     @contextlib.contextmanager
-    def migration_writes(self) -> Iterator[Callable[[], None]]:
+    def migration_writes(self, direct: frozenset[str]) -> Iterator[Callable[[], None]]:
         """For ``store/migration.py``: the calling thread writes in the transaction the
         migration holds open on this database's engine, as inside ``db.write()``, but what
-        it writes goes into no changeset (a migration is not synced). Yields a function
-        that makes the objects re-read their values (after SQL that changed rows)."""
+        it writes goes into no changeset (a migration is not synced). Setting a field of
+        an object of a model in ``direct`` (the rebuilt ones, whose merge states restart
+        from their columns anyway) writes its column alone, without the merge. Yields a
+        function that makes the objects re-read their values (after SQL that changed rows)."""
 
         def invalidate() -> None:
             self._local_version += 1
 
         self._writer = threading.get_ident()
         self._pending = []
+        self._direct = direct
         try:
             yield invalidate
         finally:
             self._writer = None
             self._pending = []
+            self._direct = frozenset()
             self._local_version += 1
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -381,6 +387,9 @@ class LocalDatabase:
         return model, self._schemas[model]
 
     def _set_field(self, obj: Model, name: str, value: Any) -> None:
+        if self._direct and type(obj).__name__ in self._direct:
+            self._set_column(obj, name, value)
+            return
         model, schema = self._live_obj(obj)
         fs = schema.by_name.get(name)
         if fs is None:
@@ -392,6 +401,22 @@ class LocalDatabase:
         ins = Instruction(Op.SET, model, obj._pk, self._engine.tick(), name, stored)
         self._engine.apply((ins,))
         self._record(ins)
+
+    def _set_column(self, obj: Model, name: str, value: Any) -> None:
+        """:meth:`_set_field` during a migration, for a rebuilt model (see
+        :meth:`migration_writes`): checked the same way, written to the column alone."""
+        self._require_write()
+        model = type(obj).__name__
+        fs = self._schemas[model].by_name.get(name)
+        if fs is None:
+            raise AttributeError(name)
+        if fs.primary_key:
+            raise ValueTypeError(f"{model}.{name} is the primary key and cannot change")
+        stored = self._to_stored(fs, value, False)
+        self._check_value(fs, stored, model)
+        if not self._engine.write_column(model, obj._pk, fs, stored):
+            raise ObjectDeletedError(f"the {model} {obj._pk!r} was deleted")
+        self._local_version += 1
 
     def _counter_add(self, obj: Model, name: str, amount: int) -> None:
         model, schema = self._live_obj(obj)

@@ -745,6 +745,22 @@ class StoreEngine:
         self._tx_states[(model, pk)] = (state, new_where)
         return new_where
 
+    def write_column(self, model: str, pk: Any, fs: FieldSchema, value: Any) -> bool:
+        """Set one field of a live object in its column alone, its merge state restarting
+        from its columns (``_state`` NULL, at its ``_hlc`` or a new one): for a local
+        migration, whose writes are not synced. False if the object does not exist."""
+        schema = self.schemas[model]
+        key_sql = sv.scalar_to_sql(schema.pk_field.kind, pk)
+        table = sv.table_name(model)
+        cursor = self.conn.execute(
+            f'UPDATE {table} SET {sv.quote(fs.name)} = ?, "_state" = NULL, '
+            f'"_hlc" = COALESCE("_hlc", ?) WHERE {sv.quote(schema.primary_key)} = ?',
+            (sv.to_column(fs, value, self.schemas), pack(self.tick()), key_sql),
+        )
+        self._tx_states.pop((model, pk), None)
+        self._touch(model, key_sql)
+        return cursor.rowcount > 0
+
     def create(self, ins: Instruction) -> None:
         """Apply a local CREATE of an object that must not exist yet.
 

@@ -202,7 +202,7 @@ class Migration:
     - ``old_db``: the file as it was (:class:`OldDatabase`, dynamic read-only records);
     - ``new_db``: the database in the new schema: normal model objects, writable without
       ``with db.write():`` (the migration is one write transaction already);
-    - :meth:`rename_field`, :meth:`delete_model`.
+    - :meth:`rename_field`, :meth:`delete_model`, :meth:`enumerate_objects`.
 
     Fields whose type did not change are already copied into ``new_db`` when the callback
     runs; new and retyped fields hold the model's default (or nothing: a required field
@@ -216,8 +216,10 @@ class Migration:
         stored: dict[str, ModelSchema],
         declared: dict[str, ModelSchema],
         new_version: int,
+        classes: Mapping[str, type[Model]],
     ) -> None:
         self._engine = engine
+        self._classes = classes
         self.old_db = old_db
         self.new_db = new_db
         self._stored = stored
@@ -233,6 +235,23 @@ class Migration:
     def _check_active(self) -> None:
         if not self._active:
             raise MigrationError("the migration is over: use its methods inside the callback")
+
+    def enumerate_objects(self, model: str) -> Iterator[tuple[Mapping[str, Any], Model]]:
+        """``(old, new)`` for each object of ``model`` the file had and ``new_db`` still
+        has, in insertion order: ``old`` its record in ``old_db``, ``new`` the model
+        object (Realm's ``migration.enumerateObjects``)."""
+        self._check_active()
+        cls = self._classes.get(model)
+        if cls is None:
+            raise MigrationError(
+                f"enumerate_objects({model!r}): {model} is not among the configured models"
+            )
+        pk = self.old_db.schema(model).primary_key
+        find = self.new_db.find
+        for old in self.old_db.all(model):
+            new = find(cls, old[pk])
+            if new is not None:
+                yield old, new
 
     def rename_field(self, model: str, old_name: str, new_name: str) -> None:
         """Give every object's ``new_name`` (a field of the new model) the value its
@@ -345,9 +364,12 @@ class _Migrator:
                 )
             old_db = OldDatabase(engine.path, stored, current)
             changed = self._change_tables(stored)
-            migration = Migration(engine, old_db, self.new_db, stored, self.declared, self.version)
+            migration = Migration(
+                engine, old_db, self.new_db, stored, self.declared, self.version, self.classes
+            )
             if self.callback is not None:
-                with self.new_db.migration_writes() as invalidate:
+                direct = frozenset(changed)
+                with self.new_db.migration_writes(direct) as invalidate:
                     migration._invalidate = invalidate
                     try:
                         self.callback(migration, current)
@@ -356,8 +378,14 @@ class _Migrator:
             migration._active = False
             changed = [n for n in changed if n in engine.schemas]
             self._check_required(changed)
+            restart = pack(engine.tick())
             for name in changed:
                 engine.conn.execute(f"DROP TABLE IF EXISTS {_old_table(name)}")
+                engine.conn.execute(  # merge states restart from the final values
+                    f'UPDATE {sv.table_name(name)} SET "_state" = NULL, '
+                    '"_hlc" = COALESCE("_hlc", ?) WHERE "_state" IS NOT NULL',
+                    (restart,),
+                )
             engine.set_meta(VERSION_KEY, self.version)
             engine.commit(())
         except BaseException:
