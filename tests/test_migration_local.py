@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -699,3 +700,37 @@ async def test_synced_files_are_not_migrated_locally(tmp_path: Path) -> None:
     finally:
         app.close()
         server.kill()
+
+
+def test_two_opens_at_once_migrate_once(tmp_path: Path) -> None:
+    path = tmp_path / "app.tidesync"
+    seed(path, 200)
+    calls: list[int] = []
+
+    class Person(ts.Model):
+        id: str = ts.primary_key()
+        full_name: str
+        age: int = ts.field(default=0, indexed=True)
+
+    def migrate(migration: ts.Migration, old_version: int) -> None:
+        calls.append(old_version)
+        migration.rename_field("Person", "name", "full_name")
+        time.sleep(0.3)  # the other open waits for the file meanwhile
+
+    results: list[Any] = []
+
+    def open_one() -> None:
+        try:
+            with open_local([Person], path, 1, migrate) as db:
+                results.append(len(db.query(Person, "full_name BEGINSWITH 'Ann'")))
+        except Exception as exc:  # reported below
+            results.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert results == [200, 200]
+    assert calls == [0]

@@ -310,13 +310,17 @@ class StoreEngine:
     def adopt_schemas(self, schemas: dict[str, ModelSchema]) -> None:
         """Work on ``schemas`` from now on (the file's tables must match them): prepare
         their statements and read the file's origin id."""
-        self.origin = str(self.get_meta("origin"))
+        self.load_origin()
         self.schemas = dict(schemas)
         self._sql.clear()
         self._row_plans.clear()
         self._pk_pos.clear()
         for name in self.schemas:
             self._prepare_sql(name)
+
+    def load_origin(self) -> None:
+        """Read the file's origin id (the clock of :meth:`begin` needs it)."""
+        self.origin = str(self.get_meta("origin"))
 
     def forget_states(self) -> None:
         """Drop the current transaction's cache of object states (after SQL that changed

@@ -94,7 +94,7 @@ def open_versioned(
             _set_up_same_version(engine, version)
             return
         engine.prepare_connection()
-        engine.adopt_schemas(engine.stored_schemas())  # the file's origin, for the clock
+        engine.load_origin()  # for the clock of the migration's transaction
         if _Migrator(engine, classes, declared, version, callback, new_db).run():
             return
     raise MigrationError(f"{engine.path}: the schema version kept changing while opening")
