@@ -498,6 +498,15 @@ class LocalDatabase:
         obj._cache_version = version
         return obj
 
+    def object_for_key(self, model: type[M], pk: Any) -> M:
+        """A managed object of ``model`` for the primary key ``pk``, without reading it: its
+        values are read when first used (:class:`ObjectDeletedError` then if there is no
+        such object). For code that knows the object exists, such as a migration's
+        ``enumerate_objects``."""
+        self._check_open()
+        self._model_schema(model)
+        return self._managed(model, pk, None, None)
+
     def find(self, model: type[M], pk: Any) -> M | None:
         """The object of ``model`` with primary key ``pk``, or ``None``."""
         self._check_open()

@@ -755,11 +755,15 @@ class StoreEngine:
         migration, whose writes are not synced. False if the object does not exist."""
         schema = self.schemas[model]
         key_sql = sv.scalar_to_sql(schema.pk_field.kind, pk)
-        table = sv.table_name(model)
+        statements = self._sql[model]
+        sql = statements.get(f"set:{fs.name}")
+        if sql is None:
+            sql = statements[f"set:{fs.name}"] = (
+                f'UPDATE {sv.table_name(model)} SET {sv.quote(fs.name)} = ?, "_state" = NULL, '
+                f'"_hlc" = COALESCE("_hlc", ?) WHERE {sv.quote(schema.primary_key)} = ?'
+            )
         cursor = self.conn.execute(
-            f'UPDATE {table} SET {sv.quote(fs.name)} = ?, "_state" = NULL, '
-            f'"_hlc" = COALESCE("_hlc", ?) WHERE {sv.quote(schema.primary_key)} = ?',
-            (sv.to_column(fs, value, self.schemas), pack(self.tick()), key_sql),
+            sql, (sv.to_column(fs, value, self.schemas), pack(self.tick()), key_sql)
         )
         self._tx_states.pop((model, pk), None)
         self._touch(model, key_sql)

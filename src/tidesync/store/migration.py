@@ -129,6 +129,14 @@ def _old_table(model: str) -> str:
     return f'"_mig_old_{model}"'
 
 
+def old_record(
+    schemas: dict[str, ModelSchema], schema: ModelSchema, row: tuple[Any, ...]
+) -> Mapping[str, Any]:
+    """An object of the file as it was: a read-only mapping of its decoded columns."""
+    values = {f.name: sv.from_column(f, raw, schemas) for f, raw in zip(schema.fields, row)}
+    return types.MappingProxyType(values)
+
+
 class OldDatabase:
     """The file as it was before the migration, read-only: ``all(model)`` and
     ``find(model, pk)`` give each object as a read-only mapping by field name (links as
@@ -184,9 +192,7 @@ class OldDatabase:
         return int(self._conn.execute(f"SELECT COUNT(*) FROM {sv.table_name(model)}").fetchone()[0])
 
     def _record(self, schema: ModelSchema, row: tuple[Any, ...]) -> Mapping[str, Any]:
-        schemas = self._schemas
-        values = {f.name: sv.from_column(f, raw, schemas) for f, raw in zip(schema.fields, row)}
-        return types.MappingProxyType(values)
+        return old_record(self._schemas, schema, row)
 
     def close(self) -> None:
         """End the snapshot and close the connection."""
@@ -217,9 +223,11 @@ class Migration:
         declared: dict[str, ModelSchema],
         new_version: int,
         classes: Mapping[str, type[Model]],
+        rebuilt: frozenset[str],
     ) -> None:
         self._engine = engine
         self._classes = classes
+        self._rebuilt = rebuilt
         self.old_db = old_db
         self.new_db = new_db
         self._stored = stored
@@ -246,12 +254,33 @@ class Migration:
             raise MigrationError(
                 f"enumerate_objects({model!r}): {model} is not among the configured models"
             )
-        pk = self.old_db.schema(model).primary_key
-        find = self.new_db.find
-        for old in self.old_db.all(model):
-            new = find(cls, old[pk])
-            if new is not None:
-                yield old, new
+        if model not in self._rebuilt:
+            pk = self.old_db.schema(model).primary_key
+            for old in self.old_db.all(model):
+                new = self.new_db.find(cls, old[pk])
+                if new is not None:
+                    yield old, new
+            return
+        # A rebuilt model: its old table is still in the transaction; one query a chunk
+        # gives the old rows of the objects the new table still has.
+        schema, conn = self._stored[model], self._engine.conn
+        cols = ", ".join(f"o.{sv.quote(f.name)}" for f in schema.fields)
+        pk_col = sv.quote(schema.primary_key)
+        sql = (
+            f"SELECT o.rowid, {cols} FROM {_old_table(model)} AS o WHERE o.rowid > ? AND "
+            f"EXISTS (SELECT 1 FROM {sv.table_name(model)} AS n WHERE n.{pk_col} = o.{pk_col}) "
+            "ORDER BY o.rowid LIMIT 1000"
+        )
+        last, make = -(2**63), self.new_db.object_for_key
+        while True:
+            self._check_active()
+            rows = conn.execute(sql, (last,)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            for row in rows:
+                old = old_record(self._stored, schema, row[1:])
+                yield old, make(cls, old[schema.primary_key])
 
     def rename_field(self, model: str, old_name: str, new_name: str) -> None:
         """Give every object's ``new_name`` (a field of the new model) the value its
@@ -365,7 +394,14 @@ class _Migrator:
             old_db = OldDatabase(engine.path, stored, current)
             changed = self._change_tables(stored)
             migration = Migration(
-                engine, old_db, self.new_db, stored, self.declared, self.version, self.classes
+                engine,
+                old_db,
+                self.new_db,
+                stored,
+                self.declared,
+                self.version,
+                self.classes,
+                frozenset(changed),
             )
             if self.callback is not None:
                 direct = frozenset(changed)
