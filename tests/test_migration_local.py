@@ -371,6 +371,9 @@ def test_old_db_is_the_file_as_it_was_and_read_only(tmp_path: Path) -> None:
         assert old.find("Person", "p1")["name"] == "Ann Lee 1"  # type: ignore[index]
         assert [r["id"] for r in old.all("Person")] == ["p0", "p1", "p2"]
         assert old.find("Person", "p9") is None
+        # Person's schema did not change (no rebuild): enumerate_objects reads old_db
+        pairs = [(o["id"], n.name) for o, n in migration.enumerate_objects("Person")]
+        assert pairs == [("p0", "Ann Lee 0"), ("p1", "changed")]
         with pytest.raises(ts.MigrationError, match="no model 'Nope'"):
             old.count("Nope")
         checked.append("ok")
