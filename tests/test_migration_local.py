@@ -737,3 +737,14 @@ def test_two_opens_at_once_migrate_once(tmp_path: Path) -> None:
     assert not any(t.is_alive() for t in threads)
     assert results == [200, 200]
     assert calls == [0]
+
+
+def test_a_new_file_starts_at_the_configured_version(tmp_path: Path) -> None:
+    path = tmp_path / "app.tidesync"
+    Person, Legacy = release1()
+    calls: list[int] = []
+    for _ in range(2):
+        with open_local([Person, Legacy], path, 3, lambda m, v: calls.append(v)) as db:
+            assert db.schema_version == 3
+    assert calls == []  # nothing to migrate, then the same version
+    assert changelog_rows(path) == 0

@@ -273,10 +273,11 @@ class StoreEngine:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = OFF")
 
-    def set_up(self) -> None:
+    def set_up(self, new_file_meta: dict[str, Any] | None = None) -> None:
         """Bring the file to the declared schemas (only additive changes: new models, new
         optional fields, indexes); :class:`SchemaMismatchError` before anything is written
-        for anything else."""
+        for anything else. ``new_file_meta``: ``_meta`` values a new file gets in the
+        transaction that creates it (its schema version)."""
         conn = self.conn
         stored = self.stored_schemas()
         plan = self._plan_schema(stored)  # raises before anything is written
@@ -305,6 +306,8 @@ class StoreEngine:
                     conn.execute(
                         "INSERT INTO _meta(key, value) VALUES ('origin', ?)", (os.urandom(8).hex(),)
                     )
+                    for key, value in (new_file_meta or {}).items():
+                        self.set_meta(key, value)
         self.adopt_schemas(full)
 
     def adopt_schemas(self, schemas: dict[str, ModelSchema]) -> None:

@@ -78,10 +78,11 @@ def open_versioned(
     docstring). ``new_db`` is the database being opened on ``engine``."""
     declared = {name: cls.schema() for name, cls in classes.items()}
     for _ in range(2):  # a second look if another process migrated the file meanwhile
-        if not engine.stored_schemas():  # a new file
-            engine.set_up()
-            _record_version(engine, version)
-            return
+        if not engine.stored_schemas():  # a new file: its version in its first transaction
+            engine.set_up({VERSION_KEY: version} if version else None)
+            if file_schema_version(engine.conn) == version:
+                return
+            continue  # another process created the file meanwhile, at another version
         current = file_schema_version(engine.conn)
         if version < current:
             raise SchemaVersionError(
@@ -98,12 +99,6 @@ def open_versioned(
         if _Migrator(engine, classes, declared, version, callback, new_db).run():
             return
     raise MigrationError(f"{engine.path}: the schema version kept changing while opening")
-
-
-def _record_version(engine: StoreEngine, version: int) -> None:
-    if version and file_schema_version(engine.conn) != version:
-        with engine.transaction():
-            engine.set_meta(VERSION_KEY, version)
 
 
 def _set_up_same_version(engine: StoreEngine, version: int) -> None:
