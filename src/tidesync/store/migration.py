@@ -232,6 +232,7 @@ class Migration:
         self.new_schema_version = new_version
         self._invalidate: Callable[[], None] = lambda: None
         self._active = True
+        #: What the callback did so far: ``(model, old, new)`` per rename, deleted models.
         self.renamed: list[tuple[str, str, str]] = []
         self.deleted: list[str] = []
 
@@ -388,6 +389,7 @@ class _Migrator:
                 )
             old_db = OldDatabase(engine.path, stored, current)
             changed = self._change_tables(stored)
+            direct = frozenset(changed)  # their fields are set column by column
             migration = Migration(
                 engine,
                 old_db,
@@ -396,10 +398,9 @@ class _Migrator:
                 self.declared,
                 self.version,
                 self.classes,
-                frozenset(changed),
+                direct,
             )
             if self.callback is not None:
-                direct = frozenset(changed)
                 with self.new_db.migration_writes(direct) as invalidate:
                     migration._invalidate = invalidate
                     try:
