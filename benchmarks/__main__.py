@@ -23,6 +23,7 @@ GROUPS = {
     "session": "benchmarks.session",
     "postgres": "benchmarks.postgres",
     "api": "benchmarks.api",
+    "migration": "benchmarks.migration",
 }
 
 

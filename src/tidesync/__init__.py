@@ -31,6 +31,7 @@ from .errors import (
     DiskFullError,
     DuplicatePrimaryKeyError,
     FutureTimestampError,
+    MigrationError,
     MismatchedConfigurationError,
     NestedWriteError,
     NotSyncedError,
@@ -41,6 +42,7 @@ from .errors import (
     QueryError,
     SchemaError,
     SchemaMismatchError,
+    SchemaVersionError,
     SessionInactiveError,
     SubscriptionError,
     SyncAction,
@@ -52,6 +54,7 @@ from .errors import (
     WriteOutsideTransactionError,
 )
 from .objectid import ObjectId
+from .store.migration import Migration, OldDatabase
 from .store.model import Counter, Model, field, primary_key
 from .store.notify import NotificationToken, ObjectChange, ResultsChange
 from .store.results import Results
@@ -80,6 +83,8 @@ __all__ = [
     "DuplicatePrimaryKeyError",
     "FutureTimestampError",
     "ManualRecovery",
+    "Migration",
+    "MigrationError",
     "MismatchedConfigurationError",
     "Model",
     "MutableSubscriptionSet",
@@ -90,6 +95,7 @@ __all__ = [
     "ObjectDeletedError",
     "ObjectId",
     "ObjectTooLargeError",
+    "OldDatabase",
     "OperationCancelledError",
     "ProgressDirection",
     "ProgressMode",
@@ -100,6 +106,7 @@ __all__ = [
     "ResultsChange",
     "SchemaError",
     "SchemaMismatchError",
+    "SchemaVersionError",
     "Session",
     "SessionInactiveError",
     "SessionState",

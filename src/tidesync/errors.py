@@ -5,6 +5,8 @@
     TidesyncError
     ├── SchemaError                 a model class is invalid (raised at class definition)
     ├── SchemaMismatchError         the models do not match the file (nothing is touched)
+    │   └── SchemaVersionError      the configured schema_version is lower than the file's
+    ├── MigrationError              a migration cannot run or left data invalid (rolled back)
     ├── DatabaseClosedError         the Database (or its session) was closed
     ├── WriteError
     │   ├── WriteOutsideTransactionError
@@ -56,6 +58,18 @@ class SchemaError(TidesyncError, TypeError):
 
 class SchemaMismatchError(TidesyncError):
     """The declared models are incompatible with the database file; the file is untouched."""
+
+
+class SchemaVersionError(SchemaMismatchError):
+    """The configuration's ``schema_version`` is lower than the file's (an older release
+    opening a newer release's file), or a file migrated locally is opened for sync; the
+    message names both versions. The file is untouched."""
+
+
+class MigrationError(TidesyncError):
+    """A local migration cannot run (a synced file, a bad ``rename_field``/``delete_model``)
+    or left the data invalid (a required field without a value); the message names the
+    model and field. The whole migration was rolled back: the file is as it was."""
 
 
 class DatabaseClosedError(TidesyncError):

@@ -7,7 +7,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..core.progress import SyncProgress
-from ..errors import DatabaseClosedError, NotSyncedError, OperationCancelledError
+from ..errors import (
+    DatabaseClosedError,
+    NotSyncedError,
+    OperationCancelledError,
+    SchemaVersionError,
+)
 from ..store.database import LocalDatabase
 from .config import Configuration
 from .subscriptions import SubscriptionSet, SubscriptionSetState
@@ -28,12 +33,18 @@ class Database(LocalDatabase):
     def __init__(self, config: Configuration) -> None:
         if not isinstance(config, Configuration):
             raise TypeError("Database() takes a tidesync.Configuration")
-        super().__init__(config.path, config.models)
+        super().__init__(
+            config.path,
+            config.models,
+            schema_version=config.schema_version,
+            migration_callback=config.migration_callback,
+        )
         self.config = config
         self.max_object_bytes = config.max_object_bytes
         self._session: Session | None = None
         if config.sync is not None:
             try:
+                _refuse_migrated(self)
                 ran = _run_initial_subscriptions(self, config)
                 self._session = config.sync.user.app._open_session(self, config.sync)
                 if ran:  # a session this database joined has not seen the new set
@@ -120,3 +131,14 @@ def _run_initial_subscriptions(db: Database, config: Configuration) -> bool:
         sync.initial_subscriptions(db)
         return True
     return False
+
+
+def _refuse_migrated(db: Database) -> None:
+    """A file migrated locally (``schema_version`` > 0) is not synced: its change log holds
+    changesets of the old schema (docs/migrations.md, Synced databases)."""
+    version = db.schema_version
+    if version:
+        raise SchemaVersionError(
+            f"{db.path} was migrated locally to schema version {version}; a synced "
+            "configuration cannot open it (docs/migrations.md, Synced databases)"
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +33,7 @@ from . import sqlvalues as sv
 from .collections import ManagedDict, ManagedList, ManagedSet
 from .diskfull import disk_full_error
 from .engine import StoreEngine
+from .migration import MigrationCallback, file_schema_version, open_versioned
 from .model import Counter, Model, iter_models
 from .notify import Notifier
 from .objsize import check_object_sizes
@@ -53,20 +54,23 @@ _FAST_TYPES: dict[Kind, set[type]] = {
 class LocalDatabase:
     """A local database file holding objects of the given models."""
 
-    def __init__(self, path: str | Path, models: Sequence[type[Model]]) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        models: Sequence[type[Model]],
+        *,
+        schema_version: int | None = None,
+        migration_callback: MigrationCallback | None = None,
+    ) -> None:
+        """Open (or create) ``path`` for ``models``. With ``schema_version`` the file's
+        schema version is checked and, if it is lower, the file is migrated first, calling
+        ``migration_callback`` (``store/migration.py``, docs/migrations.md); without it the
+        version is not looked at (only additive schema changes)."""
         classes = list(iter_models(models))
         if not classes:
             raise SchemaError("a database needs at least one model")
         self._classes: dict[str, type[Model]] = {m.__name__: m for m in classes}
         self._schemas: dict[str, ModelSchema] = {n: m.schema() for n, m in self._classes.items()}
-        try:
-            self._engine = StoreEngine(path, self._schemas)
-        except sqlite3.Error as exc:  # e.g. no room for the WAL index (-shm) of the file
-            error = disk_full_error(exc, str(Path(path).resolve()), "opening the database")
-            if error is not None:
-                raise error from exc
-            raise
-        self.path = self._engine.path
         self._lock = threading.RLock()
         self._writer: int | None = None
         self._pending: list[bytes] = []
@@ -77,6 +81,53 @@ class LocalDatabase:
         self._add_plans: dict[str, list[tuple[str, FieldSchema, frozenset[type]]]] = {}
         #: Most bytes one transaction may write to one object (store/objsize.py).
         self.max_object_bytes = DEFAULT_MAX_OBJECT_BYTES
+        #: During a migration: the models whose fields are set column by column.
+        self._direct: frozenset[str] = frozenset()
+        try:
+            self._engine = StoreEngine(path, self._schemas, set_up=schema_version is None)
+            self.path = self._engine.path
+            if schema_version is not None:
+                try:
+                    open_versioned(
+                        self._engine, self._classes, schema_version, migration_callback, self
+                    )
+                except BaseException:
+                    self._engine.close()
+                    raise
+        except sqlite3.Error as exc:  # e.g. no room for the WAL index (-shm) of the file
+            error = disk_full_error(exc, str(Path(path).resolve()), "opening the database")
+            if error is not None:
+                raise error from exc
+            raise
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version the file records (0 when it has none)."""
+        with self._lock:
+            return file_schema_version(self._engine.conn)
+
+    @contextlib.contextmanager
+    def migration_writes(self, direct: frozenset[str]) -> Iterator[Callable[[], None]]:
+        """For ``store/migration.py``: the calling thread writes in the transaction the
+        migration holds open on this database's engine, as inside ``db.write()``, but what
+        it writes goes into no changeset (a migration is not synced). Setting a field of
+        an object of a model in ``direct`` (the rebuilt ones, whose merge states restart
+        from their columns anyway) writes its column alone, without the merge. Yields a
+        function that makes the objects re-read their values (after SQL that changed rows)."""
+
+        def invalidate() -> None:
+            self._local_version += 1
+
+        self._writer = threading.get_ident()
+        self._pending = []
+        self._direct = direct
+        try:
+            yield invalidate
+        finally:
+            self._writer = None
+            self._pending = []
+            self._direct = frozenset()
+            self._local_version += 1
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -336,6 +387,9 @@ class LocalDatabase:
         return model, self._schemas[model]
 
     def _set_field(self, obj: Model, name: str, value: Any) -> None:
+        if self._direct and type(obj).__name__ in self._direct:
+            self._set_column(obj, name, value)
+            return
         model, schema = self._live_obj(obj)
         fs = schema.by_name.get(name)
         if fs is None:
@@ -347,6 +401,22 @@ class LocalDatabase:
         ins = Instruction(Op.SET, model, obj._pk, self._engine.tick(), name, stored)
         self._engine.apply((ins,))
         self._record(ins)
+
+    def _set_column(self, obj: Model, name: str, value: Any) -> None:
+        """:meth:`_set_field` during a migration, for a rebuilt model (see
+        :meth:`migration_writes`): checked the same way, written to the column alone."""
+        self._require_write()
+        model = type(obj).__name__
+        fs = self._schemas[model].by_name.get(name)
+        if fs is None:
+            raise AttributeError(name)
+        if fs.primary_key:
+            raise ValueTypeError(f"{model}.{name} is the primary key and cannot change")
+        stored = self._to_stored(fs, value, False)
+        self._check_value(fs, stored, model)
+        if not self._engine.write_column(model, obj._pk, fs, stored):
+            raise ObjectDeletedError(f"the {model} {obj._pk!r} was deleted")
+        self._local_version += 1
 
     def _counter_add(self, obj: Model, name: str, amount: int) -> None:
         model, schema = self._live_obj(obj)
@@ -427,6 +497,15 @@ class LocalDatabase:
         obj._cache = cache
         obj._cache_version = version
         return obj
+
+    def object_for_key(self, model: type[M], pk: Any) -> M:
+        """A managed object of ``model`` for the primary key ``pk``, without reading it: its
+        values are read when first used (:class:`ObjectDeletedError` then if there is no
+        such object). For code that knows the object exists, such as a migration's
+        ``enumerate_objects``."""
+        self._check_open()
+        self._model_schema(model)
+        return self._managed(model, pk, None, None)
 
     def find(self, model: type[M], pk: Any) -> M | None:
         """The object of ``model`` with primary key ``pk``, or ``None``."""

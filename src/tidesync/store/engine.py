@@ -30,7 +30,7 @@ from ..core.changeset import Instruction, Op
 from ..core.hlc import HLC, HybridClock
 from ..core.merge import ObjectState
 from ..core.packing import join_packed, pack, pack_instructions, packer, unpack
-from ..core.schema import Kind, ModelSchema, check_compatible, widened
+from ..core.schema import FieldSchema, Kind, ModelSchema, check_compatible, widened
 from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
 from . import sqlvalues as sv
 from .sqlbatch import insert_rows
@@ -199,10 +199,35 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def create_table_sql(schema: ModelSchema, schemas: dict[str, ModelSchema]) -> str:
+    """The ``CREATE TABLE`` of a model's table (``schemas``: for the links' key types)."""
+    cols = []
+    for f in schema.fields:
+        col = f"{sv.quote(f.name)} {sv.column_type(f, schemas)}"
+        if f.primary_key:
+            col += " PRIMARY KEY NOT NULL"
+        cols.append(col)
+    cols.append('"_state" BLOB')  # NULL: state = the create in "_hlc" + columns
+    cols.append('"_hlc" BLOB')
+    return f"CREATE TABLE {sv.table_name(schema.name)} ({', '.join(cols)})"
+
+
+def index_sql(model: str, f: FieldSchema) -> str:
+    """The ``CREATE INDEX`` of an indexed field."""
+    return (
+        f'CREATE INDEX IF NOT EXISTS "i_{model}_{f.name}" '
+        f"ON {sv.table_name(model)}({sv.quote(f.name)})"
+    )
+
+
 class StoreEngine:
     """A connection to one local database file and the operations sync and the API need."""
 
-    def __init__(self, path: str | Path, schemas: dict[str, ModelSchema]) -> None:
+    def __init__(
+        self, path: str | Path, schemas: dict[str, ModelSchema], *, set_up: bool = True
+    ) -> None:
+        """Open ``path`` for ``schemas``. ``set_up=False`` only opens the connection: the
+        caller then calls :meth:`set_up` (or migrates the file first, ``store/migration.py``)."""
         self.path = str(Path(path).resolve())
         self.schemas = dict(schemas)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -231,29 +256,38 @@ class StoreEngine:
         self._touched: Touched = {}  # per transaction: what it wrote, for notifiers
         #: models and fields downloads changed that this file lacks (see note_skipped)
         self._skipped_names: set[str] | None = None
-        try:
-            self._setup()
-        except BaseException:
-            self.conn.close()
-            raise
+        if set_up:
+            try:
+                self.set_up()
+            except BaseException:
+                self.conn.close()
+                raise
 
     # --- set-up and schema ---------------------------------------------------------------
 
-    def _setup(self) -> None:
+    def prepare_connection(self) -> None:
+        """WAL mode (switched on for a new file), ``synchronous = FULL``, no foreign keys."""
         conn = self.conn
-        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-        stored = self._stored_schemas()
-        plan = self._plan_schema(stored)  # raises before anything is written
-        if mode != "wal":
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
             self._enable_wal()
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = OFF")
+
+    def set_up(self, new_file_meta: dict[str, Any] | None = None) -> None:
+        """Bring the file to the declared schemas (only additive changes: new models, new
+        optional fields, indexes); :class:`SchemaMismatchError` before anything is written
+        for anything else. ``new_file_meta``: ``_meta`` values a new file gets in the
+        transaction that creates it (its schema version)."""
+        conn = self.conn
+        stored = self.stored_schemas()
+        plan = self._plan_schema(stored)  # raises before anything is written
+        self.prepare_connection()
         full = self._file_schemas(stored)
         definitions_changed = any(stored.get(n) != s for n, s in full.items())
         if plan or definitions_changed or self._declared_skips()[0]:
             with self.transaction():
                 # Another process may have set the file up meanwhile: plan again under the lock.
-                stored = self._stored_schemas()
+                stored = self.stored_schemas()
                 plan = self._plan_schema(stored)
                 full = self._file_schemas(stored)
                 self._create_base_tables()
@@ -272,10 +306,30 @@ class StoreEngine:
                     conn.execute(
                         "INSERT INTO _meta(key, value) VALUES ('origin', ?)", (os.urandom(8).hex(),)
                     )
-        self.origin = str(self.get_meta("origin"))
-        self.schemas = full
+                    for key, value in (new_file_meta or {}).items():
+                        self.set_meta(key, value)
+        self.adopt_schemas(full)
+
+    def adopt_schemas(self, schemas: dict[str, ModelSchema]) -> None:
+        """Work on ``schemas`` from now on (the file's tables must match them): prepare
+        their statements and read the file's origin id."""
+        self.load_origin()
+        self.schemas = dict(schemas)
+        self._sql.clear()
+        self._row_plans.clear()
+        self._pk_pos.clear()
         for name in self.schemas:
             self._prepare_sql(name)
+
+    def load_origin(self) -> None:
+        """Read the file's origin id (the clock of :meth:`begin` needs it)."""
+        self.origin = str(self.get_meta("origin"))
+
+    def forget_states(self) -> None:
+        """Drop the current transaction's cache of object states (after SQL that changed
+        rows behind the engine's back, e.g. a migration's ``rename_field``)."""
+        self._tx_states.clear()
+        self._dead_models.clear()
 
     def _declared_skips(self) -> tuple[set[str], set[str]]:
         """The models and fields downloads skipped (:meth:`note_skipped`) that the declared
@@ -326,7 +380,8 @@ class StoreEngine:
                     raise
                 time.sleep(0.01)
 
-    def _stored_schemas(self) -> dict[str, ModelSchema]:
+    def stored_schemas(self) -> dict[str, ModelSchema]:
+        """The models' schemas as the file's ``_schema`` holds them (empty for a new file)."""
         exists = self.conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type='table' AND name='_schema'"
         ).fetchone()
@@ -352,15 +407,7 @@ class StoreEngine:
             old = stored.get(name)
             table = sv.table_name(name)
             if old is None:
-                cols = []
-                for f in schema.fields:
-                    col = f"{sv.quote(f.name)} {sv.column_type(f, all_schemas)}"
-                    if f.primary_key:
-                        col += " PRIMARY KEY NOT NULL"
-                    cols.append(col)
-                cols.append('"_state" BLOB')  # NULL: state = the create in "_hlc" + columns
-                cols.append('"_hlc" BLOB')
-                statements.append(f"CREATE TABLE {table} ({', '.join(cols)})")
+                statements.append(create_table_sql(schema, all_schemas))
                 added = [f for f in schema.fields if f.indexed and not f.primary_key]
             else:
                 new_fields = check_compatible(old, schema)
@@ -375,10 +422,7 @@ class StoreEngine:
                     if f.indexed and not f.primary_key and not old.by_name.get(f.name, f).indexed
                 ]
                 added += [f for f in new_fields if f.indexed and f not in added]
-            for f in added:
-                statements.append(
-                    f'CREATE INDEX IF NOT EXISTS "i_{name}_{f.name}" ON {table}({sv.quote(f.name)})'
-                )
+            statements.extend(index_sql(name, f) for f in added)
         return statements
 
     def _create_base_tables(self) -> None:
@@ -707,6 +751,26 @@ class StoreEngine:
             new_where = "dead"
         self._tx_states[(model, pk)] = (state, new_where)
         return new_where
+
+    def write_column(self, model: str, pk: Any, fs: FieldSchema, value: Any) -> bool:
+        """Set one field of a live object in its column alone, its merge state restarting
+        from its columns (``_state`` NULL, at its ``_hlc`` or a new one): for a local
+        migration, whose writes are not synced. False if the object does not exist."""
+        schema = self.schemas[model]
+        key_sql = sv.scalar_to_sql(schema.pk_field.kind, pk)
+        statements = self._sql[model]
+        sql = statements.get(f"set:{fs.name}")
+        if sql is None:
+            sql = statements[f"set:{fs.name}"] = (
+                f'UPDATE {sv.table_name(model)} SET {sv.quote(fs.name)} = ?, "_state" = NULL, '
+                f'"_hlc" = COALESCE("_hlc", ?) WHERE {sv.quote(schema.primary_key)} = ?'
+            )
+        cursor = self.conn.execute(
+            sql, (sv.to_column(fs, value, self.schemas), pack(self.tick()), key_sql)
+        )
+        self._tx_states.pop((model, pk), None)
+        self._touch(model, key_sql)
+        return cursor.rowcount > 0
 
     def create(self, ins: Instruction) -> None:
         """Apply a local CREATE of an object that must not exist yet.

@@ -51,6 +51,10 @@ class FieldInfo:
     indexed: bool = False
     primary_key: bool = False
 
+    def has_default(self) -> bool:
+        """True when the field declares a default value or factory."""
+        return self.default is not _MISSING or self.default_factory is not None
+
     def make_default(self) -> Any:
         """A fresh default value, or ``_MISSING``."""
         if self.default_factory is not None:
