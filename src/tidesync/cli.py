@@ -17,9 +17,12 @@ import os
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+
+from .clidata import data_app
+from .cliutil import fail, say_error
 
 if TYPE_CHECKING:
     from .server.users import UserStore
@@ -38,19 +41,6 @@ app = typer.Typer(
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 #: The formats ``--log-format`` accepts.
 LOG_FORMATS = ("text", "json")
-#: Exit status of a usage mistake (bad option, unparsable configuration).
-USAGE_ERROR = 2
-
-
-def say_error(message: str) -> None:
-    """Write ``error: MESSAGE`` on stderr as one line (newlines in it become spaces)."""
-    typer.echo(f"error: {' '.join(message.split())}", err=True)
-
-
-def fail(message: str, status: int = USAGE_ERROR) -> NoReturn:
-    """Report a mistake as one ``error:`` line on stderr and exit with ``status``."""
-    say_error(message)
-    raise typer.Exit(status)
 
 
 def version() -> str:
@@ -208,6 +198,8 @@ def _check_data_folder(data: Path) -> None:
     if not os.access(data, os.W_OK | os.X_OK):
         fail(f"--data {data} is not writable")
 
+
+app.add_typer(data_app, name="data")
 
 keys_app = typer.Typer(help="Token signing keys: list them, rotate them.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

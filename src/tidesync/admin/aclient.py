@@ -102,10 +102,11 @@ class AsyncAdminClient:
         desc: bool = False,
         limit: int | None = None,
         page_size: int = 500,
+        raw: bool = False,
     ) -> AsyncIterator[dict[str, Any]]:
         """``async for obj in admin.query(...)``: the matching objects, page after page."""
         return self._items(
-            ops.query(self._schemas, model, query, args, sort, desc, limit, page_size)
+            ops.query(self._schemas, model, query, args, sort, desc, limit, page_size, raw)
         )
 
     async def get(self, model: ModelRef, pk: Any) -> dict[str, Any] | None:
@@ -114,11 +115,11 @@ class AsyncAdminClient:
         return result
 
     async def insert(
-        self, model: ModelRef, obj: ObjectIn | Iterable[ObjectIn]
+        self, model: ModelRef, obj: ObjectIn | Iterable[ObjectIn], *, raw: bool = False
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Create or upsert one object, or several in one commit."""
         result: dict[str, Any] | list[dict[str, Any]] = await self._run(
-            ops.insert(self._schemas, model, obj)
+            ops.insert(self._schemas, model, obj, raw)
         )
         return result
 

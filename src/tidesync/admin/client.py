@@ -107,11 +107,13 @@ class AdminClient:
         desc: bool = False,
         limit: int | None = None,
         page_size: int = 500,
+        raw: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """The objects matching ``query`` (the query language, ``$0``... for ``args``),
-        page after page; at most ``limit`` of them."""
+        page after page; at most ``limit`` of them. ``raw``: values in their JSON form (as
+        the API answers them) instead of Python values."""
         return self._items(
-            ops.query(self._schemas, model, query, args, sort, desc, limit, page_size)
+            ops.query(self._schemas, model, query, args, sort, desc, limit, page_size, raw)
         )
 
     def get(self, model: ModelRef, pk: Any) -> dict[str, Any] | None:
@@ -120,12 +122,12 @@ class AdminClient:
         return result
 
     def insert(
-        self, model: ModelRef, obj: ObjectIn | Iterable[ObjectIn]
+        self, model: ModelRef, obj: ObjectIn | Iterable[ObjectIn], *, raw: bool = False
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """Create (or upsert, as a device's ``add(update=True)``) one object, or several in
         one commit; answers the stored object(s)."""
         result: dict[str, Any] | list[dict[str, Any]] = self._run(
-            ops.insert(self._schemas, model, obj)
+            ops.insert(self._schemas, model, obj, raw)
         )
         return result
 

@@ -8,6 +8,7 @@ from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..store.model import Model
 from . import common as c
 from .common import AdminAPIError, ChangeEvent, ModelRef, ObjectIn
 
@@ -58,8 +59,9 @@ def query(
     desc: bool,
     limit: int | None,
     page_size: int,
+    raw: bool = False,
 ) -> Op:
-    """Every matching object, page after page (at most ``limit``)."""
+    """Every matching object, page after page (at most ``limit``); ``raw``: in JSON form."""
     name = c.model_name(model)
     codec = yield from schemas.get()
     after: Any = None
@@ -68,7 +70,7 @@ def query(
         size = page_size if left is None else min(page_size, left)
         page = yield c.query_call(name, text, args, sort, desc, size, after)
         for obj in page["objects"]:
-            yield Item(codec.decode(name, obj))
+            yield Item(obj if raw else codec.decode(name, obj))
         if left is not None:
             left -= len(page["objects"])
         after = page.get("next")
@@ -90,13 +92,20 @@ def get(schemas: Schemas, model: ModelRef, pk: Any) -> Op:
     return codec.decode(name, obj)
 
 
-def insert(schemas: Schemas, model: ModelRef, obj: ObjectIn | Iterable[ObjectIn]) -> Op:
-    """Create or upsert; the stored object(s)."""
+def insert(
+    schemas: Schemas, model: ModelRef, obj: ObjectIn | Iterable[ObjectIn], raw: bool = False
+) -> Op:
+    """Create or upsert; the stored object(s). ``raw``: the objects are in JSON form
+    already (sent as they are) and the answer stays in JSON form."""
     name = c.model_name(model)
     codec = yield from schemas.get()
     items, many = c.as_list(obj)
-    answer = yield c.insert_call(name, [codec.encode(name, o) for o in items], many)
-    stored = [codec.decode(name, o) for o in c.objects_of(answer)]
+    if raw:
+        body = [dict(o.to_dict() if isinstance(o, Model) else o) for o in items]
+    else:
+        body = [codec.encode(name, o) for o in items]
+    answer = yield c.insert_call(name, body, many)
+    stored = [o if raw else codec.decode(name, o) for o in c.objects_of(answer)]
     return stored if many else stored[0]
 
 
