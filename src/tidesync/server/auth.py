@@ -40,6 +40,7 @@ from starlette.routing import Route
 from ..errors import AuthError, TooManyAttemptsError
 from .config import ServerConfig
 from .limits import RateLimiter
+from .rules import AppRules, parse_rules, user_values
 from .settings import (
     ANONYMOUS,
     API_KEY,
@@ -335,6 +336,26 @@ class Authenticator:
         """True if the user exists and is not disabled."""
         status = await self.users.user_status(app_id, user_id)
         return status == "active"
+
+    async def rule_values(self, app_id: str, user_id: str) -> dict[str, Any]:
+        """The field values permission rules see for a user (``$user.id``, ``$user.email``
+        ...: :func:`~tidesync.server.rules.user_values` of the user's record), read off the
+        event loop when the user store is synchronous."""
+        users: Any = self.users
+        fetch = users.user_data
+        if inspect.iscoroutinefunction(fetch):
+            record = await fetch(app_id, user_id)
+        else:  # a synchronous store: keep the disk off the event loop
+            record = await asyncio.to_thread(fetch, app_id, user_id)
+        return user_values(user_id, record)
+
+    def app_rules(self, app_id: str) -> AppRules | None:
+        """The app's parsed permission rules (None: no restrictions, or no such app)."""
+        settings = self.app_settings(app_id)
+        if settings is None:
+            return None
+        jwt_fields = settings.jwt.fields if settings.jwt is not None else {}
+        return parse_rules(settings.rules, f"apps.{app_id}.rules", jwt_fields)
 
     async def access_refusal(self, app_id: str, claims: TokenClaims) -> str | None:
         """Why a verified access token may not be used any more (its user disabled or

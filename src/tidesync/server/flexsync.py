@@ -28,7 +28,6 @@ See docs/flexible-sync.md for the exact message sequence.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import weakref
 from collections import OrderedDict
@@ -54,7 +53,7 @@ from ..protocol.messages import (
     compensating_message,
 )
 from ..store.gcpause import gc_paused
-from .rules import AppRules, Permissions, parse_rules, user_fields, user_values
+from .rules import AppRules, Permissions, user_fields
 from .storage.base import CommitCheck, ObjectKey, StoredObject, UploadResult, object_keys
 from .writecheck import CommitRecheck, count_keys, created_or_none, judge
 
@@ -201,13 +200,7 @@ _USERS: weakref.WeakKeyDictionary[SyncConnection, tuple[str, dict[str, Any]]] = 
 async def _load_user(conn: SyncConnection) -> dict[str, Any]:
     """The connected user's field values, from the server's user records."""
     assert conn.user_id is not None
-    users: Any = conn.hub.auth.users
-    fetch = users.user_data
-    if inspect.iscoroutinefunction(fetch):
-        record = await fetch(conn.app_id, conn.user_id)
-    else:  # a synchronous store: keep the disk off the event loop
-        record = await asyncio.to_thread(fetch, conn.app_id, conn.user_id)
-    return user_values(conn.user_id, record)
+    return await conn.hub.auth.rule_values(conn.app_id, conn.user_id)
 
 
 async def user_of(conn: SyncConnection) -> dict[str, Any]:
@@ -243,12 +236,7 @@ async def on_refresh(conn: SyncConnection) -> None:
 
 def app_rules(conn: SyncConnection) -> AppRules | None:
     """The connection's app's rules (None: no restrictions)."""
-    hub = conn.hub
-    settings = hub.config.auth.app(conn.app_id, hub.config.development_mode)
-    if settings is None:
-        return None
-    jwt_fields = settings.jwt.fields if settings.jwt is not None else {}
-    return parse_rules(settings.rules, f"apps.{conn.app_id}.rules", jwt_fields)
+    return conn.hub.auth.app_rules(conn.app_id)
 
 
 async def open_view(conn: SyncConnection, flexible: bool) -> FlexView | None:

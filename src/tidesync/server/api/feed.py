@@ -16,8 +16,6 @@ user never saw would leak its key otherwise).
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 from ...core import query as q
 from ...errors import QueryError
 from ..hub import SyncHub
-from ..rules import Permissions, parse_rules, user_values
+from ..rules import Permissions
 from ..storage.base import (
     CursorAheadError,
     HistoryTrimmedError,
@@ -33,8 +31,9 @@ from ..storage.base import (
     ServerStorage,
     StoredObject,
 )
-from .access import ADMIN_USER, ApiError, Caller, app_settings
+from .access import ADMIN_USER, ApiError, Caller
 from .events import ChangeEvent, changeset_events
+from .perms import permissions_of
 
 #: Log bytes read per storage round trip.
 PAGE_BYTES = 256 * 1024
@@ -79,23 +78,6 @@ class FeedFilter:
         return self.models is None or model in self.models
 
 
-async def user_permissions(hub: SyncHub, caller: Caller, schemas: dict[str, Any]) -> Permissions:
-    """The read rules of a user caller (no rules: an unrestricted :class:`Permissions`)."""
-    assert caller.user_id is not None
-    settings = app_settings(hub, caller.app_id)
-    jwt_fields = settings.jwt.fields if settings.jwt is not None else {}
-    rules = parse_rules(settings.rules, f"apps.{caller.app_id}.rules", jwt_fields)
-    if rules is None:
-        return Permissions(None, {"id": caller.user_id}, schemas)
-    users: Any = hub.auth.users
-    fetch = users.user_data
-    if inspect.iscoroutinefunction(fetch):
-        record = await fetch(caller.app_id, caller.user_id)
-    else:
-        record = await asyncio.to_thread(fetch, caller.app_id, caller.user_id)
-    return Permissions(rules, user_values(caller.user_id, record), schemas)
-
-
 async def build_filter(
     hub: SyncHub, caller: Caller, models: Iterable[str] | None, query: str | None
 ) -> FeedFilter:
@@ -123,7 +105,7 @@ async def build_filter(
         except QueryError as exc:
             raise ApiError(400, f"query: {exc}", "bad_query") from None
     if not caller.admin:
-        flt.perms = await user_permissions(hub, caller, schemas)
+        flt.perms = await permissions_of(hub, caller, schemas)
     return flt
 
 

@@ -8,24 +8,10 @@ everything, as on sync.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
-from typing import Any
-
 from ...core.schema import ModelSchema
 from ..hub import SyncHub
-from ..rules import Permissions, parse_rules, user_fields, user_values
+from ..rules import Permissions, user_fields
 from .access import Caller, app_settings
-
-
-async def _user_values(hub: SyncHub, app_id: str, user_id: str) -> dict[str, Any]:
-    users: Any = hub.auth.users
-    fetch = users.user_data
-    if inspect.iscoroutinefunction(fetch):
-        record = await fetch(app_id, user_id)
-    else:  # a synchronous store: keep the disk off the event loop
-        record = await asyncio.to_thread(fetch, app_id, user_id)
-    return user_values(user_id, record)
 
 
 async def permissions_of(
@@ -34,10 +20,9 @@ async def permissions_of(
     """The caller's permissions (None for an admin: no rules apply)."""
     if caller.user_id is None:
         return None
-    settings = app_settings(hub, caller.app_id)
-    jwt_fields = settings.jwt.fields if settings.jwt is not None else {}
-    rules = parse_rules(settings.rules, f"apps.{caller.app_id}.rules", jwt_fields)
+    app_settings(hub, caller.app_id)  # 404 for an app the server does not serve
+    rules = hub.auth.app_rules(caller.app_id)
     if rules is None:
         return Permissions(None, user_fields(caller.user_id), schemas)
-    values = await _user_values(hub, caller.app_id, caller.user_id)
+    values = await hub.auth.rule_values(caller.app_id, caller.user_id)
     return Permissions(rules, values, schemas)
