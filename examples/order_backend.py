@@ -150,8 +150,10 @@ class OrderBackend:
         if order is None or order["status"] != "new":
             self.stats.skipped += 1
             return
-        await self.admin.update(MODEL, pk, decide(order))
+        changes = decide(order)
+        await self.admin.update(MODEL, pk, changes)
         self.stats.written += 1
+        log.info("order %s: %s", pk, changes["status"])
 
     async def work(self) -> None:
         """The worker: the orders left "new" by an earlier run, then the queue."""
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per call
     settings = Settings(args.server, args.app, args.admin_key, args.secret)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -33,43 +33,26 @@ from .flex_helpers import FAST, T, eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "order_backend.py"
-ADMIN_KEY = "order-backend-admin-key-0123456789"
-SECRET = "order-webhook-secret-0123456789"
+CONFIG = ROOT / "examples" / "order_backend.toml"
+ADMIN_KEY = "order-backend-admin-key-change-me"
+SECRET = "order-webhook-secret-change-me"
 
-#: The configuration docs/backend.md shows, with short webhook timeouts for a test.
-CONFIG = """
-[server]
-admin_keys = ["{admin_key}"]
 
-[apps.shop]
-auth = ["anonymous"]
-auto_confirm = true
-
-[apps.shop.rules.Order]
-read = "owner_id == $user.id"
-write = "owner_id == $user.id"
-
-[apps.shop.schema.Order]
-primary_key = "id"
-[apps.shop.schema.Order.fields]
-id = "str"
-owner_id = "str"
-item = "str"
-quantity = "int"
-unit_price = "decimal"
-status = "str"
-total = "decimal | None"
-note = "str"
-
-[[apps.shop.webhooks]]
-url = "{url}"
-models = ["Order"]
-query = "status == 'new'"
-secret = "{secret}"
-timeout = 2
-retry_initial = 0.05
-retry_max = 0.5
-"""
+def config_for(hook_url: str) -> str:
+    """The example's configuration (docs/backend.md shows it) with the backend's URL and
+    short webhook timeouts for a test."""
+    text = CONFIG.read_text()
+    changes = {
+        "http://127.0.0.1:8000/hooks/orders": hook_url,
+        "timeout = 5\n": "timeout = 2\n",
+        "retry_initial = 1\n": "retry_initial = 0.05\n",
+        "retry_max = 60\n": "retry_max = 0.5\n",
+    }
+    for old, new in changes.items():
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    assert f'admin_keys = ["{ADMIN_KEY}"]' in text and f'secret = "{SECRET}"' in text
+    return text
 
 
 class Order(ts.Model):
@@ -147,8 +130,7 @@ async def test_a_new_order_on_a_device_gets_its_status_back(
     tmp_path: Path, backend: Backend
 ) -> None:
     config = tmp_path / "tidesync.toml"
-    hook_url = f"{backend.url}/hooks/orders"
-    config.write_text(CONFIG.format(admin_key=ADMIN_KEY, url=hook_url, secret=SECRET))
+    config.write_text(config_for(f"{backend.url}/hooks/orders"))
     with ServerProcess(tmp_path / "server", extra_args=["--config", str(config)]) as server:
         backend.start(server.url)
         app = ts.App(
@@ -254,7 +236,7 @@ def test_the_command_line_service_refuses_bad_signatures(tmp_path: Path) -> None
         body = delivery("d-1", "o-1")
         forged = {
             "no signature": {"Content-Type": "application/json"},
-            "another secret": signed(body, secret="not-the-secret-0123456789"),
+            "another secret": signed(body, secret="not-the-webhook-secret-0123"),
             "too old": signed(body, at=time.time() - 3600),
             "garbage": {**signed(body), "Tidesync-Timestamp": "soon"},
         }
