@@ -151,7 +151,13 @@ class OrderBackend:
             self.stats.skipped += 1
             return
         changes = decide(order)
-        await self.admin.update(MODEL, pk, changes)
+        try:
+            await self.admin.update(MODEL, pk, changes)
+        except AdminAPIError as exc:
+            if exc.code != "not_found":
+                raise
+            self.stats.skipped += 1  # erased since we read it
+            return
         self.stats.written += 1
         log.info("order %s: %s", pk, changes["status"])
 
