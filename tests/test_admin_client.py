@@ -149,3 +149,24 @@ async def test_the_async_client_does_the_same(server: TestServer) -> None:
         assert await admin.get(Task, "a-0") is None
         models = {m["name"] for m in await admin.models()}
         assert {"Task", "Thing"} <= models
+
+
+def test_the_feed_resumes_from_any_event_without_skipping_the_rest(admin: AdminClient) -> None:
+    with admin.transaction() as tx:  # one changeset, three events of one version
+        for i in (1, 2, 3):
+            tx.insert(Task, Task(id=f"feed-{i}"))
+    admin.insert(Task, Task(id="feed-4"))
+
+    def mine(since: object) -> list[object]:
+        events = admin.changes(since=since, follow=False)
+        return [e.pk for e in events if str(e.pk).startswith("feed-")]
+
+    events = [e for e in admin.changes(follow=False) if str(e.pk).startswith("feed-")]
+    assert [e.pk for e in events] == ["feed-1", "feed-2", "feed-3", "feed-4"]
+    assert len({e.version for e in events[:3]}) == 1 and events[3].version > events[0].version
+    # From an event inside a changeset, the whole changeset comes again (at least once)...
+    assert mine(events[0].cursor) == ["feed-1", "feed-2", "feed-3", "feed-4"]
+    assert mine(events[1].cursor) == ["feed-1", "feed-2", "feed-3", "feed-4"]
+    # ... from its last event, only what follows.
+    assert mine(events[2].cursor) == ["feed-4"]
+    assert mine(events[3].cursor) == []

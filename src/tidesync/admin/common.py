@@ -36,6 +36,10 @@ class AdminAPIError(TidesyncError):
         self.refused = list(refused)
 
 
+#: ``ChangeEvent.from_json``'s default cursor: the event's version.
+_VERSION: Any = object()
+
+
 @dataclass(frozen=True)
 class ChangeEvent:
     """One committed change of the change feed (docs/backend.md, "Change feed")."""
@@ -47,13 +51,15 @@ class ChangeEvent:
     fields: dict[str, Any]
     by: dict[str, Any]
     at: str | None
-    #: The cursor to resume after this event.
+    #: The cursor to resume from once this event is handled: nothing after it is lost
+    #: (events of its own changeset before it may come again, unless it is the last).
     cursor: Any = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ChangeEvent:
-        """An event as the feed answers it."""
+    def from_json(cls, data: Mapping[str, Any], cursor: Any = _VERSION) -> ChangeEvent:
+        """An event as the feed answers it; ``cursor`` to resume from (by default its
+        ``version``: right only for the last event of its changeset)."""
         return cls(
             version=int(data.get("version", 0)),
             model=str(data.get("model", "")),
@@ -62,7 +68,7 @@ class ChangeEvent:
             fields=dict(data.get("fields") or {}),
             by=dict(data.get("by") or {}),
             at=data.get("at"),
-            cursor=data.get("cursor", data.get("version")),
+            cursor=data.get("cursor", data.get("version")) if cursor is _VERSION else cursor,
             raw=dict(data),
         )
 

@@ -141,13 +141,23 @@ def changes(
     wait: float,
     limit: int | None,
 ) -> Op:
-    """The feed's events from ``since``; ``follow``: keep long-polling for new ones."""
+    """The feed's events from ``since``; ``follow``: keep long-polling for new ones.
+
+    Each event's ``cursor`` resumes without losing anything: the last event of a changeset
+    gets the cursor after it, the others the cursor before their changeset (a page holds
+    whole changesets), so resuming there brings that changeset again rather than skipping
+    the rest of it."""
     cursor = since
     while True:
         page = yield c.changes_call(cursor, models, text, wait if follow else 0.0, limit)
         events = page.get("events", [])
-        for event in events:
-            yield Item(ChangeEvent.from_json(event))
-        cursor = page.get("next", cursor)
+        end = page.get("next", cursor)
+        before = cursor  # the cursor before the changeset being read
+        for i, event in enumerate(events):
+            last = i + 1 == len(events)
+            if last or events[i + 1].get("version") != event.get("version"):
+                before = end if last else str(event.get("version"))  # it ends a changeset
+            yield Item(ChangeEvent.from_json(event, cursor=before))
+        cursor = end
         if not events and not follow:
             return None
