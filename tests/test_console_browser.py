@@ -68,7 +68,8 @@ def driver(server: TestServer) -> Iterator[WebDriver]:
         assert browser.current_url.endswith("/admin/signin")  # not signed in yet
         browser.find_element(By.ID, "key").send_keys("not the key")
         browser.find_element(By.ID, "signin").click()
-        assert "not an admin key" in browser.find_element(By.ID, "error").text
+        error = until(browser, lambda b: b.find_elements(By.ID, "error"))
+        assert "not an admin key" in error[0].text
         browser.find_element(By.ID, "key").send_keys(ADMIN_KEY)
         browser.find_element(By.ID, "signin").click()
         until(browser, lambda b: b.current_url.endswith("/admin/"))
@@ -204,3 +205,32 @@ def test_a_post_without_the_csrf_token_is_refused_in_the_browser(
     assert status == 403
     driver.get(f"{server.url}/admin/")
     assert driver.current_url.endswith("/admin/")  # still signed in
+
+
+async def test_find_disable_enable_and_delete_a_user(
+    server: TestServer, driver: WebDriver, tmp_path: Path
+) -> None:
+    device = Device(tmp_path, "laptop", server.url)
+    try:
+        await device.open()
+        driver.get(f"{server.url}/admin/users?app=todo")
+        driver.find_element(By.LINK_TEXT, device.user_id).click()  # connected now
+        until(driver, lambda b: b.find_element(By.ID, "found-user").text == device.user_id)
+        assert driver.find_element(By.ID, "status").text == "active"
+        driver.find_element(By.ID, "disable").click()
+        until(driver, lambda b: b.find_element(By.ID, "status").text == "disabled")
+
+        def connections() -> str:
+            driver.refresh()
+            return str(driver.find_element(By.ID, "user-connections").text)
+
+        await eventually(lambda: connections() == "0")  # the device's connection ended
+        driver.find_element(By.ID, "enable").click()
+        until(driver, lambda b: b.find_element(By.ID, "status").text == "active")
+        driver.find_element(By.ID, "delete-user").click()
+        until(driver, lambda b: b.find_elements(By.ID, "confirm-delete-user"))[0].click()
+        until(driver, lambda b: "deleted" in b.find_element(By.ID, "done").text)
+        driver.get(f"{server.url}/admin/users?app=todo&user={device.user_id}")
+        assert driver.find_elements(By.ID, "not-found")
+    finally:
+        device.shutdown()

@@ -95,6 +95,8 @@ async def test_posts_without_the_csrf_token_are_refused(
     for path, form in [
         (edit, {"pk": "csrf-1", "field": "summary", "value": "changed"}),
         (delete, {"pk": "csrf-1"}),
+        ("/admin/users/disable", {"app": "todo", "user": "someone"}),
+        ("/admin/users/delete", {"app": "todo", "user": "someone"}),
         ("/admin/signout", {}),
     ]:
         missing = await browser.post(path, data=form)

@@ -1,4 +1,5 @@
-"""The web console at ``/admin`` (docs/console.md): sign-in, overview, sessions, data.
+"""The web console at ``/admin`` (docs/console.md): sign-in, overview, sessions, users,
+data.
 
 :func:`console_mount` answers the mounted routes, or None when nobody could sign in
 (production mode without ``[server] admin_keys``): then there is no console at all.
@@ -22,6 +23,14 @@ from .datapages import (
 )
 from .pages import overview, session_events, sessions, signin, signin_form, signout
 from .signin import ConsoleAuth
+from .userpages import (
+    user_api_key,
+    user_delete,
+    user_delete_form,
+    user_disable,
+    user_enable,
+    users,
+)
 from .web import PREFIX, Console
 
 __all__ = ["PREFIX", "Console", "console_for", "console_mount"]
@@ -46,6 +55,12 @@ def console_mount() -> Mount:
             Route("/signout", signout, methods=["POST"]),
             Route("/sessions", sessions, methods=["GET"]),
             Route("/sessions/events", session_events, methods=["GET"]),
+            Route("/users", users, methods=["GET"]),
+            Route("/users/disable", user_disable, methods=["POST"]),
+            Route("/users/enable", user_enable, methods=["POST"]),
+            Route("/users/delete", user_delete_form, methods=["GET"]),
+            Route("/users/delete", user_delete, methods=["POST"]),
+            Route("/users/apikey", user_api_key, methods=["POST"]),
             Route("/data", data_apps, methods=["GET"]),
             Route("/data/{app}", data_models, methods=["GET"]),
             Route(data, data_table, methods=["GET"]),
