@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -264,3 +265,40 @@ def test_a_page_of_1000_sessions_renders_fast() -> None:
     assert html.count("<tr class=") == 1000
     print(f"1,000 sessions rendered in {min(took) * 1000:.1f} ms (best of 5)")
     assert min(took) < 0.2
+
+
+async def test_serve_prints_a_one_time_console_link_after_the_ready_line(tmp_path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tidesync.cli", "serve", "--port", "0", "--data",
+        str(tmp_path / "data"), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        ready = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
+        assert ready.startswith("tidesync serving on http://127.0.0.1:")
+        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
+        prefix = "tidesync console (one-time sign-in link): "
+        assert line.startswith(prefix + ready.split()[-1] + "/admin/signin?token="), line
+        async with httpx.AsyncClient() as client:
+            answer = await client.get(line[len(prefix) :])
+            assert answer.status_code == 303 and "token" not in answer.headers["location"]
+    finally:
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 20)
+
+
+async def test_an_open_sessions_stream_does_not_hold_up_stopping(tmp_path: Path) -> None:
+    srv = TestServer(tmp_path / "server", config=ServerConfig()).start()
+    try:
+        link = srv.server.console_link
+        assert link is not None
+        async with httpx.AsyncClient(base_url=srv.url, timeout=20) as client:
+            assert (await client.get(link)).status_code == 303
+            async with client.stream("GET", "/admin/sessions/events") as stream:
+                lines = stream.aiter_lines()
+                assert (await anext(lines)).startswith("event: rows")
+                start = time.monotonic()
+                await asyncio.to_thread(srv.stop)
+                assert time.monotonic() - start < 4.0  # not the 5 s shutdown grace
+    finally:
+        srv.stop()
