@@ -180,6 +180,15 @@ async def test_sessions_page_and_stream_show_a_device(
                 if line.startswith("data: "):
                     assert device.user_id in json.loads(line[6:])["html"]
                     break
+        # another stream ends when the console session does
+        async with browser.stream("GET", "/admin/sessions/events") as stream:
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith("event: rows")
+            page = await browser.get("/admin/")
+            await browser.post("/admin/signout", data={"csrf": csrf_of(page.text)})
+            rest = [line async for line in lines]  # ends within a second
+            assert len(rest) < 10
+        await sign_in(browser)
         assert device.db is not None
         device.db.sync_session.pause()
 

@@ -175,12 +175,14 @@ async def session_events(ctx: Ctx) -> Response:
     """``text/event-stream``: the sessions table's body whenever it changes."""
     hub = ctx.require_hub()
     user, app = _filters(ctx.request)
-    console = ctx.console
+    console, request = ctx.console, ctx.request
 
     async def events() -> AsyncIterator[str]:
         last, quiet = "", 0.0
         started = time.monotonic()
         while time.monotonic() - started < STREAM_MAX_SECONDS and not hub.stopping.is_set():
+            if not console.auth.still_signed_in(request):
+                return  # signed out (or expired) elsewhere: the stream ends with the session
             body = session_rows_html(console, _filtered(hub, user, app))
             if body != last:
                 last, quiet = body, 0.0

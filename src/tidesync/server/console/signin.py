@@ -100,6 +100,11 @@ class ConsoleAuth:
         session.expires_at = now + SESSION_IDLE
         return session
 
+    def still_signed_in(self, request: Request) -> bool:
+        """Is the request's session still live (without pushing its expiry on)?"""
+        session = self._sessions.get(request.cookies.get(SESSION_COOKIE, ""))
+        return session is not None and session.expires_at > self._clock()
+
     def end(self, request: Request) -> None:
         """Sign the request's session out."""
         self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
