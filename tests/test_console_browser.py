@@ -5,6 +5,7 @@ strings shown as text. The screenshots in docs/ are made here."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,8 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+#: Screenshots go to docs/ with TIDESYNC_CONSOLE_SCREENSHOTS=1 (else to a temporary folder,
+#: so a test run leaves the checkout as it was).
 DOCS = Path(__file__).parent.parent / "docs"
 HOSTILE = ["<script>window.pwned = 1</script>", '"><img src=x onerror="window.pwned=2">']
 #: How long a browser condition may take (seconds).
@@ -82,6 +85,14 @@ def driver(server: TestServer) -> Iterator[WebDriver]:
         browser.quit()
 
 
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the screenshots go."""
+    if os.environ.get("TIDESYNC_CONSOLE_SCREENSHOTS") == "1":
+        return DOCS
+    return tmp_path_factory.mktemp("screenshots")
+
+
 def until(browser: WebDriver, check: Any) -> Any:
     """``check(browser)`` once it is truthy (fails after :data:`WAIT` seconds)."""
     return WebDriverWait(browser, WAIT, poll_frequency=0.1).until(check)
@@ -104,6 +115,13 @@ def _session_row(browser: WebDriver, user_id: str) -> tuple[str, str] | None:
     return None
 
 
+def _upload_acked(browser: WebDriver, file_ident: str) -> int:
+    for cells in _rows(browser):
+        if len(cells) > 7 and cells[2] == file_ident:
+            return int(cells[7])
+    return -1
+
+
 def _state_of(browser: WebDriver, file_ident: str) -> str | None:
     for cells in _rows(browser):
         if len(cells) > 3 and cells[2] == file_ident:
@@ -112,7 +130,7 @@ def _state_of(browser: WebDriver, file_ident: str) -> str | None:
 
 
 async def test_a_device_session_appears_live_and_changes_state_when_paused(
-    server: TestServer, driver: WebDriver, tmp_path: Path
+    server: TestServer, driver: WebDriver, tmp_path: Path, shots: Path
 ) -> None:
     driver.get(f"{server.url}/admin/sessions?app=todo")
     until(driver, lambda b: "on" in b.find_element(By.ID, "live").get_attribute("class"))
@@ -124,8 +142,13 @@ async def test_a_device_session_appears_live_and_changes_state_when_paused(
         assert state == "active"
         row_text = driver.find_element(By.ID, "session-rows").text
         assert "Task: summary != 'hidden'" in row_text
-        driver.save_screenshot(str(DOCS / "console-sessions.png"))
         assert device.db is not None
+        with device.db.write():
+            device.db.add(Task(id="s-1", owner_id=device.user_id, summary="uploaded"))
+        await device.settle()
+        # the upload's progress shows up live too: the acknowledged client version moves
+        until(driver, lambda b: _upload_acked(b, file_ident) > 0)
+        driver.save_screenshot(str(shots / "console-sessions.png"))
         device.db.sync_session.pause()
         ended = until(driver, lambda b: (s := _state_of(b, file_ident)) != "active" and s)
         assert ended.startswith(("disconnected", "unbound")), ended
@@ -134,7 +157,7 @@ async def test_a_device_session_appears_live_and_changes_state_when_paused(
 
 
 async def test_query_edit_and_delete_an_object_and_the_device_sees_it(
-    server: TestServer, driver: WebDriver, tmp_path: Path
+    server: TestServer, driver: WebDriver, tmp_path: Path, shots: Path
 ) -> None:
     device = Device(tmp_path, "tablet", server.url)
     try:
@@ -162,7 +185,7 @@ async def test_query_edit_and_delete_an_object_and_the_device_sees_it(
         driver.find_element(By.CSS_SELECTOR, "#field-summary button").click()
         until(driver, lambda b: b.find_elements(By.ID, "edited"))
         await eventually(lambda: device.tasks()["b-1"]["summary"] == "edited in the console")
-        driver.save_screenshot(str(DOCS / "console-object.png"))
+        driver.save_screenshot(str(shots / "console-object.png"))
         driver.find_element(By.ID, "delete").click()
         until(driver, lambda b: b.find_elements(By.ID, "confirm-delete"))
         assert "b-1" in device.tasks()  # asking is not deleting
