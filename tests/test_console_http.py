@@ -5,6 +5,7 @@ time a page of 1,000 sessions takes to render."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -311,3 +312,32 @@ async def test_an_open_sessions_stream_does_not_hold_up_stopping(tmp_path: Path)
                 assert time.monotonic() - start < 4.0  # not the 5 s shutdown grace
     finally:
         srv.stop()
+
+
+async def test_two_processes_on_postgresql_each_serve_the_console(
+    tmp_path: Path, pg_url: str
+) -> None:
+    config = dataclasses.replace(load_config(write_config(tmp_path)), storage_url=pg_url)
+    with (
+        TestServer(tmp_path / "a", config=config) as a,
+        TestServer(tmp_path / "b", config=config) as b,
+    ):
+        async with (
+            httpx.AsyncClient(base_url=a.url, timeout=20) as on_a,
+            httpx.AsyncClient(base_url=b.url, timeout=20) as on_b,
+            admin(b.url) as api_b,
+        ):
+            made = await api_b.post(f"{BASE}/Task", json=task("pg-1", summary="via b"))
+            assert made.status_code == 200, made.text
+            csrf = await sign_in(on_a)
+            assert "PostgresStorage" in (await on_a.get("/admin/")).text
+            edit = {"pk": "pg-1", "field": "summary", "value": "via a", "csrf": csrf}
+            done = await on_a.post("/admin/data/todo/Task/object/edit", data=edit)
+            assert done.status_code == 200 and "Saved summary" in done.text
+            assert (await api_b.get(f"{BASE}/Task/pg-1")).json()["summary"] == "via a"
+            # console sessions belong to the process that made them
+            on_b.cookies.update(on_a.cookies)
+            assert (await on_b.get("/admin/")).status_code == 303
+            await sign_in(on_b)
+            table = await on_b.get("/admin/data/todo/Task", params={"query": "id == 'pg-1'"})
+            assert "via a" in table.text
