@@ -7,7 +7,6 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -18,6 +17,7 @@ from .signin import PRESESSION_COOKIE, SESSION_COOKIE, ConsoleAccessError, set_c
 from .web import (
     PREFIX,
     SECURITY_HEADERS,
+    Console,
     Ctx,
     FormError,
     console_of,
@@ -147,9 +147,9 @@ def _filters(request: Request) -> tuple[str, str]:
     return params.get("user", "").strip(), params.get("app", "").strip()
 
 
-def session_rows_html(ctx_console: Any, rows: list[SessionSnapshot]) -> str:
+def session_rows_html(console: Console, rows: list[SessionSnapshot]) -> str:
     """The sessions table's body."""
-    return str(ctx_console.html("_session_rows.html", {"rows": rows}))
+    return console.html("_session_rows.html", {"rows": rows})
 
 
 @page

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ... import __version__
+from ...errors import TidesyncError
 from ..hub import SyncHub
 from .signin import ConsoleAccessError, ConsoleAuth, ConsoleSession
 
@@ -92,13 +93,13 @@ class Ctx:
         return html_response(self.console.html(name, context), status)
 
     def require_hub(self) -> SyncHub:
-        """The running hub, or :class:`ConsoleAccessError`-free 503 upstream."""
+        """The running hub; :class:`ServerNotStarted` (answered as a 503) otherwise."""
         if self.hub is None:
             raise ServerNotStarted()
         return self.hub
 
 
-class FormError(Exception):
+class FormError(TidesyncError):
     """A console form body that cannot be read."""
 
 
@@ -124,7 +125,7 @@ async def read_form(request: Request) -> dict[str, str]:
     return form
 
 
-class ServerNotStarted(Exception):
+class ServerNotStarted(TidesyncError):
     """The sync hub is not running (the server starts or stops)."""
 
 
