@@ -4,7 +4,8 @@
 (SQLite in the data folder by default), loads the token secret and starts the
 :class:`~tidesync.server.hub.SyncHub`; on shutdown it says goodbye to every connection,
 finishes the queued commits and closes the storage. Any ASGI server can run it; the
-:mod:`~tidesync.server.runner` runs it on uvicorn.
+:mod:`~tidesync.server.runner` runs it on uvicorn. The web console (``server/console/``) is
+mounted at ``/admin`` unless production mode has no admin key.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .api import api_routes
 from .api.webhooks import WebhookManager
 from .auth import Authenticator, auth_routes
 from .config import ServerConfig
+from .console import console_for, console_mount
 from .hub import SyncHub
 from .limits import BodySizeLimit
 from .metrics import CONTENT_TYPE
@@ -153,7 +155,11 @@ def create_app(
         *api_routes(),
         WebSocketRoute(SYNC_PATH, _sync),
     ]
+    console = console_for(settings)  # None: production mode without an admin key
+    if console is not None:
+        routes.append(console_mount())
     app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.console = console
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.limits.max_request_body_bytes,

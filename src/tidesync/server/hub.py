@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
@@ -71,6 +71,16 @@ from .gate import open_frames
 from .metrics import ServerMetrics
 from .retention import HistoryTrimmer
 from .rules import Permissions, user_fields
+from .snapshot import (
+    ACTIVE,
+    AWAITING_HELLO,
+    CONNECTED,
+    DISCONNECTED,
+    FAILED,
+    RECENT_ENDED,
+    UNBOUND,
+    SessionSnapshot,
+)
 from .storage.base import (
     ClientOwnershipError,
     CursorAheadError,
@@ -235,6 +245,8 @@ class SyncHub:
         #: Per app, the callbacks :meth:`listen` added (the change feed, webhooks).
         self._listeners: dict[str, set[Callable[[], None]]] = {}
         self._accepting = True
+        #: The sessions that ended lately, newest last (the console shows them).
+        self._ended: deque[SessionSnapshot] = deque(maxlen=RECENT_ENDED)
         #: Set when the server starts going away: long polls and event streams end.
         self.stopping = asyncio.Event()
         #: Per app, the objects recent uploads made with one CREATE alone (newest last, at
@@ -267,6 +279,23 @@ class SyncHub:
             await connection.run(going_away=not self._accepting)
         finally:
             self._connections.discard(connection)
+            self.note_ended(connection.snapshot(DISCONNECTED))
+
+    def note_ended(self, rows: list[SessionSnapshot]) -> None:
+        """Remember ended sessions (rows without a session are dropped)."""
+        self._ended.extend(r for r in rows if r.session is not None)
+
+    def session_snapshot(self) -> list[SessionSnapshot]:
+        """Every live device session, each connection without a bound session, then the
+        sessions that ended lately whose device has no live session now (newest first).
+        A copy, cheap enough to take every second with thousands of sessions."""
+        rows = [row for c in list(self._connections) for row in c.snapshot()]
+        seen = {(r.app_id, r.file_ident) for r in rows if r.file_ident}
+        for row in reversed(self._ended):
+            if (row.app_id, row.file_ident) not in seen:
+                seen.add((row.app_id, row.file_ident))
+                rows.append(row)
+        return rows
 
     def notify(self, app_id: str, writers: frozenset[str] = frozenset()) -> None:
         """Wake every session of ``app_id`` so it downloads the new versions.
@@ -432,6 +461,8 @@ class SyncConnection:
         self.ws = websocket
         self.app_id = app_id
         self.id = uuid.uuid4().hex
+        #: When the WebSocket arrived (seconds since the epoch, the hub's clock).
+        self.connected_at = hub.clock()
         self.proto = ServerProtocol(
             max_frame_size=hub.config.max_frame_size,
             max_changeset_bytes=hub.config.limits.max_changeset_bytes,
@@ -449,6 +480,47 @@ class SyncConnection:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
+
+    def snapshot(self, ended: str | None = None) -> list[SessionSnapshot]:
+        """This connection's sessions as :class:`SessionSnapshot` rows (one row with no
+        session while none is bound); ``ended`` names the state of rows that just ended."""
+        sessions = list(self.sessions.values())
+        if not sessions:
+            state = AWAITING_HELLO if self.user_id is None else CONNECTED
+            return [self._row(None, ended or state)]
+        return [self._row(s, ended) for s in sessions]
+
+    def _row(self, session: _Session | None, state: str | None) -> SessionSnapshot:
+        ended_at = self.hub.clock() if state in (DISCONNECTED, UNBOUND) else None
+        subscriptions: tuple[str, ...] = ()
+        error = None
+        if session is not None:
+            if session.error is not None:
+                error = f"{int(session.error[0])}: {session.error[1]}"
+            if state is None:
+                state = ACTIVE if session.active else FAILED
+            view = session.flex
+            if view is not None and view.queries is not None:
+                queries = view.queries[0] or {}
+                subscriptions = tuple(
+                    f"{model}: {text}" for model, texts in queries.items() for text in texts
+                )
+        return SessionSnapshot(
+            app_id=self.app_id,
+            connection_id=self.id,
+            user_id=self.user_id,
+            file_ident=session.file_ident if session is not None else "",
+            session=session.number if session is not None else None,
+            state=state or CONNECTED,
+            connected_at=self.connected_at,
+            ended_at=ended_at,
+            protocol_version=self.proto.protocol_version,
+            download_cursor=session.cursor if session is not None else 0,
+            latest_version=session.latest if session is not None else 0,
+            upload_acked=session.acked if session is not None else 0,
+            subscriptions=subscriptions,
+            error=error,
+        )
 
     async def run(self, *, going_away: bool = False) -> None:
         """Accept the WebSocket and serve it until either side ends it."""
@@ -829,6 +901,7 @@ class SyncConnection:
         session = self.sessions.pop(event.session, None)
         if session is not None:
             self._deactivate(session)
+            self.hub.note_ended([self._row(session, UNBOUND)])
         self.proto.unbound(event.session)
         await self._flush()
 

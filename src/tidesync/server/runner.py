@@ -171,6 +171,14 @@ class InProcessServer:
         return hub
 
     @property
+    def console_link(self) -> str | None:
+        """The one-time console sign-in link of a development-mode server (None once used,
+        or without one)."""
+        console = getattr(self._app.state, "console", None) if self._app is not None else None
+        token = console.auth.one_time_token if console is not None else None
+        return f"{self.url}/admin/signin?token={token}" if token else None
+
+    @property
     def storage(self) -> ServerStorage:
         """The running server's storage (use it from the server's event loop)."""
         return self.hub.storage
@@ -381,6 +389,9 @@ async def serve_forever(
     try:
         if announce is not None:
             announce(server.url)
+            link = server.console_link
+            if link is not None:
+                print_console_link(link)
         await server.wait_stopped()
     finally:
         await server.stop()
@@ -402,6 +413,12 @@ def raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             log.warning("could not raise the open-files limit from %d to %d", soft, hard)
+
+
+def print_console_link(link: str) -> None:
+    """Print the development console's one-time sign-in link (after the ready line)."""
+    sys.stdout.write(f"tidesync console (one-time sign-in link): {link}\n")
+    sys.stdout.flush()
 
 
 def print_url(url: str) -> None:
