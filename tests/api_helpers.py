@@ -118,12 +118,23 @@ class Device:
         return self.user.access_token
 
     def tasks(self) -> dict[str, dict[str, Any]]:
-        """The device's tasks by id."""
+        """The device's tasks by id (read again when the sync thread erases one of them
+        while it is read: a live object of an erased row raises ObjectDeletedError)."""
         assert self.db is not None
-        return {
-            t.id: {"owner_id": t.owner_id, "summary": t.summary, "n": t.n, "shared": t.shared}
-            for t in self.db.all(Task)
-        }
+        for _ in range(50):
+            try:
+                return {
+                    t.id: {
+                        "owner_id": t.owner_id,
+                        "summary": t.summary,
+                        "n": t.n,
+                        "shared": t.shared,
+                    }
+                    for t in self.db.all(Task)
+                }
+            except ts.ObjectDeletedError:
+                continue
+        raise AssertionError("the device's tasks kept changing while they were read")
 
     async def settle(self) -> None:
         """Until uploads are acknowledged and downloads done."""

@@ -22,7 +22,7 @@ from tidesync.server.signing import DEFAULT_KID, SigningKey, current_key, expire
 from tidesync.testing import ServerProcess
 
 APP = "todo"
-TTL = 8  # token lifetimes in the tests (seconds)
+TTL = 12  # token lifetimes in the tests (seconds; a loaded machine's CLI runs take some)
 
 
 def kid_of(token: str) -> str:
@@ -163,4 +163,4 @@ async def test_rotate_a_postgresql_deployment(
     (a, b), url = pg_pair
     started = time.monotonic()
     await rotation(a.url, b.url, ["--storage", url])
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 40
