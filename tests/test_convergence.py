@@ -30,7 +30,7 @@ from tidesync.testing import FaultProxy, ServerProcess
 from tidesync.testing.devices import APP_ID, DeviceProcess, check_convergence
 
 DEVICES = 4
-SHORT_SECONDS = float(os.environ.get("TIDESYNC_SHORT_SECONDS", "35"))
+SHORT_SECONDS = float(os.environ.get("TIDESYNC_SHORT_SECONDS", "20"))
 #: Each device's clock: 3 days fast, 2 hours slow, 5 hours fast, right (issue 18: a device
 #: with a wrong clock must stop nobody, and its writes order by the server's time).
 CLOCK_SKEWS_MS = [3 * 86_400_000, -2 * 3_600_000, 5 * 3_600_000, 0]

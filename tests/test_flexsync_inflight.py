@@ -30,7 +30,7 @@ from .flex_helpers import FAST
 T = ts.TimeoutCancellationToken
 S = ts.SubscriptionSetState
 
-RUNS = int(os.environ.get("TIDESYNC_INFLIGHT_RUNS", "40"))
+RUNS = int(os.environ.get("TIDESYNC_INFLIGHT_RUNS", "24"))
 #: Runs of each of the replace and remove loops (they share the fix with the add loop).
 CHANGE_RUNS = max(1, RUNS // 2)
 #: Objects no test subscription matches (only ``db.all``): they make each bootstrap's scan

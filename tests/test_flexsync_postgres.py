@@ -238,7 +238,7 @@ def pg() -> Iterator[_Pg]:
     p.close()
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(objs=objects(), query=queries(), rule=queries())
 def test_sql_agrees_with_evaluate(
     pg: _Pg, objs: list[dict[str, Any]], query: tuple[str, list[Any]], rule: tuple[str, list[Any]]

@@ -409,7 +409,7 @@ def _table(conn: sqlite3.Connection, objs: list[dict[str, Any]]) -> None:
         conn.execute(f"INSERT INTO {table_name('Obj')} VALUES ({marks})", row)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(objs=objects(), query=queries())
 def test_evaluate_agrees_with_sql(objs: list[dict[str, Any]], query: tuple[str, list[Any]]) -> None:
     text, args = query
