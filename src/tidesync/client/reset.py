@@ -170,6 +170,15 @@ def too_many_error(mode: ClientResetMode) -> ClientResetError:
     return too_many_resets_error(mode.max_resets, mode.window)
 
 
+def drop_copy(copy: tuple[Database, str] | None) -> None:
+    """Close and delete a reset's copy of the old file (``(database, path)``, or None)."""
+    if copy is not None:
+        try:
+            copy[0].close()
+        finally:
+            remove_copy(copy[1])
+
+
 def remove_copy(path: str) -> None:
     """Delete a temporary copy and its SQLite side files (missing ones are fine)."""
     for suffix in ("", "-wal", "-shm"):
@@ -187,5 +196,6 @@ __all__ = [
     "ResetOutcome",
     "backup_copy",
     "check_mode",
+    "drop_copy",
     "reset_file",
 ]

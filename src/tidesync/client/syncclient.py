@@ -39,6 +39,7 @@ from ..protocol.session import UPLOAD_BATCH_BYTES, UPLOAD_WINDOW_BYTES, Connecti
 from ..store import engine as store_engine
 from ..store.diskfull import is_disk_full
 from ..store.gcpause import gc_paused
+from .progress import ProgressListener
 from .urls import host_and_port
 from .wording import describe_failure
 from .worker import (
@@ -46,7 +47,6 @@ from .worker import (
     DISK_FULL_MAX_DELAY,
     OFFSET_TOLERANCE_MS,
     SessionWorker,
-    _ProgressListener,
 )
 
 if TYPE_CHECKING:
@@ -699,8 +699,8 @@ __all__ = [
     "UPLOAD_WINDOW_BYTES",
     "Connection",
     "ConnectionState",
+    "ProgressListener",
     "SessionWorker",
     "SyncClient",
     "TidesyncError",
-    "_ProgressListener",
 ]

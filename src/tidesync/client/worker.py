@@ -7,7 +7,9 @@ instructions it returns with the things the core may not touch: the file's
 storing cursors, resets), the user's :class:`~tidesync.client.syncclient.Connection` (the
 socket), the loop's timers and the app's callbacks (error handlers, progress listeners,
 connection-state listeners). docs/architecture.md, "The client session core".
-Everything here runs on the sync thread.
+Everything here runs on the sync thread. (About 840 lines, one class: the executor of
+every instruction kind; progress listeners are in progress.py, the reset procedure in
+reset.py, the decisions in the core.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ..core.backoff import Backoff
 from ..core.packing import unpack_instructions
-from ..core.progress import ProgressDirection, ProgressMode, ProgressTracker, SyncProgress
+from ..core.progress import ProgressDirection, ProgressTracker
 from ..errors import (
     DatabaseClosedError,
     LocalProtocolError,
@@ -45,6 +47,7 @@ from ..store.diskfull import is_disk_full
 from ..store.engine import StoreEngine, add_waker, remove_waker
 from ..store.gcpause import gc_paused
 from ..store.restamp import clock_ahead, restamp_unsent
+from .progress import ProgressListener, UploadCounter
 from .refusals import refused_error
 from .reset import (
     DiscardUnsyncedChanges,
@@ -52,6 +55,7 @@ from .reset import (
     RecoverUnsyncedChanges,
     backup_copy,
     backup_path_for,
+    drop_copy,
     manual_error,
     open_copy,
     remove_copy,
@@ -137,11 +141,8 @@ class SessionWorker:
         self.connection: Connection | None = None
         self.conn_state = ConnectionState.DISCONNECTED
         # upload progress counters (cumulative, since this worker started; core/progress.py)
-        self._up_scanned = acked
-        self._up_pending: list[tuple[int, int]] = []  # (version, size) not yet acknowledged
-        self.up_transferred = 0
-        self.up_transferable = 0
-        self.progress_listeners: list[_ProgressListener] = []
+        self.uploads = UploadCounter(acked)
+        self.progress_listeners: list[ProgressListener] = []
         self.models = db.config.models  # for the client reset callbacks' copies
         #: set while the file's disk is too full for a download (see wait_for_space)
         self.disk_full: SyncDiskFullError | None = None
@@ -340,27 +341,13 @@ class SessionWorker:
             return
         self._run_reporting(self.core.local_committed())
 
-    def _scan_uploads(self) -> None:
-        """Count local changesets committed since the last scan, and acknowledged ones."""
-        acked = self.core.upload_acked
-        for version, size in self.engine.changelog_sizes(max(self._up_scanned, acked)):
-            self._up_pending.append((version, size))
-            self.up_transferable += size
-            self._up_scanned = version
-        pending = self._up_pending
-        n = 0
-        while n < len(pending) and pending[n][0] <= acked:
-            self.up_transferred += pending[n][1]
-            n += 1
-        if n:
-            del pending[:n]
-
     def counters(self, direction: ProgressDirection) -> tuple[int, int, bool]:
         """``(transferred, transferable, known)`` for a direction (cumulative bytes)."""
         if direction is ProgressDirection.UPLOAD:
+            up = self.uploads
             if not self.closed:
-                self._scan_uploads()
-            return self.up_transferred, self.up_transferable, True
+                up.scan(self.engine, self.core.upload_acked)
+            return up.transferred, up.transferable, True
         # flexible sync: a subscription set the server has not answered makes the download
         # unknown, one being bootstrapped is never finished before its last page
         # (client/subscriptions.py; docs/flexible-sync.md "Progress")
@@ -381,7 +368,7 @@ class SessionWorker:
             return 0, 0
         return self.core.download_cursor, self.core.server_latest
 
-    def add_progress_listener(self, listener: _ProgressListener) -> None:
+    def add_progress_listener(self, listener: ProgressListener) -> None:
         """Register a listener and report its first value at once."""
         if self.closed:
             raise DatabaseClosedError("the session ended: its database was closed")
@@ -393,7 +380,7 @@ class SessionWorker:
         self.progress_listeners.append(listener)
         self._feed(listener, t, total, known, False)
 
-    def remove_progress_listener(self, listener: _ProgressListener) -> None:
+    def remove_progress_listener(self, listener: ProgressListener) -> None:
         """Stop reporting to a listener."""
         if listener in self.progress_listeners:
             self.progress_listeners.remove(listener)
@@ -411,7 +398,7 @@ class SessionWorker:
             self._feed(listener, t, total, known, complete)
 
     def _feed(
-        self, listener: _ProgressListener, t: int, total: int, known: bool, complete: bool
+        self, listener: ProgressListener, t: int, total: int, known: bool, complete: bool
     ) -> None:
         tracker = listener.tracker
         assert tracker is not None
@@ -756,7 +743,7 @@ class SessionWorker:
             reset_file(self.engine, recover=recover)
         except Exception as exc:
             log.exception("the client reset of %s failed", self.path)
-            _drop_copy(copy)
+            drop_copy(copy)
             self.run(self.core.reset_failed(message, repr(exc)))
             return
         self._after_reset(recover)
@@ -785,7 +772,7 @@ class SessionWorker:
         except Exception:
             log.exception("the client reset's on_after callback failed")
         finally:
-            _drop_copy(copy)
+            drop_copy(copy)
 
     def _after_reset(self, recovered: bool) -> None:
         """The file was reset: the worker's own view of it (saved cursors, the subscription
@@ -793,9 +780,7 @@ class SessionWorker:
         self._saved_cursor = self._saved_acked = 0
         self.flex.reset()
         if not recovered:  # the discarded writes will never be acknowledged
-            self.up_transferred += sum(size for _, size in self._up_pending)
-            self._up_pending.clear()
-            self._up_scanned = int(self.engine.get_meta("last_version", 0) or 0)
+            self.uploads.discarded(int(self.engine.get_meta("last_version", 0) or 0))
 
     def _close_gap(self) -> int:
         """After a reset the server may expect a lower next version than the change log's
@@ -806,8 +791,7 @@ class SessionWorker:
         gap = self.engine.close_changelog_gap(acked)
         if gap > 0:
             log.info("client reset: %s renumbered its changesets by -%d", self.path, gap)
-            self._up_pending = [(v - gap if v > acked else v, n) for v, n in self._up_pending]
-            self._up_scanned = max(acked, self._up_scanned - gap)
+            self.uploads.renumbered(acked, gap)
         return gap
 
     # --- upload --------------------------------------------------------------------------
@@ -859,55 +843,3 @@ class SessionWorker:
         request_id = conn.proto.mark(no)
         self.core.mark_sent(request_id, keys)
         conn.flush_soon()
-
-
-class _ProgressListener:
-    """A progress listener as the sync loop keeps it: ``deliver`` gets each value, ``end``
-    is called once when the listener is finished (done, or the session closed)."""
-
-    def __init__(
-        self,
-        direction: ProgressDirection,
-        mode: ProgressMode,
-        deliver: Callable[[SyncProgress], None],
-        end: Callable[[], None] | None = None,
-        *,
-        from_start: bool = False,
-    ) -> None:
-        self.direction = direction
-        self.mode = mode
-        self._deliver = deliver
-        self._end = end
-        self.from_start = from_start
-        self.tracker: ProgressTracker | None = None
-        self.cancelled = False
-        self.ended = False
-
-    def deliver(self, progress: SyncProgress) -> None:
-        """Hand a value to the listener (errors in it are logged, never raised here)."""
-        if self.cancelled:
-            return
-        try:
-            self._deliver(progress)
-        except Exception:
-            log.exception("a progress listener failed")
-
-    def end(self) -> None:
-        """Tell the listener no more values come (once)."""
-        if self.ended:
-            return
-        self.ended = True
-        if self._end is not None:
-            try:
-                self._end()
-            except Exception:
-                log.exception("a progress listener failed")
-
-
-def _drop_copy(copy: tuple[Database, str] | None) -> None:
-    """Close and delete the reset's copy of the old file."""
-    if copy is not None:
-        try:
-            copy[0].close()
-        finally:
-            remove_copy(copy[1])

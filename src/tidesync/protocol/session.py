@@ -358,6 +358,10 @@ class SessionProtocol:
             return []
         return [Attach()]
 
+    def resume(self) -> list[Instruction]:
+        """Resume a paused session (the same as :meth:`activate`)."""
+        return self.activate()
+
     def pause(self, reason: str) -> list[Instruction]:
         """Stop syncing (``reason``: what waits started meanwhile fail with)."""
         was_active = self.active
