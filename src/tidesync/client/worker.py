@@ -595,18 +595,10 @@ class SessionWorker:
     # --- downloads -----------------------------------------------------------------------
 
     def on_download(self, ev: pc.DownloadReceived) -> None:
-        """Apply a DOWNLOAD's changesets and cursors in one local transaction.
-
-        A DOWNLOAD with nothing to apply (the acknowledgement of this device's upload) has
-        its cursors taken in memory and written later, with the next download's
-        transaction or after ``CURSOR_SAVE_DELAY``: a write transaction per
-        acknowledgement would take the file's write lock just as the app writes next.
-        Losing them (a crash first) is harmless: the server is asked again from the older
-        cursor and sends nothing new, and uploads it already integrated are acknowledged
-        again without being applied twice."""
+        """Apply a DOWNLOAD's changesets and cursors in one local transaction (one with
+        nothing to apply: :meth:`_note_cursors`)."""
         if not ev.changesets and not ev.objects and ev.bootstrap == BOOTSTRAP_NONE:
-            self._save_soon()
-            self._downloaded(ev)
+            self._note_cursors(ev)
             return
         engine = self.engine
         acked = max(ev.upload_acked, self.core.upload_acked)
@@ -636,6 +628,17 @@ class SessionWorker:
         self._cancel_save()
         if self.disk_full is not None:
             self._space_again()
+        self._downloaded(ev)
+
+    def _note_cursors(self, ev: pc.DownloadReceived) -> None:
+        """A DOWNLOAD with nothing to apply (the acknowledgement of this device's upload):
+        its cursors are taken in memory (the core's) and written later, with the next
+        download's transaction or after ``CURSOR_SAVE_DELAY``. A write transaction per
+        acknowledgement would take the file's write lock just as the app writes next.
+        Losing them (a crash first) is harmless: the server is asked again from the older
+        cursor and sends nothing new, and uploads it already integrated are acknowledged
+        again without being applied twice."""
+        self._save_soon()
         self._downloaded(ev)
 
     def _downloaded(self, ev: pc.DownloadReceived) -> None:
