@@ -1,17 +1,23 @@
 """Random command sequences against the client session core (hypothesis.stateful): pauses,
-resumes, reconnects, session errors, full disks, time passing and server answers, in any
-order. After every step: no upload went out unless the session was bound and not holding
-uploads back, no wait ended twice, the cursors never moved back, and what is in flight lies
-between what was acknowledged and what was sent. At the end a pause ends every wait left,
-so each wait ended exactly once."""
+resumes, reconnects, session errors, client resets, full disks, time passing and server
+answers, in any order. After every step: no upload went out unless the session was bound
+and not holding uploads back, no wait ended twice, the cursors never moved back (between
+resets), and what is in flight lies between what was acknowledged and what was sent. At
+the end a pause ends every wait left, so each wait ended exactly once."""
 
 from __future__ import annotations
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
-from tidesync.errors import SessionInactiveError, SyncAction
+from tidesync.errors import ClientResetError, SessionInactiveError, SyncAction
 from tidesync.protocol.messages import ErrorCode
 from tidesync.protocol.session import SessionPhase
 
@@ -26,6 +32,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.d = Device()
         self.cursor = 0
         self.acked = 0
+        self.resets = 0
 
     def _on_server(self) -> bool:
         d = self.d
@@ -35,6 +42,16 @@ class SessionMachine(RuleBasedStateMachine):
             and d.attached
             and d.link.server.is_bound(d.session_no)
         )
+
+    @initialize(start=st.booleans())
+    def begin(self, start: bool) -> None:
+        """Half the runs start from a bound session that uploaded a change (the rest from
+        nothing)."""
+        if start:
+            self.d.commit()
+            self.d.activate()
+            self.d.connect()
+            self.d.serve()
 
     @rule()
     def activate(self) -> None:
@@ -91,6 +108,11 @@ class SessionMachine(RuleBasedStateMachine):
     def stopping_error(self) -> None:
         self.d.server_error(ErrorCode.PERMISSION_DENIED)
 
+    @precondition(lambda self: self._on_server())
+    @rule()
+    def reset_demanded(self) -> None:
+        self.d.server_error(ErrorCode.CLIENT_RESET_NEEDED)
+
     @precondition(lambda self: self.d.core.phase is SessionPhase.BOUND)
     @rule(delay=st.sampled_from([0.5, 2.0]))
     def disk_full(self, delay: float) -> None:
@@ -122,7 +144,10 @@ class SessionMachine(RuleBasedStateMachine):
 
     @invariant()
     def cursors_never_move_back(self) -> None:
+        """(Between client resets: a reset starts them over.)"""
         core = self.d.core
+        if core.resets != self.resets:
+            self.resets, self.cursor, self.acked = core.resets, 0, 0
         assert core.download_cursor >= self.cursor and core.upload_acked >= self.acked
         self.cursor, self.acked = core.download_cursor, core.upload_acked
 
@@ -139,7 +164,7 @@ class SessionMachine(RuleBasedStateMachine):
         assert set(d.outcomes) == set(range(1, d.next_key + 1))  # every wait ended
         assert not d.core.upload_waiters and not d.core.download_waiters
         for ends in d.outcomes.values():
-            assert ends[0] is None or isinstance(ends[0], SessionInactiveError)
+            assert ends[0] is None or isinstance(ends[0], SessionInactiveError | ClientResetError)
 
 
 TestSessionMachine = SessionMachine.TestCase
