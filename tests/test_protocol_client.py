@@ -16,6 +16,7 @@ from tidesync.errors import (
 )
 from tidesync.protocol import messages as m
 from tidesync.protocol.client import (
+    BindingState,
     ClientProtocol,
     ClientState,
     DownloadReceived,
@@ -23,7 +24,6 @@ from tidesync.protocol.client import (
     MarkReplied,
     QueryErrorReceived,
     SessionBound,
-    SessionState,
     SessionUnbound,
     Welcomed,
 )
@@ -122,7 +122,7 @@ def test_full_session_sequence() -> None:
     assert link.to_client() == [SessionUnbound(1)]
     assert not link.client.has_session(1)
     link.open(1, "A", version=6)  # the number is free again
-    assert link.client.progress(1).state is SessionState.BOUND
+    assert link.client.progress(1).state is BindingState.BOUND
 
 
 def test_ping_pong_both_ways_refresh_and_query() -> None:
@@ -172,7 +172,7 @@ def test_session_error_suspends_until_unbind() -> None:
     assert isinstance(event, ErrorReceived)
     assert event.error_code is ErrorCode.PERMISSION_DENIED
     assert event.action is SyncAction.STOP and event.session == 1
-    assert link.client.progress(1).state is SessionState.SUSPENDED
+    assert link.client.progress(1).state is BindingState.SUSPENDED
     with pytest.raises(LocalProtocolError):
         link.client.upload(1, [UploadChangeset(1, b"")], 0)
     link.client.upload(2, [UploadChangeset(1, b"")], 0)  # the other session goes on
@@ -188,7 +188,7 @@ def test_compensating_write_does_not_suspend() -> None:
     link.server.error(ErrorCode.COMPENSATING_WRITE, "reverted", session=1)
     [event] = link.to_client()
     assert event.action is SyncAction.RETRY
-    assert link.client.progress(1).state is SessionState.BOUND
+    assert link.client.progress(1).state is BindingState.BOUND
 
 
 def test_connection_error_closes() -> None:

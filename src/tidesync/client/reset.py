@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.packing import unpack_instructions
-from ..errors import ClientResetError, SyncAction
+from ..errors import ClientResetError
+from ..protocol.session import too_many_resets_error
 from ..store.engine import StoreEngine
 from ..store.restamp import reset_objects
 
@@ -100,23 +101,6 @@ def check_mode(mode: object) -> ClientResetMode:
     )
 
 
-class ResetGuard:
-    """Counts resets so a server that keeps demanding them cannot make the device loop."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.clock = clock
-        self.times: list[float] = []
-
-    def allow(self, mode: ClientResetMode) -> bool:
-        """Record a reset demand; False when it is one too many within the window."""
-        now = self.clock()
-        self.times = [t for t in self.times if now - t < mode.window]
-        if len(self.times) >= mode.max_resets:
-            return False
-        self.times.append(now)
-        return True
-
-
 def backup_copy(engine: StoreEngine, dest: str | Path) -> str:
     """A consistent copy of the engine's file at ``dest`` (SQLite's backup API)."""
     dest = str(dest)
@@ -183,12 +167,16 @@ def manual_error(engine: StoreEngine, message: str) -> ClientResetError:
 
 def too_many_error(mode: ClientResetMode) -> ClientResetError:
     """The error of a session stopped because the server keeps demanding resets."""
-    error = ClientResetError(
-        f"the server demanded more than {mode.max_resets} client resets within "
-        f"{mode.window:g} s; the session was stopped (resume it to try again)"
-    )
-    error.action = SyncAction.STOP
-    return error
+    return too_many_resets_error(mode.max_resets, mode.window)
+
+
+def drop_copy(copy: tuple[Database, str] | None) -> None:
+    """Close and delete a reset's copy of the old file (``(database, path)``, or None)."""
+    if copy is not None:
+        try:
+            copy[0].close()
+        finally:
+            remove_copy(copy[1])
 
 
 def remove_copy(path: str) -> None:
@@ -205,9 +193,9 @@ __all__ = [
     "DiscardUnsyncedChanges",
     "ManualRecovery",
     "RecoverUnsyncedChanges",
-    "ResetGuard",
     "ResetOutcome",
     "backup_copy",
     "check_mode",
+    "drop_copy",
     "reset_file",
 ]

@@ -32,7 +32,8 @@ from ..errors import (
     SyncDiskFullError,
 )
 from .cancellation import CancellationToken, await_with_token
-from .syncclient import ConnectionState, SessionWorker, SyncClient, _ProgressListener
+from .progress import ProgressListener
+from .syncclient import ConnectionState, SessionWorker, SyncClient
 
 if TYPE_CHECKING:
     from .app import User
@@ -233,13 +234,13 @@ class Session:
         mode: ProgressMode,
         *,
         from_start: bool = False,
-    ) -> _ProgressListener:
+    ) -> ProgressListener:
         if not isinstance(direction, ProgressDirection):
             raise TypeError("direction must be a tidesync.ProgressDirection")
         if not isinstance(mode, ProgressMode):
             raise TypeError("mode must be a tidesync.ProgressMode")
         worker = self._check()
-        listener = _ProgressListener(direction, mode, deliver, end, from_start=from_start)
+        listener = ProgressListener(direction, mode, deliver, end, from_start=from_start)
         self._client.call(lambda: worker.add_progress_listener(listener))
         return listener
 

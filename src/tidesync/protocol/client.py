@@ -53,8 +53,9 @@ class ClientState(Enum):
     CLOSED = "closed"  # connection-level ERROR received, or the server broke the protocol
 
 
-class SessionState(Enum):
-    """Where one session is, as the client sees it."""
+class BindingState(Enum):
+    """Where one session number is on the connection, as the client sees it (the wire's
+    view; the file's own session phase is protocol/session.py's SessionPhase)."""
 
     BINDING = "binding"  # BIND sent, waiting for BOUND
     BOUND = "bound"
@@ -176,7 +177,7 @@ class SessionProgress:
     """A snapshot of one session's cursors, for the sync client's bookkeeping."""
 
     session: int
-    state: SessionState
+    state: BindingState
     download_cursor: int
     latest_server_version: int
     upload_acked: int
@@ -185,7 +186,7 @@ class SessionProgress:
 
 @dataclass(slots=True)
 class _Session:
-    state: SessionState
+    state: BindingState
     file_ident: str
     cursor: int  # last server version received (or the one given to bind)
     reported_cursor: int  # last download_cursor sent to the server
@@ -277,7 +278,7 @@ class ClientProtocol:
             m.Bind(session, file_ident, list(schema), download_cursor, upload_acked, flexible)
         )
         self._sessions[session] = _Session(
-            state=SessionState.BINDING,
+            state=BindingState.BINDING,
             file_ident=file_ident,
             cursor=download_cursor,
             reported_cursor=download_cursor,
@@ -289,10 +290,10 @@ class ClientProtocol:
         """Queue UNBIND; the session ends when UNBOUND arrives."""
         self._require_open()
         state = self._session(session)
-        if state.state is SessionState.UNBINDING:
+        if state.state is BindingState.UNBINDING:
             raise LocalProtocolError(f"session {session} is already unbinding")
         self._send(m.Unbind(session))
-        state.state = SessionState.UNBINDING
+        state.state = BindingState.UNBINDING
 
     def upload(
         self, session: int, changesets: Sequence[UploadChangeset], download_cursor: int
@@ -514,21 +515,21 @@ class ClientProtocol:
                 ErrorCode.BAD_MESSAGE_ORDER, "session ERROR before WELCOME"
             )
         state = self._received_for(msg.session, "ERROR")
-        if state.state is SessionState.SUSPENDED:
+        if state.state is BindingState.SUSPENDED:
             raise ProtocolViolationError(
                 ErrorCode.BAD_MESSAGE_ORDER,
                 f"ERROR for session {msg.session}, already suspended",
                 msg.session,
             )
-        if state.state is not SessionState.UNBINDING and msg.code not in m.NON_SUSPENDING_CODES:
-            state.state = SessionState.SUSPENDED
+        if state.state is not BindingState.UNBINDING and msg.code not in m.NON_SUSPENDING_CODES:
+            state.state = BindingState.SUSPENDED
         return [event]
 
     def _on_bound(self, msg: m.Bound) -> list[ClientEvent]:
         state = self._received_for(msg.session, "BOUND")
-        if state.state is SessionState.UNBINDING:
+        if state.state is BindingState.UNBINDING:
             return []
-        if state.state is not SessionState.BINDING:
+        if state.state is not BindingState.BINDING:
             raise ProtocolViolationError(
                 ErrorCode.BAD_MESSAGE_ORDER, f"BOUND for bound session {msg.session}", msg.session
             )
@@ -547,7 +548,7 @@ class ClientProtocol:
                 f"local {state.upload_limit})",
                 msg.session,
             )
-        state.state = SessionState.BOUND
+        state.state = BindingState.BOUND
         state.latest = msg.server_version
         state.upload_acked = msg.upload_acked
         state.upload_limit = msg.upload_acked
@@ -555,7 +556,7 @@ class ClientProtocol:
 
     def _on_unbound(self, msg: m.Unbound) -> list[ClientEvent]:
         state = self._received_for(msg.session, "UNBOUND")
-        if state.state is not SessionState.UNBINDING:
+        if state.state is not BindingState.UNBINDING:
             raise ProtocolViolationError(
                 ErrorCode.BAD_MESSAGE_ORDER, f"UNBOUND without UNBIND ({msg.session})", msg.session
             )
@@ -683,9 +684,9 @@ class ClientProtocol:
     def _active_for(self, session: int, what: str) -> _Session | None:
         """The session if bound; None if unbinding (late message, dropped); else violation."""
         state = self._received_for(session, what)
-        if state.state is SessionState.UNBINDING:
+        if state.state is BindingState.UNBINDING:
             return None
-        if state.state is not SessionState.BOUND:
+        if state.state is not BindingState.BOUND:
             raise ProtocolViolationError(
                 ErrorCode.BAD_MESSAGE_ORDER,
                 f"{what} for session {session} in state {state.state.value}",
@@ -706,7 +707,7 @@ class ClientProtocol:
     def _bound(self, session: int) -> _Session:
         self._require_open()
         state = self._session(session)
-        if state.state is not SessionState.BOUND:
+        if state.state is not BindingState.BOUND:
             raise LocalProtocolError(f"session {session} is {state.state.value}, not bound")
         return state
 

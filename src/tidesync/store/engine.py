@@ -978,6 +978,32 @@ class StoreEngine:
         ).fetchone()
         return int(row[0]), int(row[1])
 
+    def changelog_sizes(self, after: int) -> list[tuple[int, int]]:
+        """``(version, size)`` of the local changesets with version > ``after``, in order."""
+        rows = self.conn.execute(
+            "SELECT version, size FROM _changelog WHERE version > ? ORDER BY version", (after,)
+        ).fetchall()
+        return [(int(v), int(n)) for v, n in rows]
+
+    def close_changelog_gap(self, acked: int) -> int:
+        """Renumber the changesets after ``acked`` so the first follows it directly (after a
+        client reset the server may expect a lower next version than the change log's first
+        unacknowledged one); returns by how much they moved down (0: no gap)."""
+        with self.transaction() as conn:
+            first = conn.execute(
+                "SELECT MIN(version) FROM _changelog WHERE version > ?", (acked,)
+            ).fetchone()[0]
+            last = int(self.get_meta("last_version", 0) or 0)
+            gap = (int(first) if first is not None else last + 1) - (acked + 1)
+            if gap > 0:
+                conn.execute(
+                    "UPDATE _changelog SET version = -(version - ?) WHERE version > ?",
+                    (gap, acked),
+                )
+                conn.execute("UPDATE _changelog SET version = -version WHERE version < 0")
+                self.set_meta("last_version", last - gap)
+        return max(gap, 0)
+
     def close(self) -> None:
         """Close the connection (rolling back anything open)."""
         try:
