@@ -135,7 +135,7 @@ def test_which_sqlite_errors_count_as_a_full_disk(
     low_space: bool,
     full: bool,
 ) -> None:
-    from tidesync.store import diskfull  # (imported here: a new module)
+    from tidesync.support import diskfull  # (imported here: a new module)
 
     free = diskfull.LOW_SPACE_BYTES - 1 if low_space else diskfull.LOW_SPACE_BYTES * 100
     monkeypatch.setattr(diskfull, "free_bytes", lambda path: free)

@@ -149,7 +149,7 @@ def test_gc_pause_nests_across_threads_and_restores_the_collector() -> None:
     import gc
     import threading
 
-    from tidesync.store.gcpause import GCPause
+    from tidesync.support.gcpause import GCPause
 
     pause = GCPause()
     assert gc.isenabled()

@@ -1,4 +1,4 @@
-"""store/sqlbatch.py: many rows per INSERT write what one-row ``executemany`` writes."""
+"""support/sqlbatch.py: many rows per INSERT write what one-row ``executemany`` writes."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tidesync.store import sqlbatch
-from tidesync.store.sqlbatch import insert_rows
+from tidesync.support import sqlbatch
+from tidesync.support.sqlbatch import insert_rows
 
 _UPSERT = " ON CONFLICT (k) DO UPDATE SET a = excluded.a, b = excluded.b"
 

@@ -53,9 +53,9 @@ from ..protocol.messages import (
     refused_of,
 )
 from ..store import sqlvalues as sv
-from ..store.diskfull import disk_full_error
 from ..store.model import Model
 from ..store.results import Results
+from ..support.diskfull import disk_full_error
 
 if TYPE_CHECKING:
     from ..store.engine import StoreEngine

@@ -37,8 +37,8 @@ from ..protocol import client as pc
 from ..protocol.messages import ErrorCode, PongReceived, error_code_of
 from ..protocol.session import UPLOAD_BATCH_BYTES, UPLOAD_WINDOW_BYTES, ConnectionState
 from ..store import engine as store_engine
-from ..store.diskfull import is_disk_full
-from ..store.gcpause import gc_paused
+from ..support.diskfull import is_disk_full
+from ..support.gcpause import gc_paused
 from .progress import ProgressListener
 from .urls import host_and_port
 from .wording import describe_failure

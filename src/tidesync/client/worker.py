@@ -43,10 +43,10 @@ from ..protocol.session import (
     SessionProtocol,
 )
 from ..store import engine as store_engine
-from ..store.diskfull import is_disk_full
 from ..store.engine import StoreEngine, add_waker, remove_waker
-from ..store.gcpause import gc_paused
 from ..store.restamp import clock_ahead, restamp_unsent
+from ..support.diskfull import is_disk_full
+from ..support.gcpause import gc_paused
 from .progress import ProgressListener, UploadCounter
 from .refusals import refused_error
 from .reset import (

@@ -52,7 +52,7 @@ from ..protocol.messages import (
     ObjectUpdate,
     compensating_message,
 )
-from ..store.gcpause import gc_paused
+from ..support.gcpause import gc_paused
 from .rules import AppRules, Permissions, user_fields
 from .storage.base import CommitCheck, ObjectKey, StoredObject, UploadResult, object_keys
 from .writecheck import CommitRecheck, count_keys, created_or_none, judge

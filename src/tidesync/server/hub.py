@@ -62,7 +62,7 @@ from ..protocol.server import (
     UnbindReceived,
     UploadReceived,
 )
-from ..store.gcpause import gc_paused
+from ..support.gcpause import gc_paused
 from . import flexsync, schemapin
 from .auth import ACCESS, Authenticator, InvalidTokenError, TokenExpiredError, WrongAppError
 from .config import ServerConfig

@@ -29,9 +29,9 @@ from ..errors import (
     WriteOutsideTransactionError,
 )
 from ..protocol.messages import DEFAULT_MAX_OBJECT_BYTES
+from ..support.diskfull import disk_full_error
 from . import sqlvalues as sv
 from .collections import ManagedDict, ManagedList, ManagedSet
-from .diskfull import disk_full_error
 from .engine import StoreEngine
 from .migration import MigrationCallback, file_schema_version, open_versioned
 from .model import Counter, Model, iter_models
@@ -228,7 +228,7 @@ class LocalDatabase:
 
     def _raise_disk_full(self, exc: BaseException) -> None:
         """Raise :class:`~tidesync.errors.DiskFullError` from ``exc`` if it is SQLite's
-        answer to a full disk (see ``store/diskfull.py``); else return."""
+        answer to a full disk (see ``support/diskfull.py``); else return."""
         error = disk_full_error(exc, self.path, "db.write()")
         if error is not None:
             raise error from exc

@@ -32,8 +32,8 @@ from ..core.merge import ObjectState
 from ..core.packing import join_packed, pack, pack_instructions, packer, unpack
 from ..core.schema import FieldSchema, Kind, ModelSchema, check_compatible, widened
 from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
+from ..support.sqlbatch import insert_rows
 from . import sqlvalues as sv
-from .sqlbatch import insert_rows
 from .sqlquery import register_functions
 
 #: Process-wide wake-ups: every commit through any engine on a path sets these events,
@@ -452,7 +452,7 @@ class StoreEngine:
             f"({', '.join('?' for _ in cols)})",
             "insert_new": f'INSERT INTO {table} ({", ".join(fields)}, "_hlc") VALUES '
             f"({', '.join('?' for _ in fields)}, ?)",
-            # many rows per statement (store/sqlbatch.py): len(fields) + 1 values each
+            # many rows per statement (support/sqlbatch.py): len(fields) + 1 values each
             "insert_new_head": f'INSERT INTO {table} ({", ".join(fields)}, "_hlc") VALUES',
             "update": f'UPDATE {table} SET {sets}, "_hlc" = NULL WHERE {pk} = ?',
             "delete": f"DELETE FROM {table} WHERE {pk} = ?",

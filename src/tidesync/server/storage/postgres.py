@@ -52,7 +52,7 @@ from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
 from ...objectid import ObjectId
-from ...store.gcpause import gc_paused
+from ...support.gcpause import gc_paused
 from .base import (
     BatchRejectedError,
     ClientOwnershipError,

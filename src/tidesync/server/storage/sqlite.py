@@ -40,9 +40,9 @@ from ...core.merge import (
 from ...core.packing import pack, pack_instructions, unpack
 from ...core.query import BoundQuery
 from ...core.schema import ModelSchema
-from ...store.diskfull import is_disk_full
-from ...store.gcpause import gc_paused
-from ...store.sqlbatch import insert_rows
+from ...support.diskfull import is_disk_full
+from ...support.gcpause import gc_paused
+from ...support.sqlbatch import insert_rows
 from .base import (
     BatchRejectedError,
     ByObject,
