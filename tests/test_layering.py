@@ -72,3 +72,73 @@ def test_the_checker_catches_a_banned_import(tmp_path: Path) -> None:
     f.write_text("import time\nfrom ..store import engine\nfrom .hlc import HLC\n")
     mods = [m for m, _ in _imports(f, tmp_path)]
     assert mods == ["time", "tidesync.store", "tidesync.core.hlc"]
+
+
+def _private_reads(path: Path) -> int:
+    """How many underscore names ``path`` reads off objects other than ``self`` / ``cls``
+    (``obj._name``, ``from .x import _name``): each a reach into another's internals."""
+    count = 0
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            name, value = node.attr, node.value
+            if not name.startswith("_") or name.startswith("__"):
+                continue
+            if isinstance(value, ast.Name) and value.id in ("self", "cls"):
+                continue
+            if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super":
+                continue
+            count += 1
+        elif isinstance(node, ast.ImportFrom):
+            count += sum(1 for a in node.names if a.name.startswith("_") and a.name[1:2] != "_")
+    return count
+
+
+#: The reads of another object's underscore names each module still has (issue 21: the
+#: list only shrinks, to empty). A module may not gain any: add a public method instead.
+#: When one goes down, lower its number here (the test says so).
+PRIVATE_READS_ALLOWED = {
+    "client/app.py": 14,
+    "client/cancellation.py": 3,
+    "client/database.py": 4,
+    "client/session.py": 10,
+    "client/subscriptions.py": 31,
+    "client/worker.py": 1,
+    "core/clocks.py": 1,
+    "core/merge.py": 1,
+    "objectid.py": 7,
+    "server/flexsync.py": 10,
+    "server/storage/postgres.py": 4,
+    "store/collections.py": 20,
+    "store/database.py": 39,
+    "store/migration.py": 3,
+    "store/model.py": 20,
+    "store/notify.py": 7,
+    "store/results.py": 16,
+    "testing/devices.py": 5,
+}
+
+
+def test_no_module_reads_more_underscore_names_than_it_did() -> None:
+    grown, shrunk = [], []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = str(path.relative_to(SRC))
+        have, allowed = _private_reads(path), PRIVATE_READS_ALLOWED.get(rel, 0)
+        if have > allowed:
+            grown.append(
+                f"{rel}: {have} reads of other objects' underscore names (allowed {allowed})"
+            )
+        elif have < allowed:
+            shrunk.append(f"{rel}: now {have}, lower PRIVATE_READS_ALLOWED to it")
+    assert not grown, "\n".join(grown)
+    assert not shrunk, "\n".join(shrunk)
+
+
+def test_the_private_read_counter_counts(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text(
+        "from .x import _hidden, visible\n"
+        "class A:\n"
+        "    def f(self, other):\n"
+        "        return self._a, other._b, super()._c, other.__class__, type(other)._d\n"
+    )
+    assert _private_reads(probe) == 3  # _hidden, other._b, type(other)._d
