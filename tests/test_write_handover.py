@@ -15,7 +15,7 @@ import pytest
 from tidesync.core.schema import FieldSchema, Kind, ModelSchema
 from tidesync.server.auth import Authenticator
 from tidesync.server.config import ServerConfig
-from tidesync.server.hub import SyncHub, _Session
+from tidesync.server.hub import HubSession, SyncHub
 from tidesync.server.storage import SQLiteStorage, UploadBatch, UploadResult
 from tidesync.store.engine import StoreEngine
 
@@ -93,12 +93,12 @@ async def test_writers_are_woken_after_the_fan_out(tmp_path: Path) -> None:
     await storage.open()
     hub = SyncHub(storage, Authenticator(tmp_path, config), config)
     try:
-        sessions = [_Session(i, f"file-{i}", 0, 0, 0, 0) for i in range(6)]
+        sessions = [HubSession(i, f"file-{i}", 0, 0, 0, 0) for i in range(6)]
         for s in sessions:
             hub._sessions.setdefault("app", set()).add(s)
         order: list[str] = []
 
-        async def wait(s: _Session) -> None:
+        async def wait(s: HubSession) -> None:
             await s.wake.wait()
             order.append(s.file_ident)
 

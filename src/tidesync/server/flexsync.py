@@ -58,7 +58,7 @@ from .storage.base import CommitCheck, ObjectKey, StoredObject, UploadResult, ob
 from .writecheck import CommitRecheck, count_keys, created_or_none, judge
 
 if TYPE_CHECKING:
-    from .hub import SyncConnection, SyncHub, _Session
+    from .hub import HubSession, SyncConnection, SyncHub
 
 log = logging.getLogger("tidesync.server.flexsync")
 
@@ -256,7 +256,7 @@ async def open_view(conn: SyncConnection, flexible: bool) -> FlexView | None:
 
 async def on_query(
     conn: SyncConnection,
-    session: _Session,
+    session: HubSession,
     version: int,
     queries: dict[str, list[str]],
     args: dict[str, list[list[Any]]],
@@ -282,9 +282,9 @@ async def on_query(
         view.awaiting_query = False  # serve the view as it is (the device keeps its old set)
         session.wake.set()
         log.info("connection %s session %d: query refused: %s", conn.id, session.number, message)
-        if conn._sendable(session):
+        if conn.sendable(session):
             conn.proto.query_error(session.number, version, message)
-            await conn._flush()
+            await conn.flush()
         return
     view.schemas = schemas
     view.perms.schemas = schemas
@@ -331,7 +331,7 @@ def _remember(conn: SyncConnection, file_ident: str, view: FlexView, target: int
 
 
 def _recalled(
-    conn: SyncConnection, session: _Session, view: FlexView, queries: Any, args: Any
+    conn: SyncConnection, session: HubSession, view: FlexView, queries: Any, args: Any
 ) -> bool:
     """Did this process send this device file the complete bootstrap of this very view,
     and is the device's download cursor (from BIND) at or past that bootstrap's target?
@@ -345,7 +345,7 @@ def _recalled(
     return target <= session.cursor and fingerprint == _fingerprint(view, queries, args)
 
 
-async def catch_up(conn: SyncConnection, session: _Session) -> None:
+async def catch_up(conn: SyncConnection, session: HubSession) -> None:
     """The flexible sync downloader: bootstrap when owed, else filtered log pages."""
     view = session.flex
     assert view is not None
@@ -358,9 +358,9 @@ async def catch_up(conn: SyncConnection, session: _Session) -> None:
             await _bootstrap(conn, session, view)
             continue
         start = session.cursor
-        acked = session.acked  # as of before the read: see SyncConnection._catch_up
+        acked = session.acked  # as of before the read: see SyncConnection's catch-up
         page = await hub.storage.read_log(app, start, page_bytes, exclude_origin=session.file_ident)
-        if not conn._sendable(session) or session.error is not None:
+        if not conn.sendable(session) or session.error is not None:
             return
         changesets, objects = await _filter_page(conn, view, page.entries)
         reconciled, refused = await _reconcile_uploads(conn, view, acked)
@@ -386,12 +386,12 @@ async def catch_up(conn: SyncConnection, session: _Session) -> None:
                 )
             session.cursor, session.latest, session.sent_acked = page.cursor, latest, acked
             session.first_sent = True
-            await conn._flush()
+            await conn.flush()
         if page.cursor >= page.latest_version or page.cursor <= start:
             return
 
 
-async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) -> None:
+async def _bootstrap(conn: SyncConnection, session: HubSession, view: FlexView) -> None:
     hub, app = conn.hub, conn.app_id
     version = view.bootstrap
     assert version is not None
@@ -440,12 +440,12 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
                             return
                         queued = True
             if queued:
-                await conn._flush()
+                await conn.flush()
             scanned += page.scanned_bytes
             if page.done or page.cursor is None or page.cursor == after:
                 break
             after = page.cursor
-    if not conn._sendable(session) or view.bootstrap is not None:
+    if not conn.sendable(session) or view.bootstrap is not None:
         return
     rest = await hub.storage.read_log(app, target, 1, exclude_origin=session.file_ident)
     view.held = held
@@ -468,7 +468,7 @@ async def _bootstrap(conn: SyncConnection, session: _Session, view: FlexView) ->
     session.latest, session.sent_acked = latest, acked
     session.sent_query_version = version
     session.first_sent = True
-    await conn._flush()
+    await conn.flush()
     _remember(conn, session.file_ident, view, target)
 
 
@@ -476,8 +476,7 @@ def _read_rule(perms: Permissions, model: str) -> tuple[bool, q.BoundQuery | Non
     """``(readable at all, read filter or None for no filter)`` of ``model`` for the user."""
     if perms.unrestricted:
         return True, None
-    bound = perms._filter(model, "read")
-    return bound is not None, bound
+    return perms.read_filter(model)
 
 
 class _Page:
@@ -547,14 +546,14 @@ class _Page:
 
 def _send_bootstrap_page(
     conn: SyncConnection,
-    session: _Session,
+    session: HubSession,
     view: FlexView,
     batch: _Page,
     remaining: int,
 ) -> bool:
     """Queue one BOOTSTRAP_PAGE of ``batch`` (the caller flushes; the page starts empty
     again); False when the bootstrap must stop (session gone or a newer set)."""
-    if not conn._sendable(session) or view.bootstrap is not None:
+    if not conn.sendable(session) or view.bootstrap is not None:
         return False
     version = session.query_version if view.subs is not None else 0
     objects, blocks = batch.take()
@@ -805,7 +804,7 @@ class WriteGuard:
 
 
 def write_guard(
-    conn: SyncConnection, session: _Session, changesets: list[Changeset] | None = None
+    conn: SyncConnection, session: HubSession, changesets: list[Changeset] | None = None
 ) -> WriteGuard:
     """The guard of an upload of ``session``: a no-op when the session has no view, or
     when nothing in ``changesets`` can be refused (no rules, and an always-true
@@ -829,7 +828,7 @@ def app_write_lock(hub: SyncHub, app_id: str) -> asyncio.Lock:
 
 
 async def check_upload(
-    conn: SyncConnection, session: _Session, changesets: list[Changeset]
+    conn: SyncConnection, session: HubSession, changesets: list[Changeset]
 ) -> tuple[list[Changeset], CommitCheck | None]:
     """Drop the instructions the rules or the subscriptions refuse; remember what to send
     back once the upload is acknowledged. Returns the changesets to commit and the check

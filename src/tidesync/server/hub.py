@@ -201,7 +201,7 @@ class _ConnectionGone(Exception):
 
 
 @dataclass(eq=False)
-class _Session:
+class HubSession:
     """One bound session of a connection, and its downloader's bookkeeping."""
 
     number: int
@@ -240,7 +240,7 @@ class SyncHub:
         self.metrics = ServerMetrics()
         self.committer = GroupCommitter(storage, self._committed, self.metrics)
         self._connections: set[SyncConnection] = set()
-        self._sessions: dict[str, set[_Session]] = {}
+        self._sessions: dict[str, set[HubSession]] = {}
         self._unwatch: dict[str, Callable[[], None]] = {}  # app -> stop watching storage
         #: Per app, the callbacks :meth:`listen` added (the change feed, webhooks).
         self._listeners: dict[str, set[Callable[[], None]]] = {}
@@ -322,7 +322,7 @@ class SyncHub:
         for session in sessions:
             session.wake.set()
 
-    def register(self, app_id: str, session: _Session) -> None:
+    def register(self, app_id: str, session: HubSession) -> None:
         """Add a bound session to the app's fan-out set."""
         self._sessions.setdefault(app_id, set()).add(session)
         self.metrics.sessions_total += 1
@@ -341,7 +341,7 @@ class SyncHub:
         if unwatch is not None:
             unwatch()
 
-    def unregister(self, app_id: str, session: _Session) -> None:
+    def unregister(self, app_id: str, session: HubSession) -> None:
         """Remove a session from the app's fan-out set."""
         sessions = self._sessions.get(app_id)
         if sessions is not None:
@@ -471,7 +471,7 @@ class SyncConnection:
         #: The login (token family) whose access token authenticated this connection.
         self.login: str | None = None
         self.token_expires_at = 0.0
-        self.sessions: dict[int, _Session] = {}
+        self.sessions: dict[int, HubSession] = {}
         self.done = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._closing = asyncio.Event()
@@ -490,7 +490,7 @@ class SyncConnection:
             return [self._row(None, ended or state)]
         return [self._row(s, ended) for s in sessions]
 
-    def _row(self, session: _Session | None, state: str | None) -> SessionSnapshot:
+    def _row(self, session: HubSession | None, state: str | None) -> SessionSnapshot:
         ended_at = self.hub.clock() if state in (DISCONNECTED, UNBOUND) else None
         subscriptions: tuple[str, ...] = ()
         error = None
@@ -581,7 +581,7 @@ class SyncConnection:
 
     async def _close_after_flush(self, code: int) -> None:
         try:
-            await self._flush()
+            await self.flush()
         except _ConnectionGone:
             pass
         if not self._closing.is_set():
@@ -618,7 +618,9 @@ class SyncConnection:
             return
         await self._fail(ErrorCode.OTHER_ERROR, "internal server error", CLOSE_INTERNAL_ERROR)
 
-    async def _flush(self) -> None:
+    async def flush(self) -> None:
+        """Write every frame the protocol has queued to the socket (raises when the peer
+        is gone)."""
         async with self._send_lock:
             for frame in self.proto.data_to_send():
                 if self._peer_gone:
@@ -654,7 +656,7 @@ class SyncConnection:
                     if not await self._violation(exc):
                         return
                     continue
-                await self._flush()
+                await self.flush()
                 for event in events:
                     await self._dispatch(event)
         except _ConnectionGone:
@@ -670,7 +672,7 @@ class SyncConnection:
         if is_session_level_code(code) and number is not None:
             if self.proto.state is ServerState.OPEN:
                 self._session_error_now(number, code, getattr(exc, "reason", None) or str(exc))
-                await self._flush()
+                await self.flush()
                 return True
         close_code = CLOSE_TOO_BIG if code == ErrorCode.FRAME_TOO_LARGE else CLOSE_PROTOCOL_ERROR
         if self.proto.state is not ServerState.CLOSED:
@@ -742,7 +744,7 @@ class SyncConnection:
         self.token_expires_at = claims.expires_at
         open_frames(self.ws.scope)  # logged in: frames up to max_frame_size from now on
         self.proto.welcome(int(self.hub.clock() * 1000), self.id)
-        await self._flush()
+        await self.flush()
         self._spawn(self._watch_token(), "token-watch")
 
     async def _on_refresh(self, event: RefreshReceived) -> None:
@@ -805,9 +807,9 @@ class SyncConnection:
     ) -> None:
         log.info("connection %s session %d: error %d: %s", self.id, number, code, message)
         self._session_error_now(number, code, message, action)
-        await self._flush()
+        await self.flush()
 
-    def _deactivate(self, session: _Session) -> None:
+    def _deactivate(self, session: HubSession) -> None:
         session.active = False
         session.wake.set()
         self.hub.unregister(self.app_id, session)
@@ -889,13 +891,13 @@ class SyncConnection:
         if self.proto.state is not ServerState.OPEN:
             return
         self.proto.bound(number, latest, acked)
-        session = _Session(number, event.file_ident, event.download_cursor, latest, acked, acked)
+        session = HubSession(number, event.file_ident, event.download_cursor, latest, acked, acked)
         session.flex = view
         session.wake.set()
         self.sessions[number] = session
         self.hub.register(app, session)
         session.task = self._spawn(self._downloader(session), f"download-{number}")
-        await self._flush()
+        await self.flush()
 
     async def _on_unbind(self, event: UnbindReceived) -> None:
         session = self.sessions.pop(event.session, None)
@@ -903,7 +905,7 @@ class SyncConnection:
             self._deactivate(session)
             self.hub.note_ended([self._row(session, UNBOUND)])
         self.proto.unbound(event.session)
-        await self._flush()
+        await self.flush()
 
     async def _on_upload(self, event: UploadReceived) -> None:
         session = self.sessions.get(event.session)
@@ -990,7 +992,7 @@ class SyncConnection:
         except LocalProtocolError:
             log.debug("session %d: ERROR 232 not sent (session ended)", number)
             return
-        await self._flush()
+        await self.flush()
 
     async def _on_mark(self, event: MarkReceived) -> None:
         session = self.sessions.get(event.session)
@@ -1014,7 +1016,7 @@ class SyncConnection:
                 f"limit exceeded: a subscription query has {longest} characters, "
                 f"more than the limit of {most}",
             )
-            self._spawn(self._flush(), "flush")
+            self._spawn(self.flush(), "flush")
             return
         await flexsync.on_query(
             self, session, event.query_version, event.queries, event.args, event.bootstrapped
@@ -1022,7 +1024,7 @@ class SyncConnection:
 
     # -- downloading ----------------------------------------------------------------------
 
-    async def _downloader(self, session: _Session) -> None:
+    async def _downloader(self, session: HubSession) -> None:
         while session.active:
             await session.wake.wait()
             session.wake.clear()
@@ -1049,16 +1051,17 @@ class SyncConnection:
                 )
                 return
             self._answer_marks(session)
-            await self._flush()
+            await self.flush()
 
-    def _sendable(self, session: _Session) -> bool:
+    def sendable(self, session: HubSession) -> bool:
+        """May messages of ``session`` be sent now (active, bound, the connection open)?"""
         return (
             session.active
             and self.proto.state is ServerState.OPEN
             and self.proto.is_bound(session.number)
         )
 
-    async def _catch_up(self, session: _Session) -> None:
+    async def _catch_up(self, session: HubSession) -> None:
         if session.flex is not None:
             await flexsync.catch_up(self, session)
             return
@@ -1072,7 +1075,7 @@ class SyncConnection:
             page = await self.hub.storage.read_log(
                 self.app_id, start, page_bytes, exclude_origin=session.file_ident
             )
-            if not self._sendable(session) or session.error is not None:
+            if not self.sendable(session) or session.error is not None:
                 return
             latest = max(page.latest_version, session.latest)
             moved = page.cursor > start or latest > session.latest or acked > session.sent_acked
@@ -1097,12 +1100,12 @@ class SyncConnection:
                 self.hub.metrics.download_messages_total += 1
                 self.hub.metrics.downloads_total += len(page.entries)
                 force = False
-                await self._flush()
+                await self.flush()
             if page.cursor >= page.latest_version or page.cursor <= start:
                 return
 
-    def _answer_marks(self, session: _Session) -> None:
-        if not session.marks or not self._sendable(session):
+    def _answer_marks(self, session: HubSession) -> None:
+        if not session.marks or not self.sendable(session):
             return
         waiting: list[tuple[int, int]] = []
         for request_id, target in session.marks:
@@ -1138,7 +1141,7 @@ async def _bootstrap_view(conn: SyncConnection, view: FlexView | None) -> FlexVi
 
 
 def _upload_done(
-    session: _Session, last_version: int, future: asyncio.Future[UploadResult]
+    session: HubSession, last_version: int, future: asyncio.Future[UploadResult]
 ) -> None:
     """Record an upload's outcome on its session and wake the session's downloader."""
     if future.cancelled():
