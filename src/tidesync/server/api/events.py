@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from ...core.changeset import Op
-from ...core.jsonvalues import SAFE_INT, scalar_to_json, to_json
+from ...core.jsonvalues import converter, scalar_to_json, to_json
 from ...core.packing import unpack_instructions
 from ...core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..storage.base import LogEntry, ObjectKey, object_keys
@@ -61,50 +64,91 @@ class ChangeEvent:
 
     def to_json(self, schemas: dict[str, ModelSchema], user_id: str | None) -> dict[str, Any]:
         """The event's JSON form; ``user_id`` is the writer's user (None: an admin)."""
-        schema = schemas.get(self.model)
-        pk: Any = self.pk
-        fields: dict[str, Any] = {}
+        return EventJson(schemas).to_json(self, user_id)
+
+
+#: The models' converters: the primary key's and each field's (with its schema).
+_Converters = tuple[Callable[[Any], Any], dict[str, tuple[FieldSchema, Callable[[Any], Any]]]]
+
+#: The C encoder json.dumps uses, called without its per-call set-up (None without _json).
+_c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
+
+
+def _make_encode() -> Callable[[Any], str]:
+    """A function equal to ``json.dumps(value, separators=(",", ":"))`` for the plain JSON
+    values events are made of (no circular check: events are trees)."""
+    if _c_make_encoder is None:  # pragma: no cover
+        return functools.partial(json.dumps, separators=(",", ":"))
+
+    def default(value: Any) -> Any:
+        raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+    c_encode = _c_make_encoder(
+        None, default, encode_basestring_ascii, None, ":", ",", False, False, True
+    )
+
+    def encode(value: Any) -> str:
+        return "".join(c_encode(value, 0))
+
+    return encode
+
+
+#: ``json.dumps(value, separators=(",", ":"))``, faster (see :func:`_make_encode`).
+encode_json = _make_encode()
+
+
+class EventJson:
+    """Events in JSON form under one set of schemas, with each model's converters made
+    once (the change feed turns thousands of events a second)."""
+
+    def __init__(self, schemas: dict[str, ModelSchema]) -> None:
+        self.schemas = schemas
+        self._models: dict[str, _Converters | None] = {}
+        self._by: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    def _converters(self, model: str) -> _Converters | None:
+        try:
+            return self._models[model]
+        except KeyError:
+            pass
+        schema = self.schemas.get(model)
+        convs: _Converters | None = None
         if schema is not None:
-            pk = scalar_to_json(schema.pk_field.kind, self.pk)
-            by_name = schema.by_name
-            for name, fold in self.fields.items():
-                spec = by_name.get(name)
-                if spec is None:
+            fields = {f.name: (f, converter(f, self.schemas)) for f in schema.fields}
+            convs = (converter(schema.pk_field), fields)
+        self._models[model] = convs
+        return convs
+
+    def to_json(self, ev: ChangeEvent, user_id: str | None) -> dict[str, Any]:
+        """The event's JSON form (a new dict: callers may change it)."""
+        convs = self._converters(ev.model)
+        pk: Any = ev.pk
+        fields: dict[str, Any] = {}
+        if convs is not None:
+            pk_conv, by_name = convs
+            pk = pk_conv(ev.pk)
+            for name, fold in ev.fields.items():
+                found = by_name.get(name)
+                if found is None:
                     continue
+                spec, conv = found
                 if fold[0] == "value":
-                    plain = _PLAIN.get((spec.kind, spec.collection))
-                    fields[name] = (
-                        plain(fold[1]) if plain is not None else to_json(spec, fold[1], schemas)
-                    )
+                    fields[name] = conv(fold[1])
                 else:
-                    fields[name] = _fold_to_json(spec, fold, schemas)
+                    fields[name] = _fold_to_json(spec, fold, self.schemas)
         return {
-            "version": self.version,
-            "model": self.model,
+            "version": ev.version,
+            "model": ev.model,
             "pk": pk,
-            "op": self.op,
+            "op": ev.op,
             "fields": fields,
-            "by": {"user_id": user_id, "origin": self.origin},
-            "at": iso_millis(self.wall_ms),
+            "by": {"user_id": user_id, "origin": ev.origin},
+            "at": iso_millis(ev.wall_ms),
         }
 
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _safe_int(value: Any) -> Any:
-    return value if value is None or -SAFE_INT <= value <= SAFE_INT else str(value)
-
-
-#: Whole values whose JSON form needs no schema lookups (the common, hot case): by
-#: ``(kind, collection)``; the rest go through :func:`~tidesync.core.jsonvalues.to_json`.
-_PLAIN: dict[tuple[Kind, Collection], Any] = {
-    (Kind.STR, Collection.NONE): _same,
-    (Kind.BOOL, Collection.NONE): _same,
-    (Kind.INT, Collection.NONE): _safe_int,
-    (Kind.COUNTER, Collection.NONE): _safe_int,
-}
+    def text(self, ev: ChangeEvent, user_id: str | None) -> str:
+        """``json.dumps(self.to_json(ev, user_id), separators=(",", ":"))``."""
+        return encode_json(self.to_json(ev, user_id))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -151,8 +195,11 @@ def changeset_events(entry: LogEntry, schemas: dict[str, ModelSchema]) -> list[C
         op = ins.op
         if op is Op.CREATE:
             event.op = "create"
-            for name, value in (ins.value or {}).items():
-                event.fields[name] = ("value", value)
+            created = {name: ("value", value) for name, value in (ins.value or {}).items()}
+            if event.fields:
+                event.fields.update(created)
+            else:
+                event.fields = created
             continue
         if op is Op.ERASE:
             event.op = "erase"
