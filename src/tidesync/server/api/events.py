@@ -38,15 +38,23 @@ from json.encoder import encode_basestring_ascii
 from typing import Any
 
 from ...core.changeset import Op
-from ...core.jsonvalues import converter, scalar_to_json, to_json
+from ...core.jsonvalues import converter, scalar_to_json
 from ...core.packing import unpack_instructions
 from ...core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..storage.base import LogEntry, ObjectKey, object_keys
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
 
-#: A field's fold: ``("value", python value)`` or ``("ops", {"$op": ...})``.
-_Fold = tuple[str, Any]
+
+class Ops(dict[str, Any]):
+    """A field's fold made of operators (``{"$inc": 2}``, ...); any other fold is the
+    field's whole value (no wrapper: the feed makes millions of them)."""
+
+
+#: What a changeset did to a field: its whole value, or :class:`Ops`.
+_Fold = Any
+#: No fold yet.
+_NONE = object()
 
 
 @dataclass
@@ -61,6 +69,8 @@ class ChangeEvent:
     origin: str
     wall_ms: int
     fields: dict[str, _Fold] = field(default_factory=dict)
+    #: True once a fold of :attr:`fields` is :class:`Ops` (else all are whole values).
+    has_ops: bool = False
 
     def to_json(self, schemas: dict[str, ModelSchema], user_id: str | None) -> dict[str, Any]:
         """The event's JSON form; ``user_id`` is the writer's user (None: an admin)."""
@@ -68,7 +78,11 @@ class ChangeEvent:
 
 
 #: The models' converters: the primary key's and each field's (with its schema).
-_Converters = tuple[Callable[[Any], Any], dict[str, tuple[FieldSchema, Callable[[Any], Any]]]]
+_Converters = tuple[
+    Callable[[Any], Any],
+    dict[str, tuple[FieldSchema, Callable[[Any], Any]]],
+    dict[str, Callable[[Any], Any]],
+]
 
 #: The C encoder json.dumps uses, called without its per-call set-up (None without _json).
 _c_make_encoder: Any = getattr(json.encoder, "c_make_encoder", None)
@@ -104,7 +118,7 @@ class EventJson:
     def __init__(self, schemas: dict[str, ModelSchema]) -> None:
         self.schemas = schemas
         self._models: dict[str, _Converters | None] = {}
-        self._by: dict[tuple[str, str | None], dict[str, Any]] = {}
+        self._shared: dict[tuple[str, str, str | None], tuple[str, str]] = {}
 
     def _converters(self, model: str) -> _Converters | None:
         try:
@@ -115,27 +129,36 @@ class EventJson:
         convs: _Converters | None = None
         if schema is not None:
             fields = {f.name: (f, converter(f, self.schemas)) for f in schema.fields}
-            convs = (converter(schema.pk_field), fields)
+            plain = {name: conv for name, (_, conv) in fields.items()}
+            convs = (converter(schema.pk_field), fields, plain)
         self._models[model] = convs
         return convs
 
+    def _pk_and_fields(self, ev: ChangeEvent) -> tuple[Any, dict[str, Any]]:
+        convs = self._converters(ev.model)
+        if convs is None:
+            return ev.pk, {}
+        pk_conv, by_name, plain = convs
+        if not ev.has_ops:  # whole values only (creates, sets): one converter call each
+            try:
+                return pk_conv(ev.pk), {name: plain[name](v) for name, v in ev.fields.items()}
+            except KeyError:  # a field the schemas do not know (left out below)
+                pass
+        fields: dict[str, Any] = {}
+        for name, fold in ev.fields.items():
+            found = by_name.get(name)
+            if found is None:
+                continue
+            spec, conv = found
+            if type(fold) is Ops:
+                fields[name] = _fold_to_json(spec, fold, self.schemas)
+            else:
+                fields[name] = conv(fold)
+        return pk_conv(ev.pk), fields
+
     def to_json(self, ev: ChangeEvent, user_id: str | None) -> dict[str, Any]:
         """The event's JSON form (a new dict: callers may change it)."""
-        convs = self._converters(ev.model)
-        pk: Any = ev.pk
-        fields: dict[str, Any] = {}
-        if convs is not None:
-            pk_conv, by_name = convs
-            pk = pk_conv(ev.pk)
-            for name, fold in ev.fields.items():
-                found = by_name.get(name)
-                if found is None:
-                    continue
-                spec, conv = found
-                if fold[0] == "value":
-                    fields[name] = conv(fold[1])
-                else:
-                    fields[name] = _fold_to_json(spec, fold, self.schemas)
+        pk, fields = self._pk_and_fields(ev)
         return {
             "version": ev.version,
             "model": ev.model,
@@ -147,8 +170,23 @@ class EventJson:
         }
 
     def text(self, ev: ChangeEvent, user_id: str | None) -> str:
-        """``json.dumps(self.to_json(ev, user_id), separators=(",", ":"))``."""
-        return encode_json(self.to_json(ev, user_id))
+        """``json.dumps(self.to_json(ev, user_id), separators=(",", ":"))``, the parts
+        every event of a model and writer shares encoded once
+        (tests/test_change_events.py proves the two equal)."""
+        pk, fields = self._pk_and_fields(ev)
+        shared = self._shared.get((ev.model, ev.origin, user_id))
+        if shared is None:
+            by = {"user_id": user_id, "origin": ev.origin}
+            shared = self._shared[(ev.model, ev.origin, user_id)] = (
+                encode_json(ev.model),
+                encode_json(by),
+            )
+        model, by_json = shared
+        return (
+            f'{{"version":{int(ev.version)},"model":{model},"pk":{encode_json(pk)},'
+            f'"op":{encode_json(ev.op)},"fields":{encode_json(fields)},"by":{by_json},'
+            f'"at":{encode_json(iso_millis(ev.wall_ms))}}}'
+        )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -158,16 +196,12 @@ def iso_millis(wall_ms: int) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
-def _fold_to_json(spec: FieldSchema, fold: _Fold, schemas: dict[str, ModelSchema]) -> Any:
-    kind, value = fold
-    if kind == "value":
-        return to_json(spec, value, schemas)
-
+def _fold_to_json(spec: FieldSchema, fold: Ops, schemas: dict[str, ModelSchema]) -> Any:
     def one(v: Any) -> Any:
         return scalar_to_json(spec.kind, v, schemas, spec.target)
 
     out: dict[str, Any] = {}
-    for name, item in value.items():
+    for name, item in fold.items():
         if name == "$inc":
             out[name] = scalar_to_json(Kind.INT, item)
         elif name in ("$add", "$remove", "$insert", "$replace"):
@@ -195,11 +229,10 @@ def changeset_events(entry: LogEntry, schemas: dict[str, ModelSchema]) -> list[C
         op = ins.op
         if op is Op.CREATE:
             event.op = "create"
-            created = {name: ("value", value) for name, value in (ins.value or {}).items()}
             if event.fields:
-                event.fields.update(created)
+                event.fields.update(ins.value or {})
             else:
-                event.fields = created
+                event.fields = dict(ins.value or {})
             continue
         if op is Op.ERASE:
             event.op = "erase"
@@ -212,57 +245,57 @@ def changeset_events(entry: LogEntry, schemas: dict[str, ModelSchema]) -> list[C
             continue
         schema = schemas.get(ins.model)
         spec = schema.by_name.get(name) if schema is not None else None
-        event.fields[name] = _fold(event.fields.get(name), op, ins.value, ins.key, spec)
+        fold = _fold(event.fields.get(name, _NONE), op, ins.value, ins.key, spec)
+        event.fields[name] = fold
+        if type(fold) is Ops:
+            event.has_ops = True
     return list(events.values())
 
 
-def _fold(old: _Fold | None, op: Op, value: Any, key: Any, spec: FieldSchema | None) -> _Fold:
-    """``old`` (what the changeset did to the field so far) after one more instruction."""
+def _fold(old: _Fold, op: Op, value: Any, key: Any, spec: FieldSchema | None) -> _Fold:
+    """``old`` (what the changeset did to the field so far: :data:`_NONE`, a whole value or
+    :class:`Ops`) after one more instruction."""
     if op is Op.SET:
-        return ("value", value)
-    whole = old is not None and old[0] == "value"
-    current = old[1] if old is not None else None
+        return value
+    whole = old is not _NONE and type(old) is not Ops
+    ops = Ops(old) if type(old) is Ops else Ops()
     if op is Op.ADD:
         if whole:
-            return ("value", (current or 0) + value)
-        ops: dict[str, Any] = dict(current or {})
+            return (old or 0) + value
         ops["$inc"] = ops.get("$inc", 0) + value
-        return ("ops", ops)
+        return ops
     if op in (Op.SET_ADD, Op.SET_REMOVE):
         if whole:
-            elements = set(current or ())
+            elements = set(old or ())
             if op is Op.SET_ADD:
                 elements.add(value)
             else:
                 elements.discard(value)
-            return ("value", elements)
-        ops = dict(current or {})
+            return elements
         name = "$add" if op is Op.SET_ADD else "$remove"
         ops[name] = [*ops.get(name, []), value]
-        return ("ops", ops)
+        return ops
     if op in (Op.DICT_SET, Op.DICT_ERASE):
         if whole:
-            mapping = dict(current or {})
+            mapping = dict(old or {})
             if op is Op.DICT_SET:
                 mapping[key] = value
             else:
                 mapping.pop(key, None)
-            return ("value", mapping)
-        ops = dict(current or {})
+            return mapping
         if op is Op.DICT_SET:
             ops["$set"] = {**ops.get("$set", {}), key: value}
         else:
             ops["$unset"] = [*ops.get("$unset", []), key]
-        return ("ops", ops)
+        return ops
     # list element ops: positions are element ids (HLCs) no reader can use
     is_list = spec is None or spec.collection is Collection.LIST
-    ops = dict(current or {}) if old is not None and old[0] == "ops" else {}
     if not is_list:
-        return ("ops", ops)
+        return ops
     if op is Op.LIST_INSERT:
         ops["$insert"] = [*ops.get("$insert", []), value]
     elif op is Op.LIST_SET:
         ops["$replace"] = [*ops.get("$replace", []), value]
     elif op is Op.LIST_ERASE:
         ops["$erase"] = ops.get("$erase", 0) + 1
-    return ("ops", ops)
+    return ops
