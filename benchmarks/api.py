@@ -32,9 +32,7 @@ def _server(root: Path) -> ServerProcess:
     """A development-mode server that also takes an admin key."""
     root.mkdir(parents=True, exist_ok=True)
     config = root / "tidesync.toml"
-    config.write_text(
-        f'[server]\ndevelopment_mode = true\nadmin_keys = ["{ADMIN_KEY}"]\n'
-    )
+    config.write_text(f'[server]\ndevelopment_mode = true\nadmin_keys = ["{ADMIN_KEY}"]\n')
     return ServerProcess(root / "data", extra_args=["--config", str(config)]).start(timeout=60)
 
 
