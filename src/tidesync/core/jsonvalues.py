@@ -425,9 +425,10 @@ def object_reader(
     """A function equal to ``lambda body: object_from_json(schema, body, schemas,
     partial=True)`` (errors included), its field readers made once (for many objects)."""
     readers = {f.name: reader(f, schema.name, schemas) for f in schema.fields}
+    names = readers.keys()
 
     def read(body: Any) -> dict[str, Any]:
-        if type(body) is not dict or not all(name in readers for name in body):
+        if type(body) is not dict or not body.keys() <= names:
             return object_from_json(schema, body, schemas, partial=True)
         return {name: readers[name](value) for name, value in body.items()}
 

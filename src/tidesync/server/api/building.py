@@ -160,8 +160,8 @@ def parse_pk_json(schema: ModelSchema, value: Any) -> Any:
         raise invalid(exc) from None
 
 
-@functools.lru_cache(maxsize=256)
 def _required(schema: ModelSchema) -> tuple[str, ...]:
+    """The fields a new object of ``schema`` must be given."""
     return tuple(
         f.name
         for f in schema.fields
@@ -169,9 +169,12 @@ def _required(schema: ModelSchema) -> tuple[str, ...]:
     )
 
 
-def _require_all(schema: ModelSchema, values: dict[str, Any]) -> None:
-    """A new object needs every field but optional, collection and counter fields."""
-    for name in _required(schema):
+def _require_all(
+    schema: ModelSchema, values: dict[str, Any], required: tuple[str, ...] | None = None
+) -> None:
+    """A new object needs every field but optional, collection and counter fields
+    (``required``: :func:`_required` of ``schema``, when already known)."""
+    for name in _required(schema) if required is None else required:
         if name not in values:
             where = f"{schema.name}.{name}"
             raise ApiError(
@@ -201,6 +204,7 @@ class Builder:
         #: CREATEs of objects never stored, whose states are made only if a later
         #: operation of the request touches them (most bulk inserts never do)
         self._fresh: dict[ObjectKey, tuple[ModelSchema, Instruction]] = {}
+        self._required: dict[str, tuple[str, ...]] = {}
 
     def lone_creates(self) -> dict[ObjectKey, Instruction]:
         """The CREATE of each object that one CREATE of this request alone made from
@@ -233,7 +237,10 @@ class Builder:
         state = self._alive(key)
         if op.kind == CREATE:
             if state is None:
-                _require_all(schema, op.values)
+                required = self._required.get(op.model)
+                if required is None:
+                    required = self._required[op.model] = _required(schema)
+                _require_all(schema, op.values, required)
                 ins = Instruction(Op.CREATE, op.model, op.pk, self.tick(), value=dict(op.values))
                 if key in self.states:
                     self._emit(schema, key, ins)
