@@ -27,7 +27,13 @@ from tidesync.core.jsonvalues import (
 from tidesync.core.packing import pack_instructions
 from tidesync.core.schema import Collection, FieldSchema, Kind, ModelSchema
 from tidesync.objectid import ObjectId
-from tidesync.server.api.events import EventJson, changeset_events, encode_json
+from tidesync.server.api.events import (
+    EventJson,
+    changeset_events,
+    create_events,
+    encode_json,
+    general_events,
+)
 from tidesync.server.storage.base import LogEntry
 
 TARGET = ModelSchema("T", (FieldSchema("id", Kind.STR, primary_key=True),), "id")
@@ -195,3 +201,35 @@ def test_whole_value_events_convert_as_the_general_loop_does() -> None:
         fast = encoder.to_json(ev, "u")
         ev.has_ops = True  # forces the field-by-field loop
         assert encoder.to_json(ev, "u") == fast
+
+
+def creates_entry(pks: list[Any], *, version: int = 3, model: str = "Box") -> LogEntry:
+    instructions = [
+        Instruction(Op.CREATE, model, pk, HLC(1_796_702_400_000 - i, i, "d"), None, {"id": pk})
+        for i, pk in enumerate(pks)
+    ]
+    return LogEntry(version, "d", 1, pack_instructions(instructions))
+
+
+def test_create_only_entries_decode_as_the_general_path_does() -> None:
+    schemas = {"Box": BOX}
+    many = list(range(40))  # past 15: a longer array header
+    entries = [creates_entry([1]), creates_entry(many), creates_entry(list(range(70000))[-3:])]
+    entries.append(creates_entry(["a", "b"], model="Unknown"))
+    for e in entries:
+        fast = create_events(e)
+        assert fast is not None
+        assert fast == general_events(e, schemas) == changeset_events(e, schemas)
+    # the general path's cases: an object twice, other instructions, a create after others
+    others = [creates_entry([1, 2, 1]), box_entry()]
+    mixed = [
+        Instruction(Op.CREATE, "Box", 9, HLC(5, 0, "d"), None, {"id": 9}),
+        Instruction(Op.SET, "Box", 9, HLC(6, 0, "d"), "name", "x"),
+    ]
+    others.append(LogEntry(4, "d", 1, pack_instructions(mixed)))
+    others.append(LogEntry(4, "d", 1, pack_instructions(mixed[::-1])))
+    for e in others:
+        assert create_events(e) is None
+        assert same(changeset_events(e, schemas), general_events(e, schemas))  # NaN too
+    with pytest.raises(ValueError):
+        changeset_events(LogEntry(4, "d", 1, b"\x98\x01"), schemas)

@@ -142,6 +142,8 @@ def _same(value: Any) -> Any:
 
 
 def _plain_int(value: Any) -> Any:
+    if type(value) is int and -SAFE_INT <= value <= SAFE_INT:
+        return value
     return None if value is None else _int_to_json(int(value))
 
 
