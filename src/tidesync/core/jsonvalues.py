@@ -30,8 +30,10 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as _dt
+import functools
 import math
 import uuid
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -133,6 +135,55 @@ def to_json(field: FieldSchema, value: Any, schemas: dict[str, ModelSchema] | No
     if coll is Collection.SET:
         return [scalar_to_json(kind, v, schemas, target) for v in sorted(value, key=_set_order)]
     return {k: scalar_to_json(kind, v, schemas, target) for k, v in value.items()}
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _plain_int(value: Any) -> Any:
+    if type(value) is int and -SAFE_INT <= value <= SAFE_INT:
+        return value
+    return None if value is None else _int_to_json(int(value))
+
+
+def _plain_float(value: Any) -> Any:
+    return None if value is None else _float_to_json(float(value))
+
+
+#: The converters of the plain kinds (no schema lookups), by ``(kind, collection)``.
+_PLAIN: dict[tuple[Kind, Collection], Callable[[Any], Any]] = {
+    (Kind.STR, Collection.NONE): _same,
+    (Kind.BOOL, Collection.NONE): _same,
+    (Kind.INT, Collection.NONE): _plain_int,
+    (Kind.COUNTER, Collection.NONE): _plain_int,
+    (Kind.FLOAT, Collection.NONE): _plain_float,
+}
+
+
+def converter(
+    field: FieldSchema, schemas: dict[str, ModelSchema] | None = None
+) -> Callable[[Any], Any]:
+    """A function equal to ``lambda value: to_json(field, value, schemas)``: for the hot
+    loops (the change feed, bulk answers), the one fast path of :func:`to_json`; plain
+    kinds skip its dispatch (tests/test_json_converters.py proves the two equal)."""
+    plain = _PLAIN.get((field.kind, field.collection))
+    if plain is not None:
+        return plain
+    return functools.partial(to_json, field, schemas=schemas)
+
+
+def object_converter(
+    schema: ModelSchema, schemas: dict[str, ModelSchema] | None = None
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A function equal to ``lambda values: object_to_json(schema, values, schemas)``, its
+    converters made once (for many objects of one model)."""
+    convs = [(f.name, converter(f, schemas)) for f in schema.fields]
+
+    def convert(values: dict[str, Any]) -> dict[str, Any]:
+        return {name: conv(values[name]) for name, conv in convs if name in values}
+
+    return convert
 
 
 def object_to_json(
@@ -336,6 +387,54 @@ def pk_from_json(schema: ModelSchema, value: Any) -> Any:
     if value is None:
         raise JSONValueError(where, "the primary key cannot be null")
     return scalar_from_json(field.kind, value, where)
+
+
+def reader(
+    field: FieldSchema, model: str, schemas: dict[str, ModelSchema] | None = None
+) -> Callable[[Any], Any]:
+    """A function equal to ``lambda value: from_json(field, value, model, schemas)``
+    (errors included): the one fast path of :func:`from_json`, for bulk writes. A value
+    of a plain kind already of its stored type is taken as it is; anything else goes
+    through :func:`from_json` (tests/test_json_converters.py proves the two equal)."""
+    kind, coll = field.kind, field.collection
+
+    def general(value: Any) -> Any:
+        return from_json(field, value, model, schemas)
+
+    if coll is not Collection.NONE:
+        return general
+    if kind is Kind.STR or kind is Kind.BOOL or kind is Kind.FLOAT:
+        wanted = {Kind.STR: str, Kind.BOOL: bool, Kind.FLOAT: float}[kind]
+
+        def same_type(value: Any) -> Any:
+            return value if type(value) is wanted else general(value)
+
+        return same_type
+    if kind is Kind.INT or kind is Kind.COUNTER:
+
+        def integer(value: Any) -> Any:
+            if type(value) is int and _INT_MIN <= value <= _INT_MAX:
+                return value
+            return general(value)
+
+        return integer
+    return general
+
+
+def object_reader(
+    schema: ModelSchema, schemas: dict[str, ModelSchema] | None = None
+) -> Callable[[Any], dict[str, Any]]:
+    """A function equal to ``lambda body: object_from_json(schema, body, schemas,
+    partial=True)`` (errors included), its field readers made once (for many objects)."""
+    readers = {f.name: reader(f, schema.name, schemas) for f in schema.fields}
+    names = readers.keys()
+
+    def read(body: Any) -> dict[str, Any]:
+        if type(body) is not dict or not body.keys() <= names:
+            return object_from_json(schema, body, schemas, partial=True)
+        return {name: readers[name](value) for name, value in body.items()}
+
+    return read
 
 
 def object_from_json(

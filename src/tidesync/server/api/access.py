@@ -121,17 +121,25 @@ async def caller_of(request: Request, hub: SyncHub, app_id: str) -> Caller:
 
 
 def _depth(value: Any) -> int:
-    depth, level = 0, [value]
+    """The nesting depth of a parsed JSON value (a scalar: 1; ``{"a": 1}``: 2), counted
+    up to just past :data:`MAX_JSON_DEPTH`; only containers are walked (json.loads makes
+    dicts and lists)."""
+    if type(value) is not dict and type(value) is not list:
+        return 1
+    depth, level = 1, [value]
     while level:
+        nxt: list[Any] = []
+        children = False
+        for v in level:
+            items = v.values() if type(v) is dict else v
+            if items:
+                children = True
+                nxt += [c for c in items if type(c) is dict or type(c) is list]
+        if not children:
+            return depth
         depth += 1
         if depth > MAX_JSON_DEPTH:
             return depth
-        nxt: list[Any] = []
-        for v in level:
-            if isinstance(v, dict):
-                nxt.extend(v.values())
-            elif isinstance(v, list):
-                nxt.extend(v)
         level = nxt
     return depth
 

@@ -20,6 +20,7 @@ An update or delete of an object that does not exist is a 404 naming it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,7 @@ class WriteOp:
     values: dict[str, Any] = field(default_factory=dict)
     changes: dict[str, FieldChange] = field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def key(self) -> ObjectKey:
         """The object's storage key."""
         return (self.model, pack(self.pk))
@@ -73,10 +74,19 @@ def invalid(exc: JSONValueError) -> ApiError:
     return ApiError(400, str(exc), "invalid_value", {"field": exc.field})
 
 
-def parse_create(schema: ModelSchema, schemas: dict[str, ModelSchema], body: Any) -> WriteOp:
-    """A ``create`` of one JSON object (its primary key must be given)."""
+def parse_create(
+    schema: ModelSchema,
+    schemas: dict[str, ModelSchema],
+    body: Any,
+    read: Callable[[Any], dict[str, Any]] | None = None,
+) -> WriteOp:
+    """A ``create`` of one JSON object (its primary key must be given); ``read`` is
+    :func:`~tidesync.core.jsonvalues.object_reader` of the model, made once for many."""
     try:
-        values = object_from_json(schema, body, schemas, partial=True)
+        if read is not None:
+            values = read(body)
+        else:
+            values = object_from_json(schema, body, schemas, partial=True)
     except JSONValueError as exc:
         raise invalid(exc) from None
     pk = values.get(schema.primary_key)
@@ -150,12 +160,23 @@ def parse_pk_json(schema: ModelSchema, value: Any) -> Any:
         raise invalid(exc) from None
 
 
-def _require_all(schema: ModelSchema, values: dict[str, Any]) -> None:
-    """A new object needs every field but optional, collection and counter fields."""
-    for f in schema.fields:
-        required = not (f.optional or f.is_collection or f.kind is Kind.COUNTER)
-        if required and f.name not in values:
-            where = f"{schema.name}.{f.name}"
+def _required(schema: ModelSchema) -> tuple[str, ...]:
+    """The fields a new object of ``schema`` must be given."""
+    return tuple(
+        f.name
+        for f in schema.fields
+        if not (f.optional or f.is_collection or f.kind is Kind.COUNTER)
+    )
+
+
+def _require_all(
+    schema: ModelSchema, values: dict[str, Any], required: tuple[str, ...] | None = None
+) -> None:
+    """A new object needs every field but optional, collection and counter fields
+    (``required``: :func:`_required` of ``schema``, when already known)."""
+    for name in _required(schema) if required is None else required:
+        if name not in values:
+            where = f"{schema.name}.{name}"
             raise ApiError(
                 400,
                 f"{where}: this required field is missing (a new object needs it)",
@@ -183,6 +204,12 @@ class Builder:
         #: CREATEs of objects never stored, whose states are made only if a later
         #: operation of the request touches them (most bulk inserts never do)
         self._fresh: dict[ObjectKey, tuple[ModelSchema, Instruction]] = {}
+        self._required: dict[str, tuple[str, ...]] = {}
+
+    def lone_creates(self) -> dict[ObjectKey, Instruction]:
+        """The CREATE of each object that one CREATE of this request alone made from
+        nothing (no stored state, no later operation on it)."""
+        return {key: ins for key, (_, ins) in self._fresh.items()}
 
     def _materialize(self, key: ObjectKey) -> None:
         pending = self._fresh.pop(key, None)
@@ -210,7 +237,10 @@ class Builder:
         state = self._alive(key)
         if op.kind == CREATE:
             if state is None:
-                _require_all(schema, op.values)
+                required = self._required.get(op.model)
+                if required is None:
+                    required = self._required[op.model] = _required(schema)
+                _require_all(schema, op.values, required)
                 ins = Instruction(Op.CREATE, op.model, op.pk, self.tick(), value=dict(op.values))
                 if key in self.states:
                     self._emit(schema, key, ins)

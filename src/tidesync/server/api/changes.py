@@ -171,7 +171,7 @@ async def _long_poll(
             waker.clear()
             page = await reader.page(cursor, limit)
             left = deadline - time.monotonic()
-            if page.events or left <= 0 or hub.stopping.is_set():
+            if page.changes or left <= 0 or hub.stopping.is_set():
                 return page
             cursor = page.cursor
             if not page.more:
@@ -185,12 +185,12 @@ def _sse_lines(page: FeedPage) -> list[str]:
     resumed with ``Last-Event-ID`` starts at the first changeset not wholly received; a
     bare ``id:`` line moves the cursor over changesets the filter hid."""
     out: list[str] = []
-    count = len(page.events)
-    for i, (event, version) in enumerate(zip(page.events, page.versions, strict=True)):
-        data = json.dumps(event, separators=(",", ":"))
-        last_of_changeset = i + 1 == count or page.versions[i + 1] != version
+    versions = page.versions
+    count = len(versions)
+    for i, (data, version) in enumerate(zip(page.texts(), versions, strict=True)):
+        last_of_changeset = i + 1 == count or versions[i + 1] != version
         out.append(f"id: {version}\ndata: {data}\n\n" if last_of_changeset else f"data: {data}\n\n")
-    if not page.versions or page.versions[-1] != page.cursor:
+    if not versions or versions[-1] != page.cursor:
         out.append(f"id: {page.cursor}\n\n")
     return out
 
@@ -210,7 +210,7 @@ async def _stream(
             if page is None:
                 waker.clear()
                 page = await reader.page(cursor, STREAM_PAGE)
-            sent = bool(page.events) or page.cursor != cursor
+            sent = bool(page.changes) or page.cursor != cursor
             if sent:
                 yield "".join(_sse_lines(page))  # one write per page
             cursor, more = page.cursor, page.more

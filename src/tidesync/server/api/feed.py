@@ -32,7 +32,7 @@ from ..storage.base import (
     StoredObject,
 )
 from .access import ADMIN_USER, ApiError, Caller
-from .events import ChangeEvent, changeset_events
+from .events import ChangeEvent, EventJson, changeset_events
 from .perms import permissions_of
 
 #: Log bytes read per storage round trip.
@@ -111,14 +111,35 @@ async def build_filter(
 
 @dataclass
 class FeedPage:
-    """One page: the events in JSON form, the cursor after it, and whether the log holds
-    more after that cursor (read again at once) or not (wait for a commit)."""
+    """One page: its events, the cursor after it, and whether the log holds more after
+    that cursor (read again at once) or not (wait for a commit). The events' JSON form is
+    :attr:`events` (dicts) or :meth:`texts` (encoded), made when first asked for."""
 
-    events: list[dict[str, Any]]
+    changes: list[ChangeEvent]
     cursor: int
     more: bool
-    #: The server version of each event (SSE ``id:`` and webhook batches use it).
-    versions: list[int] = field(default_factory=list)
+    #: The writer's user of each event's origin (None: an admin).
+    users: dict[str, str | None] = field(default_factory=dict)
+    encoder: EventJson = field(default_factory=lambda: EventJson({}))
+    _events: list[dict[str, Any]] | None = field(default=None, repr=False)
+
+    @property
+    def versions(self) -> list[int]:
+        """The server version of each event (SSE ``id:`` and webhook batches use it)."""
+        return [ev.version for ev in self.changes]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """The events in JSON form."""
+        if self._events is None:
+            users, to_json = self.users, self.encoder.to_json
+            self._events = [to_json(ev, users.get(ev.origin)) for ev in self.changes]
+        return self._events
+
+    def texts(self) -> list[str]:
+        """Each event's JSON text (compact, as ``json.dumps(event, separators=(",", ":"))``)."""
+        users, text = self.users, self.encoder.text
+        return [text(ev, users.get(ev.origin)) for ev in self.changes]
 
 
 class FeedReader:
@@ -131,6 +152,7 @@ class FeedReader:
         self.filter = flt
         self._users: dict[str, str | None] = {}
         self._schemas: dict[str, Any] | None = None
+        self._encoder: EventJson | None = None
 
     async def start_cursor(self, since: int | None) -> int:
         """``since``, or (None) the oldest cursor the history still has."""
@@ -172,7 +194,9 @@ class FeedReader:
                 found = changeset_events(entry, schemas)
                 if any(ev.model not in schemas for ev in found):
                     schemas = await self._reload_schemas()
-                candidates.append([ev for ev in found if self.filter.wants(ev.model)])
+                if self.filter.models is not None:
+                    found = [ev for ev in found if self.filter.wants(ev.model)]
+                candidates.append(found)
                 taken += len(candidates[-1])
                 if taken >= limit:
                     break
@@ -190,13 +214,9 @@ class FeedReader:
                 if len(events) >= limit or scanned >= MAX_SCAN_ENTRIES:
                     break
         await self._load_users({ev.origin for ev in events})
-        schemas = await self._get_schemas()
-        return FeedPage(
-            [ev.to_json(schemas, self._users.get(ev.origin)) for ev in events],
-            cursor,
-            cursor < latest,
-            [ev.version for ev in events],
-        )
+        await self._get_schemas()
+        assert self._encoder is not None
+        return FeedPage(events, cursor, cursor < latest, self._users, self._encoder)
 
     async def _get_schemas(self) -> dict[str, Any]:
         if self._schemas is None:
@@ -205,6 +225,7 @@ class FeedReader:
 
     async def _reload_schemas(self) -> dict[str, Any]:
         self._schemas = await self.storage.get_schemas(self.app_id)
+        self._encoder = EventJson(self._schemas)
         perms = self.filter.perms
         if perms is not None:
             self.filter.perms = Permissions(perms.rules, perms.user, self._schemas)

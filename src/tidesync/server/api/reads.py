@@ -29,7 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core import query as q
-from ...core.jsonvalues import JSONValueError, object_to_json, pk_from_json, scalar_from_json
+from ...core.jsonvalues import (
+    JSONValueError,
+    object_converter,
+    pk_from_json,
+    scalar_from_json,
+)
 from ...core.packing import pack, unpack
 from ...core.schema import Kind, ModelSchema
 from ...errors import QueryError
@@ -324,4 +329,5 @@ def objects_json(
     schema: ModelSchema, objects: list[dict[str, Any]], schemas: dict[str, ModelSchema]
 ) -> list[dict[str, Any]]:
     """Stored values in their JSON form."""
-    return [object_to_json(schema, values, schemas) for values in objects]
+    convert = object_converter(schema, schemas)
+    return [convert(values) for values in objects]

@@ -278,7 +278,7 @@ class HookWorker:
         try:
             if state.pending_to is None:
                 page = await reader.page(state.cursor, self.hook.batch_size)
-                if not page.events:
+                if not page.changes:
                     if page.cursor != state.cursor:
                         state.cursor = page.cursor
                         await self._save()
@@ -295,7 +295,7 @@ class HookWorker:
         except ApiError as exc:
             await self._fail_for_good(exc)
             return
-        if page.events:
+        if page.changes:
             await self._deliver(client, self._encode(page.events))
         else:  # the batch's objects no longer match (filters see current values)
             await self._delivered()

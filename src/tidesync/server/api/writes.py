@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...core.changeset import Changeset
+from ...core.changeset import Changeset, Instruction
 from ...core.hlc import HLC, HybridClock
 from ...core.jsonvalues import scalar_to_json
 from ...core.merge import ObjectState
@@ -122,6 +122,10 @@ class WriteResult:
 
     keys: list[ObjectKey]
     server_version: int | None
+    #: The CREATE of each object this write made from nothing with that CREATE alone, as
+    #: the storage confirmed (:attr:`~..storage.base.UploadResult.created`): the object's
+    #: state as of :attr:`server_version` is that CREATE's.
+    created: dict[ObjectKey, Instruction] = field(default_factory=dict)
 
 
 _PROCESS = uuid.uuid4().hex[:8]
@@ -232,7 +236,10 @@ class DataWriter:
                 check.refused,
                 schemas,
             )
-        return WriteResult(keys, result.server_versions[0] if result.server_versions else None)
+        fresh = builder.lone_creates()
+        created = {key: fresh[key] for key in result.created if key in fresh}
+        committed = result.server_versions[0] if result.server_versions else None
+        return WriteResult(keys, committed, created)
 
     async def _submit(
         self, app_id: str, origin: _Origin, cs: Changeset, check: CommitCheck | None
