@@ -55,6 +55,8 @@ MAX_PASSWORD_LENGTH = 256
 MAX_KEY_NAME_LENGTH = 128
 #: How long confirmation and reset tokens stay valid (seconds).
 PENDING_TOKEN_TTL = 24 * 3600.0
+#: The most users :meth:`UserStore.list_users` answers at once.
+MAX_USER_PAGE = 500
 #: Reasons given to live connections of a user that was disabled or deleted.
 DISABLED_REASON = "the user was disabled"
 DELETED_REASON = "the user was deleted"
@@ -172,6 +174,50 @@ class ApiKeyInfo:
             "disabled": self.disabled,
             "created_at": self.created_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A user as an operator sees it: no credentials, no profile beyond the e-mail.
+
+    The store keeps no login times: a user's last login is not known (its live
+    connections are, from the hub)."""
+
+    user_id: str
+    provider: str
+    disabled: bool
+    #: When the user was made (seconds since the epoch).
+    created_at: float
+    #: The e-mail/password account's address, else the provider's ``email`` field.
+    email: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form sent over HTTP."""
+        return {
+            "user_id": self.user_id,
+            "provider": self.provider,
+            "disabled": self.disabled,
+            "created_at": self.created_at,
+            "email": self.email,
+        }
+
+
+def user_record(
+    user_id: str, provider: str, disabled: object, created_at: float, data: str, email: object
+) -> UserRecord:
+    """A :class:`UserRecord` from a row of the list query (both stores)."""
+    if not isinstance(email, str):
+        try:
+            found = json.loads(data).get("email")
+        except (ValueError, AttributeError):
+            found = None
+        email = found if isinstance(found, str) else None
+    return UserRecord(str(user_id), str(provider), bool(disabled), float(created_at), email)
+
+
+def page_size(limit: int) -> int:
+    """``limit`` bounded to 1..:data:`MAX_USER_PAGE`."""
+    return max(1, min(int(limit), MAX_USER_PAGE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +352,18 @@ class UserStore(ABC):
     async def set_disabled(self, app_id: str, user_id: str, disabled: bool) -> bool:
         """Disable (or enable) a user; disabling revokes every refresh token. False if the
         user does not exist."""
+
+    @abstractmethod
+    async def list_users(
+        self, app_id: str, search: str = "", *, after: str = "", limit: int = 100
+    ) -> list[UserRecord]:
+        """The app's users by id, from the first id greater than ``after``, at most
+        ``limit`` (bounded by :data:`MAX_USER_PAGE`). A ``search`` keeps those whose id
+        starts with it, or whose e-mail account's address does (ignoring case)."""
+
+    @abstractmethod
+    async def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
+        """One user, or None."""
 
     @abstractmethod
     async def delete_user(self, app_id: str, user_id: str) -> bool:
@@ -526,6 +584,16 @@ class SQLiteUserStore(UserStore):
         """Disable (or enable) a user; disabling revokes every refresh token."""
         return await asyncio.to_thread(self.db.set_disabled, app_id, user_id, disabled)
 
+    async def list_users(
+        self, app_id: str, search: str = "", *, after: str = "", limit: int = 100
+    ) -> list[UserRecord]:
+        """The app's users by id (see :meth:`UserStore.list_users`)."""
+        return await asyncio.to_thread(self.db.list_users, app_id, search, after, page_size(limit))
+
+    async def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
+        """One user, or None."""
+        return await asyncio.to_thread(self.db.get_user, app_id, user_id)
+
     async def delete_user(self, app_id: str, user_id: str) -> bool:
         """Delete a user and everything that lets it log in."""
         return await asyncio.to_thread(self.db.delete_user, app_id, user_id)
@@ -732,6 +800,34 @@ class _SQLiteUsers:
                     (app_id, user_id),
                 )
         return cur.rowcount > 0
+
+    _USER_ROWS = (
+        "SELECT user_id, provider, disabled, created_at, data, email FROM ("
+        " SELECT u.user_id, u.provider, u.disabled, u.created_at, u.data,"
+        " (SELECT min(e.email) FROM email_accounts e"
+        "  WHERE e.app_id = u.app_id AND e.user_id = u.user_id) AS email"
+        " FROM users u WHERE u.app_id = ? AND {where}) AS t "
+    )
+
+    def list_users(self, app_id: str, search: str, after: str, limit: int) -> list[UserRecord]:
+        """The app's users by id (see :meth:`UserStore.list_users`)."""
+        sql = self._USER_ROWS.format(where="u.user_id > ?") + (
+            "WHERE ? = '' OR substr(user_id, 1, length(?)) = ? "
+            "OR lower(substr(email, 1, length(?))) = lower(?) ORDER BY user_id LIMIT ?"
+        )
+        with self._lock:
+            rows = self._run(
+                sql, (app_id, after, search, search, search, search, search, limit)
+            ).fetchall()
+        return [user_record(*row) for row in rows]
+
+    def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
+        """One user, or None."""
+        with self._lock:
+            row = self._run(
+                self._USER_ROWS.format(where="u.user_id = ?"), (app_id, user_id)
+            ).fetchone()
+        return None if row is None else user_record(*row)
 
     def delete_user(self, app_id: str, user_id: str) -> bool:
         """Delete a user and everything that lets it log in; False if it did not exist."""
