@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tidesync.server.users import MAX_USER_PAGE, SQLiteUserStore, UserStore
 
 APP = "todo"

@@ -65,8 +65,8 @@ from .users import (
     new_secret,
     normalize_email,
     page_size,
-    user_record,
     token_hash,
+    user_record,
     verify_password,
 )
 
