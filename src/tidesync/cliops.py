@@ -271,10 +271,7 @@ def users_show(
             ("state", _state(user)),
             ("devices", user["devices"]),
             ("connections", user["connections"]),
-            *(
-                (f"profile.{k}", json.dumps(v, ensure_ascii=False))
-                for k, v in user["profile"].items()
-            ),
+            *((f"profile.{k}", json.dumps(v, ensure_ascii=False)) for k, v in profile.items()),
         ],
     )
     keys = user["api_keys"]
