@@ -3,6 +3,8 @@ SQLite and PostgreSQL (the PostgreSQL case skips unless ``TIDESYNC_TEST_PG_DSN``
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 from tidesync.server.users import MAX_USER_PAGE, SQLiteUserStore, UserStore
@@ -64,8 +66,45 @@ async def _scenario(store: UserStore) -> None:
         await store.create_user(APP, "anonymous")
     assert len(await store.list_users(APP, limit=10**9)) == 7
 
-    got = await store.get_user(APP, ada)
-    assert got is not None and got.to_json() == by_id[ada].to_json()
+    # a login (a stored refresh token of a new login) is the last login; none before
+    assert by_id[ada].last_login_at is None
+    before = time.time()
+    await store.add_refresh(APP, ada, "refresh-token-of-ada", time.time() + 60)
+    logged = await store.get_user(APP, ada)
+    assert logged is not None and logged.last_login_at is not None
+    assert before - 1 <= logged.last_login_at <= time.time() + 1
+    assert logged.to_json()["last_login"] == logged.last_login_at
+
+    got = await store.get_user(APP, bob)
+    assert got is not None and got.to_json() == by_id[bob].to_json()
     assert await store.get_user(APP, "nope") is None
     assert await store.get_user("other-app", ada) is None
     assert await store.list_users(APP, "a\x00b") == []
+
+
+async def test_a_sqlite_file_of_before_last_login_gains_the_column(tmp_path: Path) -> None:
+    folder = tmp_path / "users"
+    folder.mkdir()
+    old = sqlite3.connect(folder / "users.sqlite3")
+    old.executescript(
+        "CREATE TABLE users (app_id TEXT NOT NULL, user_id TEXT NOT NULL,"
+        " provider TEXT NOT NULL, disabled INTEGER NOT NULL DEFAULT 0,"
+        " created_at REAL NOT NULL, data TEXT NOT NULL, PRIMARY KEY (app_id, user_id));"
+        "INSERT INTO users VALUES ('todo', 'u-old', 'anonymous', 0, 1.8e9, '{}');"
+    )
+    old.commit()
+    old.close()
+    store = SQLiteUserStore.in_folder(folder)
+    await store.open()
+    try:
+        [user] = await store.list_users(APP)
+        assert (user.user_id, user.last_login_at, user.created_at) == ("u-old", None, 1.8e9)
+        await store.add_refresh(APP, "u-old", "a-refresh-token", time.time() + 60)
+        again = await store.get_user(APP, "u-old")
+        assert again is not None and again.last_login_at is not None
+        assert (await store.create_user(APP, "anonymous")) != "u-old"
+    finally:
+        await store.close()
+    reopened = SQLiteUserStore.in_folder(folder)  # the column is not added twice
+    await reopened.open()
+    await reopened.close()

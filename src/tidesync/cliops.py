@@ -228,13 +228,14 @@ def users_list(
     else:
         _table(
             f"{app}: {len(found)} user(s)",
-            ["user", "e-mail", "provider", "created (UTC)", "state", "devices"],
+            ["user", "e-mail", "provider", "created (UTC)", "last login (UTC)", "state", "devices"],
             [
                 (
                     u["user_id"],
                     u["email"],
                     u["provider"],
                     _when(u["created_at"]),
+                    _when(u["last_login"]),
                     _state(u),
                     u["devices"],
                 )
@@ -267,7 +268,7 @@ def users_show(
             ("provider", user["provider"]),
             ("e-mail", user["email"]),
             ("created", f"{_when(user['created_at'])} UTC"),
-            ("last login", "not recorded"),
+            ("last login", _when(user["last_login"]) + (" UTC" if user["last_login"] else "")),
             ("state", _state(user)),
             ("devices", user["devices"]),
             ("connections", user["connections"]),

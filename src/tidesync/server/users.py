@@ -106,6 +106,14 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 """
 
 
+_INSERT_USER = (
+    "INSERT INTO users (app_id, user_id, provider, disabled, created_at, data) "
+    "VALUES (?, ?, ?, 0, ?, ?)"
+)
+#: Columns added to the SQLite tables after their first release: (table, column, type).
+_ADDED_COLUMNS = (("users", "last_login_at", "REAL"),)
+
+
 class EmailTakenError(AuthError):
     """The email address is registered already (the HTTP API answers as for a new one)."""
 
@@ -180,8 +188,8 @@ class ApiKeyInfo:
 class UserRecord:
     """A user as an operator sees it: no credentials, no profile beyond the e-mail.
 
-    The store keeps no login times: a user's last login is not known (its live
-    connections are, from the hub)."""
+    ``last_login_at`` is the last login's time (a new login; refreshing its tokens is not
+    one), None for a user that has not logged in since the stores kept it."""
 
     user_id: str
     provider: str
@@ -190,6 +198,8 @@ class UserRecord:
     created_at: float
     #: The e-mail/password account's address, else the provider's ``email`` field.
     email: str | None
+    #: When the user last logged in (None: not since login times are kept).
+    last_login_at: float | None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form sent over HTTP."""
@@ -199,11 +209,18 @@ class UserRecord:
             "disabled": self.disabled,
             "created_at": self.created_at,
             "email": self.email,
+            "last_login": self.last_login_at,
         }
 
 
 def user_record(
-    user_id: str, provider: str, disabled: object, created_at: float, data: str, email: object
+    user_id: str,
+    provider: str,
+    disabled: object,
+    created_at: float,
+    data: str,
+    email: object,
+    last_login_at: float | None,
 ) -> UserRecord:
     """A :class:`UserRecord` from a row of the list query (both stores)."""
     if not isinstance(email, str):
@@ -212,7 +229,8 @@ def user_record(
         except (ValueError, AttributeError):
             found = None
         email = found if isinstance(found, str) else None
-    return UserRecord(str(user_id), str(provider), bool(disabled), float(created_at), email)
+    last = None if last_login_at is None else float(last_login_at)
+    return UserRecord(str(user_id), str(provider), bool(disabled), float(created_at), email, last)
 
 
 def page_size(limit: int) -> int:
@@ -706,6 +724,10 @@ class _SQLiteUsers:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        for table, column, kind in _ADDED_COLUMNS:  # files made before the column
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         # A hash of a random password: verifying against it costs what a real check costs,
         # so an unknown email takes as long as a wrong password.
         self._dummy_hash = self.hasher.hash(new_secret())
@@ -725,7 +747,7 @@ class _SQLiteUsers:
         user_id = uuid.uuid4().hex
         with self._lock:
             self._run(
-                "INSERT INTO users VALUES (?, ?, ?, 0, ?, ?)",
+                _INSERT_USER,
                 (app_id, user_id, provider, time.time(), json.dumps(data or {})),
             )
         return user_id
@@ -746,7 +768,7 @@ class _SQLiteUsers:
                 if row is None:
                     user_id = uuid.uuid4().hex
                     self._run(
-                        "INSERT INTO users VALUES (?, ?, ?, 0, ?, ?)",
+                        _INSERT_USER,
                         (app_id, user_id, provider, time.time(), json.dumps(data)),
                     )
                     self._run(
@@ -802,8 +824,8 @@ class _SQLiteUsers:
         return cur.rowcount > 0
 
     _USER_ROWS = (
-        "SELECT user_id, provider, disabled, created_at, data, email FROM ("
-        " SELECT u.user_id, u.provider, u.disabled, u.created_at, u.data,"
+        "SELECT user_id, provider, disabled, created_at, data, email, last_login_at FROM ("
+        " SELECT u.user_id, u.provider, u.disabled, u.created_at, u.data, u.last_login_at,"
         " (SELECT min(e.email) FROM email_accounts e"
         "  WHERE e.app_id = u.app_id AND e.user_id = u.user_id) AS email"
         " FROM users u WHERE u.app_id = ? AND {where}) AS t "
@@ -863,8 +885,14 @@ class _SQLiteUsers:
                     (app_id, address, user_id, hashed, int(confirmed)),
                 )
                 self._run(
-                    "INSERT INTO users VALUES (?, ?, 'email_password', 0, ?, ?)",
-                    (app_id, user_id, time.time(), json.dumps({"email": address})),
+                    _INSERT_USER,
+                    (
+                        app_id,
+                        user_id,
+                        "email_password",
+                        time.time(),
+                        json.dumps({"email": address}),
+                    ),
                 )
                 self._run("COMMIT")
             except sqlite3.IntegrityError:
@@ -1029,12 +1057,23 @@ class _SQLiteUsers:
     def add_refresh(
         self, app_id: str, user_id: str, token: str, expires_at: float, family: str | None = None
     ) -> None:
-        """Store a refresh token's hash (``family`` links the tokens of one login)."""
+        """Store a refresh token's hash (``family`` links the tokens of one login) and note
+        the login's time as the user's last login."""
         with self._lock:
-            self._run(
-                "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, 0, NULL)",
-                (token_hash(token), app_id, user_id, family or uuid.uuid4().hex, expires_at),
-            )
+            self._run("BEGIN IMMEDIATE")
+            try:
+                self._run(
+                    "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, 0, NULL)",
+                    (token_hash(token), app_id, user_id, family or uuid.uuid4().hex, expires_at),
+                )
+                self._run(
+                    "UPDATE users SET last_login_at=? WHERE app_id=? AND user_id=?",
+                    (time.time(), app_id, user_id),
+                )
+                self._run("COMMIT")
+            except BaseException:
+                self._run("ROLLBACK")
+                raise
 
     def get_refresh(self, token: str) -> RefreshRecord | None:
         """The stored record of a refresh token, or None."""

@@ -145,14 +145,20 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE signing_keys ADD COLUMN signs_from DOUBLE PRECISION NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        4,
+        """
+        ALTER TABLE users ADD COLUMN last_login_at DOUBLE PRECISION;
+        """,
+    ),
 ]
 #: The newest user-table layout this code knows.
 FORMAT_VERSION = MIGRATIONS[-1][0]
 
 #: The users of the list query (``{where}`` names the id condition after ``$1``, the app).
 _USER_ROWS = (
-    "SELECT user_id, provider, disabled, created_at, data, email FROM ("
-    " SELECT u.user_id, u.provider, u.disabled, u.created_at, u.data,"
+    "SELECT user_id, provider, disabled, created_at, data, email, last_login_at FROM ("
+    " SELECT u.user_id, u.provider, u.disabled, u.created_at, u.data, u.last_login_at,"
     " (SELECT min(e.email) FROM email_accounts e"
     "  WHERE e.app_id = u.app_id AND e.user_id = u.user_id) AS email"
     " FROM users u WHERE u.app_id = $1 AND {where}) AS t "
@@ -815,8 +821,15 @@ class PostgresUserStore(UserStore):
     async def add_refresh(
         self, app_id: str, user_id: str, token: str, expires_at: float, family: str | None = None
     ) -> None:
-        """Store a refresh token's hash (``family`` links the tokens of one login)."""
-        async with self._conn() as conn:
+        """Store a refresh token's hash (``family`` links the tokens of one login) and note
+        the login's time as the user's last login."""
+        async with self._conn(transaction=True) as conn:
+            await conn.execute(
+                "UPDATE users SET last_login_at = $1 WHERE app_id = $2 AND user_id = $3",
+                time.time(),
+                app_id,
+                user_id,
+            )
             await conn.execute(
                 "INSERT INTO refresh_tokens (token_hash, app_id, user_id, family, expires_at) "
                 "VALUES ($1, $2, $3, $4, $5)",

@@ -50,7 +50,7 @@ def _devices(hub: SyncHub, app_id: str) -> dict[str, int]:
 
 
 def _user_json(user: UserRecord, devices: dict[str, int]) -> dict[str, object]:
-    return {**user.to_json(), "last_login": None, "devices": devices.get(user.user_id, 0)}
+    return {**user.to_json(), "devices": devices.get(user.user_id, 0)}
 
 
 def _limit(raw: str | None) -> int:
