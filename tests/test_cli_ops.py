@@ -112,6 +112,11 @@ async def test_every_command_against_a_device(server: TestServer, tmp_path: Path
         assert one["api_keys"] == []
         assert "last login" in (await run(url, "users", "show", me)).stdout
 
+        # a user's own token is no admin key
+        line = one_error_line(await run(url, "users", "list", key=device.token))
+        assert "needs an admin key" in line
+        assert "admin key" in one_error_line(await run(url, "status", key=device.token))
+
         # disable: the device's connection ends; enable: the user may log in again
         started = time.monotonic()
         done = ok_json(await run(url, "users", "disable", me, "--json"))
