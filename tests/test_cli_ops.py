@@ -141,24 +141,34 @@ async def test_every_command_against_a_device(server: TestServer, tmp_path: Path
 
 
 async def test_mistakes_are_one_line(server: TestServer) -> None:
-    url = server.url
-    wrong = "wrong-key-0123456789abcdef"
-    for args in (["status"], ["sessions"], ["users", "list"], ["users", "show", "x"]):
-        line = one_error_line(await run(url, *args, key=wrong))
-        assert "admin key" in line or "access refused" in line, line
-    assert "no such user" in one_error_line(await run(url, "users", "disable", "nobody"))
-    assert "no such user" in one_error_line(await run(url, "users", "enable", "nobody"))
-    assert "no such user" in one_error_line(await run(url, "users", "delete", "nobody", "--yes"))
-    assert "no user" in one_error_line(await run(url, "users", "show", "nobody"))
-    assert "nope" in one_error_line(await run(url, "users", "list", app="nope"))
-    assert "--limit" in one_error_line(await run(url, "users", "list", "--limit", "0"))
-    assert "--limit" in one_error_line(await run(url, "users", "list", "--limit", "501"))
-    assert "--bogus" in one_error_line(await run(url, "status", "--bogus"))
-    assert "--server" in one_error_line(await run("ftp://x", "status"))
-    assert "--app" in one_error_line(await run(url, "users", "list", app=""))
-    assert "--server" in one_error_line(await run("", "sessions"))
-    line = one_error_line(await run("http://127.0.0.1:9", "status"), status=1)
-    assert "could not be reached" in line
+    url, wrong = server.url, "wrong-key-0123456789abcdef"
+    cases: list[tuple[str, list[str], dict[str, str], int, tuple[str, ...]]] = [
+        *(
+            (url, args, {"key": wrong}, 2, ("not an admin key", "access refused"))
+            for args in (["status"], ["sessions"], ["users", "list"], ["users", "show", "x"])
+        ),
+        (url, ["users", "disable", "nobody"], {}, 2, ("no such user",)),
+        (url, ["users", "enable", "nobody"], {}, 2, ("no such user",)),
+        (url, ["users", "delete", "nobody", "--yes"], {}, 2, ("no such user",)),
+        (url, ["users", "show", "nobody"], {}, 2, ("no user",)),
+        (url, ["users", "list"], {"app": "nope"}, 2, ("'nope'",)),
+        (url, ["users", "list", "--limit", "0"], {}, 2, ("--limit",)),
+        (url, ["users", "list", "--limit", "501"], {}, 2, ("--limit",)),
+        (url, ["status", "--bogus"], {}, 2, ("--bogus",)),
+        ("ftp://x", ["status"], {}, 2, ("--server",)),
+        (url, ["users", "list"], {"app": ""}, 2, ("--app",)),
+        ("", ["sessions"], {}, 2, ("--server",)),
+        ("http://127.0.0.1:9", ["status"], {}, 1, ("could not be reached",)),
+    ]
+    gate = asyncio.Semaphore(4)  # a few processes at a time
+
+    async def check(case: tuple[str, list[str], dict[str, str], int, tuple[str, ...]]) -> None:
+        where, args, kw, status, needles = case
+        async with gate:
+            line = one_error_line(await run(where, *args, **kw), status=status)
+        assert any(n in line for n in needles), (args, line)
+
+    await asyncio.gather(*(check(c) for c in cases))
 
 
 async def test_users_list_pages_on_postgresql(tmp_path: Path, pg_url: str) -> None:
