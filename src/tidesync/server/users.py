@@ -377,7 +377,8 @@ class UserStore(ABC):
     ) -> list[UserRecord]:
         """The app's users by id, from the first id greater than ``after``, at most
         ``limit`` (bounded by :data:`MAX_USER_PAGE`). A ``search`` keeps those whose id
-        starts with it, or whose e-mail account's address does (ignoring case)."""
+        starts with it, or whose e-mail/password account's address does (ignoring case; a
+        provider's ``email`` profile field is shown, not searched)."""
 
     @abstractmethod
     async def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
@@ -727,7 +728,11 @@ class _SQLiteUsers:
         for table, column, kind in _ADDED_COLUMNS:  # files made before the column
             have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
             if column not in have:
-                self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                try:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:  # another opener added it just now
+                    if "duplicate column" not in str(exc):
+                        raise
         # A hash of a random password: verifying against it costs what a real check costs,
         # so an unknown email takes as long as a wrong password.
         self._dummy_hash = self.hasher.hash(new_secret())
