@@ -341,3 +341,49 @@ async def test_two_processes_on_postgresql_each_serve_the_console(
             await sign_in(on_b)
             table = await on_b.get("/admin/data/todo/Task", params={"query": "id == 'pg-1'"})
             assert "via a" in table.text
+
+
+async def test_the_users_page_lists_and_searches_by_id_or_email(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    path.write_text(
+        path.read_text().replace(
+            'auth = ["anonymous"]', 'auth = ["anonymous", "email_password"]', 1
+        )
+    )
+    srv = TestServer(tmp_path / "server", config=load_config(path))
+    await asyncio.to_thread(srv.start)
+    try:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=20) as browser:
+            await _users_page_scenario(srv.url, browser)
+    finally:
+        await asyncio.to_thread(srv.stop)
+
+
+async def _users_page_scenario(url: str, browser: httpx.AsyncClient) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=20) as http:
+        made = await http.post(
+            "/api/v1/apps/todo/auth/email/register",
+            json={"email": "Grace.H@example.com", "password": "s3cret-pw"},
+        )
+        assert made.status_code in (200, 201, 204), made.text
+        login = await http.post(
+            "/api/v1/apps/todo/auth/email/login",
+            json={"email": "grace.h@example.com", "password": "s3cret-pw"},
+        )
+        assert login.status_code == 200, login.text
+        grace = login.json()["user_id"]
+        anon = (await http.post("/api/v1/apps/todo/auth/anonymous")).json()["user_id"]
+    await sign_in(browser)
+    everyone = await browser.get("/admin/users", params={"app": "todo"})
+    assert everyone.status_code == 200
+    assert (
+        grace in everyone.text and anon in everyone.text and "grace.h@example.com" in everyone.text
+    )
+    found = await browser.get("/admin/users", params={"app": "todo", "q": "GRACE.h@"})
+    assert grace in found.text and anon not in found.text
+    by_id = await browser.get("/admin/users", params={"app": "todo", "q": anon[:10]})
+    assert anon in by_id.text and grace not in by_id.text
+    none = await browser.get("/admin/users", params={"app": "todo", "q": "zz-nobody"})
+    assert "No user matching." in none.text
+    one = await browser.get("/admin/users", params={"app": "todo", "user": grace})
+    assert 'id="found-user"' in one.text and "not recorded" not in one.text  # logged in

@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
+from . import cliops
 from .clidata import data_app
+from .cliops import users_app
 from .cliutil import fail, say_error
 
 if TYPE_CHECKING:
@@ -200,6 +202,9 @@ def _check_data_folder(data: Path) -> None:
 
 
 app.add_typer(data_app, name="data")
+app.add_typer(users_app, name="users")
+app.command("status")(cliops.status)
+app.command("sessions")(cliops.sessions)
 
 keys_app = typer.Typer(help="Token signing keys: list them, rotate them.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")

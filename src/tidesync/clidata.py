@@ -20,38 +20,27 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from .admin import AdminAPIError, AdminClient
-from .cliutil import USAGE_ERROR, fail
+from .cliutil import (
+    USAGE_ERROR,
+    AdminKeyOption,
+    AppOption,
+    ServerOption,
+    check_server_options,
+    fail,
+)
 
 data_app = typer.Typer(
     help="The server's data through the Data API: query, export, import.",
     no_args_is_help=True,
 )
 
-_Server = Annotated[
-    str, typer.Option("--server", envvar="TIDESYNC_SERVER", help="The sync server's URL.")
-]
-_App = Annotated[str, typer.Option("--app", envvar="TIDESYNC_APP", help="The app id.")]
-_Key = Annotated[
-    str,
-    typer.Option(
-        "--admin-key", envvar="TIDESYNC_ADMIN_KEY", help="One of the server's admin keys."
-    ),
-]
+_Server = ServerOption
+_App = AppOption
+_Key = AdminKeyOption
 
 
 def _client(server: str, app: str, key: str) -> AdminClient:
-    missing = [
-        name
-        for name, value in (("--server", server), ("--app", app), ("--admin-key", key))
-        if not value
-    ]
-    if missing:
-        fail(
-            f"{', '.join(missing)} missing "
-            "(or set TIDESYNC_SERVER, TIDESYNC_APP, TIDESYNC_ADMIN_KEY)"
-        )
-    if not server.startswith(("http://", "https://")):
-        fail(f"--server must be an http:// or https:// URL, not {server!r}")
+    check_server_options(server=server, app=app, admin_key=key)
     return AdminClient(server, app, api_key=key)
 
 

@@ -236,6 +236,8 @@ class SyncHub:
         self.auth = auth
         self.config = config
         self.clock = clock
+        #: When this hub (the server process's sync service) was made, by ``clock``.
+        self.started_at = clock()
         #: Counters for ``/metrics``.
         self.metrics = ServerMetrics()
         self.committer = GroupCommitter(storage, self._committed, self.metrics)

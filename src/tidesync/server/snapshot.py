@@ -8,7 +8,8 @@ no session bound (yet), and the sessions that ended lately (``state`` ``"disconn
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 #: How many ended sessions the hub remembers for the console (newest kept).
 RECENT_ENDED = 200
@@ -63,3 +64,11 @@ class SessionSnapshot:
     def live(self) -> bool:
         """False once the session or its connection ended."""
         return self.ended_at is None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form sent over HTTP (with ``live`` and ``versions_behind``)."""
+        out = asdict(self)
+        out["subscriptions"] = list(self.subscriptions)
+        out["live"] = self.live
+        out["versions_behind"] = self.versions_behind
+        return out

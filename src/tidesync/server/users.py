@@ -55,6 +55,8 @@ MAX_PASSWORD_LENGTH = 256
 MAX_KEY_NAME_LENGTH = 128
 #: How long confirmation and reset tokens stay valid (seconds).
 PENDING_TOKEN_TTL = 24 * 3600.0
+#: The most users :meth:`UserStore.list_users` answers at once.
+MAX_USER_PAGE = 500
 #: Reasons given to live connections of a user that was disabled or deleted.
 DISABLED_REASON = "the user was disabled"
 DELETED_REASON = "the user was deleted"
@@ -102,6 +104,14 @@ CREATE TABLE IF NOT EXISTS signing_keys (
     kid TEXT PRIMARY KEY, secret BLOB NOT NULL, signs_from REAL NOT NULL
 );
 """
+
+
+_INSERT_USER = (
+    "INSERT INTO users (app_id, user_id, provider, disabled, created_at, data) "
+    "VALUES (?, ?, ?, 0, ?, ?)"
+)
+#: Columns added to the SQLite tables after their first release: (table, column, type).
+_ADDED_COLUMNS = (("users", "last_login_at", "REAL"),)
 
 
 class EmailTakenError(AuthError):
@@ -172,6 +182,60 @@ class ApiKeyInfo:
             "disabled": self.disabled,
             "created_at": self.created_at,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A user as an operator sees it: no credentials, no profile beyond the e-mail.
+
+    ``last_login_at`` is the last login's time (a new login; refreshing its tokens is not
+    one), None for a user that has not logged in since the stores kept it."""
+
+    user_id: str
+    provider: str
+    disabled: bool
+    #: When the user was made (seconds since the epoch).
+    created_at: float
+    #: The e-mail/password account's address, else the provider's ``email`` field.
+    email: str | None
+    #: When the user last logged in (None: not since login times are kept).
+    last_login_at: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON form sent over HTTP."""
+        return {
+            "user_id": self.user_id,
+            "provider": self.provider,
+            "disabled": self.disabled,
+            "created_at": self.created_at,
+            "email": self.email,
+            "last_login": self.last_login_at,
+        }
+
+
+def user_record(
+    user_id: str,
+    provider: str,
+    disabled: object,
+    created_at: float,
+    data: str,
+    email: object,
+    last_login_at: float | None,
+) -> UserRecord:
+    """A :class:`UserRecord` from a row of the list query (both stores)."""
+    if not isinstance(email, str):
+        try:
+            found = json.loads(data).get("email")
+        except (ValueError, AttributeError):
+            found = None
+        email = found if isinstance(found, str) else None
+    last = None if last_login_at is None else float(last_login_at)
+    return UserRecord(str(user_id), str(provider), bool(disabled), float(created_at), email, last)
+
+
+def page_size(limit: int) -> int:
+    """``limit`` bounded to 1..:data:`MAX_USER_PAGE`."""
+    return max(1, min(int(limit), MAX_USER_PAGE))
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +370,19 @@ class UserStore(ABC):
     async def set_disabled(self, app_id: str, user_id: str, disabled: bool) -> bool:
         """Disable (or enable) a user; disabling revokes every refresh token. False if the
         user does not exist."""
+
+    @abstractmethod
+    async def list_users(
+        self, app_id: str, search: str = "", *, after: str = "", limit: int = 100
+    ) -> list[UserRecord]:
+        """The app's users by id, from the first id greater than ``after``, at most
+        ``limit`` (bounded by :data:`MAX_USER_PAGE`). A ``search`` keeps those whose id
+        starts with it, or whose e-mail/password account's address does (ignoring case; a
+        provider's ``email`` profile field is shown, not searched)."""
+
+    @abstractmethod
+    async def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
+        """One user, or None."""
 
     @abstractmethod
     async def delete_user(self, app_id: str, user_id: str) -> bool:
@@ -526,6 +603,16 @@ class SQLiteUserStore(UserStore):
         """Disable (or enable) a user; disabling revokes every refresh token."""
         return await asyncio.to_thread(self.db.set_disabled, app_id, user_id, disabled)
 
+    async def list_users(
+        self, app_id: str, search: str = "", *, after: str = "", limit: int = 100
+    ) -> list[UserRecord]:
+        """The app's users by id (see :meth:`UserStore.list_users`)."""
+        return await asyncio.to_thread(self.db.list_users, app_id, search, after, page_size(limit))
+
+    async def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
+        """One user, or None."""
+        return await asyncio.to_thread(self.db.get_user, app_id, user_id)
+
     async def delete_user(self, app_id: str, user_id: str) -> bool:
         """Delete a user and everything that lets it log in."""
         return await asyncio.to_thread(self.db.delete_user, app_id, user_id)
@@ -638,6 +725,14 @@ class _SQLiteUsers:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.executescript(_SCHEMA)
+        for table, column, kind in _ADDED_COLUMNS:  # files made before the column
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                try:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:  # another opener added it just now
+                    if "duplicate column" not in str(exc):
+                        raise
         # A hash of a random password: verifying against it costs what a real check costs,
         # so an unknown email takes as long as a wrong password.
         self._dummy_hash = self.hasher.hash(new_secret())
@@ -657,7 +752,7 @@ class _SQLiteUsers:
         user_id = uuid.uuid4().hex
         with self._lock:
             self._run(
-                "INSERT INTO users VALUES (?, ?, ?, 0, ?, ?)",
+                _INSERT_USER,
                 (app_id, user_id, provider, time.time(), json.dumps(data or {})),
             )
         return user_id
@@ -678,7 +773,7 @@ class _SQLiteUsers:
                 if row is None:
                     user_id = uuid.uuid4().hex
                     self._run(
-                        "INSERT INTO users VALUES (?, ?, ?, 0, ?, ?)",
+                        _INSERT_USER,
                         (app_id, user_id, provider, time.time(), json.dumps(data)),
                     )
                     self._run(
@@ -733,6 +828,34 @@ class _SQLiteUsers:
                 )
         return cur.rowcount > 0
 
+    _USER_ROWS = (
+        "SELECT user_id, provider, disabled, created_at, data, email, last_login_at FROM ("
+        " SELECT u.user_id, u.provider, u.disabled, u.created_at, u.data, u.last_login_at,"
+        " (SELECT min(e.email) FROM email_accounts e"
+        "  WHERE e.app_id = u.app_id AND e.user_id = u.user_id) AS email"
+        " FROM users u WHERE u.app_id = ? AND {where}) AS t "
+    )
+
+    def list_users(self, app_id: str, search: str, after: str, limit: int) -> list[UserRecord]:
+        """The app's users by id (see :meth:`UserStore.list_users`)."""
+        sql = self._USER_ROWS.format(where="u.user_id > ?") + (
+            "WHERE ? = '' OR substr(user_id, 1, length(?)) = ? "
+            "OR lower(substr(email, 1, length(?))) = lower(?) ORDER BY user_id LIMIT ?"
+        )
+        with self._lock:
+            rows = self._run(
+                sql, (app_id, after, search, search, search, search, search, limit)
+            ).fetchall()
+        return [user_record(*row) for row in rows]
+
+    def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
+        """One user, or None."""
+        with self._lock:
+            row = self._run(
+                self._USER_ROWS.format(where="u.user_id = ?"), (app_id, user_id)
+            ).fetchone()
+        return None if row is None else user_record(*row)
+
     def delete_user(self, app_id: str, user_id: str) -> bool:
         """Delete a user and everything that lets it log in; False if it did not exist."""
         with self._lock:
@@ -767,8 +890,14 @@ class _SQLiteUsers:
                     (app_id, address, user_id, hashed, int(confirmed)),
                 )
                 self._run(
-                    "INSERT INTO users VALUES (?, ?, 'email_password', 0, ?, ?)",
-                    (app_id, user_id, time.time(), json.dumps({"email": address})),
+                    _INSERT_USER,
+                    (
+                        app_id,
+                        user_id,
+                        "email_password",
+                        time.time(),
+                        json.dumps({"email": address}),
+                    ),
                 )
                 self._run("COMMIT")
             except sqlite3.IntegrityError:
@@ -933,12 +1062,23 @@ class _SQLiteUsers:
     def add_refresh(
         self, app_id: str, user_id: str, token: str, expires_at: float, family: str | None = None
     ) -> None:
-        """Store a refresh token's hash (``family`` links the tokens of one login)."""
+        """Store a refresh token's hash (``family`` links the tokens of one login) and note
+        the login's time as the user's last login."""
         with self._lock:
-            self._run(
-                "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, 0, NULL)",
-                (token_hash(token), app_id, user_id, family or uuid.uuid4().hex, expires_at),
-            )
+            self._run("BEGIN IMMEDIATE")
+            try:
+                self._run(
+                    "INSERT INTO refresh_tokens VALUES (?, ?, ?, ?, ?, 0, NULL)",
+                    (token_hash(token), app_id, user_id, family or uuid.uuid4().hex, expires_at),
+                )
+                self._run(
+                    "UPDATE users SET last_login_at=? WHERE app_id=? AND user_id=?",
+                    (time.time(), app_id, user_id),
+                )
+                self._run("COMMIT")
+            except BaseException:
+                self._run("ROLLBACK")
+                raise
 
     def get_refresh(self, token: str) -> RefreshRecord | None:
         """The stored record of a refresh token, or None."""

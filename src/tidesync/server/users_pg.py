@@ -58,12 +58,15 @@ from .users import (
     EmailTakenError,
     RefreshOutcome,
     RefreshRecord,
+    UserRecord,
     UserStore,
     address_or_empty,
     check_password,
     new_secret,
     normalize_email,
+    page_size,
     token_hash,
+    user_record,
     verify_password,
 )
 
@@ -142,9 +145,24 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE signing_keys ADD COLUMN signs_from DOUBLE PRECISION NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        4,
+        """
+        ALTER TABLE users ADD COLUMN last_login_at DOUBLE PRECISION;
+        """,
+    ),
 ]
 #: The newest user-table layout this code knows.
 FORMAT_VERSION = MIGRATIONS[-1][0]
+
+#: The users of the list query (``{where}`` names the id condition after ``$1``, the app).
+_USER_ROWS = (
+    "SELECT user_id, provider, disabled, created_at, data, email, last_login_at FROM ("
+    " SELECT u.user_id, u.provider, u.disabled, u.created_at, u.data, u.last_login_at,"
+    " (SELECT min(e.email) FROM email_accounts e"
+    "  WHERE e.app_id = u.app_id AND e.user_id = u.user_id) AS email"
+    " FROM users u WHERE u.app_id = $1 AND {where}) AS t "
+)
 
 #: Errors from the driver or the network that mean "the user database failed".
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
@@ -501,6 +519,28 @@ class PostgresUserStore(UserStore):
         data: dict[str, Any] = json.loads(row["data"])
         return {"provider": row["provider"], **data}
 
+    async def list_users(
+        self, app_id: str, search: str = "", *, after: str = "", limit: int = 100
+    ) -> list[UserRecord]:
+        """The app's users by id (see :meth:`UserStore.list_users`)."""
+        if _has_nul(app_id, search, after):
+            return []
+        sql = _USER_ROWS.format(where="u.user_id > $2") + (
+            "WHERE $3 = '' OR left(user_id, length($3)) = $3 "
+            "OR lower(left(email, length($3))) = lower($3) ORDER BY user_id LIMIT $4"
+        )
+        async with self._conn() as conn:
+            rows = await conn.fetch(sql, app_id, after, search, page_size(limit))
+        return [user_record(*row) for row in rows]
+
+    async def get_user(self, app_id: str, user_id: str) -> UserRecord | None:
+        """One user, or None."""
+        if _has_nul(app_id, user_id):
+            return None
+        async with self._conn() as conn:
+            row = await conn.fetchrow(_USER_ROWS.format(where="u.user_id = $2"), app_id, user_id)
+        return None if row is None else user_record(*row)
+
     async def set_disabled(self, app_id: str, user_id: str, disabled: bool) -> bool:
         """Disable (or enable) a user; disabling revokes every refresh token and tells the
         other processes. False if the user does not exist."""
@@ -781,8 +821,15 @@ class PostgresUserStore(UserStore):
     async def add_refresh(
         self, app_id: str, user_id: str, token: str, expires_at: float, family: str | None = None
     ) -> None:
-        """Store a refresh token's hash (``family`` links the tokens of one login)."""
-        async with self._conn() as conn:
+        """Store a refresh token's hash (``family`` links the tokens of one login) and note
+        the login's time as the user's last login."""
+        async with self._conn(transaction=True) as conn:
+            await conn.execute(
+                "UPDATE users SET last_login_at = $1 WHERE app_id = $2 AND user_id = $3",
+                time.time(),
+                app_id,
+                user_id,
+            )
             await conn.execute(
                 "INSERT INTO refresh_tokens (token_hash, app_id, user_id, family, expires_at) "
                 "VALUES ($1, $2, $3, $4, $5)",

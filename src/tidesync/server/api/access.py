@@ -169,6 +169,45 @@ async def json_body(request: Request) -> Any:
 
 
 Handler = Callable[[Request, SyncHub, Caller], Awaitable[Response]]
+#: A handler of a server-wide admin route (no app in the path).
+AdminHandler = Callable[[Request, SyncHub], Awaitable[Response]]
+
+#: The rate-limit account of failed admin keys on the server-wide admin routes.
+_ADMIN_ACCOUNT = "admin-api"
+
+
+def require_admin(caller: Caller) -> None:
+    """403 unless ``caller`` used an admin key."""
+    if not caller.admin:
+        raise ApiError(403, "this needs an admin key, not a user's token", "forbidden")
+
+
+def check_admin_key(request: Request, hub: SyncHub) -> None:
+    """401 unless the request carries one of the server's admin keys (429 after too many
+    failures from one address)."""
+    auth: Authenticator = hub.auth
+    token = _bearer(request)
+    address = _address(request)
+    try:
+        auth.check_login("", _ADMIN_ACCOUNT, address)
+    except TooManyAttemptsError as exc:
+        raise ApiError(429, str(exc), "too_many_attempts") from None
+    if not auth.is_admin_key(token):
+        auth.login_failed("", _ADMIN_ACCOUNT, address)
+        raise ApiError(401, "access refused: not an admin key", "invalid_token")
+
+
+async def _answer(request: Request, run: Callable[[SyncHub], Awaitable[Response]]) -> Response:
+    try:
+        return await run(hub_of(request))
+    except ApiError as exc:
+        return exc.response()
+    except StorageError as exc:  # the storage is down or full: try again later
+        log.warning("%s %s: the storage failed: %s", request.method, request.url.path, exc)
+        return ApiError(503, f"the storage failed: {exc}", "unavailable").response()
+    except Exception:
+        log.exception("%s %s failed", request.method, request.url.path)
+        return ApiError(500, "internal error (see the server log)", "internal").response()
 
 
 def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -176,18 +215,26 @@ def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     (a storage failure a 503, anything unexpected a 500 logged with its traceback)."""
 
     async def run(request: Request) -> Response:
-        try:
-            hub = hub_of(request)
+        async def call(hub: SyncHub) -> Response:
             caller = await caller_of(request, hub, request.path_params["app_id"])
             return await handler(request, hub, caller)
-        except ApiError as exc:
-            return exc.response()
-        except StorageError as exc:  # the storage is down or full: try again later
-            log.warning("%s %s: the storage failed: %s", request.method, request.url.path, exc)
-            return ApiError(503, f"the storage failed: {exc}", "unavailable").response()
-        except Exception:
-            log.exception("%s %s failed", request.method, request.url.path)
-            return ApiError(500, "internal error (see the server log)", "internal").response()
+
+        return await _answer(request, call)
+
+    run.__name__ = handler.__name__
+    return run
+
+
+def admin_endpoint(handler: AdminHandler) -> Callable[[Request], Awaitable[Response]]:
+    """Wrap a server-wide admin handler as :func:`endpoint` does; only an admin key may
+    call it (:func:`check_admin_key`)."""
+
+    async def run(request: Request) -> Response:
+        async def call(hub: SyncHub) -> Response:
+            check_admin_key(request, hub)
+            return await handler(request, hub)
+
+        return await _answer(request, call)
 
     run.__name__ = handler.__name__
     return run

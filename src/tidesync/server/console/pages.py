@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ..hub import SyncHub
+from ..overview import filter_sessions, server_overview
 from ..snapshot import SessionSnapshot
 from .signin import PRESESSION_COOKIE, SESSION_COOKIE, ConsoleAccessError, set_cookie
 from .web import (
@@ -107,25 +108,18 @@ def live_apps(hub: SyncHub) -> list[str]:
 
 @page
 async def overview(ctx: Ctx) -> Response:
-    """Apps, connections, sessions, storage, version and uptime."""
-    hub = ctx.require_hub()
-    rows = hub.session_snapshot()
-    per_app: dict[str, list[int]] = {app: [0, 0] for app in hub.config.auth.apps}
-    for row in rows:
-        if row.live:
-            counts = per_app.setdefault(row.app_id, [0, 0])
-            counts[1 if row.session is not None else 0] += 1
-    uptime = int(time.time() - ctx.console.started_at)
+    """Apps, connections, sessions, storage, version and uptime (:mod:`..overview`)."""
+    view = server_overview(ctx.require_hub())
     return ctx.render(
         "overview.html",
         nav="overview",
-        apps=sorted(per_app.items()),
-        connections=hub.connection_count,
-        sessions=hub.session_count,
-        storage=type(hub.storage).__name__,
-        mode="development" if hub.config.development_mode else "production",
-        uptime=f"{uptime // 86400}d {uptime % 86400 // 3600}h {uptime % 3600 // 60}m",
-        started=ctx.console.started_at,
+        apps=[(a.app_id, [a.unbound, a.sessions]) for a in view.apps],
+        connections=view.connections,
+        sessions=view.sessions,
+        storage=view.storage,
+        mode=view.mode,
+        uptime=view.uptime_text,
+        started=view.started_at,
     )
 
 
@@ -133,13 +127,7 @@ async def overview(ctx: Ctx) -> Response:
 
 
 def _filtered(hub: SyncHub, user: str, app: str) -> list[SessionSnapshot]:
-    rows = hub.session_snapshot()
-    if app:
-        rows = [r for r in rows if r.app_id == app]
-    if user:
-        needle = user.lower()
-        rows = [r for r in rows if r.user_id is not None and needle in r.user_id.lower()]
-    return rows
+    return filter_sessions(hub.session_snapshot(), user, app)
 
 
 def _filters(request: Request) -> tuple[str, str]:

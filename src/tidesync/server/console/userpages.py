@@ -1,11 +1,11 @@
-"""The console's Users page: find a user by app and id, see it, disable, enable, delete
-(with confirmation), and disable, enable or revoke its API keys.
+"""The console's Users page: list and search an app's users (an id or e-mail prefix, a page
+at a time: :meth:`UserStore.list_users <tidesync.server.users.UserStore.list_users>`), see
+one, disable, enable, delete (with confirmation), and disable, enable or revoke its API
+keys.
 
 Disabling and deleting go through :meth:`Authenticator.end_user
 <tidesync.server.auth.Authenticator.end_user>`, so the user's refresh tokens are revoked and
-its live sync connections closed exactly as the admin API does. The user store has no
-listing or search by e-mail yet: the page lists the users with a live connection and looks
-others up by id (docs/console.md).
+its live sync connections closed exactly as the admin API does (docs/console.md).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from .web import Ctx, page, redirect
 
 #: ``action`` values of the API key form.
 KEY_ACTIONS = ("disable", "enable", "revoke")
+#: Users per page of the list.
+USERS_PAGE = 50
 
 
 def _users_href(app: str, user: str, **more: str) -> str:
@@ -33,32 +35,33 @@ def _store(hub: SyncHub) -> UserStore:
     return store
 
 
-def _connected(hub: SyncHub) -> list[tuple[str, str, int]]:
-    """(app, user, live sessions) of the users with a live connection."""
-    counts: dict[tuple[str, str], int] = {}
+def _devices(hub: SyncHub, app: str) -> dict[str, int]:
+    """Live device sessions per user of ``app``."""
+    counts: dict[str, int] = {}
     for row in hub.session_snapshot():
-        if row.live and row.user_id is not None:
-            key = (row.app_id, row.user_id)
-            counts[key] = counts.get(key, 0) + (1 if row.session is not None else 0)
-    return sorted((a, u, n) for (a, u), n in counts.items())
+        if row.live and row.app_id == app and row.user_id is not None and row.session:
+            counts[row.user_id] = counts.get(row.user_id, 0) + 1
+    return counts
 
 
 @page
 async def users(ctx: Ctx) -> Response:
-    """The lookup form, the connected users, and the user asked for."""
+    """The search form, a page of the app's users, and the user asked for."""
     hub = ctx.require_hub()
     params = ctx.request.query_params
     app, user = params.get("app", "").strip(), params.get("user", "").strip()
-    connected = _connected(hub)
-    needle = user.lower()
-    shown = [c for c in connected if (not app or c[0] == app) and needle in c[1].lower()]
+    search, after = params.get("q", "").strip(), params.get("after", "")
+    store = _store(hub)
+    devices = _devices(hub, app) if app else {}
+    listed = await store.list_users(app, search, after=after, limit=USERS_PAGE) if app else []
+    more = listed[-1].user_id if len(listed) == USERS_PAGE else ""
     found: dict[str, Any] | None = None
     if app and user:
-        store = _store(hub)
-        status = await store.user_status(app, user)
-        if status is not None:
+        record = await store.get_user(app, user)
+        if record is not None:
             found = {
-                "status": status,
+                "status": "disabled" if record.disabled else "active",
+                "record": record,
                 "data": sorted((await store.user_data(app, user) or {}).items()),
                 "keys": await store.list_api_keys(app, user),
                 "connections": hub.user_connections(app, user),
@@ -68,11 +71,17 @@ async def users(ctx: Ctx) -> Response:
         nav="users",
         app=app,
         user=user,
+        q=search,
         apps=live_apps(hub),
-        connected=shown,
+        listed=[(u, devices.get(u.user_id, 0)) for u in listed],
+        next_href=_list_href(app, search, more) if more else "",
         found=found,
         done=params.get("done", ""),
     )
+
+
+def _list_href(app: str, search: str, after: str) -> str:
+    return "/users?" + urlencode({"app": app, "q": search, "after": after})
 
 
 def _target(ctx: Ctx) -> tuple[str, str]:

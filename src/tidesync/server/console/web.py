@@ -42,11 +42,10 @@ MAX_FORM_BYTES = 1024 * 1024
 
 
 class Console:
-    """The console of one server process: who may sign in, the templates, the start time."""
+    """The console of one server process: who may sign in, the templates."""
 
     def __init__(self, auth: ConsoleAuth) -> None:
         self.auth = auth
-        self.started_at = time.time()
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("tidesync.server.console", "templates"),
             autoescape=True,
