@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import tidesync as ts
-from tidesync.server import flexsync
 from tidesync.testing import TestServer
 
 from .flex_helpers import FlexDevice, eventually
@@ -117,7 +116,7 @@ async def test_reopening_the_database_skips_the_bootstrap(pair: tuple[Device, De
 
 
 async def test_a_process_that_did_not_send_it_bootstraps_again(
-    pair: tuple[Device, Device],
+    pair: tuple[Device, Device], server: TestServer
 ) -> None:
     writer, reader = pair
     wdb = await writer.open("TRUEPREDICATE")
@@ -125,7 +124,7 @@ async def test_a_process_that_did_not_send_it_bootstraps_again(
     await writer.settle()
     rdb = await reader.open("n >= 10")
     rdb.sync_session.pause()
-    flexsync._BOOTSTRAPS.clear()  # as if the device reconnected to another server process
+    server.server.hub.bootstraps.clear()  # as if the device reconnected to another process
     reader.pages.clear()
     _change_while_away(wdb)
     await writer.settle()

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
-from collections import OrderedDict
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from operator import attrgetter
@@ -190,13 +188,6 @@ class FlexView:
         return self.subs is None or self.subs.matches(model, values)
 
 
-#: Per connection: ``(user id, the user's field values)``, looked up once (HELLO's user)
-#: and again on REFRESH.
-_USERS: weakref.WeakKeyDictionary[SyncConnection, tuple[str, dict[str, Any]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 async def _load_user(conn: SyncConnection) -> dict[str, Any]:
     """The connected user's field values, from the server's user records."""
     assert conn.user_id is not None
@@ -206,11 +197,11 @@ async def _load_user(conn: SyncConnection) -> dict[str, Any]:
 async def user_of(conn: SyncConnection) -> dict[str, Any]:
     """The field values rules see for the connection's user (cached per connection)."""
     assert conn.user_id is not None
-    cached = _USERS.get(conn)
+    cached = conn.rule_user
     if cached is not None and cached[0] == conn.user_id:
         return cached[1]
     values = await _load_user(conn)
-    _USERS[conn] = (conn.user_id, values)
+    conn.rule_user = (conn.user_id, values)
     return values
 
 
@@ -221,8 +212,8 @@ async def on_refresh(conn: SyncConnection) -> None:
     if conn.user_id is None:
         return
     values = await _load_user(conn)
-    cached = _USERS.get(conn)
-    _USERS[conn] = (conn.user_id, values)
+    cached = conn.rule_user
+    conn.rule_user = (conn.user_id, values)
     if cached is None or cached[1] == values:
         return  # no view used the user's fields yet, or they did not change
     for session in list(conn.sessions.values()):
@@ -303,11 +294,7 @@ async def on_query(
     session.wake.set()
 
 
-#: Per hub: ``(app, device file) -> (bootstrap's target version, fingerprint)`` of the last
-#: complete bootstrap this process sent, newest last, at most ``_RECALL_LIMIT`` entries.
-_BOOTSTRAPS: weakref.WeakKeyDictionary[
-    SyncHub, OrderedDict[tuple[str, str], tuple[int, tuple[Any, ...]]]
-] = weakref.WeakKeyDictionary()
+#: The most complete bootstraps one process remembers (``SyncHub.bootstraps``).
 _RECALL_LIMIT = 20_000
 
 
@@ -322,7 +309,7 @@ def _remember(conn: SyncConnection, file_ident: str, view: FlexView, target: int
     version ``target``)."""
     if view.subs is None or view.subs.version == 0 or view.queries is None:
         return
-    known = _BOOTSTRAPS.setdefault(conn.hub, OrderedDict())
+    known = conn.hub.bootstraps
     key = (conn.app_id, file_ident)
     known.pop(key, None)
     known[key] = (target, _fingerprint(view, *view.queries))
@@ -337,8 +324,7 @@ def _recalled(
     and is the device's download cursor (from BIND) at or past that bootstrap's target?
     (A device that applied the bootstrap is; one reset since holds nothing at cursor 0,
     which the log from 0 also brings up to date when the target was 0.)"""
-    known = _BOOTSTRAPS.get(conn.hub)
-    entry = known.get((conn.app_id, session.file_ident)) if known is not None else None
+    entry = conn.hub.bootstraps.get((conn.app_id, session.file_ident))
     if entry is None:
         return False
     target, fingerprint = entry
@@ -766,12 +752,6 @@ async def _reconcile_uploads(
     return objects, refused
 
 
-#: Per hub and app: the lock that makes a rule check and its commit one step.
-_WRITE_LOCKS: weakref.WeakKeyDictionary[SyncHub, dict[str, asyncio.Lock]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 class WriteGuard:
     """``async with flexsync.write_guard(conn, session) as guard:`` around checking and
     submitting an upload; ``guard.until(future)`` keeps the app's lock until that commit is
@@ -823,8 +803,7 @@ def write_guard(
 def app_write_lock(hub: SyncHub, app_id: str) -> asyncio.Lock:
     """The lock that makes a rule check and its commit one step for ``app_id`` on ``hub``
     (checked uploads of devices, and the Data API's checked writes)."""
-    locks = _WRITE_LOCKS.setdefault(hub, {})
-    return locks.setdefault(app_id, asyncio.Lock())
+    return hub.write_locks.setdefault(app_id, asyncio.Lock())
 
 
 async def check_upload(

@@ -256,6 +256,12 @@ class SyncHub:
         #: (``UploadResult.created``). Flexible sync sends such an object whole without
         #: reading it (``flexsync._filter_page``).
         self.recent_creates: dict[str, OrderedDict[ObjectKey, int]] = {}
+        #: Flexible sync's memory of complete bootstraps: ``(app, device file) ->
+        #: (bootstrap's target version, fingerprint)``, newest last (``flexsync._remember``).
+        self.bootstraps: OrderedDict[tuple[str, str], tuple[int, tuple[Any, ...]]] = OrderedDict()
+        #: Per app, the lock that makes a rule check and its commit one step
+        #: (``flexsync.app_write_lock``).
+        self.write_locks: dict[str, asyncio.Lock] = {}
         #: Trims history older than ``config.history_retention`` (None when off).
         self.trimmer: HistoryTrimmer | None = None
         if config.history_retention > 0:
@@ -470,6 +476,9 @@ class SyncConnection:
             max_changeset_bytes=hub.config.limits.max_changeset_bytes,
         )
         self.user_id: str | None = None
+        #: ``(user id, the field values rules see)``, looked up once (HELLO's user) and
+        #: again on REFRESH (``flexsync.user_of``).
+        self.rule_user: tuple[str, dict[str, Any]] | None = None
         #: The login (token family) whose access token authenticated this connection.
         self.login: str | None = None
         self.token_expires_at = 0.0
