@@ -22,6 +22,7 @@ from .client.syncclient import ConnectionState
 from .core.progress import ProgressDirection, ProgressMode, SyncProgress
 from .errors import (
     AuthError,
+    BlockingCallError,
     ChangesetRefusedError,
     ClientResetError,
     CompensatingWriteError,
@@ -34,6 +35,7 @@ from .errors import (
     MigrationError,
     MismatchedConfigurationError,
     NestedWriteError,
+    NotAwaitedWarning,
     NotSyncedError,
     ObjectDeletedError,
     ObjectTooLargeError,
@@ -65,6 +67,7 @@ __all__ = [
     "App",
     "AppConfiguration",
     "AuthError",
+    "BlockingCallError",
     "CancellationToken",
     "ChangesetRefusedError",
     "ClientResetError",
@@ -89,6 +92,7 @@ __all__ = [
     "Model",
     "MutableSubscriptionSet",
     "NestedWriteError",
+    "NotAwaitedWarning",
     "NotSyncedError",
     "NotificationToken",
     "ObjectChange",

@@ -22,6 +22,7 @@
     ├── NotSyncedError              a sync-only API on a local database
     ├── OperationCancelledError     a wait was cancelled (token or timeout)
     ├── SessionInactiveError        a wait on a paused or closed session
+    ├── BlockingCallError           a blocking form called where an event loop runs
     ├── AuthError                   login refused, token missing/expired/forged
     │   └── TooManyAttemptsError    login attempts over the per-minute limit
     ├── ConfigurationError          a configuration is invalid (server file, client options, URL)
@@ -41,6 +42,9 @@
 
 ``LocalProtocolError`` (we misused the protocol) and ``RemoteProtocolError`` (the peer
 misbehaved) are both ``ProtocolError``; the difference is who is to blame.
+
+``NotAwaitedWarning`` (a ``RuntimeWarning``, not an error) says a tidesync coroutine was
+called and dropped without ``await``.
 """
 
 from __future__ import annotations
@@ -163,6 +167,16 @@ class OperationCancelledError(TidesyncError):
 
 class SessionInactiveError(TidesyncError):
     """The session is paused or closed, so the wait cannot complete."""
+
+
+class BlockingCallError(TidesyncError, RuntimeError):
+    """A blocking form (``..._blocking()``) was called in a thread whose event loop is
+    running: it would block that loop (or deadlock the sync thread); await the coroutine
+    instead, or run the blocking form in another thread."""
+
+
+class NotAwaitedWarning(RuntimeWarning):
+    """A tidesync coroutine was called but never awaited, so it did nothing."""
 
 
 class AuthError(TidesyncError):
