@@ -103,6 +103,11 @@ class Call(Coroutine[Any, Any, T]):
             filename, lineno = self._where
             warnings.warn_explicit(self._message(), NotAwaitedWarning, filename, lineno)
 
+    @property
+    def __name__(self) -> str:
+        """The coroutine's name, e.g. ``App.log_in`` (a task's repr shows it)."""
+        return self._name
+
     def __repr__(self) -> str:
         return f"<tidesync call {self._name}()>"
 
