@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import signal
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -438,8 +444,6 @@ def test_a_call_never_awaited_warns_at_its_line(tmp_path: Path) -> None:
 
 
 def _line() -> int:
-    import sys
-
     return sys._getframe(1).f_lineno
 
 
@@ -505,3 +509,47 @@ async def test_cancelling_a_task_of_a_call(tmp_path: Path) -> None:
     finally:
         silent.close()
         app.close()
+
+
+def test_ctrl_c_interrupts_a_blocking_call(tmp_path: Path) -> None:
+    """In a script's main thread, Ctrl+C (SIGINT) ends a blocking call with
+    KeyboardInterrupt, cleanly: no warning, no task left behind."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import tidesync as ts
+        app = ts.App(ts.AppConfiguration(
+            "todo", base_url="http://127.0.0.1:{port}", base_path={str(tmp_path)!r}))
+        print("calling", flush=True)
+        try:
+            app.log_in_blocking(ts.Credentials.anonymous())
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+            sys.exit(3)
+        """
+    )
+    src = str(Path(ts.__file__).parent.parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "error", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=src),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "calling\n"
+        time.sleep(1.0)  # inside the HTTP request, which the server never answers
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        silent.close()
+    assert (proc.returncode, out, err) == (3, "interrupted\n", "")
