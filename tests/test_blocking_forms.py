@@ -22,6 +22,7 @@ import pytest
 
 import tidesync as ts
 from tidesync.client.app import ApiKey
+from tidesync.client.calls import Call
 from tidesync.testing import FaultProxy, ServerProcess
 
 from .flex_helpers import FAST, T
@@ -553,3 +554,26 @@ def test_ctrl_c_interrupts_a_blocking_call(tmp_path: Path) -> None:
             proc.communicate()
         silent.close()
     assert (proc.returncode, out, err) == (3, "interrupted\n", "")
+
+
+def test_a_call_steps_like_a_coroutine() -> None:
+    """send/throw/close as an event loop's task uses them (pure code)."""
+
+    async def body() -> str:
+        try:
+            await asyncio.sleep(0)  # one bare yield
+        except ValueError as exc:
+            return f"caught {exc}"
+        return "not thrown"
+
+    for args in ((ValueError("x"),), (ValueError, ValueError("x")), (ValueError, "x")):
+        call: Call[str] = Call(body, "body", (__file__, 1))
+        assert call.send(None) is None
+        with pytest.raises(StopIteration) as stop:
+            call.throw(*args)  # type: ignore[arg-type]
+        assert stop.value.value == "caught x"
+    call = Call(body, "body", (__file__, 1))
+    call.send(None)
+    call.close()  # a started coroutine is closed, no warning
+    with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
+        call.send(None)

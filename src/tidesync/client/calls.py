@@ -73,7 +73,12 @@ class Call(Coroutine[Any, Any, T]):
         tb: TracebackType | None = None,
     ) -> Any:
         """Raise ``typ`` inside the coroutine (what cancelling a task does)."""
-        exc = typ if isinstance(typ, BaseException) else typ()
+        if isinstance(typ, BaseException):
+            exc = typ
+        elif isinstance(val, BaseException):
+            exc = val
+        else:
+            exc = typ() if val is None else typ(val)
         return self._started().throw(exc)
 
     def close(self) -> None:
@@ -101,7 +106,12 @@ class Call(Coroutine[Any, Any, T]):
         if self._make is not None:  # never awaited, never closed
             self._make = None
             filename, lineno = self._where
-            warnings.warn_explicit(self._message(), NotAwaitedWarning, filename, lineno)
+            try:
+                warnings.warn_explicit(self._message(), NotAwaitedWarning, filename, lineno)
+            except NotAwaitedWarning:
+                raise  # made an error by a warnings filter: reported as unraisable
+            except Exception:  # the interpreter is shutting down: nothing left to warn with
+                pass
 
     @property
     def __name__(self) -> str:
