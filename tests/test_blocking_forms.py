@@ -577,3 +577,35 @@ def test_a_call_steps_like_a_coroutine() -> None:
     call.close()  # a started coroutine is closed, no warning
     with pytest.raises(RuntimeError, match="cannot reuse already awaited coroutine"):
         call.send(None)
+
+
+def test_async_iterators_made_in_plain_code_name_the_callback_forms(
+    env: Env, tmp_path: Path
+) -> None:
+    app = env.app("streams")
+    user = app.log_in_blocking(ts.Credentials.anonymous())
+    db = ts.Database.open_blocking(
+        ts.Configuration.flexible_sync(user, [Note], initial_subscriptions=subscribe_all),
+        cancellation_token=T(60),
+    )
+    local = ts.Database(ts.Configuration.local([Note], path=tmp_path / "local.tidesync"))
+    try:
+        with local.write():
+            note = local.add(Note(id="n"))
+        session = db.sync_session
+        makers: list[Callable[[], Any]] = [
+            lambda: session.get_progress_stream(
+                ts.ProgressDirection.UPLOAD, ts.ProgressMode.REPORT_INDEFINITELY
+            ),
+            lambda: session.connection_state_changes,
+            lambda: local.all(Note).changes(),
+            note.changes,
+        ]
+        for make in makers:
+            with pytest.raises(ts.NoEventLoopError, match="use their callback forms") as err:
+                make()
+            assert isinstance(err.value, RuntimeError)  # what asyncio raised before
+        session.wait_for_upload_blocking(T(60))  # nothing was left registered half-way
+    finally:
+        local.close()
+        db.close()

@@ -23,6 +23,7 @@
     ├── OperationCancelledError     a wait was cancelled (token or timeout)
     ├── SessionInactiveError        a wait on a paused or closed session
     ├── BlockingCallError           a blocking form called where an event loop runs
+    ├── NoEventLoopError            an async iterator made where no event loop runs
     ├── AuthError                   login refused, token missing/expired/forged
     │   └── TooManyAttemptsError    login attempts over the per-minute limit
     ├── ConfigurationError          a configuration is invalid (server file, client options, URL)
@@ -173,6 +174,11 @@ class BlockingCallError(TidesyncError, RuntimeError):
     """A blocking form (``..._blocking()``) was called in a thread whose event loop is
     running: it would block that loop (or deadlock the sync thread); await the coroutine
     instead, or run the blocking form in another thread."""
+
+
+class NoEventLoopError(TidesyncError, RuntimeError):
+    """An async iterator (``get_progress_stream``, ``results.changes()``, ...) was made in
+    a thread with no running event loop; plain code uses its callback form."""
 
 
 class NotAwaitedWarning(RuntimeWarning):

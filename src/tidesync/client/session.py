@@ -31,6 +31,7 @@ from ..errors import (
     SessionInactiveError,
     SyncDiskFullError,
 )
+from ..eventloop import stream_loop
 from .calls import awaitable, blocking_form
 from .cancellation import CancellationToken, await_with_token
 from .progress import ProgressListener
@@ -473,7 +474,7 @@ class _Stream(AsyncIterator[Any]):
     when :meth:`end` is called (from any thread) or the consumer calls :meth:`aclose`."""
 
     def __init__(self, register: Callable[[Callable[[Any], Any]], _Token] | None) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = stream_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._token: _Token | None = None
         self._finished = False
