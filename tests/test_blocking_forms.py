@@ -4,9 +4,11 @@ errors of the async forms; and a coroutine called without ``await`` is loud."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import gc
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +33,13 @@ from .flex_helpers import FAST, T
 class Note(ts.Model):
     id: str = ts.primary_key()
     text: str = ""
+
+
+class Chore(ts.Model):
+    """The docs' ``Task`` (without the link to ``Person`` of tests/conftest.py)."""
+
+    id: ts.ObjectId = ts.primary_key(default_factory=ts.ObjectId)
+    summary: str = ""
 
 
 class Env:
@@ -609,3 +618,61 @@ def test_async_iterators_made_in_plain_code_name_the_callback_forms(
     finally:
         local.close()
         db.close()
+
+
+# --- the examples of docs/sync-session.md, both forms ---------------------------------
+
+DOC = Path(__file__).parent.parent / "docs" / "sync-session.md"
+EXAMPLE = re.compile(r"^(Async|Blocking)(?:[^\n]|\n(?!\n))*\n\n```python\n(.*?)```", re.M | re.S)
+
+
+def doc_examples(kind: str) -> list[str]:
+    found = [code for label, code in EXAMPLE.findall(DOC.read_text()) if label == kind]
+    assert len(found) == 4, f"docs/sync-session.md has {len(found)} {kind} examples"
+    return found
+
+
+def test_the_blocking_examples_of_the_docs_run(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    app = env.app("doc-blocking")
+    ns: dict[str, Any] = {"ts": ts, "Task": Chore, "app": app}
+    try:
+        for code in doc_examples("Blocking"):
+            exec(compile(code, str(DOC), "exec"), ns)
+    finally:
+        if "db" in ns:
+            ns["db"].close()
+
+
+async def test_the_async_examples_of_the_docs_run(
+    env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the example's App keeps its users in ./tidesync/todo
+    ns: dict[str, Any] = {"Task": Chore}
+    examples = doc_examples("Async")
+    endless = [c for c in examples if "connection_state_changes" in c]
+    assert len(endless) == 1  # it waits for changes forever: run apart, stopped by a pause
+    try:
+        for code in examples:
+            code = code.replace("http://127.0.0.1:8765", env.server.url)
+            if code in endless:  # stop it at the first change, which a pause makes
+                code = code.replace("print(change.previous, change.current)", "break")
+            compiled = compile(code, str(DOC), "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+            result = eval(compiled, ns)
+            if result is None:
+                continue
+            if code.startswith("async for change"):
+                reader = asyncio.ensure_future(result)
+                await asyncio.sleep(0.2)
+                ns["session"].pause()
+                await asyncio.wait_for(reader, 30)
+                ns["session"].resume()
+            else:
+                await result
+    finally:
+        if "db" in ns:
+            ns["db"].close()
+        if "app" in ns:
+            ns["app"].close()
