@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import gc
+import inspect
 import os
 import re
 import signal
@@ -676,3 +677,27 @@ async def test_the_async_examples_of_the_docs_run(
             ns["db"].close()
         if "app" in ns:
             ns["app"].close()
+
+
+def test_every_public_coroutine_has_both_forms() -> None:
+    """The naming rule holds for every public class of the client: no bare coroutine
+    method (it would return a silent coroutine), and each one has ``<name>_blocking``."""
+    from tidesync.client.app import ApiKeyClient, EmailPasswordAuth
+
+    found = []
+    classes = (ts.App, ts.User, EmailPasswordAuth, ApiKeyClient, ts.Session)
+    for cls in (*classes, ts.SubscriptionSet, ts.Database):
+        for name in dir(cls):
+            member = inspect.getattr_static(cls, name)
+            fn = member.__func__ if isinstance(member, classmethod) else member
+            if name.startswith("_") or name.endswith("_blocking") or not callable(fn):
+                continue
+            where = f"{cls.__name__}.{name}"
+            assert not inspect.iscoroutinefunction(fn), f"{where}: declare it with @awaitable"
+            inner = getattr(fn, "__wrapped__", None)
+            if inner is not None and inspect.iscoroutinefunction(inner):
+                found.append(where)
+                blocking = getattr(cls, name + "_blocking")
+                assert inspect.signature(blocking) == inspect.signature(getattr(cls, name))
+                assert blocking.__doc__ and "blocking form" in blocking.__doc__
+    assert len(found) == 21, found
