@@ -14,7 +14,7 @@ ALLOWED = {
     "core": {"core", "errors", "objectid"},
     "protocol": {"core", "protocol", "errors", "objectid"},
     "support": {"support", "errors"},
-    "store": {"core", "protocol", "store", "support", "errors", "objectid"},
+    "store": {"core", "protocol", "store", "support", "errors", "objectid", "eventloop"},
     # the server never imports the device's database (store/): what both use is in support/
     "server": {"core", "protocol", "server", "support", "errors", "objectid", "eventloop"},
     "client": {"core", "protocol", "store", "client", "support", "errors", "objectid", "eventloop"},
@@ -104,8 +104,8 @@ def _private_reads(path: Path) -> int:
             name = node.attr
             if not name.startswith("_") or name.startswith("__") or name in owned:
                 continue
-            if name == "_replace" or name == "_asdict" or name == "_fields":
-                continue  # namedtuple's public API
+            if name in ("_replace", "_asdict", "_fields", "_getframe"):
+                continue  # namedtuple's public API, sys._getframe
             receiver = node.value
             if isinstance(receiver, ast.Name) and receiver.id in ("self", "cls"):
                 continue  # its own (or a base class's, for its subclasses)

@@ -22,6 +22,7 @@ from .client.syncclient import ConnectionState
 from .core.progress import ProgressDirection, ProgressMode, SyncProgress
 from .errors import (
     AuthError,
+    BlockingCallError,
     ChangesetRefusedError,
     ClientResetError,
     CompensatingWriteError,
@@ -34,6 +35,8 @@ from .errors import (
     MigrationError,
     MismatchedConfigurationError,
     NestedWriteError,
+    NoEventLoopError,
+    NotAwaitedWarning,
     NotSyncedError,
     ObjectDeletedError,
     ObjectTooLargeError,
@@ -65,6 +68,7 @@ __all__ = [
     "App",
     "AppConfiguration",
     "AuthError",
+    "BlockingCallError",
     "CancellationToken",
     "ChangesetRefusedError",
     "ClientResetError",
@@ -89,6 +93,8 @@ __all__ = [
     "Model",
     "MutableSubscriptionSet",
     "NestedWriteError",
+    "NoEventLoopError",
+    "NotAwaitedWarning",
     "NotSyncedError",
     "NotificationToken",
     "ObjectChange",

@@ -22,6 +22,8 @@
     ├── NotSyncedError              a sync-only API on a local database
     ├── OperationCancelledError     a wait was cancelled (token or timeout)
     ├── SessionInactiveError        a wait on a paused or closed session
+    ├── BlockingCallError           a blocking form called where an event loop runs
+    ├── NoEventLoopError            an async iterator made where no event loop runs
     ├── AuthError                   login refused, token missing/expired/forged
     │   └── TooManyAttemptsError    login attempts over the per-minute limit
     ├── ConfigurationError          a configuration is invalid (server file, client options, URL)
@@ -41,6 +43,9 @@
 
 ``LocalProtocolError`` (we misused the protocol) and ``RemoteProtocolError`` (the peer
 misbehaved) are both ``ProtocolError``; the difference is who is to blame.
+
+``NotAwaitedWarning`` (a ``RuntimeWarning``, not an error) says a tidesync coroutine was
+called and dropped without ``await``.
 """
 
 from __future__ import annotations
@@ -163,6 +168,21 @@ class OperationCancelledError(TidesyncError):
 
 class SessionInactiveError(TidesyncError):
     """The session is paused or closed, so the wait cannot complete."""
+
+
+class BlockingCallError(TidesyncError, RuntimeError):
+    """A blocking form (``..._blocking()``) was called in a thread whose event loop is
+    running: it would block that loop (or deadlock the sync thread); await the coroutine
+    instead, or run the blocking form in another thread."""
+
+
+class NoEventLoopError(TidesyncError, RuntimeError):
+    """An async iterator (``get_progress_stream``, ``results.changes()``, ...) was made in
+    a thread with no running event loop; plain code uses its callback form."""
+
+
+class NotAwaitedWarning(RuntimeWarning):
+    """A tidesync coroutine was called but never awaited, so it did nothing."""
 
 
 class AuthError(TidesyncError):

@@ -20,6 +20,7 @@ import httpx
 import jwt
 
 from ..errors import AuthError, TidesyncError, TooManyAttemptsError
+from .calls import awaitable, blocking_form
 from .urls import check_app_id, check_base_url, host_and_port
 from .wording import describe_failure
 
@@ -155,6 +156,7 @@ class User:
         """The user's own API keys: create, list, disable, enable, delete."""
         return ApiKeyClient(self)
 
+    @awaitable
     async def delete(self) -> None:
         """Delete this user on the server (its live sync connections end) and forget it
         on this device; local database files are kept."""
@@ -165,10 +167,13 @@ class User:
         self._logged_in = False
         self.app._forget_user(self)
 
+    delete_blocking = blocking_form(delete)
+
     def default_path(self) -> Path:
         """Where this user's synced databases live unless a path is given."""
         return self.app.base_path / "users" / self.id / "default.tidesync"
 
+    @awaitable
     async def refresh_access_token(self) -> str:
         """Get a new access token with the refresh token (raises :class:`AuthError`)."""
         data = await self.app._post(
@@ -185,6 +190,9 @@ class User:
         self.app._save_users()
         return token
 
+    refresh_access_token_blocking = blocking_form(refresh_access_token)
+
+    @awaitable
     async def valid_access_token(self, margin: float = 5.0) -> str:
         """The access token, refreshed first if it expires within ``margin`` seconds."""
         exp = self.access_token_expires_at()
@@ -192,6 +200,9 @@ class User:
             return await self.refresh_access_token()
         return self._access_token
 
+    valid_access_token_blocking = blocking_form(valid_access_token)
+
+    @awaitable
     async def log_out(self) -> None:
         """Log out: revoke the refresh token on the server (best effort) and forget the user.
 
@@ -204,6 +215,8 @@ class User:
             await self.app._post("auth/logout", {}, bearer=self._refresh_token, what="logging out")
         except (AuthError, TidesyncError):
             pass
+
+    log_out_blocking = blocking_form(log_out)
 
     def __repr__(self) -> str:
         return f"<User {self.id} of {self.app.id}>"
@@ -246,6 +259,7 @@ class App:
         self._current = user
         self._save_users()
 
+    @awaitable
     async def remove_user(self, user: User) -> None:
         """Log ``user`` out (revoking its refresh token) and remove it from this device's
         users; its local database files are kept (delete them with ``Database.delete``)."""
@@ -254,6 +268,8 @@ class App:
         if user.is_logged_in:
             await user.log_out()
         self._forget_user(user)
+
+    remove_user_blocking = blocking_form(remove_user)
 
     @property
     def email_password_auth(self) -> EmailPasswordAuth:
@@ -271,6 +287,7 @@ class App:
                 )
             return self._ssl
 
+    @awaitable
     async def log_in(self, credentials: Credentials) -> User:
         """Log in and return the user (raises :class:`AuthError` when refused)."""
         path = _LOGIN_PATHS.get(credentials.provider)
@@ -288,6 +305,8 @@ class App:
             self._current = user
         self._save_users()
         return user
+
+    log_in_blocking = blocking_form(log_in)
 
     def _forget_user(self, user: User) -> None:
         with self._lock:
@@ -415,30 +434,45 @@ class EmailPasswordAuth:
     def __init__(self, app: App) -> None:
         self.app = app
 
+    @awaitable
     async def register_user(self, email: str, password: str) -> None:
         """Create an account; unless the app confirms automatically, the server sends
         (or, in development mode, logs) a confirmation token."""
         body = {"email": email, "password": password}
         await self.app._post("auth/email/register", body, what="registering")
 
+    register_user_blocking = blocking_form(register_user)
+
+    @awaitable
     async def confirm_user(self, token: str) -> None:
         """Confirm an account with the token the server delivered."""
         await self.app._post("auth/email/confirm", {"token": token}, what="confirming")
 
+    confirm_user_blocking = blocking_form(confirm_user)
+
+    @awaitable
     async def resend_confirmation_email(self, email: str) -> None:
         """Ask for a new confirmation token."""
         await self.app._post("auth/email/resend", {"email": email}, what="resending")
 
+    resend_confirmation_email_blocking = blocking_form(resend_confirmation_email)
+
+    @awaitable
     async def send_reset_password_email(self, email: str) -> None:
         """Ask for a password reset token (the answer is the same for unknown addresses)."""
         await self.app._post(
             "auth/email/reset/send", {"email": email}, what="asking for a password reset"
         )
 
+    send_reset_password_email_blocking = blocking_form(send_reset_password_email)
+
+    @awaitable
     async def reset_password(self, token: str, password: str) -> None:
         """Set a new password with a reset token (every refresh token is revoked)."""
         body = {"token": token, "password": password}
         await self.app._post("auth/email/reset", body, what="resetting the password")
+
+    reset_password_blocking = blocking_form(reset_password)
 
 
 @dataclass(frozen=True)
@@ -478,10 +512,14 @@ class ApiKeyClient:
             f"auth/api_keys{tail}", body, bearer=token, what=what, method=method
         )
 
+    @awaitable
     async def create(self, name: str) -> ApiKey:
         """A new key (the returned :attr:`ApiKey.key` is never shown again)."""
         return ApiKey._from(await self._call("", {"name": name}, "creating an API key"))
 
+    create_blocking = blocking_form(create)
+
+    @awaitable
     async def list(self) -> list[ApiKey]:
         """The user's keys, oldest first."""
         data = await self._call("", None, "listing API keys", "GET")
@@ -490,18 +528,32 @@ class ApiKeyClient:
             raise AuthError("the server's API key list is malformed")
         return [ApiKey._from(k) for k in keys if isinstance(k, dict)]
 
+    list_blocking = blocking_form(list)
+
+    @awaitable
     async def get(self, key_id: str) -> ApiKey | None:
         """One key by id, or None."""
         return next((k for k in await self.list() if k.id == key_id), None)
 
+    get_blocking = blocking_form(get)
+
+    @awaitable
     async def disable(self, key_id: str) -> None:
         """Disable a key (logins with it are refused until it is enabled)."""
         await self._call(f"/{key_id}/disable", None, "disabling an API key")
 
+    disable_blocking = blocking_form(disable)
+
+    @awaitable
     async def enable(self, key_id: str) -> None:
         """Enable a disabled key."""
         await self._call(f"/{key_id}/enable", None, "enabling an API key")
 
+    enable_blocking = blocking_form(enable)
+
+    @awaitable
     async def delete(self, key_id: str) -> None:
         """Delete a key."""
         await self._call(f"/{key_id}", None, "deleting an API key", "DELETE")
+
+    delete_blocking = blocking_form(delete)

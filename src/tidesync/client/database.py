@@ -14,6 +14,7 @@ from ..errors import (
     SchemaVersionError,
 )
 from ..store.database import LocalDatabase
+from .calls import awaitable, run_blocking
 from .config import Configuration
 from .subscriptions import SubscriptionSet, SubscriptionSetState
 
@@ -26,7 +27,8 @@ class Database(LocalDatabase):
     """A database opened from a :class:`Configuration`.
 
     ``Database(config)`` opens synchronously; ``await Database.open(config)`` opens without
-    blocking the event loop and, for a synced database, waits for the initial download.
+    blocking the event loop and, for a synced database, waits for the initial download
+    (``Database.open_blocking(config)`` does the same from plain code).
     Use ``with Database(config) as db:`` or call :meth:`close`.
     """
 
@@ -54,6 +56,7 @@ class Database(LocalDatabase):
                 raise
 
     @classmethod
+    @awaitable
     async def open(
         cls,
         config: Configuration,
@@ -84,6 +87,20 @@ class Database(LocalDatabase):
             db.close()
             raise
         return db
+
+    @classmethod
+    def open_blocking(
+        cls,
+        config: Configuration,
+        on_progress: Callable[[SyncProgress], Any] | None = None,
+        cancellation_token: CancellationToken | None = None,
+    ) -> Database:
+        """The blocking form of :meth:`open`: the same arguments, result and errors, for
+        code that runs no event loop (raises :class:`~tidesync.BlockingCallError` in a
+        thread whose event loop is running; docs/sync-session.md, "Blocking code")."""
+        return run_blocking(
+            "Database.open_blocking", lambda: cls.open(config, on_progress, cancellation_token)
+        )
 
     @property
     def subscriptions(self) -> SubscriptionSet:

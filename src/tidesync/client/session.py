@@ -31,6 +31,8 @@ from ..errors import (
     SessionInactiveError,
     SyncDiskFullError,
 )
+from ..eventloop import stream_loop
+from .calls import awaitable, blocking_form
 from .cancellation import CancellationToken, await_with_token
 from .progress import ProgressListener
 from .syncclient import ConnectionState, SessionWorker, SyncClient
@@ -150,6 +152,7 @@ class Session:
             row = db._engine.conn.execute(self._last_version_sql).fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
+    @awaitable
     async def wait_for_upload(self, cancellation_token: CancellationToken | None = None) -> None:
         """Return once the server has acknowledged every local change committed before the
         call. Fails at once with :class:`SessionInactiveError` while paused; while offline it
@@ -161,6 +164,9 @@ class Session:
         inner = self._client.call(lambda: worker.wait_upload(target))
         await self._await_inner(inner, cancellation_token, "wait_for_upload")
 
+    wait_for_upload_blocking = blocking_form(wait_for_upload)
+
+    @awaitable
     async def wait_for_download(self, cancellation_token: CancellationToken | None = None) -> None:
         """Return once everything the server held when asked is applied locally."""
         worker = self._check()
@@ -168,6 +174,8 @@ class Session:
             raise OperationCancelledError("wait_for_download was cancelled")
         inner = self._client.call(worker.wait_download)
         await self._await_inner(inner, cancellation_token, "wait_for_download")
+
+    wait_for_download_blocking = blocking_form(wait_for_download)
 
     async def _await_inner(
         self, inner: asyncio.Future[None], token: CancellationToken | None, what: str
@@ -466,7 +474,7 @@ class _Stream(AsyncIterator[Any]):
     when :meth:`end` is called (from any thread) or the consumer calls :meth:`aclose`."""
 
     def __init__(self, register: Callable[[Callable[[Any], Any]], _Token] | None) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = stream_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._token: _Token | None = None
         self._finished = False

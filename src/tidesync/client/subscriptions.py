@@ -56,6 +56,7 @@ from ..store import sqlvalues as sv
 from ..store.model import Model
 from ..store.results import Results
 from ..support.diskfull import disk_full_error
+from .calls import awaitable, blocking_form
 
 if TYPE_CHECKING:
     from ..store.engine import StoreEngine
@@ -245,6 +246,7 @@ class SubscriptionSet:
             worker = session._worker
             session._client.loop.call_soon_threadsafe(worker.send_query)
 
+    @awaitable
     async def wait_for_synchronization(
         self, cancellation_token: CancellationToken | None = None
     ) -> None:
@@ -269,6 +271,8 @@ class SubscriptionSet:
             if state in (SubscriptionSetState.COMPLETE, SubscriptionSetState.SUPERSEDED):
                 return
             await asyncio.sleep(POLL_INTERVAL)
+
+    wait_for_synchronization_blocking = blocking_form(wait_for_synchronization)
 
 
 class MutableSubscriptionSet:

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..eventloop import stream_loop
 from . import sqlvalues as sv
 from .engine import Touched, add_waker, remove_waker, touched_between
 from .sqlquery import register_functions
@@ -336,7 +337,7 @@ class ChangeStream(AsyncIterator[Any]):
     """An async iterator fed by a listener; registered at creation, removed on close."""
 
     def __init__(self, register: Callable[[Callable[[Any], Any]], NotificationToken]) -> None:
-        self._loop = asyncio.get_running_loop()
+        self._loop = stream_loop()
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._token = register(self._deliver)
         self._closed = False
