@@ -269,7 +269,7 @@ def _fake(storage: SQLiteStorage, sendable: int, page_bytes: int) -> tuple[Any, 
 
     hub = SimpleNamespace(storage=storage, config=SimpleNamespace(page_bytes=page_bytes))
     conn = SimpleNamespace(
-        hub=hub, app_id=APP, proto=_Proto(), _sendable=can_send, _flush=flush, calls=calls
+        hub=hub, app_id=APP, proto=_Proto(), sendable=can_send, flush=flush, calls=calls
     )
     session = SimpleNamespace(
         number=1,
