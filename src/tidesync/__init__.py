@@ -12,6 +12,7 @@ from .client.config import Configuration
 from .client.database import Database
 from .client.reset import DiscardUnsyncedChanges, ManualRecovery, RecoverUnsyncedChanges
 from .client.session import ConnectionStateChange, Session, SessionState
+from .client.status import LastError, SyncStatus
 from .client.subscriptions import (
     MutableSubscriptionSet,
     Subscription,
@@ -58,6 +59,7 @@ from .store.migration import Migration, OldDatabase
 from .store.model import Counter, Model, field, primary_key
 from .store.notify import NotificationToken, ObjectChange, ResultsChange
 from .store.results import Results
+from .store.syncstatus import ObjectStatus, ObjectSyncStatus
 
 __version__ = "0.1.0"
 
@@ -82,6 +84,7 @@ __all__ = [
     "DiskFullError",
     "DuplicatePrimaryKeyError",
     "FutureTimestampError",
+    "LastError",
     "ManualRecovery",
     "Migration",
     "MigrationError",
@@ -94,6 +97,8 @@ __all__ = [
     "ObjectChange",
     "ObjectDeletedError",
     "ObjectId",
+    "ObjectStatus",
+    "ObjectSyncStatus",
     "ObjectTooLargeError",
     "OldDatabase",
     "OperationCancelledError",
@@ -118,6 +123,7 @@ __all__ = [
     "SyncDiskFullError",
     "SyncError",
     "SyncProgress",
+    "SyncStatus",
     "SyncTimeoutOptions",
     "TidesyncError",
     "TimeoutCancellationToken",
