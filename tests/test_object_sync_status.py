@@ -145,3 +145,14 @@ def test_a_file_from_before_gets_its_pending_objects(db_path: Path) -> None:
         assert a is not None
         assert db.sync_status(a) == ts.ObjectSyncStatus.PENDING
         assert db.sync_status(a).version == 1
+
+
+def test_pending_is_a_key_lookup_per_object(db: ts.Database) -> None:
+    with db.write():
+        db.add(Task(summary="a"))
+    sql, params = db.pending(Task).snapshot_sql()
+    plan = " ".join(
+        str(row[3]) for row in db._engine.conn.execute(f"EXPLAIN QUERY PLAN {sql}", params)
+    )
+    assert "_sync_status" in sql
+    assert "pk=?" in plan, plan  # never a scan of the status table per object

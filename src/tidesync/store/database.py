@@ -217,9 +217,8 @@ class LocalDatabase:
                     self._local_version += 1
                     raise
                 try:
-                    engine = self._engine
-                    keys = [(m, engine.sql_key(m, pk)) for m, pk in self._written]
-                    engine.commit((), exact=True, packed=self._pending, written=keys)
+                    keys = self._engine.sql_keys(self._written)
+                    self._engine.commit((), exact=True, packed=self._pending, written=keys)
                 except sqlite3.Error as exc:  # rolled back by commit()
                     self._local_version += 1
                     self._raise_disk_full(exc)

@@ -1045,6 +1045,13 @@ class StoreEngine:
         """An object's primary key as its table (and ``_sync_status``) stores it."""
         return sv.scalar_to_sql(self.schemas[model].pk_field.kind, pk)
 
+    def sql_keys(self, objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
+        """:meth:`sql_key` of many (model, primary key) pairs; int and str keys as they are."""
+        plain = {m for m, s in self.schemas.items() if s.pk_field.kind in (Kind.INT, Kind.STR)}
+        if all(m in plain for m, _ in objects):
+            return objects
+        return [(m, pk if m in plain else self.sql_key(m, pk)) for m, pk in objects]
+
     def sync_status_row(self, model: str, pk: Any) -> tuple[int, str | None] | None:
         """``(version, reason)`` of an object's sync status row, or None: one lookup."""
         return syncstatus.lookup(self.conn, model, self.sql_key(model, pk))

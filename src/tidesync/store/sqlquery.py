@@ -323,10 +323,11 @@ class _Compiler:
             joiner = " AND " if p.op == "and" else " OR "
             return "(" + joiner.join(self.predicate(t) for t in p.terms) + ")"
         if isinstance(p, PendingTest):  # an indexed lookup in the sync status table
+            # "+" drops the column's affinity, which would keep the lookup off the key
             self.params.append(self.model)
             found = (
                 f"EXISTS (SELECT 1 FROM {SYNC_STATUS_TABLE} AS s WHERE s.model = ? "
-                f"AND s.pk = t0.{self.pk_column(self.model)} AND s.reason IS NULL)"
+                f"AND s.pk = +t0.{self.pk_column(self.model)} AND s.reason IS NULL)"
             )
             return found if p.value else f"NOT {found}"
         path = p.path

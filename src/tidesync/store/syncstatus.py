@@ -33,7 +33,6 @@ CREATE_SQL = (
     f"CREATE TABLE IF NOT EXISTS {SYNC_STATUS_TABLE} (model TEXT NOT NULL, pk NOT NULL, "
     "version INTEGER NOT NULL, reason TEXT, PRIMARY KEY (model, pk)) WITHOUT ROWID"
 )
-INDEX_SQL = f"CREATE INDEX IF NOT EXISTS i_sync_status_version ON {SYNC_STATUS_TABLE}(version)"
 _UPSERT_SQL = (
     f"INSERT INTO {SYNC_STATUS_TABLE}(model, pk, version, reason) VALUES (?, ?, ?, NULL) "
     "ON CONFLICT(model, pk) DO UPDATE SET version = excluded.version, reason = NULL"
@@ -93,9 +92,9 @@ SYNCED = ObjectStatus(ObjectSyncStatus.SYNCED)
 
 
 def create(conn: sqlite3.Connection) -> None:
-    """Create the table and its index (idempotent)."""
+    """Create the table (idempotent). It has no index on ``version``: one would cost every
+    local write more than it saves :func:`prune`, which scans only the pending rows."""
     conn.execute(CREATE_SQL)
-    conn.execute(INDEX_SQL)
 
 
 def exists(conn: sqlite3.Connection) -> bool:
@@ -109,7 +108,7 @@ def exists(conn: sqlite3.Connection) -> bool:
 def record(conn: sqlite3.Connection, version: int, keys: Iterable[tuple[str, Any]]) -> None:
     """In a local write's transaction: the objects ``keys`` (model, SQL key) changed at
     local ``version``."""
-    conn.executemany(_UPSERT_SQL, [(model, key, version) for model, key in keys])
+    conn.executemany(_UPSERT_SQL, ((model, key, version) for model, key in keys))
 
 
 def prune(conn: sqlite3.Connection, acked: int) -> list[tuple[str, Any]]:
