@@ -8,7 +8,8 @@ and keeps the change log (the outbox that sync uploads) in the same transaction.
 
 File layout: ``t_<Model>`` tables (see ``sqlvalues``), ``_dead`` (merge states of erased
 objects, so late instructions still merge correctly), ``_changelog`` (one row per local
-transaction: client version, packed instructions, size), ``_meta`` (origin id, clock,
+transaction: client version, packed instructions, size), ``_sync_status`` (objects with
+unacknowledged local changes: ``store/syncstatus.py``), ``_meta`` (origin id, clock,
 cursors), ``_schema`` (the models' schemas as stored).
 """
 
