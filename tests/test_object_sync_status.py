@@ -156,3 +156,23 @@ def test_pending_is_a_key_lookup_per_object(db: ts.Database) -> None:
     )
     assert "_sync_status" in sql
     assert "pk=?" in plan, plan  # never a scan of the status table per object
+
+
+def test_a_versioned_file_from_before_gets_the_table_too(db_path: Path) -> None:
+    with ts.Database(ts.Configuration.local(MODELS, path=db_path, schema_version=1)) as db:
+        with db.write():
+            pk = db.add(Task(summary="a")).id
+    conn = sqlite3.connect(db_path)
+    conn.execute("DROP TABLE _sync_status")
+    conn.commit()
+    conn.close()
+    config = ts.Configuration.local(
+        MODELS, path=db_path, schema_version=2, migration_callback=lambda m, v: None
+    )
+    with ts.Database(config) as db:
+        a = db.find(Task, pk)
+        assert a is not None
+        assert db.sync_status(a).version == 1
+        with db.write():
+            a.summary = "b"
+        assert db.sync_status(a).version == 2

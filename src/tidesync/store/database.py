@@ -94,6 +94,7 @@ class LocalDatabase:
                     open_versioned(
                         self._engine, self._classes, schema_version, migration_callback, self
                     )
+                    self._engine.ensure_sync_status()  # a file migrated from an older release
                 except BaseException:
                     self._engine.close()
                     raise

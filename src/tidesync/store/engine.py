@@ -318,11 +318,13 @@ class StoreEngine:
                     for key, value in (new_file_meta or {}).items():
                         self.set_meta(key, value)
         self.adopt_schemas(full)
-        if not syncstatus.exists(conn):  # a file from before per-object sync status
-            self._add_sync_status()
+        self.ensure_sync_status()
 
-    def _add_sync_status(self) -> None:
-        """Create ``_sync_status`` in an older file, filled from its unacknowledged changes."""
+    def ensure_sync_status(self) -> None:
+        """Give a file from before per-object sync status its ``_sync_status`` table, filled
+        from its unacknowledged changes (outside a transaction; a no-op when it has one)."""
+        if syncstatus.exists(self.conn):
+            return
         with self.transaction() as conn:
             if syncstatus.exists(conn):
                 return
