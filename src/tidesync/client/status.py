@@ -131,11 +131,7 @@ def describe(status: SyncStatus, now: dt.datetime, tz: dt.tzinfo | None = None) 
         parts.append(f"next try in {format_seconds(left)}")
     if status.attempt and state is not ConnectionState.CONNECTED:
         why = f": {status.last_error.message}" if status.last_error is not None else ""
-        text = f"(attempt {status.attempt}{why})"
-        if len(parts) > 1:
-            parts[-1] += " " + text
-        else:
-            parts[-1] += " " + text
+        parts[-1] += f" (attempt {status.attempt}{why})"
     return ", ".join(parts)
 
 
