@@ -12,6 +12,7 @@ from .client.config import Configuration
 from .client.database import Database
 from .client.reset import DiscardUnsyncedChanges, ManualRecovery, RecoverUnsyncedChanges
 from .client.session import ConnectionStateChange, Session, SessionState
+from .client.status import LastError, SyncStatus
 from .client.subscriptions import (
     MutableSubscriptionSet,
     Subscription,
@@ -61,6 +62,7 @@ from .store.migration import Migration, OldDatabase
 from .store.model import Counter, Model, field, primary_key
 from .store.notify import NotificationToken, ObjectChange, ResultsChange
 from .store.results import Results
+from .store.syncstatus import ObjectStatus, ObjectSyncStatus
 
 __version__ = "0.1.0"
 
@@ -86,6 +88,7 @@ __all__ = [
     "DiskFullError",
     "DuplicatePrimaryKeyError",
     "FutureTimestampError",
+    "LastError",
     "ManualRecovery",
     "Migration",
     "MigrationError",
@@ -100,6 +103,8 @@ __all__ = [
     "ObjectChange",
     "ObjectDeletedError",
     "ObjectId",
+    "ObjectStatus",
+    "ObjectSyncStatus",
     "ObjectTooLargeError",
     "OldDatabase",
     "OperationCancelledError",
@@ -124,6 +129,7 @@ __all__ = [
     "SyncDiskFullError",
     "SyncError",
     "SyncProgress",
+    "SyncStatus",
     "SyncTimeoutOptions",
     "TidesyncError",
     "TimeoutCancellationToken",

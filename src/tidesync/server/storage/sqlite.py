@@ -147,7 +147,7 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 """
 
-#: Object rows are written many per statement (``store.sqlbatch.insert_rows``), each of
+#: Object rows are written many per statement (``support.sqlbatch.insert_rows``), each of
 #: ``_OBJECT_WIDTH`` values.
 _OBJECT_HEAD = "INSERT INTO objects (app, model, pk, state, vals, alive) VALUES"
 _OBJECT_WIDTH = 6
