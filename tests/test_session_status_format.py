@@ -22,8 +22,8 @@ UTC = dt.UTC
 AT = dt.datetime(2026, 12, 8, 14, 2, 11, tzinfo=UTC)
 
 
-def _error(message: str) -> ts.LastError:
-    return ts.LastError(112, message, ts.SyncAction.RETRY, AT)
+def _error(message: str) -> ts.ErrorReport:
+    return ts.ErrorReport(112, message, ts.SyncAction.RETRY, AT)
 
 
 def test_offline_waiting_for_the_next_try() -> None:

@@ -12,7 +12,7 @@ from .client.config import Configuration
 from .client.database import Database
 from .client.reset import DiscardUnsyncedChanges, ManualRecovery, RecoverUnsyncedChanges
 from .client.session import ConnectionStateChange, Session, SessionState
-from .client.status import LastError, SyncStatus
+from .client.status import ErrorReport, SyncStatus
 from .client.subscriptions import (
     MutableSubscriptionSet,
     Subscription,
@@ -87,8 +87,8 @@ __all__ = [
     "DiscardUnsyncedChanges",
     "DiskFullError",
     "DuplicatePrimaryKeyError",
+    "ErrorReport",
     "FutureTimestampError",
-    "LastError",
     "ManualRecovery",
     "Migration",
     "MigrationError",

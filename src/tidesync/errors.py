@@ -181,7 +181,7 @@ class NoEventLoopError(TidesyncError, RuntimeError):
     a thread with no running event loop; plain code uses its callback form."""
 
 
-class NotAwaitedWarning(RuntimeWarning):
+class NotAwaitedWarning(TidesyncError, RuntimeWarning):
     """A tidesync coroutine was called but never awaited, so it did nothing."""
 
 

@@ -35,7 +35,7 @@ from ..eventloop import stream_loop
 from .calls import awaitable, blocking_form
 from .cancellation import CancellationToken, await_with_token
 from .progress import ProgressListener
-from .status import LastError, SyncStatus
+from .status import ErrorReport, SyncStatus
 from .syncclient import ConnectionState, SessionWorker, SyncClient
 
 if TYPE_CHECKING:
@@ -567,7 +567,7 @@ class _Stream(AsyncIterator[Any]):
 __all__ = [
     "ConnectionState",
     "ConnectionStateChange",
-    "LastError",
+    "ErrorReport",
     "ProgressDirection",
     "ProgressMode",
     "Session",

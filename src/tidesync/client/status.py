@@ -31,7 +31,7 @@ RATE_WINDOW = 10.0
 
 
 @dataclass(frozen=True)
-class LastError:
+class ErrorReport:
     """The last error the session reported: code, message, what the client does about it
     (``action``) and when (UTC)."""
 
@@ -55,7 +55,7 @@ class SyncStatus:
     pending_changes: int = 0
     pending_upload_bytes: int = 0
     download_remaining_bytes: int = 0
-    last_error: LastError | None = None
+    last_error: ErrorReport | None = None
     attempt: int = 0
     next_retry_at: dt.datetime | None = None
     upload_eta: float | None = None
@@ -226,4 +226,4 @@ class StatusFeed:
             self._timer = None
 
 
-__all__ = ["LastError", "RateMeter", "StatusFeed", "SyncStatus", "describe", "format_bytes"]
+__all__ = ["ErrorReport", "RateMeter", "StatusFeed", "SyncStatus", "describe", "format_bytes"]

@@ -62,7 +62,7 @@ from .reset import (
     remove_copy,
     reset_file,
 )
-from .status import LastError, RateMeter, StatusFeed, SyncStatus
+from .status import ErrorReport, RateMeter, StatusFeed, SyncStatus
 from .subscriptions import (
     FlexApplier,
     SubscriptionSetState,
@@ -155,7 +155,7 @@ class SessionWorker:
         )
         self._disk_rng = random.Random()
         # session status (client/status.py): what it shows beside the core's state
-        self.last_error: LastError | None = None
+        self.last_error: ErrorReport | None = None
         self.last_synced_at: dt.datetime | None = None
         self.since: dt.datetime | None = None
         self._up_rate, self._down_rate = RateMeter(), RateMeter()
@@ -478,7 +478,7 @@ class SessionWorker:
         :meth:`Connection.connection_failed`)."""
         if not logged:
             log.warning("sync error on %s: %s", self.path, error)
-        self.last_error = LastError(
+        self.last_error = ErrorReport(
             error.code, error.message, error.action, dt.datetime.now(dt.UTC)
         )
         self.status_feed.changed()
