@@ -164,23 +164,19 @@ async def test_a_failed_save_is_logged_and_tried_again(
         app, db = await _open(tmp_path, "a", server.url)
         try:
             worker = db.sync_session._worker
-            real = worker.engine.transaction, worker.engine.store_acked
+            real = worker.engine.transaction
 
-            def locked(*_: object, **__: object) -> None:
+            def locked(**_: object) -> None:
                 raise sqlite3.OperationalError("database is locked")
 
-            # both ways a save writes the file (with upload_acked it also prunes the
-            # objects' sync status in its transaction)
             monkeypatch.setattr(worker.engine, "transaction", locked)
-            monkeypatch.setattr(worker.engine, "store_acked", locked)
             with db.write():
                 db.add(Tally(id="x"))
             await db.sync_session.wait_for_upload(T(20))
             worker.client.call(worker.save_cursors)
             assert "could not save the sync cursors" in caplog.text
             assert _meta(db.path)["upload_acked"] == 0
-            monkeypatch.setattr(worker.engine, "transaction", real[0])
-            monkeypatch.setattr(worker.engine, "store_acked", real[1])
+            monkeypatch.setattr(worker.engine, "transaction", real)
             worker.client.call(worker.save_cursors)
             assert _meta(db.path)["upload_acked"] == 1
         finally:

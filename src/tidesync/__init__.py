@@ -12,7 +12,6 @@ from .client.config import Configuration
 from .client.database import Database
 from .client.reset import DiscardUnsyncedChanges, ManualRecovery, RecoverUnsyncedChanges
 from .client.session import ConnectionStateChange, Session, SessionState
-from .client.status import ErrorReport, SyncStatus
 from .client.subscriptions import (
     MutableSubscriptionSet,
     Subscription,
@@ -62,7 +61,6 @@ from .store.migration import Migration, OldDatabase
 from .store.model import Counter, Model, field, primary_key
 from .store.notify import NotificationToken, ObjectChange, ResultsChange
 from .store.results import Results
-from .store.syncstatus import ObjectStatus, ObjectSyncStatus
 
 __version__ = "0.1.0"
 
@@ -87,7 +85,6 @@ __all__ = [
     "DiscardUnsyncedChanges",
     "DiskFullError",
     "DuplicatePrimaryKeyError",
-    "ErrorReport",
     "FutureTimestampError",
     "ManualRecovery",
     "Migration",
@@ -103,8 +100,6 @@ __all__ = [
     "ObjectChange",
     "ObjectDeletedError",
     "ObjectId",
-    "ObjectStatus",
-    "ObjectSyncStatus",
     "ObjectTooLargeError",
     "OldDatabase",
     "OperationCancelledError",
@@ -129,7 +124,6 @@ __all__ = [
     "SyncDiskFullError",
     "SyncError",
     "SyncProgress",
-    "SyncStatus",
     "SyncTimeoutOptions",
     "TidesyncError",
     "TimeoutCancellationToken",

@@ -119,15 +119,6 @@ class Database(LocalDatabase):
             raise DatabaseClosedError(f"the database {self.path} is closed")
         return self._session
 
-    def _acked_version(self) -> int:
-        """The file's acknowledged version, or the session's if memory is ahead of it (the
-        session stores acknowledgements within ``CURSOR_SAVE_DELAY``)."""
-        stored = super()._acked_version()
-        session = self._session
-        if session is None or self.is_closed:
-            return stored
-        return max(stored, session.upload_acked)
-
     def close(self) -> None:
         """Close the database; its sync session ends with the last ``Database`` of the
         file open in this process. Idempotent."""

@@ -35,7 +35,6 @@ from ..eventloop import stream_loop
 from .calls import awaitable, blocking_form
 from .cancellation import CancellationToken, await_with_token
 from .progress import ProgressListener
-from .status import ErrorReport, SyncStatus
 from .syncclient import ConnectionState, SessionWorker, SyncClient
 
 if TYPE_CHECKING:
@@ -135,12 +134,6 @@ class Session:
     def connection_state(self) -> ConnectionState:
         """DISCONNECTED, CONNECTING or CONNECTED, read synchronously."""
         return self._check().conn_state
-
-    @property
-    def upload_acked(self) -> int:
-        """The newest local version the server acknowledged (memory may be ahead of the
-        file for up to ``CURSOR_SAVE_DELAY``)."""
-        return self._worker.upload_acked
 
     def pause(self) -> None:
         """Stop syncing this database (others are untouched); local writes go on. When this
@@ -343,42 +336,6 @@ class Session:
         self._track(stream)
         return stream
 
-    # --- session status (client/status.py) ---------------------------------------------
-
-    @property
-    def status(self) -> SyncStatus:
-        """Where the session stands now, as one frozen :class:`SyncStatus` (``str()`` of it
-        says it in words)."""
-        worker = self._check()
-        return self._client.call(worker.read_status)
-
-    def add_status_listener(self, callback: Callable[[SyncStatus], Any]) -> _Token:
-        """Call ``callback(status)`` (on the sync thread) when the status changes, at most
-        every 100 ms (changes meanwhile are merged into the next call); no initial call."""
-        worker = self._check()
-        feed = worker.status_feed
-        self._client.call(lambda: feed.listeners.append(callback))
-
-        def remove() -> None:
-            def drop() -> None:
-                if callback in feed.listeners:
-                    feed.listeners.remove(callback)
-
-            try:
-                self._client.loop.call_soon_threadsafe(drop)
-            except RuntimeError:
-                pass  # the sync loop is closed: nothing left to remove
-
-        return _Token(remove)
-
-    @property
-    def status_changes(self) -> AsyncIterator[SyncStatus]:
-        """An async iterator of :class:`SyncStatus`, one per reported change (at most every
-        100 ms, no initial value); stop it with ``break`` or ``aclose()``."""
-        stream: _Stream = _Stream(self.add_status_listener)
-        self._track(stream)
-        return stream
-
     # --- sharing (see open_shared) ------------------------------------------------------
 
     @property
@@ -567,12 +524,10 @@ class _Stream(AsyncIterator[Any]):
 __all__ = [
     "ConnectionState",
     "ConnectionStateChange",
-    "ErrorReport",
     "ProgressDirection",
     "ProgressMode",
     "Session",
     "SessionInactiveError",
     "SessionState",
     "SyncProgress",
-    "SyncStatus",
 ]

@@ -201,8 +201,6 @@ class Connection:
         self.disconnected_at: float | None = None
         #: connection attempts made (for tests and diagnostics)
         self.attempts = 0
-        #: while waiting to try again: when (the client's clock; session status)
-        self.next_retry_at: float | None = None
         #: the server's time minus this machine's (ms), measured at the last WELCOME
         self.clock_offset: int | None = None
 
@@ -381,10 +379,6 @@ class Connection:
 
         self._urgent_check = self.client.loop.call_later(wait, check)
 
-    def _status_changed(self) -> None:
-        for w in list(self.workers.values()):
-            w.status_feed.changed()
-
     def set_state(self, state: ConnectionState) -> None:
         """Record the connection's state."""
         self.state = state
@@ -435,14 +429,10 @@ class Connection:
             if self._wake.is_set() or self._reconnect_at_once:
                 delay = 0.0
             self._wake.clear()
-            self.next_retry_at = self.client.clock() + delay
-            self._status_changed()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay)
             except TimeoutError:
                 pass
-            finally:
-                self.next_retry_at = None
             self._wake.clear()
         for w in list(self.workers.values()):
             w.set_conn_state(ConnectionState.DISCONNECTED)

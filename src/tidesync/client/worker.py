@@ -15,7 +15,6 @@ reset.py, the decisions in the core.)
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import logging
 import random
 import sqlite3
@@ -62,7 +61,6 @@ from .reset import (
     remove_copy,
     reset_file,
 )
-from .status import ErrorReport, RateMeter, StatusFeed, SyncStatus
 from .subscriptions import (
     FlexApplier,
     SubscriptionSetState,
@@ -154,12 +152,6 @@ class SessionWorker:
             min(timeouts.reconnect_max_delay, DISK_FULL_MAX_DELAY),
         )
         self._disk_rng = random.Random()
-        # session status (client/status.py): what it shows beside the core's state
-        self.last_error: ErrorReport | None = None
-        self.last_synced_at: dt.datetime | None = None
-        self.since: dt.datetime | None = None
-        self._up_rate, self._down_rate = RateMeter(), RateMeter()
-        self.status_feed = StatusFeed(self.loop, self.clock, self.read_status)
         self._waker = _Waker(self.loop, self._on_local_commit)
         add_waker(self.path, self._waker)  # type: ignore[arg-type]
 
@@ -315,7 +307,6 @@ class SessionWorker:
         self.deactivate("the database was closed")
         self.run(self.core.close())
         remove_waker(self.path, self._waker)  # type: ignore[arg-type]
-        self.status_feed.close()
         listeners, self.progress_listeners = self.progress_listeners, []
         for listener in listeners:
             listener.end()
@@ -349,7 +340,6 @@ class SessionWorker:
         if self.closed:
             return
         self._run_reporting(self.core.local_committed())
-        self.status_feed.changed()
 
     def counters(self, direction: ProgressDirection) -> tuple[int, int, bool]:
         """``(transferred, transferable, known)`` for a direction (cumulative bytes)."""
@@ -422,38 +412,6 @@ class SessionWorker:
             self.remove_progress_listener(listener)
             listener.end()
 
-    # --- session status (client/status.py) -------------------------------------------------
-
-    def read_status(self) -> SyncStatus:
-        """The session's :class:`SyncStatus` now (sync loop: reads the change log's head)."""
-        now = self.clock()
-        core = self.core
-        count, size = (0, 0) if self.closed else self.engine.pending_bytes(core.upload_acked)
-        if not self.closed:
-            self._up_rate.add(now, self.counters(ProgressDirection.UPLOAD)[0])
-        self._down_rate.add(now, core.down_transferred)
-        remaining = core.down_remaining if core.down_known else 0
-        conn = self.connection
-        attempt, retry_at = 0, None
-        if conn is not None and core.active:
-            attempt = conn.outage_failures
-            if conn.next_retry_at is not None:
-                wall = dt.datetime.now(dt.UTC)
-                retry_at = wall + dt.timedelta(seconds=max(0.0, conn.next_retry_at - now))
-        return SyncStatus(
-            connection_state=self.conn_state,
-            pending_changes=count,
-            pending_upload_bytes=size,
-            download_remaining_bytes=remaining,
-            last_error=self.last_error,
-            attempt=attempt,
-            next_retry_at=retry_at,
-            upload_eta=self._up_rate.eta(now, size),
-            download_eta=self._down_rate.eta(now, remaining),
-            last_synced_at=self.last_synced_at,
-            since=self.since,
-        )
-
     # --- state ---------------------------------------------------------------------------
 
     def set_conn_state(self, state: ConnectionState, reason: str | None = None) -> None:
@@ -462,8 +420,6 @@ class SessionWorker:
         if state is self.conn_state:
             return
         previous, self.conn_state = self.conn_state, state
-        self.since = dt.datetime.now(dt.UTC)
-        self.status_feed.changed()
         if self.session is not None:
             self.session._connection_changed(previous, state, reason)
 
@@ -478,10 +434,6 @@ class SessionWorker:
         :meth:`Connection.connection_failed`)."""
         if not logged:
             log.warning("sync error on %s: %s", self.path, error)
-        self.last_error = ErrorReport(
-            error.code, error.message, error.action, dt.datetime.now(dt.UTC)
-        )
-        self.status_feed.changed()
         session = self.session
         if session is None:
             return
@@ -590,9 +542,6 @@ class SessionWorker:
 
     def _persist(self, *, durable: bool = True, **values: int) -> None:
         engine = self.engine
-        if "upload_acked" in values:  # the objects it covers become synced with it
-            engine.store_acked(values, durable=durable, skip=self._waker)
-            return
         with engine.transaction(durable=durable):
             for k, v in values.items():
                 engine.set_meta(k, v)
@@ -668,7 +617,6 @@ class SessionWorker:
             cursors: dict[str, int] = {"download_cursor": ev.cursor}
             if acked > self._saved_acked:
                 cursors["upload_acked"] = acked
-                engine.prune_sync_status(acked)
             # exact: every row written (engine.apply, the flex applier's rows, saves and
             # evictions) was recorded with the engine's _touch, so notifiers may patch;
             # skip: this worker pumps uploads and progress below, no need to wake itself
@@ -695,8 +643,6 @@ class SessionWorker:
 
     def _downloaded(self, ev: pc.DownloadReceived) -> None:
         """After a DOWNLOAD was applied (or noted): progress, acknowledgements, uploads."""
-        self.last_synced_at = dt.datetime.now(dt.UTC)
-        self.status_feed.changed()
         self.run(
             self.core.downloaded(
                 ev.cursor,
@@ -737,14 +683,10 @@ class SessionWorker:
     def on_session_error(self, ev: pc.ErrorReceived) -> None:
         """A session-level ERROR: report it; retry after a delay unless told to stop."""
         if ev.code == ErrorCode.COMPENSATING_WRITE:  # the session stays bound
-            compensated = compensating_error(ev.message)
-            self._mark_refused(compensated.refused)
-            self.report_error(compensated)
+            self.report_error(compensating_error(ev.message))
             return
         if ev.code == ErrorCode.CHANGESET_REFUSED:  # integrated as nothing; stays bound
-            refused = refused_error(self.engine, ev.message)
-            self._mark_refused([(m, pk, why) for _, why, objs in refused.refused for m, pk in objs])
-            self.report_error(refused)
+            self.report_error(refused_error(self.engine, ev.message))
             return
         if ev.code == ErrorCode.CLIENT_RESET_NEEDED:
             self.client_reset(ev.message)
@@ -773,14 +715,6 @@ class SessionWorker:
             self._after_reset(True)
             self.run(self.core.reset_done(True))
         self.flex.reset()  # its cache of the change log holds the old timestamps
-
-    def _mark_refused(self, refused: Sequence[tuple[str, object, str]]) -> None:
-        """The objects' sync status becomes REFUSED with the server's reason (never fatal:
-        the error handler hears of the refusal anyway)."""
-        try:
-            self.engine.mark_refused(refused)
-        except (sqlite3.Error, TidesyncError, ValueError, TypeError):
-            log.warning("could not record refused writes in %s", self.path, exc_info=True)
 
     def client_reset(self, message: str) -> None:
         """ERROR 211: reset the file by the configured mode (``client/reset.py``), then

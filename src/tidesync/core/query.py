@@ -40,7 +40,6 @@ __all__ = [
     "Logical",
     "Not",
     "Path",
-    "PendingTest",
     "Query",
     "SortSpec",
     "ValueList",
@@ -451,13 +450,7 @@ class _Parser:
         if t.kind == "ident" and t.text.lower() in _QUANTIFIERS and self.peek().kind == "ident":
             quantifier = _QUANTIFIERS[t.text.lower()]
             self.next()
-        if t.kind == "attr":  # a query attribute of the object itself: @pending == true
-            if t.text != "@pending":
-                raise self.error(f"{t.raw} must follow a field (only @pending stands alone)")
-            self.next()
-            left: Operand = Path((t.text,), (t.pos,))
-        else:
-            left = self.operand()
+        left = self.operand()
         op_tok = self.tok
         if op_tok.kind == "op" and op_tok.text in _OP_CANON:
             op = _OP_CANON[op_tok.text]
@@ -716,15 +709,7 @@ class BoundNot:
     term: BoundPredicate
 
 
-@dataclass(frozen=True, slots=True)
-class PendingTest:
-    """``@pending == value``: whether the object has local changes the server has not
-    acknowledged yet (device queries only: see :func:`bind`'s ``device``)."""
-
-    value: bool
-
-
-BoundPredicate = Compare | BoolOp | BoundNot | PendingTest
+BoundPredicate = Compare | BoolOp | BoundNot
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,9 +747,7 @@ class _Binder:
         schemas: dict[str, ModelSchema],
         args: Sequence[Any],
         convert: ArgConverter | None = None,
-        device: bool = False,
     ):
-        self.device = device
         self.text = query.text
         self.schemas = schemas
         self.args = args
@@ -891,26 +874,8 @@ class _Binder:
             return BoolOp(p.op, tuple(self.predicate(model, t) for t in p.terms))
         return self.comparison(model, p)
 
-    def pending(self, c: Comparison) -> PendingTest:
-        """``@pending == true`` / ``!= false`` and the like (a boolean literal or argument)."""
-        assert isinstance(c.left, Path)
-        if not self.device:
-            raise self.err(
-                "@pending is known only on a device (its local changes): it cannot be "
-                "part of a query the server runs, such as a subscription",
-                c.left.pos,
-            )
-        if c.op not in ("==", "!=") or c.ci or not isinstance(c.right, (Literal, Arg)):
-            raise self.err("@pending compares only with == or != and true or false", c.pos)
-        raw, _ = self.raw(c.right)
-        if not isinstance(raw, bool):
-            raise self.err(f"@pending is true or false, not {raw!r}", c.right.pos)
-        return PendingTest(raw if c.op == "==" else not raw)
-
-    def comparison(self, model: ModelSchema, c: Comparison) -> Compare | PendingTest:
+    def comparison(self, model: ModelSchema, c: Comparison) -> Compare:
         left, op, right, quantifier = c.left, c.op, c.right, c.quantifier
-        if isinstance(left, Path) and left.segments[0] == "@pending":
-            return self.pending(c)
         if not isinstance(left, Path):
             if op == "in" and isinstance(right, Path):  # 'x' IN tags  ==  ANY tags == 'x'
                 path = self.path(model, right)
@@ -961,18 +926,16 @@ def bind(
     schemas: dict[str, ModelSchema],
     args: Sequence[Any],
     convert: ArgConverter | None = None,
-    *,
-    device: bool = False,
 ) -> BoundQuery:
     """Resolve fields and kinds and substitute arguments; :class:`QueryError` on any mismatch.
 
     ``convert(path, value)``: turns each (non-null) argument into the value ``path``
     compares with before it is checked (the Data API's JSON arguments: a date-time string
     for a datetime field); a ``ValueError`` it raises is a :class:`QueryError` at the
-    argument. ``device=True`` (the local database's queries) allows ``@pending``."""
+    argument."""
     all_schemas = dict(schemas)
     all_schemas.setdefault(model.name, model)
-    b = _Binder(query, all_schemas, args, convert, device)
+    b = _Binder(query, all_schemas, args, convert)
     pred = b.predicate(model, query.predicate)
     sort_paths = tuple(b.order_path(model, s.path, "SORT") for s in query.sort or ())
     distinct_paths = tuple(b.order_path(model, p, "DISTINCT") for p in query.distinct or ())
@@ -1138,8 +1101,6 @@ def _eval(p: BoundPredicate, values: dict[str, Any], lookup: Lookup) -> bool:
         if p.op == "or":
             return any(_eval(t, values, lookup) for t in p.terms)
         return p.op == "true"
-    if isinstance(p, PendingTest):
-        raise QueryError("@pending is known only on a device: the store's SQL answers it")
     if not p.path.multi:
         return _test(p, _single(p.path, values, lookup))
     found = (_test(p, v) for v in _many(p.path, values, lookup))

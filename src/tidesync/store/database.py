@@ -20,7 +20,6 @@ from ..core.packing import pack_instruction
 from ..core.schema import Collection, FieldSchema, Kind, ModelSchema
 from ..core.validate import validate_value
 from ..errors import (
-    ConfigurationError,
     DatabaseClosedError,
     FutureTimestampError,
     NestedWriteError,
@@ -39,7 +38,6 @@ from .model import Counter, Model, iter_models
 from .notify import Notifier
 from .objsize import check_object_sizes
 from .results import Results
-from .syncstatus import ObjectStatus, status_of
 
 M = TypeVar("M", bound=Model)
 
@@ -76,7 +74,6 @@ class LocalDatabase:
         self._lock = threading.RLock()
         self._writer: int | None = None
         self._pending: list[bytes] = []
-        self._written: set[tuple[str, Any]] = set()  # (model, pk) the open write changed
         self._local_version = 0
         self._closed = False
         self._notifier: Notifier | None = None
@@ -94,7 +91,6 @@ class LocalDatabase:
                     open_versioned(
                         self._engine, self._classes, schema_version, migration_callback, self
                     )
-                    self._engine.ensure_sync_status()  # a file migrated from an older release
                 except BaseException:
                     self._engine.close()
                     raise
@@ -202,7 +198,6 @@ class LocalDatabase:
                 raise
             self._writer = threading.get_ident()
             self._pending = []
-            self._written = set()
             try:
                 yield self
             except BaseException as exc:
@@ -218,8 +213,7 @@ class LocalDatabase:
                     self._local_version += 1
                     raise
                 try:
-                    keys = self._engine.sql_keys(self._written)
-                    self._engine.commit((), exact=True, packed=self._pending, written=keys)
+                    self._engine.commit((), exact=True, packed=self._pending)
                 except sqlite3.Error as exc:  # rolled back by commit()
                     self._local_version += 1
                     self._raise_disk_full(exc)
@@ -228,7 +222,6 @@ class LocalDatabase:
             finally:
                 self._writer = None
                 self._pending = []
-                self._written = set()
         notifier = self._notifier
         if notifier is not None:
             notifier.poke()
@@ -248,7 +241,6 @@ class LocalDatabase:
     def _record(self, ins: Instruction) -> None:
         # kept packed: bytes are not tracked by the garbage collector (see pack_instruction)
         self._pending.append(pack_instruction(ins))
-        self._written.add((ins.model, ins.pk))
         self._local_version += 1
 
     def _check_value(self, fs: FieldSchema, value: Any, model: str) -> None:
@@ -606,41 +598,8 @@ class LocalDatabase:
         schema = self._model_schema(model)
         args = tuple(_query_arg(a) for a in args)
         parsed = q.parse(query)
-        bound = q.bind(parsed, schema, self._schemas, args, device=True)
+        bound = q.bind(parsed, schema, self._schemas, args)
         return Results(self, model, parsed, args, bound)
-
-    # --- per-object sync status (store/syncstatus.py) -----------------------------------
-
-    def _acked_version(self) -> int:
-        """The newest local version the server acknowledged, as known here (the file's;
-        a synced ``Database`` also knows what its session holds in memory)."""
-        row = self._engine.conn.execute(
-            "SELECT value FROM _meta WHERE key = 'upload_acked'"
-        ).fetchone()
-        return int(row[0]) if row and row[0] is not None else 0
-
-    def sync_status(self, obj: Model) -> ObjectStatus:
-        """Where ``obj`` stands with the server: PENDING (changed here, with the local
-        version of its last change, not acknowledged yet), SYNCED, or REFUSED (the server
-        compensated a write of it: with its reason, until the next write of it). One
-        indexed lookup. A deleted object reports the status of its deletion."""
-        self._check_open()
-        model = type(obj).__name__
-        self._model_schema(model)
-        if obj._db is None:
-            raise ConfigurationError(f"the {model} is not in a database: add it first")
-        if obj._db is not self and obj._db.path != self.path:
-            raise ConfigurationError(f"the {model} {obj._pk!r} belongs to {obj._db.path}")
-        with self._lock:
-            row = self._engine.sync_status_row(model, obj._pk)
-            acked = self._acked_version() if row is not None else 0
-        return status_of(row, acked)
-
-    def pending(self, model: type[M]) -> Results[M]:
-        """The objects of ``model`` with local changes the server has not acknowledged
-        (``@pending == true``), live and observable: it empties as acknowledgements are
-        stored (within ``CURSOR_SAVE_DELAY`` of their arrival)."""
-        return self.query(model, "@pending == true")
 
     # --- notifications -------------------------------------------------------------------
 

@@ -8,8 +8,7 @@ and keeps the change log (the outbox that sync uploads) in the same transaction.
 
 File layout: ``t_<Model>`` tables (see ``sqlvalues``), ``_dead`` (merge states of erased
 objects, so late instructions still merge correctly), ``_changelog`` (one row per local
-transaction: client version, packed instructions, size), ``_sync_status`` (objects with
-unacknowledged local changes: ``store/syncstatus.py``), ``_meta`` (origin id, clock,
+transaction: client version, packed instructions, size), ``_meta`` (origin id, clock,
 cursors), ``_schema`` (the models' schemas as stored).
 """
 
@@ -22,7 +21,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,19 +29,11 @@ from typing import Any
 from ..core.changeset import Instruction, Op
 from ..core.hlc import HLC, HybridClock
 from ..core.merge import ObjectState
-from ..core.packing import (
-    join_packed,
-    pack,
-    pack_instructions,
-    packer,
-    unpack,
-    unpack_instructions,
-)
+from ..core.packing import join_packed, pack, pack_instructions, packer, unpack
 from ..core.schema import FieldSchema, Kind, ModelSchema, check_compatible, widened
 from ..errors import DuplicatePrimaryKeyError, SchemaMismatchError, ValueTypeError
 from ..support.sqlbatch import insert_rows
 from . import sqlvalues as sv
-from . import syncstatus
 from .sqlquery import register_functions
 
 #: Process-wide wake-ups: every commit through any engine on a path sets these events,
@@ -318,28 +309,6 @@ class StoreEngine:
                     for key, value in (new_file_meta or {}).items():
                         self.set_meta(key, value)
         self.adopt_schemas(full)
-        self.ensure_sync_status()
-
-    def ensure_sync_status(self) -> None:
-        """Give a file from before per-object sync status its ``_sync_status`` table, filled
-        from its unacknowledged changes (outside a transaction; a no-op when it has one)."""
-        if syncstatus.exists(self.conn):
-            return
-        with self.transaction() as conn:
-            if syncstatus.exists(conn):
-                return
-            syncstatus.create(conn)
-            acked = int(self.get_meta("upload_acked", 0) or 0)
-            for version, data in conn.execute(
-                "SELECT version, data FROM _changelog WHERE version > ? ORDER BY version",
-                (acked,),
-            ).fetchall():
-                keys = {
-                    (i.model, self.sql_key(i.model, i.pk))
-                    for i in unpack_instructions(data, self.origin)
-                    if i.model in self.schemas
-                }
-                syncstatus.record(conn, int(version), keys)
 
     def adopt_schemas(self, schemas: dict[str, ModelSchema]) -> None:
         """Work on ``schemas`` from now on (the file's tables must match them): prepare
@@ -470,7 +439,6 @@ class StoreEngine:
             "CREATE TABLE IF NOT EXISTS _dead (model TEXT NOT NULL, pk BLOB NOT NULL, "
             "state BLOB NOT NULL, PRIMARY KEY (model, pk)) WITHOUT ROWID"
         )
-        syncstatus.create(c)
 
     def _prepare_sql(self, model: str) -> None:
         schema = self.schemas[model]
@@ -615,7 +583,6 @@ class StoreEngine:
         skip: object = None,
         packed: list[bytes] | None = None,
         meta: dict[str, Any] | None = None,
-        written: Iterable[tuple[str, Any]] | None = None,
     ) -> int | None:
         """Record the change log entry (if anything changed) and commit.
 
@@ -627,8 +594,6 @@ class StoreEngine:
         ``packed`` gives the instructions already packed one by one (see
         :func:`~tidesync.core.packing.pack_instruction`) instead of ``instructions``.
         ``meta`` are more ``_meta`` values to write with the commit's own (one statement).
-        ``written`` are the objects (model, SQL key) a local write changed: their sync
-        status becomes PENDING at the new version (``store/syncstatus.py``).
         """
         version: int | None = None
         seq = 0
@@ -646,8 +611,6 @@ class StoreEngine:
                     (version, data, len(data)),
                 )
                 values.append(("last_version", version))
-                if written:
-                    syncstatus.record(self.conn, version, written)
             if self.clock is not None:
                 last = self.clock.last
                 values.append(("hlc", json.dumps([last.wall, last.counter])))
@@ -1038,60 +1001,8 @@ class StoreEngine:
                     (gap, acked),
                 )
                 conn.execute("UPDATE _changelog SET version = -version WHERE version < 0")
-                syncstatus.shift(conn, acked, gap)
                 self.set_meta("last_version", last - gap)
         return max(gap, 0)
-
-    # --- per-object sync status (store/syncstatus.py) ---------------------------------------
-
-    def sql_key(self, model: str, pk: Any) -> Any:
-        """An object's primary key as its table (and ``_sync_status``) stores it."""
-        return sv.scalar_to_sql(self.schemas[model].pk_field.kind, pk)
-
-    def sql_keys(self, objects: Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
-        """:meth:`sql_key` of many (model, primary key) pairs; int and str keys as they are."""
-        plain = {m for m, s in self.schemas.items() if s.pk_field.kind in (Kind.INT, Kind.STR)}
-        if all(m in plain for m, _ in objects):
-            return objects
-        return [(m, pk if m in plain else self.sql_key(m, pk)) for m, pk in objects]
-
-    def sync_status_row(self, model: str, pk: Any) -> tuple[int, str | None] | None:
-        """``(version, reason)`` of an object's sync status row, or None: one lookup."""
-        return syncstatus.lookup(self.conn, model, self.sql_key(model, pk))
-
-    def prune_sync_status(self, acked: int) -> None:
-        """Inside a write transaction that stores ``upload_acked = acked``: the objects
-        whose last change it covers are synced (notifiers see them change)."""
-        for model, key in syncstatus.prune(self.conn, acked):
-            self._touch(model, key)
-
-    def store_acked(self, values: dict[str, int], *, durable: bool, skip: object = None) -> None:
-        """Write cursors to ``_meta`` in one transaction; with ``upload_acked`` among them
-        the objects it covers become synced in it (:meth:`prune_sync_status`)."""
-        self.begin(durable=durable)
-        try:
-            if "upload_acked" in values:
-                self.prune_sync_status(values["upload_acked"])
-            self.commit((), exact=True, skip=skip, meta=values)
-        except BaseException:
-            self.rollback()
-            raise
-
-    def mark_refused(self, refused: Sequence[tuple[str, Any, str]]) -> None:
-        """The server refused writes of these objects (model, primary key, reason): their
-        status is REFUSED until their next local write. Unknown models are skipped."""
-        rows = [(m, self.sql_key(m, pk), why) for m, pk, why in refused if m in self.schemas]
-        if not rows:
-            return
-        self.begin()
-        try:
-            syncstatus.mark_refused(self.conn, rows)
-            for model, key, _ in rows:
-                self._touch(model, key)
-            self.commit((), exact=True)
-        except BaseException:
-            self.rollback()
-            raise
 
     def close(self) -> None:
         """Close the connection (rolling back anything open)."""

@@ -24,7 +24,6 @@ from ..core.clocks import hlcs_in, is_ahead, plan_restamp
 from ..core.hlc import HLC, MAX_AHEAD_MS, ZERO, HybridClock
 from ..core.packing import pack_instructions, unpack, unpack_instructions
 from . import sqlvalues as sv
-from . import syncstatus
 from .engine import StoreEngine
 
 log = logging.getLogger("tidesync.sync")
@@ -129,7 +128,6 @@ def reset_objects(
         conn.execute("DELETE FROM _changelog")
     else:
         conn.execute("DELETE FROM _changelog WHERE version <= ?", (acked,))
-    syncstatus.forget(conn, None if pending is None else acked)
     engine.set_meta("download_cursor", 0)
     engine.set_meta("upload_acked", 0)
     for instructions in pending or ():

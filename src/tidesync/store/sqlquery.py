@@ -32,12 +32,10 @@ from ..core.query import (
     BoundQuery,
     Compare,
     Hop,
-    PendingTest,
     string_op,
 )
 from ..core.schema import Collection, Kind, ModelSchema
 from .sqlvalues import NEG_ZERO, quote, scalar_to_json, scalar_to_sql, table_name
-from .syncstatus import SYNC_STATUS_TABLE
 
 __all__ = ["CompiledQuery", "compile_query", "register_functions"]
 
@@ -141,7 +139,6 @@ class _Compiler:
         self.schemas = schemas
         self.n = 0
         self.params: list[Any] = []
-        self.model = ""
 
     def alias(self, prefix: str) -> str:
         self.n += 1
@@ -322,14 +319,6 @@ class _Compiler:
                 return "1" if p.op == "true" else "0"
             joiner = " AND " if p.op == "and" else " OR "
             return "(" + joiner.join(self.predicate(t) for t in p.terms) + ")"
-        if isinstance(p, PendingTest):  # an indexed lookup in the sync status table
-            # "+" drops the column's affinity, which would keep the lookup off the key
-            self.params.append(self.model)
-            found = (
-                f"EXISTS (SELECT 1 FROM {SYNC_STATUS_TABLE} AS s WHERE s.model = ? "
-                f"AND s.pk = +t0.{self.pk_column(self.model)} AND s.reason IS NULL)"
-            )
-            return found if p.value else f"NOT {found}"
         path = p.path
         if not path.multi:
             simple = not path.hops and path.attr is None
@@ -343,7 +332,6 @@ class _Compiler:
 
     def compile(self, bound: BoundQuery) -> CompiledQuery:
         self.params = []
-        self.model = bound.model
         where = self.predicate(bound.predicate)
         order_by = []
         for path, (_, asc) in zip(bound.sort_paths, bound.sort):

@@ -125,8 +125,6 @@ def _pred(p: q.BoundPredicate, params: _Params) -> str:
         if p.op == "or" or p.op == "false":
             return "FALSE"
         raise Unsupported(f"unknown operator {p.op!r}")
-    if isinstance(p, q.PendingTest):  # device-only: bind() refuses it for the server
-        raise Unsupported("@pending is known only on a device")
     return _compare(p, params)
 
 
