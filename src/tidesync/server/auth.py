@@ -686,7 +686,8 @@ def _app_for(auth: Authenticator, app_id: str, provider: str | None = None) -> A
     return settings
 
 
-def _address(request: Request) -> str:
+def client_address(request: Request) -> str:
+    """The peer address of an HTTP request (what the rate limits count by)."""
     return request.client.host if request.client is not None else "unknown"
 
 
@@ -717,7 +718,7 @@ async def _login(
     account: str,
     attempt: Awaitable[LoginResult],
 ) -> Response:
-    address = _address(request)
+    address = client_address(request)
     try:
         auth.check_login(app_id, account, address)
     except TooManyAttemptsError:
@@ -736,7 +737,7 @@ async def _login(
 async def _anonymous(request: Request, auth: Authenticator, app_id: str) -> Response:
     _app_for(auth, app_id, ANONYMOUS)
     await _body(request)
-    auth.check_anonymous(_address(request))
+    auth.check_anonymous(client_address(request))
     result = await auth.login_anonymous(app_id)
     log.info("app %s: new anonymous user %s", app_id, result.user_id)
     return JSONResponse(result.to_json())
@@ -772,7 +773,7 @@ async def _register(request: Request, auth: Authenticator, app_id: str) -> Respo
     settings = _app_for(auth, app_id, EMAIL_PASSWORD)
     body = await _body(request)
     email, password = _field(body, "email"), _field(body, "password")
-    auth.check_rate(app_id, "register:" + email.strip().lower(), _address(request))
+    auth.check_rate(app_id, "register:" + email.strip().lower(), client_address(request))
     try:
         address = normalize_email(email)
         await auth.users.register_email(app_id, address, password, settings.auto_confirm)
@@ -792,7 +793,7 @@ async def _register(request: Request, auth: Authenticator, app_id: str) -> Respo
 async def _confirm(request: Request, auth: Authenticator, app_id: str) -> Response:
     _app_for(auth, app_id, EMAIL_PASSWORD)
     token = _field(await _body(request), "token")
-    auth.check_rate(app_id, "confirm", _address(request))
+    auth.check_rate(app_id, "confirm", client_address(request))
     email = await auth.users.take_pending(app_id, "confirm", token)
     if email is None or not await auth.users.confirm_email(app_id, email):
         raise _HttpError(400, "the confirmation token is invalid or expired", "invalid_token")
@@ -802,7 +803,7 @@ async def _confirm(request: Request, auth: Authenticator, app_id: str) -> Respon
 async def _send_token(request: Request, auth: Authenticator, app_id: str, kind: str) -> Response:
     _app_for(auth, app_id, EMAIL_PASSWORD)
     email = _field(await _body(request), "email")
-    auth.check_rate(app_id, f"{kind}:" + email.strip().lower(), _address(request))
+    auth.check_rate(app_id, f"{kind}:" + email.strip().lower(), client_address(request))
     try:
         address = normalize_email(email)
     except AuthError as exc:
@@ -826,7 +827,7 @@ async def _reset(request: Request, auth: Authenticator, app_id: str) -> Response
     _app_for(auth, app_id, EMAIL_PASSWORD)
     body = await _body(request)
     token, password = _field(body, "token"), _field(body, "password")
-    auth.check_rate(app_id, "reset", _address(request))
+    auth.check_rate(app_id, "reset", client_address(request))
     email = await auth.users.take_pending(app_id, "reset", token)
     if email is None:
         raise _HttpError(400, "the reset token is invalid or expired", "invalid_token")
@@ -910,7 +911,7 @@ async def _admin_user(request: Request, auth: Authenticator, app_id: str) -> Res
         key = _bearer(request, "admin key")
     except AuthError as exc:
         raise _HttpError(401, str(exc), "invalid_token") from None
-    auth.check_rate(app_id, "admin", _address(request))
+    auth.check_rate(app_id, "admin", client_address(request))
     if not auth.is_admin_key(key):
         raise _HttpError(401, "admin access refused: not an admin key", "invalid_token")
     user_id = request.path_params["user_id"]

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ...errors import AuthError, TooManyAttemptsError
-from ..auth import ACCESS, Authenticator
+from ..auth import ACCESS, Authenticator, client_address
 from ..hub import SyncHub
 from ..settings import AppSettings
 from ..storage.base import StorageError
@@ -92,17 +92,13 @@ def _bearer(request: Request) -> str:
     return token.strip()
 
 
-def _address(request: Request) -> str:
-    return request.client.host if request.client is not None else "unknown"
-
-
 async def caller_of(request: Request, hub: SyncHub, app_id: str) -> Caller:
     """The caller of ``request`` for ``app_id`` (401 for a missing, wrong or expired key
     or token, or another app's token; 429 after too many failures from one address)."""
     auth: Authenticator = hub.auth
     app_settings(hub, app_id)
     token = _bearer(request)
-    address = _address(request)
+    address = client_address(request)
     try:
         auth.check_login(app_id, "data-api", address)  # failures only
     except TooManyAttemptsError as exc:
@@ -187,7 +183,7 @@ def check_admin_key(request: Request, hub: SyncHub) -> None:
     failures from one address)."""
     auth: Authenticator = hub.auth
     token = _bearer(request)
-    address = _address(request)
+    address = client_address(request)
     try:
         auth.check_login("", _ADMIN_ACCOUNT, address)
     except TooManyAttemptsError as exc:
